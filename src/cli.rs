@@ -1,0 +1,153 @@
+//! Argument syntax, help and dispatch. No TOML parsing or tensors here.
+
+use crate::error::{Error, Result};
+use crate::experiment::{self, Plan};
+use crate::run;
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+/// Train and sample autoregressive image models (PixelCNN and relatives) from TOML experiments.
+#[derive(Parser, Debug)]
+#[command(name = "pixel", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train an experiment and write results/<experiment name>/.
+    Run {
+        /// The experiment file, e.g. experiments/mnist-simple-5x5.toml.
+        experiment: PathBuf,
+        /// Override one key for this run, e.g. --set train.epochs=1 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Replace an existing results folder.
+        #[arg(long)]
+        force: bool,
+        /// Folder holding the results folders.
+        #[arg(long, default_value = "results", value_name = "DIR")]
+        results: PathBuf,
+    },
+    /// Validate experiment files (or folders of them) without training.
+    Check {
+        /// Files or folders; folders are searched for *.toml recursively.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Draw a sample grid from a trained run's checkpoint.
+    Sample {
+        /// A results folder written by `pixel run`.
+        results_dir: PathBuf,
+        /// Where to write the PNG (default: RESULTS_DIR/samples/sample.png).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Softmax temperature (default: the experiment's).
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Seed of the sampler (default: the experiment's).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Print the JSON Schema of the experiment format.
+    Schema,
+}
+
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run {
+            experiment,
+            sets,
+            force,
+            results,
+        } => {
+            let sets = sets
+                .iter()
+                .map(|s| experiment::parse_set(s))
+                .collect::<Result<Vec<_>>>()?;
+            let plan = plan_file(&experiment, &sets)?;
+            let options = run::Options {
+                results_root: results,
+                force,
+            };
+            let dir = run::execute(&plan, &options)?;
+            println!("results in {}", dir.display());
+            Ok(())
+        }
+        Command::Check { paths } => check(&paths),
+        Command::Sample {
+            results_dir,
+            out,
+            temperature,
+            seed,
+        } => crate::sample_cmd::sample_results(&results_dir, out, temperature, seed),
+        Command::Schema => {
+            print!("{}", experiment::schema_json());
+            Ok(())
+        }
+    }
+}
+
+fn pixel_data() -> Option<PathBuf> {
+    std::env::var_os("PIXEL_DATA").map(PathBuf::from)
+}
+
+/// Loads and plans one experiment file.
+pub fn plan_file(path: &Path, sets: &[experiment::Override]) -> Result<Plan> {
+    let (exp, overrides) = experiment::load(path, sets)?;
+    Plan::new(exp, overrides, path, pixel_data().as_deref())
+}
+
+fn check(paths: &[PathBuf]) -> Result<()> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            collect_toml(p, &mut files).map_err(Error::io(p))?;
+        } else {
+            files.push(p.clone());
+        }
+    }
+    files.sort();
+    let mut failures = Vec::new();
+    let mut names: std::collections::BTreeMap<String, PathBuf> = Default::default();
+    for f in &files {
+        match plan_file(f, &[]) {
+            Ok(plan) => {
+                if let Some(first) = names.insert(plan.name.clone(), f.clone()) {
+                    failures.push(format!(
+                        "{}: results folder name `{}` is already used by {}",
+                        f.display(),
+                        plan.name,
+                        first.display()
+                    ));
+                } else {
+                    println!("ok    {}", f.display());
+                }
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    if failures.is_empty() {
+        return Ok(());
+    }
+    for f in &failures {
+        eprintln!("error: {f}");
+    }
+    Err(Error::Usage {
+        flag: "pixel check".into(),
+        message: format!("{} of {} experiment files are invalid", failures.len(), files.len()),
+    })
+}
+
+fn collect_toml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_toml(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}

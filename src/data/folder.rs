@@ -1,0 +1,131 @@
+//! An image folder in the seed's imagenet64 layout: `DIR/train/<any name>/*.png` and
+//! `DIR/valid/<any name>/*.png`. Every image must have the same size; they are read as RGB.
+//! The label of an image is the index of its subfolder in sorted order.
+
+use super::{DataError, Images, Splits};
+use std::path::{Path, PathBuf};
+
+pub fn load(dir: &Path) -> Result<Splits, DataError> {
+    let train = read_split(&dir.join("train"), None)?;
+    let shape = (train.height, train.width);
+    Ok(Splits {
+        test: read_split(&dir.join("valid"), Some(shape))?,
+        train,
+    })
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(DataError::io(dir))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(DataError::io(dir))?;
+    entries.sort();
+    Ok(entries)
+}
+
+fn read_split(dir: &Path, shape: Option<(usize, usize)>) -> Result<Images, DataError> {
+    let mut images = Images {
+        pixels: Vec::new(),
+        labels: Vec::new(),
+        colours: 3,
+        height: shape.map_or(0, |s| s.0),
+        width: shape.map_or(0, |s| s.1),
+    };
+    let subdirs: Vec<PathBuf> = sorted_entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .collect();
+    for (label, sub) in subdirs.iter().enumerate() {
+        for file in sorted_entries(sub)? {
+            if file.extension().and_then(|e| e.to_str()) != Some("png") {
+                continue;
+            }
+            let (w, h, rgb) = read_png_rgb(&file)?;
+            if images.labels.is_empty() && images.height == 0 {
+                images.height = h;
+                images.width = w;
+            }
+            if (h, w) != (images.height, images.width) {
+                return Err(DataError::format(
+                    &file,
+                    format!(
+                        "image is {w}x{h}, expected {}x{} like the others",
+                        images.width, images.height
+                    ),
+                ));
+            }
+            images.pixels.extend(rgb);
+            images.labels.push((label % 256) as u8);
+        }
+    }
+    if images.is_empty() {
+        return Err(DataError::format(
+            dir,
+            "no .png images found: expected <this folder>/<any name>/*.png",
+        ));
+    }
+    Ok(images)
+}
+
+/// Decodes a PNG into `(width, height, [3, h, w] bytes)`.
+pub fn read_png_rgb(path: &Path) -> Result<(usize, usize, Vec<u8>), DataError> {
+    let file = std::fs::File::open(path).map_err(DataError::io(path))?;
+    let bad = |e: png::DecodingError| DataError::format(path, format!("unreadable PNG: {e}"));
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = decoder.read_info().map_err(bad)?;
+    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    let info = reader.next_frame(&mut buf).map_err(bad)?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let channels = info.color_type.samples();
+    let mut planes = vec![0u8; 3 * h * w];
+    for p in 0..h * w {
+        let px = &buf[p * channels..(p + 1) * channels];
+        let rgb = match channels {
+            1 | 2 => [px[0]; 3],
+            _ => [px[0], px[1], px[2]],
+        };
+        for c in 0..3 {
+            planes[c * h * w + p] = rgb[c];
+        }
+    }
+    Ok((w, h, planes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::png::write_rgb_or_grey;
+
+    #[test]
+    fn reads_the_imagenet64_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        for (split, n) in [("train", 3), ("valid", 2)] {
+            let sub = dir.path().join(split).join("box");
+            std::fs::create_dir_all(&sub).unwrap();
+            for i in 0..n {
+                let px: Vec<u8> = (0..3 * 4 * 4).map(|v| (v * 5 + i) as u8).collect();
+                write_rgb_or_grey(&sub.join(format!("{i}.png")), &px, 3, 4, 4).unwrap();
+            }
+        }
+        let s = load(dir.path()).unwrap();
+        assert_eq!((s.train.len(), s.test.len()), (3, 2));
+        assert_eq!(s.train.image(1)[5], 26);
+    }
+
+    #[test]
+    fn wrong_size_and_unreadable_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("train").join("x");
+        std::fs::create_dir_all(&sub).unwrap();
+        write_rgb_or_grey(&sub.join("a.png"), &[0; 3 * 16], 3, 4, 4).unwrap();
+        write_rgb_or_grey(&sub.join("b.png"), &[0; 3 * 20], 3, 4, 5).unwrap();
+        let err = read_split(&dir.path().join("train"), None).unwrap_err().to_string();
+        assert!(err.contains("b.png") && err.contains("expected 4x4"), "{err}");
+
+        std::fs::write(sub.join("b.png"), b"not a png").unwrap();
+        let err = read_split(&dir.path().join("train"), None).unwrap_err().to_string();
+        assert!(err.contains("b.png") && err.contains("unreadable PNG"), "{err}");
+    }
+}

@@ -1,0 +1,284 @@
+//! Datasets as exact 0..255 bytes: reading (IDX, CIFAR-10 binary, image folders), locating,
+//! downloading, and seeded batching. Nothing here prints or knows about models.
+
+pub mod cifar10;
+pub mod download;
+pub mod folder;
+pub mod mnist;
+pub mod synthetic;
+
+use crate::experiment::DatasetKind;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use std::path::{Path, PathBuf};
+
+/// Errors about dataset files. Each names the file and what was expected of it.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dataset `{dataset}` not found; looked in:\n{tried}\n{hint}")]
+    Missing {
+        dataset: String,
+        tried: String,
+        hint: String,
+    },
+    #[error("download of {url} failed: {message}\n{hint}")]
+    Download {
+        url: String,
+        message: String,
+        hint: String,
+    },
+}
+
+impl DataError {
+    pub(crate) fn format(path: &Path, message: impl Into<String>) -> DataError {
+        DataError::Format {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+    pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+        move |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Images as bytes, `[n, colours, height, width]` in row-major order, with a label each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Images {
+    pub pixels: Vec<u8>,
+    pub labels: Vec<u8>,
+    pub colours: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Images {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Sub-pixels per image.
+    pub fn dims(&self) -> usize {
+        self.colours * self.height * self.width
+    }
+
+    /// The bytes of image `i`, `[colours, height, width]`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        &self.pixels[i * self.dims()..(i + 1) * self.dims()]
+    }
+
+    /// Keeps the first `n` images (0 keeps all).
+    pub fn truncate(&mut self, n: usize) {
+        if n > 0 && n < self.len() {
+            self.pixels.truncate(n * self.dims());
+            self.labels.truncate(n);
+        }
+    }
+
+    /// Centre-crops every image to `size` x `size` (0 or the full size leaves them as they are).
+    pub fn centre_crop(&mut self, size: usize) {
+        if size == 0 || (size >= self.height && size >= self.width) {
+            return;
+        }
+        let (top, left) = ((self.height - size) / 2, (self.width - size) / 2);
+        let mut out = Vec::with_capacity(self.len() * self.colours * size * size);
+        for i in 0..self.len() {
+            let img = self.image(i);
+            for c in 0..self.colours {
+                for y in top..top + size {
+                    let row = (c * self.height + y) * self.width;
+                    out.extend_from_slice(&img[row + left..row + left + size]);
+                }
+            }
+        }
+        self.pixels = out;
+        self.height = size;
+        self.width = size;
+    }
+
+    /// Gathers images by index into one contiguous buffer `[indices.len(), c, h, w]`.
+    pub fn gather(&self, indices: &[usize]) -> (Vec<u8>, Vec<u8>) {
+        let mut pixels = Vec::with_capacity(indices.len() * self.dims());
+        let mut labels = Vec::with_capacity(indices.len());
+        for &i in indices {
+            pixels.extend_from_slice(self.image(i));
+            labels.push(self.labels[i]);
+        }
+        (pixels, labels)
+    }
+}
+
+/// A train and a test split of the same shape.
+#[derive(Clone, Debug)]
+pub struct Splits {
+    pub train: Images,
+    pub test: Images,
+}
+
+/// How a dataset is loaded (decided by the plan, before any file is read).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct DataSpec {
+    pub kind: DatasetKind,
+    /// Where the files are; `None` for synthetic data.
+    pub dir: Option<PathBuf>,
+    /// Whether missing MNIST or CIFAR-10 files are fetched into `dir`.
+    pub download: bool,
+    pub train_limit: usize,
+    pub test_limit: usize,
+    pub crop: usize,
+    pub synthetic: synthetic::Spec,
+    pub seed: u64,
+}
+
+/// Where a dataset's files are searched for, in order: the experiment's `path`, then
+/// `$PIXEL_DATA/<dataset>`, then `data/<dataset>`. Returns the first folder that holds a complete
+/// copy, or `None` with the list of folders tried.
+pub fn locate(
+    kind: DatasetKind,
+    explicit: Option<&Path>,
+    pixel_data: Option<&Path>,
+) -> Result<PathBuf, Vec<PathBuf>> {
+    let mut tried = Vec::new();
+    if let Some(p) = explicit {
+        tried.push(p.to_path_buf());
+    } else {
+        if let Some(root) = pixel_data {
+            tried.push(root.join(kind.name()));
+        }
+        tried.push(Path::new("data").join(kind.name()));
+    }
+    for dir in &tried {
+        if complete(kind, dir) {
+            return Ok(dir.clone());
+        }
+    }
+    Err(tried)
+}
+
+/// Whether `dir` holds every file a dataset needs.
+pub fn complete(kind: DatasetKind, dir: &Path) -> bool {
+    match kind {
+        DatasetKind::Mnist => mnist::FILES.iter().all(|f| mnist::find(dir, f).is_some()),
+        DatasetKind::Cifar10 => cifar10::find_dir(dir).is_some(),
+        DatasetKind::Folder => dir.join("train").is_dir() && dir.join("valid").is_dir(),
+        DatasetKind::Synthetic => true,
+    }
+}
+
+/// What a user must put where, for the "not found" error.
+pub fn expected_files(kind: DatasetKind) -> String {
+    match kind {
+        DatasetKind::Mnist => format!(
+            "MNIST needs {} (gzipped or not) in one folder",
+            mnist::FILES.join(", ")
+        ),
+        DatasetKind::Cifar10 => format!(
+            "CIFAR-10 needs the binary batches {} in one folder (or in its cifar-10-batches-bin/)",
+            cifar10::FILES.join(", ")
+        ),
+        DatasetKind::Folder => {
+            "an image folder needs DIR/train/<any name>/*.png and DIR/valid/<any name>/*.png, \
+             all images of one size"
+                .into()
+        }
+        DatasetKind::Synthetic => String::new(),
+    }
+}
+
+/// Reads the train and test splits, applying limits and the crop.
+pub fn load(spec: &DataSpec) -> Result<Splits, DataError> {
+    let mut splits = match spec.kind {
+        DatasetKind::Synthetic => synthetic::generate(&spec.synthetic, spec.seed),
+        kind => {
+            let dir = spec.dir.as_deref().expect("the plan sets a folder for file datasets");
+            if spec.download && !complete(kind, dir) {
+                download::fetch(kind, dir)?;
+            }
+            match kind {
+                DatasetKind::Mnist => mnist::load(dir)?,
+                DatasetKind::Cifar10 => cifar10::load(dir)?,
+                DatasetKind::Folder => folder::load(dir)?,
+                DatasetKind::Synthetic => unreachable!(),
+            }
+        }
+    };
+    for (images, limit) in [
+        (&mut splits.train, spec.train_limit),
+        (&mut splits.test, spec.test_limit),
+    ] {
+        images.truncate(limit);
+        images.centre_crop(spec.crop);
+    }
+    Ok(splits)
+}
+
+/// The order in which an epoch visits the training images: a seeded shuffle, different each epoch
+/// and the same for the same seed and epoch on every backend.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Images {
+        Images {
+            pixels: (0..2 * 2 * 4 * 4).map(|v| v as u8).collect(),
+            labels: vec![3, 7],
+            colours: 2,
+            height: 4,
+            width: 4,
+        }
+    }
+
+    #[test]
+    fn centre_crop_keeps_the_middle() {
+        let mut im = tiny();
+        im.centre_crop(2);
+        assert_eq!((im.height, im.width), (2, 2));
+        // image 0, colour 0: rows 1..3, cols 1..3 of 0..16
+        assert_eq!(&im.image(0)[..4], &[5, 6, 9, 10]);
+        // image 1, colour 1: offset 32 + 16
+        assert_eq!(&im.image(1)[4..], &[53, 54, 57, 58]);
+    }
+
+    #[test]
+    fn gather_and_truncate() {
+        let mut im = tiny();
+        let (px, lb) = im.gather(&[1, 0]);
+        assert_eq!(lb, vec![7, 3]);
+        assert_eq!(px[0], 32);
+        im.truncate(1);
+        assert_eq!(im.len(), 1);
+        assert_eq!(im.pixels.len(), 32);
+    }
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let a = epoch_order(100, 7, 1);
+        assert_eq!(a, epoch_order(100, 7, 1));
+        assert_ne!(a, epoch_order(100, 7, 2));
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    }
+}

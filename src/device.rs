@@ -1,0 +1,100 @@
+//! Choosing and configuring the Burn device. The only module with backend `cfg(feature)`s.
+
+use crate::experiment::{BackendKind, Precision};
+use burn::tensor::Device;
+use serde::Serialize;
+
+/// What the experiment asked for, checked before any tensor exists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeviceChoice {
+    pub backend: BackendKind,
+    pub target: Target,
+    pub precision: Precision,
+}
+
+/// Where the tensors live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl Target {
+    /// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub fn parse(text: &str) -> Option<Target> {
+        match text {
+            "auto" => Some(Target::Auto),
+            "cpu" => Some(Target::Cpu),
+            "cuda" => Some(Target::Cuda(0)),
+            _ => text.strip_prefix("cuda:")?.parse().ok().map(Target::Cuda),
+        }
+    }
+}
+
+/// Whether a backend was compiled into this binary.
+pub fn compiled_in(backend: BackendKind) -> bool {
+    match backend {
+        BackendKind::Flex => true,
+        BackendKind::Libtorch => cfg!(feature = "tch"),
+    }
+}
+
+/// How to get a backend that is not compiled in.
+pub fn rebuild_hint(backend: BackendKind) -> &'static str {
+    match backend {
+        BackendKind::Flex => "",
+        BackendKind::Libtorch => {
+            "a binary built with libtorch: `cargo build --release --features tch` \
+             (see the README's libtorch section)"
+        }
+    }
+}
+
+/// An opened device: the handle plus a printable description for `run.json`.
+#[derive(Clone, Debug)]
+pub struct Opened {
+    pub device: Device,
+    pub description: String,
+}
+
+/// Opens the device (after the plan has checked the backend is compiled in).
+pub fn open(choice: &DeviceChoice, seed: u64) -> Opened {
+    let (device, description) = match choice.backend {
+        BackendKind::Flex => (Device::flex(), "flex:cpu".to_string()),
+        BackendKind::Libtorch => libtorch(choice.target),
+    };
+    device.seed(seed);
+    Opened {
+        device,
+        description,
+    }
+}
+
+#[cfg(feature = "tch")]
+#[allow(deprecated)] // burn-tch is deprecated upstream but is the fast path on CPU and CUDA here.
+fn libtorch(target: Target) -> (Device, String) {
+    match target {
+        Target::Cpu => (Device::libtorch(), "libtorch:cpu".into()),
+        Target::Cuda(i) => (Device::libtorch_cuda(i), format!("libtorch:cuda:{i}")),
+        Target::Auto if cuda_available() => (Device::libtorch_cuda(0), "libtorch:cuda:0".into()),
+        Target::Auto => (Device::libtorch(), "libtorch:cpu".into()),
+    }
+}
+
+#[cfg(not(feature = "tch"))]
+fn libtorch(_: Target) -> (Device, String) {
+    unreachable!("the plan rejects the libtorch backend when it is not compiled in")
+}
+
+/// Whether libtorch can see a CUDA device.
+#[cfg(feature = "tch")]
+pub fn cuda_available() -> bool {
+    tch::Cuda::is_available()
+}
+
+#[cfg(not(feature = "tch"))]
+pub fn cuda_available() -> bool {
+    false
+}

@@ -1,0 +1,67 @@
+//! The error vocabulary. Every variant carries what it is about (file, key or flag, value) so that
+//! the message printed once at the top tells the user exactly what to change.
+
+use std::path::PathBuf;
+
+/// Errors caught before a run starts (exit code 2) and errors of a run that started (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The experiment file is not valid TOML, or a value has the wrong type or an unknown key.
+    #[error("{file}:{line}:{column}: {message}")]
+    Parse {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A key has a value that parses but is not allowed.
+    #[error("{source_name}: `{key}` = {value}: expected {expected}")]
+    Invalid {
+        /// The file, environment variable or flag the value came from.
+        source_name: String,
+        key: String,
+        value: String,
+        expected: String,
+    },
+    /// A command-line flag is malformed or conflicts with another.
+    #[error("{flag}: {message}")]
+    Usage { flag: String, message: String },
+    /// A dataset is missing, truncated or malformed.
+    #[error("{0}")]
+    Data(#[from] crate::data::DataError),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The results folder exists and `--force` was not given.
+    #[error(
+        "{0}: results folder already exists; pass --force to replace it, or choose another experiment name"
+    )]
+    ResultsExist(PathBuf),
+    /// A checkpoint or results folder does not match what was asked of it.
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    /// Something failed while the run was going (the results folder says how far it got).
+    #[error("run failed: {0}")]
+    Run(String),
+}
+
+impl Error {
+    /// 2 for anything caught before a run starts, 1 for a run that failed.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Run(_) => 1,
+            _ => 2,
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,228 @@
+//! Reading an experiment: defaults <- file <- `PIXEL_*` environment <- `--set key=value`.
+
+use super::Experiment;
+use crate::error::{Error, Result};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// One value that did not come from the experiment file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Override {
+    /// Dotted key, e.g. `train.epochs`.
+    pub key: String,
+    /// The value as TOML.
+    pub value: String,
+    /// `--set` or the environment variable's name.
+    pub origin: String,
+}
+
+/// Parses a `--set key=value` argument. The value is read as TOML (`3`, `1e-4`, `true`, `"x"`),
+/// and as a plain string when it is not valid TOML (`--set data.dataset=cifar10`).
+pub fn parse_set(arg: &str) -> Result<Override> {
+    let Some((key, value)) = arg.split_once('=') else {
+        return Err(Error::Usage {
+            flag: format!("--set {arg}"),
+            message: "expected KEY=VALUE, e.g. --set train.epochs=3".into(),
+        });
+    };
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(Error::Usage {
+            flag: format!("--set {arg}"),
+            message: "expected a dotted key such as train.epochs before `=`".into(),
+        });
+    }
+    let value = value.trim();
+    let value = match toml_value(value) {
+        Some(v) => v.to_string(),
+        None => toml::Value::String(value.to_string()).to_string(),
+    };
+    Ok(Override {
+        key: key.to_string(),
+        value,
+        origin: "--set".into(),
+    })
+}
+
+fn toml_value(text: &str) -> Option<toml::Value> {
+    let doc: toml::Table = toml::from_str(&format!("v = {text}")).ok()?;
+    doc.get("v").cloned()
+}
+
+/// Loads an experiment file and applies the environment and `--set` overrides.
+/// Returns the resolved experiment and every override that changed it.
+pub fn load(path: &Path, sets: &[Override]) -> Result<(Experiment, Vec<Override>)> {
+    let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+    check_file(path, &text)?;
+
+    let env = Env::prefixed("PIXEL_").split("__").ignore(&["data"]);
+    let mut overrides: Vec<Override> = env
+        .iter()
+        .map(|(key, value)| Override {
+            key: key.to_string(),
+            value: value.to_string(),
+            origin: format!("PIXEL_{}", key.as_str().to_uppercase().replace('.', "__")),
+        })
+        .collect();
+
+    let mut figment = Figment::from(Serialized::defaults(Experiment::default()))
+        .merge(Toml::string(&text))
+        .merge(env);
+    for set in sets {
+        let value = toml_value(&set.value).expect("parse_set produced valid TOML");
+        figment = figment.merge(Serialized::default(&set.key, value));
+        overrides.push(set.clone());
+    }
+    let experiment: Experiment = figment.extract().map_err(|e| {
+        let key = e.path.join(".");
+        let origin = overrides
+            .iter()
+            .rev()
+            .find(|o| o.key == key || key.starts_with(&format!("{}.", o.key)))
+            .map(|o| o.origin.clone())
+            .unwrap_or_else(|| path.display().to_string());
+        let value = overrides
+            .iter()
+            .rev()
+            .find(|o| o.key == key)
+            .map(|o| o.value.clone())
+            .unwrap_or_else(|| "?".into());
+        Error::Invalid {
+            source_name: origin,
+            key: if key.is_empty() { "(top level)".into() } else { key },
+            value,
+            expected: unknown_key_hint(&e.kind.to_string()),
+        }
+    })?;
+    Ok((experiment, overrides))
+}
+
+/// Deserialises the file on its own first, so that syntax errors, unknown keys and wrong types are
+/// reported with a line and column.
+fn check_file(path: &Path, text: &str) -> Result<()> {
+    let Err(e) = toml::from_str::<Experiment>(text) else {
+        return Ok(());
+    };
+    let (line, column) = e
+        .span()
+        .map(|span| line_column(text, span.start))
+        .unwrap_or((1, 1));
+    let message = e.message().trim().to_string();
+    Err(Error::Parse {
+        file: path.to_path_buf(),
+        line,
+        column,
+        message: unknown_key_hint(&message),
+    })
+}
+
+/// Adds "did you mean" to serde's "unknown field `x`, expected one of `a`, `b`" messages.
+fn unknown_key_hint(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let best = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|cand| (strsim::levenshtein(unknown, cand), cand))
+        .filter(|(d, cand)| *d <= 2.max(cand.len() / 3))
+        .min();
+    match best {
+        Some((_, cand)) => format!("{message}; did you mean `{cand}`?"),
+        None => message.to_string(),
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_are_filled() {
+        let f = write("[model]\nlayers = 3\n");
+        let (e, _) = load(f.path(), &[]).unwrap();
+        assert_eq!(e.model.layers, 3);
+        assert_eq!(e.model.kernel, 5);
+        assert_eq!(e.train.batch_size, 64);
+        assert_eq!(e.runtime.device, "auto");
+    }
+
+    #[test]
+    fn unknown_key_names_key_file_line_and_suggestion() {
+        let f = write("[model]\nlayers = 3\nkernal = 5\n");
+        let err = load(f.path(), &[]).unwrap_err().to_string();
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+        assert!(err.contains(":3:"), "{err}");
+        assert!(err.contains("kernal"), "{err}");
+        assert!(err.contains("did you mean `kernel`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let f = write("[train]\nepochs = \"ten\"\n");
+        let err = load(f.path(), &[]).unwrap_err().to_string();
+        assert!(err.contains(":2:"), "{err}");
+        assert!(err.contains("epochs") || err.contains("integer"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_has_line_and_column() {
+        let f = write("[model]\nlayers = = 3\n");
+        let err = load(f.path(), &[]).unwrap_err();
+        assert!(matches!(err, Error::Parse { line: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn set_overrides_file_and_is_recorded() {
+        let f = write("[train]\nepochs = 4\n");
+        let sets = [parse_set("train.epochs=2").unwrap(), parse_set("data.dataset=synthetic").unwrap()];
+        let (e, overrides) = load(f.path(), &sets).unwrap();
+        assert_eq!(e.train.epochs, 2);
+        assert_eq!(e.data.dataset, super::super::DatasetKind::Synthetic);
+        assert!(overrides.iter().any(|o| o.key == "train.epochs" && o.value == "2"));
+    }
+
+    #[test]
+    fn set_with_unknown_key_names_the_flag() {
+        let f = write("");
+        let err = load(f.path(), &[parse_set("train.epoch=2").unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--set"), "{err}");
+        assert!(err.contains("epoch"), "{err}");
+        assert!(err.contains("did you mean `epochs`"), "{err}");
+    }
+
+    #[test]
+    fn set_without_equals_is_a_usage_error() {
+        assert!(matches!(parse_set("train.epochs"), Err(Error::Usage { .. })));
+    }
+
+    #[test]
+    fn resolved_experiment_round_trips_through_toml() {
+        let f = write("[model]\nchannels = 12\n[data]\npath = \"somewhere\"\n");
+        let (e, _) = load(f.path(), &[]).unwrap();
+        let text = toml::to_string(&e).unwrap();
+        let back: Experiment = toml::from_str(&text).unwrap();
+        assert_eq!(back, e);
+    }
+}

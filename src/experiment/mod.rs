@@ -1,0 +1,231 @@
+//! The experiment file format: what a user writes in `experiments/X.toml`.
+//!
+//! Serde types own the format (unknown keys are rejected, every field has a default), the JSON
+//! Schema is generated from them, and [`load`] layers defaults <- file <- `PIXEL_*` environment <-
+//! `--set key=value`. Cross-field checks live in [`plan`].
+
+mod load;
+pub mod plan;
+
+pub use load::{Override, load, parse_set};
+pub use plan::Plan;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// One run: model, data, training, sampling and runtime settings.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Experiment {
+    /// Free text: what this run reproduces. Default: empty.
+    pub description: String,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub sample: SampleSection,
+    pub runtime: RuntimeSection,
+}
+
+/// The architecture.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Model variant. Default: "simple".
+    pub variant: Variant,
+    /// Number of masked k x k convolution layers (the first is of type A). Default: 5.
+    pub layers: usize,
+    /// Kernel size k of the masked convolutions, odd. Default: 5.
+    pub kernel: usize,
+    /// Hidden channels per layer; must be divisible by the number of colours. Default: 30.
+    pub channels: usize,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            variant: Variant::Simple,
+            layers: 5,
+            kernel: 5,
+            channels: 30,
+        }
+    }
+}
+
+/// Model variants.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// Masked convolutions and ReLUs, no gates or residuals (van den Oord et al. 2016, PixelRNN paper).
+    Simple,
+}
+
+/// Where the images come from.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Dataset kind. Default: "mnist".
+    pub dataset: DatasetKind,
+    /// Folder holding the dataset's files. Relative paths are relative to the experiment file.
+    /// Default: unset, which searches `$PIXEL_DATA/<dataset>`, then `data/<dataset>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Use only the first N training images (0 = all). Default: 0.
+    pub train_limit: usize,
+    /// Use only the first N test images (0 = all). Default: 0.
+    pub test_limit: usize,
+    /// Centre-crop every image to crop x crop pixels (0 = no crop). Default: 0.
+    pub crop: usize,
+    /// Download MNIST or CIFAR-10 into `data/` when no copy is found. Default: true.
+    pub download: bool,
+    /// Synthetic data only: image side in pixels. Default: 8.
+    pub synthetic_size: usize,
+    /// Synthetic data only: colour channels, 1 or 3. Default: 1.
+    pub synthetic_colours: usize,
+    /// Synthetic data only: training images (the test split has a quarter as many). Default: 256.
+    pub synthetic_images: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            dataset: DatasetKind::Mnist,
+            path: None,
+            train_limit: 0,
+            test_limit: 0,
+            crop: 0,
+            download: true,
+            synthetic_size: 8,
+            synthetic_colours: 1,
+            synthetic_images: 256,
+        }
+    }
+}
+
+/// Dataset kinds.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    /// MNIST, 28x28 grey, IDX files (gzipped or not).
+    Mnist,
+    /// CIFAR-10, 32x32 RGB, the official binary batches.
+    Cifar10,
+    /// An image folder in the imagenet64 layout: `DIR/train/<any>/*.png`, `DIR/valid/<any>/*.png`.
+    Folder,
+    /// Small generated images for tests (no files needed).
+    Synthetic,
+}
+
+impl DatasetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Mnist => "mnist",
+            DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::Folder => "folder",
+            DatasetKind::Synthetic => "synthetic",
+        }
+    }
+}
+
+/// Optimisation.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Passes over the training set. Default: 15.
+    pub epochs: usize,
+    /// Images per optimisation step. Default: 64.
+    pub batch_size: usize,
+    /// Images per evaluation batch (memory only; results do not depend on it). Default: 256.
+    pub eval_batch_size: usize,
+    /// Adam learning rate. Default: 0.001.
+    pub learning_rate: f64,
+    /// Seed for weights, shuffling and sampling. Default: 1.
+    pub seed: u64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            epochs: 15,
+            batch_size: 64,
+            eval_batch_size: 256,
+            learning_rate: 1e-3,
+            seed: 1,
+        }
+    }
+}
+
+/// Sample grids.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleSection {
+    /// Write a sample grid every N epochs (0 = only after the last epoch, which always gets one).
+    /// Default: 5.
+    pub every: usize,
+    /// Softmax temperature for sampling (1 = the model's distribution). Default: 1.0.
+    pub temperature: f64,
+    /// Grid side in images, even: the top half is generated from scratch, the bottom half completes
+    /// the top halves of test images. Default: 12.
+    pub grid: usize,
+}
+
+impl Default for SampleSection {
+    fn default() -> Self {
+        SampleSection {
+            every: 5,
+            temperature: 1.0,
+            grid: 12,
+        }
+    }
+}
+
+/// Where and how the tensors live.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSection {
+    /// Burn backend: "flex" (pure Rust, always built) or "libtorch" (needs `--features tch`).
+    /// Default: "flex".
+    pub backend: BackendKind,
+    /// "auto", "cpu", "cuda" or "cuda:N". "auto" picks CUDA on libtorch when it is available.
+    /// Default: "auto".
+    pub device: String,
+    /// Float precision of the tensors. Default: "f32".
+    pub precision: Precision,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        RuntimeSection {
+            backend: BackendKind::Flex,
+            device: "auto".into(),
+            precision: Precision::F32,
+        }
+    }
+}
+
+/// Burn backends.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// burn-flex: pure Rust, CPU.
+    Flex,
+    /// burn-tch: libtorch, CPU or CUDA.
+    Libtorch,
+}
+
+/// Float precisions.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// The JSON Schema of the experiment format, as written to `schemas/experiment.schema.json`.
+pub fn schema_json() -> String {
+    let schema = schemars::schema_for!(Experiment);
+    let mut text = serde_json::to_string_pretty(&schema).expect("a schema always serialises");
+    text.push('\n');
+    text
+}

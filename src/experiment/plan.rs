@@ -1,0 +1,412 @@
+//! Experiment -> Plan: every cross-field check, before any tensor exists, and the mapping from what
+//! the user wrote to what will run.
+
+use super::{BackendKind, DatasetKind, Experiment, Override, Precision, Variant};
+use crate::data::{self, DataError, DataSpec, synthetic};
+use crate::device::{self, DeviceChoice, Target};
+use crate::error::{Error, Result};
+use crate::model::{ModelConfig, SimpleConfig};
+use std::path::{Path, PathBuf};
+
+/// What will run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The experiment's name: its file stem, also the results folder's name.
+    pub name: String,
+    /// The experiment as resolved: defaults, file, environment and `--set`.
+    pub experiment: Experiment,
+    pub overrides: Vec<Override>,
+    pub model: ModelConfig,
+    pub data: DataSpec,
+    pub device: DeviceChoice,
+}
+
+impl Plan {
+    /// Checks `experiment` (read from `source`) and decides what will run. `pixel_data` is
+    /// `$PIXEL_DATA`, passed in so that tests do not depend on the environment.
+    pub fn new(
+        experiment: Experiment,
+        overrides: Vec<Override>,
+        source: &Path,
+        pixel_data: Option<&Path>,
+    ) -> Result<Plan> {
+        let ctx = Checker {
+            source: source.display().to_string(),
+            overrides: &overrides,
+        };
+        let e = &experiment;
+        let m = &e.model;
+
+        let (colours, side) = match e.data.dataset {
+            DatasetKind::Mnist => (1, Some(28)),
+            DatasetKind::Cifar10 => (3, Some(32)),
+            DatasetKind::Folder => (3, None),
+            DatasetKind::Synthetic => {
+                ctx.require(
+                    matches!(e.data.synthetic_colours, 1 | 3),
+                    "data.synthetic_colours",
+                    e.data.synthetic_colours,
+                    "1 (grey) or 3 (RGB)",
+                )?;
+                ctx.require(
+                    (2..=256).contains(&e.data.synthetic_size),
+                    "data.synthetic_size",
+                    e.data.synthetic_size,
+                    "an image side between 2 and 256 pixels",
+                )?;
+                ctx.require(
+                    e.data.synthetic_images >= 1,
+                    "data.synthetic_images",
+                    e.data.synthetic_images,
+                    "at least 1 image",
+                )?;
+                (e.data.synthetic_colours, Some(e.data.synthetic_size))
+            }
+        };
+
+        ctx.require(m.layers >= 1, "model.layers", m.layers, "at least 1 layer")?;
+        ctx.require(
+            m.kernel % 2 == 1,
+            "model.kernel",
+            m.kernel,
+            "an odd kernel size (1, 3, 5, ...) so that the mask has a centre",
+        )?;
+        ctx.require(
+            m.channels >= colours && m.channels % colours == 0,
+            "model.channels",
+            m.channels,
+            &format!(
+                "a positive multiple of {colours}, the number of colours of `{}` \
+                 (channels are split into one group per colour)",
+                e.data.dataset.name()
+            ),
+        )?;
+        if let Some(side) = side {
+            ctx.require(
+                e.data.crop == 0 || (2..=side).contains(&e.data.crop),
+                "data.crop",
+                e.data.crop,
+                &format!("0 (no crop) or a side between 2 and {side} pixels"),
+            )?;
+        } else {
+            ctx.require(
+                e.data.crop != 1,
+                "data.crop",
+                e.data.crop,
+                "0 (no crop) or at least 2 pixels",
+            )?;
+        }
+
+        let t = &e.train;
+        ctx.require(t.epochs >= 1, "train.epochs", t.epochs, "at least 1 epoch")?;
+        ctx.require(t.batch_size >= 1, "train.batch_size", t.batch_size, "at least 1 image")?;
+        ctx.require(
+            t.eval_batch_size >= 1,
+            "train.eval_batch_size",
+            t.eval_batch_size,
+            "at least 1 image",
+        )?;
+        ctx.require(
+            t.learning_rate.is_finite() && t.learning_rate > 0.0,
+            "train.learning_rate",
+            t.learning_rate,
+            "a positive number such as 0.001",
+        )?;
+
+        let s = &e.sample;
+        ctx.require(
+            s.temperature.is_finite() && s.temperature > 0.0,
+            "sample.temperature",
+            s.temperature,
+            "a positive number (1.0 samples the model's own distribution)",
+        )?;
+        ctx.require(
+            s.grid >= 2 && s.grid % 2 == 0,
+            "sample.grid",
+            s.grid,
+            "an even number of images per side, at least 2",
+        )?;
+
+        let r = &e.runtime;
+        let Some(target) = Target::parse(&r.device) else {
+            return Err(ctx.invalid(
+                "runtime.device",
+                format!("{:?}", r.device),
+                "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"",
+            ));
+        };
+        let backend_name = match r.backend {
+            BackendKind::Flex => "\"flex\"",
+            BackendKind::Libtorch => "\"libtorch\"",
+        };
+        if !device::compiled_in(r.backend) {
+            return Err(ctx.invalid(
+                "runtime.backend",
+                backend_name.into(),
+                &format!(
+                    "a backend compiled into this binary; for {backend_name} use {}",
+                    device::rebuild_hint(r.backend)
+                ),
+            ));
+        }
+        ctx.require(
+            !(matches!(target, Target::Cuda(_)) && r.backend == BackendKind::Flex),
+            "runtime.device",
+            format!("{:?}", r.device),
+            "\"cpu\" or \"auto\" with the flex backend (CUDA needs backend = \"libtorch\")",
+        )?;
+        ctx.require(
+            r.precision == Precision::F32,
+            "runtime.precision",
+            format!("{:?}", r.precision).to_lowercase(),
+            "\"f32\" (bf16 and f16 are not supported yet)",
+        )?;
+
+        let model = match m.variant {
+            Variant::Simple => ModelConfig::Simple(SimpleConfig {
+                colours,
+                layers: m.layers,
+                kernel: m.kernel,
+                channels: m.channels,
+            }),
+        };
+
+        let dir = match e.data.dataset {
+            DatasetKind::Synthetic => None,
+            kind => Some(locate(&ctx, e, kind, source, pixel_data)?),
+        };
+        let data = DataSpec {
+            kind: e.data.dataset,
+            dir,
+            download: e.data.download,
+            train_limit: e.data.train_limit,
+            test_limit: e.data.test_limit,
+            crop: e.data.crop,
+            synthetic: synthetic::Spec {
+                size: e.data.synthetic_size,
+                colours: e.data.synthetic_colours,
+                train_images: e.data.synthetic_images,
+            },
+            seed: t.seed,
+        };
+
+        let mut experiment = experiment.clone();
+        experiment.data.path = data.dir.clone();
+        Ok(Plan {
+            name: name_of(source),
+            experiment,
+            overrides,
+            model,
+            data,
+            device: DeviceChoice {
+                backend: r.backend,
+                target,
+                precision: r.precision,
+            },
+        })
+    }
+
+    /// The resolved experiment as TOML, headed by the `#:schema` line and the overrides applied.
+    pub fn resolved_toml(&self) -> String {
+        let mut out = String::from(
+            "# Resolved by `pixel run`: every default and override written out.\n",
+        );
+        for o in &self.overrides {
+            out.push_str(&format!("# override: {} = {} (from {})\n", o.key, o.value, o.origin));
+        }
+        out.push_str(&toml::to_string(&self.experiment).expect("an experiment serialises"));
+        out
+    }
+}
+
+/// The results folder's name: the experiment file's stem.
+pub fn name_of(source: &Path) -> String {
+    source
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "experiment".into())
+}
+
+/// Finds the dataset's folder, or where it will be downloaded to.
+fn locate(
+    ctx: &Checker,
+    e: &Experiment,
+    kind: DatasetKind,
+    source: &Path,
+    pixel_data: Option<&Path>,
+) -> Result<PathBuf> {
+    // Relative paths in an experiment are relative to the experiment file.
+    let explicit = e.data.path.as_ref().map(|p| {
+        if p.is_absolute() {
+            p.clone()
+        } else {
+            source.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    });
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    match data::locate(kind, explicit.as_deref(), pixel_data) {
+        Ok(dir) => Ok(absolute(dir)),
+        Err(tried) => {
+            let downloadable = matches!(kind, DatasetKind::Mnist | DatasetKind::Cifar10);
+            if downloadable && e.data.download {
+                let target = explicit.unwrap_or_else(|| Path::new("data").join(kind.name()));
+                return Ok(absolute(target));
+            }
+            let tried = tried
+                .iter()
+                .map(|p| format!("  {}", p.display()))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let mut hint = data::expected_files(kind);
+            if downloadable {
+                hint.push_str(&format!(
+                    "; or set data.download = true in {} to fetch it",
+                    ctx.source
+                ));
+            } else {
+                hint.push_str(&format!("; set data.path in {}", ctx.source));
+            }
+            Err(DataError::Missing {
+                dataset: kind.name().into(),
+                tried,
+                hint,
+            }
+            .into())
+        }
+    }
+}
+
+struct Checker<'a> {
+    source: String,
+    overrides: &'a [Override],
+}
+
+impl Checker<'_> {
+    /// Where a key's value came from: the last override of it, else the file.
+    fn origin(&self, key: &str) -> String {
+        self.overrides
+            .iter()
+            .rev()
+            .find(|o| o.key == key)
+            .map(|o| format!("{} (overriding {})", o.origin, self.source))
+            .unwrap_or_else(|| self.source.clone())
+    }
+
+    fn invalid(&self, key: &str, value: String, expected: &str) -> Error {
+        Error::Invalid {
+            source_name: self.origin(key),
+            key: key.into(),
+            value,
+            expected: expected.into(),
+        }
+    }
+
+    fn require(
+        &self,
+        ok: bool,
+        key: &str,
+        value: impl std::fmt::Display,
+        expected: &str,
+    ) -> Result<()> {
+        if ok {
+            Ok(())
+        } else {
+            Err(self.invalid(key, value.to_string(), expected))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synthetic() -> Experiment {
+        let mut e = Experiment::default();
+        e.data.dataset = DatasetKind::Synthetic;
+        e
+    }
+
+    fn plan(e: Experiment) -> Result<Plan> {
+        Plan::new(e, vec![], Path::new("experiments/x.toml"), None)
+    }
+
+    fn err(e: Experiment) -> String {
+        plan(e).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn valid_synthetic_plan() {
+        let p = plan(synthetic()).unwrap();
+        assert_eq!(p.name, "x");
+        assert_eq!(p.model.colours(), 1);
+    }
+
+    #[test]
+    fn out_of_range_values_name_file_key_and_value() {
+        let mut e = synthetic();
+        e.model.kernel = 4;
+        let msg = err(e);
+        assert!(msg.contains("experiments/x.toml"), "{msg}");
+        assert!(msg.contains("`model.kernel` = 4"), "{msg}");
+        assert!(msg.contains("odd"), "{msg}");
+
+        let mut e = synthetic();
+        e.data.synthetic_colours = 3;
+        e.model.channels = 31;
+        assert!(err(e).contains("`model.channels` = 31"));
+
+        let mut e = synthetic();
+        e.model.layers = 0;
+        assert!(err(e).contains("`model.layers` = 0"));
+
+        let mut e = synthetic();
+        e.train.batch_size = 0;
+        assert!(err(e).contains("`train.batch_size` = 0"));
+
+        let mut e = synthetic();
+        e.train.learning_rate = -0.1;
+        assert!(err(e).contains("`train.learning_rate` = -0.1"));
+
+        let mut e = synthetic();
+        e.sample.grid = 5;
+        assert!(err(e).contains("`sample.grid` = 5"));
+
+        let mut e = synthetic();
+        e.runtime.device = "gpu".into();
+        assert!(err(e).contains("`runtime.device` = \"gpu\""));
+    }
+
+    #[test]
+    fn override_is_named_as_the_source() {
+        let mut e = synthetic();
+        e.train.epochs = 0;
+        let o = Override {
+            key: "train.epochs".into(),
+            value: "0".into(),
+            origin: "--set".into(),
+        };
+        let msg = Plan::new(e, vec![o], Path::new("a.toml"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("--set (overriding a.toml)"), "{msg}");
+    }
+
+    #[test]
+    fn missing_dataset_without_download_says_what_to_put_where() {
+        let mut e = Experiment::default();
+        e.data.download = false;
+        e.data.path = Some("no/such/folder".into());
+        let msg = err(e);
+        assert!(msg.contains("no/such/folder"), "{msg}");
+        assert!(msg.contains("train-images-idx3-ubyte"), "{msg}");
+    }
+
+    #[cfg(not(feature = "tch"))]
+    #[test]
+    fn backend_not_compiled_in_says_how_to_rebuild() {
+        let mut e = synthetic();
+        e.runtime.backend = BackendKind::Libtorch;
+        let msg = err(e);
+        assert!(msg.contains("--features tch"), "{msg}");
+    }
+}

@@ -1,0 +1,125 @@
+//! The receptive field of a model, measured by gradients: which input sub-pixels the logits of an
+//! output sub-pixel depend on. Used by the causality tests of every variant.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Raster order of sub-pixels: row, then column, then colour (R -> G -> B).
+pub fn raster_index(colour: usize, y: usize, x: usize, colours: usize, width: usize) -> usize {
+    (y * width + x) * colours + colour
+}
+
+/// For every output sub-pixel (in raster order), the raster indices of the input sub-pixels whose
+/// gradient is nonzero. `forward` maps `[1, c, h, w]` inputs (0..255) to `[1, c, 256, h, w]`
+/// logits on an autodiff `device`.
+pub fn dependencies(
+    forward: impl Fn(Tensor<4>) -> Tensor<5>,
+    colours: usize,
+    height: usize,
+    width: usize,
+    device: &Device,
+) -> Vec<Vec<usize>> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let input: Vec<f32> = (0..colours * height * width)
+        .map(|_| f32::from(rng.random::<u8>()))
+        .collect();
+    let mut out = vec![Vec::new(); colours * height * width];
+    for y in 0..height {
+        for x in 0..width {
+            for c in 0..colours {
+                let inp = Tensor::<4>::from_data(
+                    TensorData::new(input.clone(), [1, colours, height, width]),
+                    device,
+                )
+                .require_grad();
+                let logits = forward(inp.clone());
+                let picked = logits.slice([0..1, c..c + 1, 0..256, y..y + 1, x..x + 1]).sum();
+                let grads = picked.backward();
+                let g: Vec<f32> = inp
+                    .grad(&grads)
+                    .map(|g| g.into_data().convert::<f32>().try_into_vec().expect("f32"))
+                    .unwrap_or_else(|| vec![0.0; input.len()]);
+                let deps = &mut out[raster_index(c, y, x, colours, width)];
+                for (cc, yy, xx) in (0..colours)
+                    .flat_map(|cc| (0..height).flat_map(move |yy| (0..width).map(move |xx| (cc, yy, xx))))
+                {
+                    if g[(cc * height + yy) * width + xx] != 0.0 {
+                        deps.push(raster_index(cc, yy, xx, colours, width));
+                    }
+                }
+                deps.sort_unstable();
+            }
+        }
+    }
+    out
+}
+
+/// The output sub-pixels that depend on themselves or a later sub-pixel, as
+/// `(output, offending input)` raster-index pairs.
+pub fn leaks(deps: &[Vec<usize>]) -> Vec<(usize, usize)> {
+    deps.iter()
+        .enumerate()
+        .flat_map(|(o, d)| d.iter().filter(move |&&i| i >= o).map(move |&i| (o, i)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::masked_conv::{MaskKind, MaskedConv2d};
+    use crate::model::{Context, ModelConfig, SimpleConfig};
+
+    fn device() -> Device {
+        Device::flex().autodiff()
+    }
+
+    fn check_simple(colours: usize, side: usize, layers: usize, kernel: usize) {
+        let cfg = ModelConfig::Simple(SimpleConfig {
+            colours,
+            layers,
+            kernel,
+            channels: 6 * colours,
+        });
+        let dev = device();
+        let model = cfg.init(3, &dev);
+        let ctx = Context::from_labels(&[0], &dev);
+        let deps = dependencies(|x| model.forward(x, &ctx), colours, side, side, &dev);
+        assert_eq!(leaks(&deps), vec![], "the simple model leaks");
+        // Not vacuous: every sub-pixel after the first sees the one right before it
+        // (the previous colour of its pixel, or the pixel to its left).
+        for (o, d) in deps.iter().enumerate().skip(1) {
+            let (y, x) = ((o / colours) / side, (o / colours) % side);
+            if o % colours == 0 && x == 0 {
+                continue; // first sub-pixel of a row: its left neighbour is on the row above
+            }
+            assert!(d.contains(&(o - 1)), "sub-pixel {o} at ({y},{x}) misses its predecessor");
+        }
+    }
+
+    #[test]
+    fn simple_model_is_causal_grey() {
+        check_simple(1, 5, 3, 3);
+        check_simple(1, 4, 2, 5);
+    }
+
+    #[test]
+    fn simple_model_is_causal_rgb() {
+        check_simple(3, 4, 3, 3);
+    }
+
+    #[test]
+    fn the_checker_catches_a_leak() {
+        // A type B first layer lets each colour see itself at the centre: a leak.
+        let dev = device();
+        let mut rng = StdRng::seed_from_u64(1);
+        let conv = MaskedConv2d::new(MaskKind::B, 1, 256, 1, 3, &mut rng, &dev);
+        let deps = dependencies(|x| conv.forward(x).reshape([1, 1, 256, 4, 4]), 1, 4, 4, &dev);
+        let l = leaks(&deps);
+        assert!(l.contains(&(5, 5)), "{l:?}");
+        // And a type A layer does not leak.
+        let conv = MaskedConv2d::new(MaskKind::A, 1, 256, 1, 3, &mut rng, &dev);
+        let deps = dependencies(|x| conv.forward(x).reshape([1, 1, 256, 4, 4]), 1, 4, 4, &dev);
+        assert_eq!(leaks(&deps), vec![]);
+    }
+}

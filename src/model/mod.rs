@@ -1,0 +1,91 @@
+//! Architectures. A config enum paired with a module enum and one `match` each (as Burn's
+//! `activation_wrapper.rs` does): every variant is trained, evaluated and sampled by the same code.
+
+pub mod causality;
+pub mod masked_conv;
+pub mod simple;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Serialize;
+
+pub use simple::{SimpleConfig, SimplePixelCnn};
+
+/// What will be built (decided by the plan).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "variant", rename_all = "lowercase")]
+pub enum ModelConfig {
+    Simple(SimpleConfig),
+}
+
+#[derive(Module, Debug)]
+pub enum Model {
+    Simple(SimplePixelCnn),
+}
+
+/// What a model may condition on besides the pixels before the current one.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// Class labels, `[batch]`.
+    pub labels: Tensor<1, Int>,
+}
+
+impl Context {
+    pub fn from_labels(labels: &[u8], device: &Device) -> Self {
+        let v: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+        Context {
+            labels: Tensor::from_data(TensorData::new(v, [labels.len()]), device),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Builds the model with weights drawn from a generator seeded by `seed`.
+    pub fn init(&self, seed: u64, device: &Device) -> Model {
+        let mut rng = StdRng::seed_from_u64(seed);
+        match self {
+            ModelConfig::Simple(c) => Model::Simple(c.init(&mut rng, device)),
+        }
+    }
+
+    pub fn colours(&self) -> usize {
+        match self {
+            ModelConfig::Simple(c) => c.colours,
+        }
+    }
+
+    /// How many rows above a pixel its prediction can depend on (the sampler computes only those).
+    pub fn context_rows(&self) -> usize {
+        match self {
+            ModelConfig::Simple(c) => c.context_rows(),
+        }
+    }
+}
+
+/// The fixed scaling from bytes to model inputs: 0..255 -> [0, 1].
+pub fn scale_input(pixels: Tensor<4>) -> Tensor<4> {
+    pixels / 255.0
+}
+
+impl Model {
+    /// Logits for every sub-pixel.
+    ///
+    /// # Shapes
+    /// - x: `[batch, colours, h, w]`, bytes as floats (0..255); scaled here
+    /// - returns: `[batch, colours, 256, h, w]`
+    pub fn forward(&self, x: Tensor<4>, _context: &Context) -> Tensor<5> {
+        let [b, c, h, w] = x.dims();
+        let x = scale_input(x);
+        let logits = match self {
+            Model::Simple(m) => m.forward(x), // [b, c * 256, h, w]
+        };
+        logits.reshape([b, c, 256, h, w])
+    }
+
+    /// Number of trainable scalars.
+    pub fn parameters(&self) -> usize {
+        self.num_params()
+    }
+}

@@ -1,0 +1,167 @@
+//! Everything under `results/<name>/`: the resolved experiment, `run.json`, `metrics.csv`, sample
+//! grids and the checkpoint. Plain values only; never a tensor.
+
+pub mod png;
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const EXPERIMENT_FILE: &str = "experiment.toml";
+pub const RUN_FILE: &str = "run.json";
+pub const METRICS_FILE: &str = "metrics.csv";
+pub const CHECKPOINT_FILE: &str = "model.bpk";
+pub const SAMPLES_DIR: &str = "samples";
+
+/// How far a run got.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Running,
+    Completed,
+    Failed,
+}
+
+/// `run.json`: what ran, where, and how far it got.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RunInfo {
+    pub name: String,
+    pub crate_version: String,
+    pub git_revision: String,
+    pub backend: String,
+    pub device: String,
+    pub float_dtype: String,
+    pub seed: u64,
+    pub parameters: usize,
+    pub started: String,
+    pub ended: Option<String>,
+    pub status: Status,
+    pub epochs_completed: usize,
+    pub error: Option<String>,
+    /// Values that came from `--set` or `PIXEL_*` rather than the experiment file.
+    pub overrides: Vec<crate::experiment::Override>,
+}
+
+/// One row of `metrics.csv`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct MetricsRow {
+    pub epoch: usize,
+    pub train_bits_per_dim: f64,
+    pub test_bits_per_dim: f64,
+    pub train_seconds: f64,
+    pub test_seconds: f64,
+    pub train_images_per_second: f64,
+}
+
+/// The current time as RFC 3339, UTC, whole seconds.
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// An open results folder.
+pub struct RunDir {
+    pub path: PathBuf,
+    metrics: csv::Writer<std::fs::File>,
+}
+
+impl RunDir {
+    /// Creates `path` (refusing an existing one unless `force`), and writes the resolved experiment
+    /// and the header of the metrics CSV.
+    pub fn create(path: &Path, force: bool, resolved_toml: &str) -> Result<RunDir> {
+        if path.exists() {
+            if !force {
+                return Err(Error::ResultsExist(path.to_path_buf()));
+            }
+            std::fs::remove_dir_all(path).map_err(Error::io(path))?;
+        }
+        std::fs::create_dir_all(path.join(SAMPLES_DIR)).map_err(Error::io(path))?;
+        write_atomic(&path.join(EXPERIMENT_FILE), resolved_toml.as_bytes())?;
+        let metrics_path = path.join(METRICS_FILE);
+        let metrics = csv::Writer::from_path(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path)(e.into()))?;
+        Ok(RunDir {
+            path: path.to_path_buf(),
+            metrics,
+        })
+    }
+
+    pub fn write_info(&self, info: &RunInfo) -> Result<()> {
+        let text = serde_json::to_string_pretty(info).expect("RunInfo serialises");
+        write_atomic(&self.path.join(RUN_FILE), format!("{text}\n").as_bytes())
+    }
+
+    /// Appends one row and flushes it, so a run that dies keeps every finished epoch.
+    pub fn append_metrics(&mut self, row: &MetricsRow) -> Result<()> {
+        let path = self.path.join(METRICS_FILE);
+        self.metrics
+            .serialize(row)
+            .map_err(|e| Error::io(&path)(e.into()))?;
+        self.metrics.flush().map_err(Error::io(&path))
+    }
+
+    pub fn sample_path(&self, epoch: usize) -> PathBuf {
+        self.path.join(SAMPLES_DIR).join(format!("epoch-{epoch:04}.png"))
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.path.join(CHECKPOINT_FILE)
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(Error::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(path))
+}
+
+/// Reads `metrics.csv`.
+pub fn read_metrics(dir: &Path) -> Result<Vec<MetricsRow>> {
+    let path = dir.join(METRICS_FILE);
+    let mut reader = csv::Reader::from_path(&path).map_err(|e| Error::io(&path)(e.into()))?;
+    reader
+        .deserialize()
+        .collect::<Result<Vec<MetricsRow>, _>>()
+        .map_err(|e| Error::Checkpoint {
+            path: path.clone(),
+            message: format!("unreadable metrics: {e}"),
+        })
+}
+
+/// Reads `run.json`.
+pub fn read_info(dir: &Path) -> Result<RunInfo> {
+    let path = dir.join(RUN_FILE);
+    let text = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path,
+        message: format!("not a run.json written by pixel: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_existing_folder_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run");
+        let mut run = RunDir::create(&p, false, "x = 1\n").unwrap();
+        run.append_metrics(&MetricsRow {
+            epoch: 1,
+            train_bits_per_dim: 2.0,
+            test_bits_per_dim: 2.5,
+            train_seconds: 1.0,
+            test_seconds: 0.5,
+            train_images_per_second: 10.0,
+        })
+        .unwrap();
+        assert_eq!(read_metrics(&p).unwrap().len(), 1);
+        assert!(matches!(
+            RunDir::create(&p, false, ""),
+            Err(Error::ResultsExist(_))
+        ));
+        RunDir::create(&p, true, "").unwrap();
+        assert_eq!(read_metrics(&p).unwrap().len(), 0);
+    }
+}

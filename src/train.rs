@@ -1,0 +1,112 @@
+//! One epoch of optimisation and one pass of evaluation. Returns plain numbers; never prints or
+//! writes files.
+
+use crate::data::Images;
+use crate::loss::nll_nats;
+use crate::model::{Context, Model};
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::time::Instant;
+
+/// Totals over one pass of a split. Bits per dimension are exact: total nats over every sub-pixel.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PassStats {
+    pub nats: f64,
+    pub subpixels: u64,
+    pub images: usize,
+    pub seconds: f64,
+}
+
+impl PassStats {
+    pub fn bits_per_dim(&self) -> f64 {
+        crate::loss::bits_per_dim(self.nats, self.subpixels)
+    }
+
+    pub fn images_per_second(&self) -> f64 {
+        self.images as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// A batch on the device: float inputs (0..255), integer targets, and the context.
+pub struct Batch {
+    pub input: Tensor<4>,
+    pub target: Tensor<4, Int>,
+    pub context: Context,
+}
+
+impl Batch {
+    /// Builds a batch from the images at `indices`. Targets come from the bytes, never from floats.
+    pub fn gather(images: &Images, indices: &[usize], device: &Device) -> Batch {
+        let (pixels, labels) = images.gather(indices);
+        let shape = [indices.len(), images.colours, images.height, images.width];
+        Batch::from_bytes(&pixels, &labels, shape, device)
+    }
+
+    pub fn from_bytes(pixels: &[u8], labels: &[u8], shape: [usize; 4], device: &Device) -> Batch {
+        let floats: Vec<f32> = pixels.iter().map(|&p| f32::from(p)).collect();
+        let ints: Vec<i64> = pixels.iter().map(|&p| i64::from(p)).collect();
+        Batch {
+            input: Tensor::from_data(TensorData::new(floats, shape), device),
+            target: Tensor::from_data(TensorData::new(ints, shape), device),
+            context: Context::from_labels(labels, device),
+        }
+    }
+}
+
+/// Trains for one epoch over `order`, calling `progress(images_done, batch_bits_per_dim)` after
+/// each step. Returns the updated model and the epoch's training totals.
+pub fn train_epoch(
+    mut model: Model,
+    optimizer: &mut ModuleOptimizer,
+    images: &Images,
+    order: &[usize],
+    batch_size: usize,
+    learning_rate: f64,
+    device: &Device,
+    mut progress: impl FnMut(usize, f64),
+) -> Result<(Model, PassStats), String> {
+    let start = Instant::now();
+    let mut stats = PassStats::default();
+    for indices in order.chunks(batch_size) {
+        let batch = Batch::gather(images, indices, device);
+        let dims = batch.target.shape().num_elements() as u64;
+        let logits = model.forward(batch.input, &batch.context);
+        let nats = nll_nats(logits, batch.target);
+        let loss = nats.clone() / dims as f64;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(learning_rate, model, grads);
+        let batch_nats = f64::from(nats.into_scalar::<f32>());
+        if !batch_nats.is_finite() {
+            return Err(format!(
+                "the loss became {batch_nats} after {} training images",
+                stats.images
+            ));
+        }
+        stats.nats += batch_nats;
+        stats.subpixels += dims;
+        stats.images += indices.len();
+        progress(stats.images, crate::loss::bits_per_dim(batch_nats, dims));
+    }
+    stats.seconds = start.elapsed().as_secs_f64();
+    Ok((model, stats))
+}
+
+/// Evaluates the model on every image of `images`, in order.
+pub fn evaluate(model: &Model, images: &Images, batch_size: usize, device: &Device) -> PassStats {
+    let start = Instant::now();
+    let model = model.valid();
+    let device = device.clone().without_autodiff();
+    let mut stats = PassStats::default();
+    let all: Vec<usize> = (0..images.len()).collect();
+    for indices in all.chunks(batch_size) {
+        let batch = Batch::gather(images, indices, &device);
+        let dims = batch.target.shape().num_elements() as u64;
+        let nats = nll_nats(model.forward(batch.input, &batch.context), batch.target);
+        stats.nats += f64::from(nats.into_scalar::<f32>());
+        stats.subpixels += dims;
+        stats.images += indices.len();
+    }
+    stats.seconds = start.elapsed().as_secs_f64();
+    stats
+}
