@@ -16,7 +16,7 @@ fn main() {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=PIXEL_GIT_REVISION={revision}");
+    println!("cargo:rustc-env=BUILD_GIT_REVISION={revision}");
 
     if std::env::var_os("CARGO_FEATURE_TCH").is_none() {
         return;
@@ -25,11 +25,16 @@ fn main() {
         Some(std::path::PathBuf::from(root).join("lib"))
     } else if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
         Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-            .args(["-c", "import torch, os; print(os.path.dirname(torch.__file__))"])
+            .args([
+                "-c",
+                "import torch, os; print(os.path.dirname(torch.__file__))",
+            ])
             .output()
             .ok()
             .filter(|o| o.status.success())
-            .map(|o| std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("lib"))
+            .map(|o| {
+                std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("lib")
+            })
     } else {
         None
     };

@@ -136,7 +136,11 @@ fn check(paths: &[PathBuf]) -> Result<()> {
     }
     Err(Error::Usage {
         flag: "pixel check".into(),
-        message: format!("{} of {} experiment files are invalid", failures.len(), files.len()),
+        message: format!(
+            "{} of {} experiment files are invalid",
+            failures.len(),
+            files.len()
+        ),
     })
 }
 

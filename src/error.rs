@@ -23,18 +23,25 @@ pub enum Error {
         value: String,
         expected: String,
     },
+    /// A value from the environment or `--set` that does not fit the format.
+    #[error("{source_name}: `{key}` = {value}: {message}")]
+    Rejected {
+        source_name: String,
+        key: String,
+        value: String,
+        message: String,
+    },
     /// A command-line flag is malformed or conflicts with another.
     #[error("{flag}: {message}")]
     Usage { flag: String, message: String },
     /// A dataset is missing, truncated or malformed.
-    #[error("{0}")]
+    #[error(transparent)]
     Data(#[from] crate::data::DataError),
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The results folder exists and `--force` was not given.
     #[error(
@@ -60,7 +67,7 @@ impl Error {
 
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io { path, source }
+        move |error| Error::Io { path, error }
     }
 }
 

@@ -44,7 +44,8 @@ mod tests {
         let mut v = vec![-1e4f32; 256];
         v[42] = 0.0;
         let logits = Tensor::<5>::from_data(TensorData::new(v, [1, 1, 256, 1, 1]), &device);
-        let right = Tensor::<4, Int>::from_data(TensorData::new(vec![42i64], [1, 1, 1, 1]), &device);
+        let right =
+            Tensor::<4, Int>::from_data(TensorData::new(vec![42i64], [1, 1, 1, 1]), &device);
         let wrong = Tensor::<4, Int>::from_data(TensorData::new(vec![7i64], [1, 1, 1, 1]), &device);
         let r: f32 = nll_nats(logits.clone(), right).into_scalar();
         let w: f32 = nll_nats(logits, wrong).into_scalar();

@@ -39,7 +39,7 @@ pub fn execute(plan: &Plan, options: &Options) -> Result<PathBuf> {
     let mut info = RunInfo {
         name: plan.name.clone(),
         crate_version: env!("CARGO_PKG_VERSION").into(),
-        git_revision: env!("PIXEL_GIT_REVISION").into(),
+        git_revision: env!("BUILD_GIT_REVISION").into(),
         backend: format!("{:?}", plan.device.backend).to_lowercase(),
         device: opened.description.clone(),
         float_dtype: format!("{:?}", plan.device.precision).to_lowercase(),
@@ -108,8 +108,10 @@ fn epochs(
             &mut optimizer,
             &splits.train,
             &order,
-            t.batch_size,
-            t.learning_rate,
+            train::Step {
+                batch_size: t.batch_size,
+                learning_rate: t.learning_rate,
+            },
             device,
             |done, bits| {
                 bar.set_position(done as u64);
@@ -139,7 +141,14 @@ fn epochs(
         save_checkpoint(&model, &run.checkpoint_path())?;
         let every = plan.experiment.sample.every;
         if epoch == t.epochs || (every > 0 && epoch % every == 0) {
-            write_grid(plan, &model, &splits.test, epoch, &run.sample_path(epoch), device)?;
+            write_grid(
+                plan,
+                &model,
+                &splits.test,
+                epoch,
+                &run.sample_path(epoch),
+                device,
+            )?;
         }
         info.epochs_completed = epoch;
         run.write_info(info)?;
@@ -200,8 +209,14 @@ pub fn write_grid(
         &mut rng,
         &device.clone().without_autodiff(),
     );
-    let (planes, gh, gw) =
-        results::png::tile(&cells, test.colours, test.height, test.width, s.grid, s.grid);
+    let (planes, gh, gw) = results::png::tile(
+        &cells,
+        test.colours,
+        test.height,
+        test.width,
+        s.grid,
+        s.grid,
+    );
     let tmp = path.with_extension("png.tmp");
     results::png::write_rgb_or_grey(&tmp, &planes, test.colours, gh, gw)
         .and_then(|()| std::fs::rename(&tmp, path))

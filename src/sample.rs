@@ -72,7 +72,8 @@ pub fn fill(
         for x in 0..w {
             for colour in 0..c {
                 let window = window(canvas, top, rows);
-                let input = Tensor::<4>::from_data(TensorData::new(window, [n, c, rows, w]), device);
+                let input =
+                    Tensor::<4>::from_data(TensorData::new(window, [n, c, rows, w]), device);
                 let logits = model
                     .forward(input, &context) // [n, c, 256, rows, w]
                     .slice([0..n, colour..colour + 1, 0..256, rows - 1..rows, x..x + 1])
@@ -96,30 +97,14 @@ fn window(canvas: &Canvas, top: usize, rows: usize) -> Vec<f32> {
     for i in 0..canvas.len() {
         for colour in 0..c {
             let start = ((i * c + colour) * h + top) * w;
-            out.extend(canvas.pixels[start..start + rows * w].iter().map(|&p| f32::from(p)));
+            out.extend(
+                canvas.pixels[start..start + rows * w]
+                    .iter()
+                    .map(|&p| f32::from(p)),
+            );
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn draw_follows_the_distribution_and_temperature() {
-        let mut rng = StdRng::seed_from_u64(0);
-        let mut logits = vec![f32::NEG_INFINITY; 256];
-        logits[3] = 0.0;
-        logits[200] = (3.0f32).ln(); // p = 0.75
-        let n = 4000;
-        let hits = (0..n).filter(|_| draw(&logits, 1.0, &mut rng) == 200).count();
-        let p = hits as f64 / n as f64;
-        assert!((p - 0.75).abs() < 0.03, "{p}");
-        // Very low temperature: always the mode.
-        assert!((0..100).all(|_| draw(&logits, 1e-3, &mut rng) == 200));
-    }
 }
 
 /// The seed's sample grid, `grid x grid` cells in row-major order: the top half is generated from
@@ -145,7 +130,15 @@ pub fn grid(
         height: h,
         width: w,
     };
-    fill(model, &mut scratch, 0, context_rows, temperature, rng, device);
+    fill(
+        model,
+        &mut scratch,
+        0,
+        context_rows,
+        temperature,
+        rng,
+        device,
+    );
 
     // Completions, ordered as the grid's cells: row r of the bottom half, column q.
     let mut completions = Canvas {
@@ -160,9 +153,39 @@ pub fn grid(
             completions.labels.push(test.labels[i]);
         }
     }
-    fill(model, &mut completions, h / 2, context_rows, temperature, rng, device);
+    fill(
+        model,
+        &mut completions,
+        h / 2,
+        context_rows,
+        temperature,
+        rng,
+        device,
+    );
 
     let mut cells = scratch.pixels;
     cells.extend(completions.pixels);
     cells
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn draw_follows_the_distribution_and_temperature() {
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut logits = vec![f32::NEG_INFINITY; 256];
+        logits[3] = 0.0;
+        logits[200] = (3.0f32).ln(); // p = 0.75
+        let n = 4000;
+        let hits = (0..n)
+            .filter(|_| draw(&logits, 1.0, &mut rng) == 200)
+            .count();
+        let p = hits as f64 / n as f64;
+        assert!((p - 0.75).abs() < 0.03, "{p}");
+        // Very low temperature: always the mode.
+        assert!((0..100).all(|_| draw(&logits, 1e-3, &mut rng) == 200));
+    }
 }

@@ -54,6 +54,13 @@ impl Batch {
     }
 }
 
+/// How each optimisation step is taken.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Step {
+    pub batch_size: usize,
+    pub learning_rate: f64,
+}
+
 /// Trains for one epoch over `order`, calling `progress(images_done, batch_bits_per_dim)` after
 /// each step. Returns the updated model and the epoch's training totals.
 pub fn train_epoch(
@@ -61,21 +68,20 @@ pub fn train_epoch(
     optimizer: &mut ModuleOptimizer,
     images: &Images,
     order: &[usize],
-    batch_size: usize,
-    learning_rate: f64,
+    step: Step,
     device: &Device,
     mut progress: impl FnMut(usize, f64),
 ) -> Result<(Model, PassStats), String> {
     let start = Instant::now();
     let mut stats = PassStats::default();
-    for indices in order.chunks(batch_size) {
+    for indices in order.chunks(step.batch_size) {
         let batch = Batch::gather(images, indices, device);
         let dims = batch.target.shape().num_elements() as u64;
         let logits = model.forward(batch.input, &batch.context);
         let nats = nll_nats(logits, batch.target);
         let loss = nats.clone() / dims as f64;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optimizer.step(learning_rate, model, grads);
+        model = optimizer.step(step.learning_rate, model, grads);
         let batch_nats = f64::from(nats.into_scalar::<f32>());
         if !batch_nats.is_finite() {
             return Err(format!(

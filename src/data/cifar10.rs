@@ -89,7 +89,10 @@ pub fn load(dir: &Path) -> Result<Splits, DataError> {
 
 /// Serialises images in the binary batch layout (tests).
 pub fn to_batch_bytes(images: &Images) -> Vec<u8> {
-    assert_eq!((images.colours, images.height, images.width), (3, SIDE, SIDE));
+    assert_eq!(
+        (images.colours, images.height, images.width),
+        (3, SIDE, SIDE)
+    );
     let mut out = Vec::with_capacity(images.len() * RECORD);
     for i in 0..images.len() {
         out.push(images.labels[i]);
@@ -142,7 +145,9 @@ mod tests {
     fn bad_label_is_named() {
         let mut bytes = to_batch_bytes(&two_images());
         bytes[0] = 42;
-        let err = parse_batch(Path::new("x.bin"), &bytes).unwrap_err().to_string();
+        let err = parse_batch(Path::new("x.bin"), &bytes)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("label 42"), "{err}");
     }
 }

@@ -50,7 +50,10 @@ fn offline_hint(kind: DatasetKind, dir: &Path) -> String {
             .map(|(f, _)| *f)
             .collect::<Vec<_>>()
             .join(", "),
-        _ => format!("the contents of {CIFAR_URL} ({})", cifar10::FILES.join(", ")),
+        _ => format!(
+            "the contents of {CIFAR_URL} ({})",
+            cifar10::FILES.join(", ")
+        ),
     };
     format!(
         "Without a network, put {what} into {} (or set `data.path` or $PIXEL_DATA).",

@@ -121,11 +121,21 @@ mod tests {
         std::fs::create_dir_all(&sub).unwrap();
         write_rgb_or_grey(&sub.join("a.png"), &[0; 3 * 16], 3, 4, 4).unwrap();
         write_rgb_or_grey(&sub.join("b.png"), &[0; 3 * 20], 3, 4, 5).unwrap();
-        let err = read_split(&dir.path().join("train"), None).unwrap_err().to_string();
-        assert!(err.contains("b.png") && err.contains("expected 4x4"), "{err}");
+        let err = read_split(&dir.path().join("train"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("b.png") && err.contains("expected 4x4"),
+            "{err}"
+        );
 
         std::fs::write(sub.join("b.png"), b"not a png").unwrap();
-        let err = read_split(&dir.path().join("train"), None).unwrap_err().to_string();
-        assert!(err.contains("b.png") && err.contains("unreadable PNG"), "{err}");
+        let err = read_split(&dir.path().join("train"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("b.png") && err.contains("unreadable PNG"),
+            "{err}"
+        );
     }
 }

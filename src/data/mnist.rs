@@ -50,7 +50,10 @@ pub fn parse_idx(path: &Path, bytes: &[u8], rank: u8) -> Result<(Vec<usize>, Vec
     if bytes.len() < header {
         return Err(DataError::format(
             path,
-            format!("truncated: {} bytes, the header alone needs {header}", bytes.len()),
+            format!(
+                "truncated: {} bytes, the header alone needs {header}",
+                bytes.len()
+            ),
         ));
     }
     let dims: Vec<usize> = bytes[4..header]
@@ -79,11 +82,19 @@ pub fn read_pair(images: &Path, labels: &Path) -> Result<Images, DataError> {
     if ldims[0] != dims[0] {
         return Err(DataError::format(
             labels,
-            format!("{} labels for {} images in {}", ldims[0], dims[0], images.display()),
+            format!(
+                "{} labels for {} images in {}",
+                ldims[0],
+                dims[0],
+                images.display()
+            ),
         ));
     }
     if let Some(bad) = labels_data.iter().find(|&&l| l > 9) {
-        return Err(DataError::format(labels, format!("label {bad} out of range 0..=9")));
+        return Err(DataError::format(
+            labels,
+            format!("label {bad} out of range 0..=9"),
+        ));
     }
     Ok(Images {
         pixels,

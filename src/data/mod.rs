@@ -18,11 +18,10 @@ use std::path::{Path, PathBuf};
 pub enum DataError {
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("dataset `{dataset}` not found; looked in:\n{tried}\n{hint}")]
     Missing {
@@ -46,9 +45,9 @@ impl DataError {
         }
     }
     pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-        move |source| DataError::Io {
+        move |error| DataError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 }
@@ -205,7 +204,10 @@ pub fn load(spec: &DataSpec) -> Result<Splits, DataError> {
     let mut splits = match spec.kind {
         DatasetKind::Synthetic => synthetic::generate(&spec.synthetic, spec.seed),
         kind => {
-            let dir = spec.dir.as_deref().expect("the plan sets a folder for file datasets");
+            let dir = spec
+                .dir
+                .as_deref()
+                .expect("the plan sets a folder for file datasets");
             if spec.download && !complete(kind, dir) {
                 download::fetch(kind, dir)?;
             }

@@ -57,7 +57,11 @@ pub fn load(path: &Path, sets: &[Override]) -> Result<(Experiment, Vec<Override>
     let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
     check_file(path, &text)?;
 
-    let env = Env::prefixed("PIXEL_").split("__").ignore(&["data"]);
+    // Only PIXEL_<SECTION>__<KEY> variables are overrides: PIXEL_DATA (the data folder) and other
+    // PIXEL_* variables are not.
+    let env = Env::prefixed("PIXEL_")
+        .filter(|k| k.as_str().contains("__"))
+        .split("__");
     let mut overrides: Vec<Override> = env
         .iter()
         .map(|(key, value)| Override {
@@ -89,11 +93,24 @@ pub fn load(path: &Path, sets: &[Override]) -> Result<(Experiment, Vec<Override>
             .find(|o| o.key == key)
             .map(|o| o.value.clone())
             .unwrap_or_else(|| "?".into());
-        Error::Invalid {
+        Error::Rejected {
             source_name: origin,
-            key: if key.is_empty() { "(top level)".into() } else { key },
+            key: if key.is_empty() {
+                "(top level)".into()
+            } else {
+                key
+            },
             value,
-            expected: unknown_key_hint(&e.kind.to_string()),
+            message: match &e.kind {
+                figment::error::Kind::UnknownField(found, expected) => {
+                    let mut text = format!("one of {}", expected.join(", "));
+                    if let Some(cand) = did_you_mean(found, expected) {
+                        text.push_str(&format!("; did you mean `{cand}`?"));
+                    }
+                    format!("unknown key `{found}`: expected {text}")
+                }
+                kind => plain_types(&kind.to_string()),
+            },
         }
     })?;
     Ok((experiment, overrides))
@@ -109,34 +126,79 @@ fn check_file(path: &Path, text: &str) -> Result<()> {
         .span()
         .map(|span| line_column(text, span.start))
         .unwrap_or((1, 1));
-    let message = e.message().trim().to_string();
+    let mut message = plain_types(&unknown_key_hint(e.message().trim()));
+    if let Some(key) = e.span().and_then(|span| key_at(text, span.start)) {
+        message = format!("`{key}`: {message}");
+    }
     Err(Error::Parse {
         file: path.to_path_buf(),
         line,
         column,
-        message: unknown_key_hint(&message),
+        message,
     })
 }
 
 /// Adds "did you mean" to serde's "unknown field `x`, expected one of `a`, `b`" messages.
 fn unknown_key_hint(message: &str) -> String {
-    let Some(rest) = message.strip_prefix("unknown field `") else {
+    let Some(rest) = message.split_once("unknown field").map(|(_, r)| r) else {
         return message.to_string();
     };
-    let Some((unknown, expected)) = rest.split_once('`') else {
+    let Some(unknown) = rest.split('`').nth(1) else {
         return message.to_string();
     };
-    let best = expected
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(|cand| (strsim::levenshtein(unknown, cand), cand))
-        .filter(|(d, cand)| *d <= 2.max(cand.len() / 3))
-        .min();
-    match best {
-        Some((_, cand)) => format!("{message}; did you mean `{cand}`?"),
+    let candidates: Vec<&str> = rest
+        .split_once("expected")
+        .map(|(_, e)| e.split('`').filter(|t| is_identifier(t)).collect())
+        .unwrap_or_default();
+    match did_you_mean(unknown, &candidates) {
+        Some(cand) => format!("{message}; did you mean `{cand}`?"),
         None => message.to_string(),
     }
+}
+
+fn is_identifier(t: &str) -> bool {
+    !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Rust type names in serde's messages, in words.
+fn plain_types(message: &str) -> String {
+    message
+        .replace("expected usize", "expected a non-negative integer")
+        .replace("expected u64", "expected a non-negative integer")
+        .replace("expected f64", "expected a number")
+}
+
+/// The closest candidate to a misspelt key, if one is close enough.
+fn did_you_mean<'a>(unknown: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|cand| (strsim::levenshtein(unknown, cand), *cand))
+        .filter(|(d, cand)| *d <= 2.max(cand.len() / 3))
+        .min()
+        .map(|(_, cand)| cand)
+}
+
+/// The dotted key whose value starts at `offset` (`[train]` then `epochs = ...` gives
+/// `train.epochs`), for messages about a value.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let section = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
@@ -181,7 +243,7 @@ mod tests {
         let f = write("[train]\nepochs = \"ten\"\n");
         let err = load(f.path(), &[]).unwrap_err().to_string();
         assert!(err.contains(":2:"), "{err}");
-        assert!(err.contains("epochs") || err.contains("integer"), "{err}");
+        assert!(err.contains("`train.epochs`"), "{err}");
     }
 
     #[test]
@@ -194,11 +256,18 @@ mod tests {
     #[test]
     fn set_overrides_file_and_is_recorded() {
         let f = write("[train]\nepochs = 4\n");
-        let sets = [parse_set("train.epochs=2").unwrap(), parse_set("data.dataset=synthetic").unwrap()];
+        let sets = [
+            parse_set("train.epochs=2").unwrap(),
+            parse_set("data.dataset=synthetic").unwrap(),
+        ];
         let (e, overrides) = load(f.path(), &sets).unwrap();
         assert_eq!(e.train.epochs, 2);
         assert_eq!(e.data.dataset, super::super::DatasetKind::Synthetic);
-        assert!(overrides.iter().any(|o| o.key == "train.epochs" && o.value == "2"));
+        assert!(
+            overrides
+                .iter()
+                .any(|o| o.key == "train.epochs" && o.value == "2")
+        );
     }
 
     #[test]
@@ -214,7 +283,10 @@ mod tests {
 
     #[test]
     fn set_without_equals_is_a_usage_error() {
-        assert!(matches!(parse_set("train.epochs"), Err(Error::Usage { .. })));
+        assert!(matches!(
+            parse_set("train.epochs"),
+            Err(Error::Usage { .. })
+        ));
     }
 
     #[test]

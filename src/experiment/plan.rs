@@ -99,7 +99,12 @@ impl Plan {
 
         let t = &e.train;
         ctx.require(t.epochs >= 1, "train.epochs", t.epochs, "at least 1 epoch")?;
-        ctx.require(t.batch_size >= 1, "train.batch_size", t.batch_size, "at least 1 image")?;
+        ctx.require(
+            t.batch_size >= 1,
+            "train.batch_size",
+            t.batch_size,
+            "at least 1 image",
+        )?;
         ctx.require(
             t.eval_batch_size >= 1,
             "train.eval_batch_size",
@@ -208,11 +213,13 @@ impl Plan {
 
     /// The resolved experiment as TOML, headed by the `#:schema` line and the overrides applied.
     pub fn resolved_toml(&self) -> String {
-        let mut out = String::from(
-            "# Resolved by `pixel run`: every default and override written out.\n",
-        );
+        let mut out =
+            String::from("# Resolved by `pixel run`: every default and override written out.\n");
         for o in &self.overrides {
-            out.push_str(&format!("# override: {} = {} (from {})\n", o.key, o.value, o.origin));
+            out.push_str(&format!(
+                "# override: {} = {} (from {})\n",
+                o.key, o.value, o.origin
+            ));
         }
         out.push_str(&toml::to_string(&self.experiment).expect("an experiment serialises"));
         out

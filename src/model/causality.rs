@@ -34,16 +34,18 @@ pub fn dependencies(
                 )
                 .require_grad();
                 let logits = forward(inp.clone());
-                let picked = logits.slice([0..1, c..c + 1, 0..256, y..y + 1, x..x + 1]).sum();
+                let picked = logits
+                    .slice([0..1, c..c + 1, 0..256, y..y + 1, x..x + 1])
+                    .sum();
                 let grads = picked.backward();
                 let g: Vec<f32> = inp
                     .grad(&grads)
                     .map(|g| g.into_data().convert::<f32>().try_into_vec().expect("f32"))
                     .unwrap_or_else(|| vec![0.0; input.len()]);
                 let deps = &mut out[raster_index(c, y, x, colours, width)];
-                for (cc, yy, xx) in (0..colours)
-                    .flat_map(|cc| (0..height).flat_map(move |yy| (0..width).map(move |xx| (cc, yy, xx))))
-                {
+                for (cc, yy, xx) in (0..colours).flat_map(|cc| {
+                    (0..height).flat_map(move |yy| (0..width).map(move |xx| (cc, yy, xx)))
+                }) {
                     if g[(cc * height + yy) * width + xx] != 0.0 {
                         deps.push(raster_index(cc, yy, xx, colours, width));
                     }
@@ -79,7 +81,7 @@ mod tests {
             colours,
             layers,
             kernel,
-            channels: 6 * colours,
+            channels: 16 * colours,
         });
         let dev = device();
         let model = cfg.init(3, &dev);
@@ -93,7 +95,10 @@ mod tests {
             if o % colours == 0 && x == 0 {
                 continue; // first sub-pixel of a row: its left neighbour is on the row above
             }
-            assert!(d.contains(&(o - 1)), "sub-pixel {o} at ({y},{x}) misses its predecessor");
+            assert!(
+                d.contains(&(o - 1)),
+                "sub-pixel {o} at ({y},{x}) misses its predecessor"
+            );
         }
     }
 
@@ -114,12 +119,24 @@ mod tests {
         let dev = device();
         let mut rng = StdRng::seed_from_u64(1);
         let conv = MaskedConv2d::new(MaskKind::B, 1, 256, 1, 3, &mut rng, &dev);
-        let deps = dependencies(|x| conv.forward(x).reshape([1, 1, 256, 4, 4]), 1, 4, 4, &dev);
+        let deps = dependencies(
+            |x| conv.forward(x).reshape([1, 1, 256, 4, 4]),
+            1,
+            4,
+            4,
+            &dev,
+        );
         let l = leaks(&deps);
         assert!(l.contains(&(5, 5)), "{l:?}");
         // And a type A layer does not leak.
         let conv = MaskedConv2d::new(MaskKind::A, 1, 256, 1, 3, &mut rng, &dev);
-        let deps = dependencies(|x| conv.forward(x).reshape([1, 1, 256, 4, 4]), 1, 4, 4, &dev);
+        let deps = dependencies(
+            |x| conv.forward(x).reshape([1, 1, 256, 4, 4]),
+            1,
+            4,
+            4,
+            &dev,
+        );
         assert_eq!(leaks(&deps), vec![]);
     }
 }

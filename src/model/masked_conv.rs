@@ -146,10 +146,17 @@ mod tests {
                 // type A: out group o/2 sees input colour i only if i < o/2
                 assert_eq!(at(&a, 3, 3, o, i, 1, 1), f32::from(u8::from(i < o / 2)));
                 assert_eq!(at(&a, 3, 3, o, i, 0, 2), 1.0, "row above always visible");
-                assert_eq!(at(&a, 3, 3, o, i, 1, 2), 0.0, "right of centre never visible");
+                assert_eq!(
+                    at(&a, 3, 3, o, i, 1, 2),
+                    0.0,
+                    "right of centre never visible"
+                );
             }
             for i in 0..6 {
-                assert_eq!(at(&b, 6, 3, o, i, 1, 1), f32::from(u8::from(i / 2 <= o / 2)));
+                assert_eq!(
+                    at(&b, 6, 3, o, i, 1, 1),
+                    f32::from(u8::from(i / 2 <= o / 2))
+                );
                 assert_eq!(at(&b, 6, 3, o, i, 2, 0), 0.0, "row below never visible");
             }
         }

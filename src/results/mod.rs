@@ -100,7 +100,9 @@ impl RunDir {
     }
 
     pub fn sample_path(&self, epoch: usize) -> PathBuf {
-        self.path.join(SAMPLES_DIR).join(format!("epoch-{epoch:04}.png"))
+        self.path
+            .join(SAMPLES_DIR)
+            .join(format!("epoch-{epoch:04}.png"))
     }
 
     pub fn checkpoint_path(&self) -> PathBuf {
