@@ -98,3 +98,29 @@ pub fn cuda_available() -> bool {
 pub fn cuda_available() -> bool {
     false
 }
+
+/// Every backend compiled into this build, on CPU: the tests run on each.
+#[cfg(test)]
+pub(crate) fn test_devices() -> Vec<Device> {
+    #[allow(unused_mut)]
+    let mut devices = vec![Device::flex()];
+    #[cfg(feature = "tch")]
+    #[allow(deprecated)]
+    devices.push(Device::libtorch());
+    devices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_targets() {
+        assert_eq!(Target::parse("auto"), Some(Target::Auto));
+        assert_eq!(Target::parse("cpu"), Some(Target::Cpu));
+        assert_eq!(Target::parse("cuda"), Some(Target::Cuda(0)));
+        assert_eq!(Target::parse("cuda:3"), Some(Target::Cuda(3)));
+        assert_eq!(Target::parse("cuda:x"), None);
+        assert_eq!(Target::parse("gpu"), None);
+    }
+}

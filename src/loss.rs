@@ -28,7 +28,13 @@ mod tests {
 
     #[test]
     fn uniform_prediction_is_exactly_eight_bits() {
-        let device = Device::flex();
+        for device in crate::device::test_devices() {
+            uniform_is_eight_bits_on(&device);
+        }
+    }
+
+    fn uniform_is_eight_bits_on(device: &Device) {
+        let device = device.clone();
         let (b, c, h, w) = (2, 3, 4, 5);
         let logits = Tensor::<5>::zeros([b, c, 256, h, w], &device);
         let targets: Vec<i64> = (0..b * c * h * w).map(|i| (i * 37 % 256) as i64).collect();

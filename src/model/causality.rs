@@ -76,14 +76,21 @@ mod tests {
         Device::flex().autodiff()
     }
 
+    /// On every compiled backend: no leak, and no missing predecessor.
     fn check_simple(colours: usize, side: usize, layers: usize, kernel: usize) {
+        for dev in crate::device::test_devices() {
+            check_simple_on(colours, side, layers, kernel, &dev.autodiff());
+        }
+    }
+
+    fn check_simple_on(colours: usize, side: usize, layers: usize, kernel: usize, dev: &Device) {
         let cfg = ModelConfig::Simple(SimpleConfig {
             colours,
             layers,
             kernel,
             channels: 16 * colours,
         });
-        let dev = device();
+        let dev = dev.clone();
         let model = cfg.init(3, &dev);
         let ctx = Context::from_labels(&[0], &dev);
         let deps = dependencies(|x| model.forward(x, &ctx), colours, side, side, &dev);
