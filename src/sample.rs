@@ -108,7 +108,8 @@ fn window(canvas: &Canvas, top: usize, rows: usize) -> Vec<f32> {
 }
 
 /// The seed's sample grid, `grid x grid` cells in row-major order: the top half is generated from
-/// scratch; in the bottom half column `q` holds `grid / 2` completions of test image `q`, each
+/// scratch, with label `q mod 10` in column `q` (what a class-conditional model is asked to draw;
+/// other models ignore it); in the bottom half column `q` holds `grid / 2` completions of test image `q`, each
 /// given the image's top half. Returns `[grid * grid, colours, h, w]` bytes.
 #[allow(clippy::too_many_arguments)]
 pub fn grid(
@@ -125,7 +126,7 @@ pub fn grid(
     let dims = c * h * w;
     let mut scratch = Canvas {
         pixels: vec![0; half * grid * dims],
-        labels: vec![0; half * grid],
+        labels: (0..half * grid).map(|i| ((i % grid) % 10) as u8).collect(),
         colours: c,
         height: h,
         width: w,

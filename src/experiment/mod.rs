@@ -39,6 +39,9 @@ pub struct ModelSection {
     pub kernel: usize,
     /// Hidden channels per layer; must be divisible by the number of colours. Default: 30.
     pub channels: usize,
+    /// Conditioning: "none", or "class" for a learned per-layer bias from the image's class label
+    /// inside every gate (gated variant only). Default: "none".
+    pub conditional: Conditional,
 }
 
 impl Default for ModelSection {
@@ -48,6 +51,7 @@ impl Default for ModelSection {
             layers: 5,
             kernel: 5,
             channels: 30,
+            conditional: Conditional::None,
         }
     }
 }
@@ -58,6 +62,19 @@ impl Default for ModelSection {
 pub enum Variant {
     /// Masked convolutions and ReLUs, no gates or residuals (van den Oord et al. 2016, PixelRNN paper).
     Simple,
+    /// Gated PixelCNN with vertical and horizontal stacks, no blind spot (van den Oord et al. 2016,
+    /// "Conditional Image Generation with PixelCNN Decoders").
+    Gated,
+}
+
+/// What a model is conditioned on besides earlier pixels.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Conditional {
+    /// Nothing.
+    None,
+    /// The class label (MNIST digit, CIFAR-10 class, synthetic label): 10 classes.
+    Class,
 }
 
 /// Where the images come from.

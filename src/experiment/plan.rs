@@ -1,11 +1,11 @@
 //! Experiment -> Plan: every cross-field check, before any tensor exists, and the mapping from what
 //! the user wrote to what will run.
 
-use super::{BackendKind, DatasetKind, Experiment, Override, Precision, Variant};
+use super::{BackendKind, Conditional, DatasetKind, Experiment, Override, Precision, Variant};
 use crate::data::{self, DataError, DataSpec, synthetic};
 use crate::device::{self, DeviceChoice, Target};
 use crate::error::{Error, Result};
-use crate::model::{ModelConfig, SimpleConfig};
+use crate::model::{GatedConfig, ModelConfig, SimpleConfig};
 use std::path::{Path, PathBuf};
 
 /// What will run.
@@ -167,12 +167,39 @@ impl Plan {
             "\"f32\" (bf16 and f16 are not supported yet)",
         )?;
 
+        let classes = match m.conditional {
+            Conditional::None => None,
+            Conditional::Class => {
+                ctx.require(
+                    m.variant == Variant::Gated,
+                    "model.conditional",
+                    "\"class\"",
+                    "\"none\" for the simple variant (class conditioning needs variant = \"gated\")",
+                )?;
+                ctx.require(
+                    e.data.dataset != DatasetKind::Folder,
+                    "model.conditional",
+                    "\"class\"",
+                    "\"none\" for an image folder (class conditioning needs the 10 labelled \
+                     classes of mnist, cifar10 or synthetic)",
+                )?;
+                Some(10)
+            }
+        };
         let model = match m.variant {
             Variant::Simple => ModelConfig::Simple(SimpleConfig {
                 colours,
                 layers: m.layers,
                 kernel: m.kernel,
                 channels: m.channels,
+            }),
+            Variant::Gated => ModelConfig::Gated(GatedConfig {
+                colours,
+                layers: m.layers,
+                kernel: m.kernel,
+                channels: m.channels,
+                classes,
+                spatial_channels: 0,
             }),
         };
 
@@ -381,6 +408,16 @@ mod tests {
         let mut e = synthetic();
         e.runtime.device = "gpu".into();
         assert!(err(e).contains("`runtime.device` = \"gpu\""));
+    }
+
+    #[test]
+    fn class_conditioning_needs_the_gated_variant() {
+        let mut e = synthetic();
+        e.model.conditional = Conditional::Class;
+        assert!(err(e.clone()).contains("`model.conditional`"));
+        e.model.variant = Variant::Gated;
+        let p = plan(e).unwrap();
+        assert!(matches!(p.model, ModelConfig::Gated(GatedConfig { classes: Some(10), .. })));
     }
 
     #[test]

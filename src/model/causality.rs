@@ -57,6 +57,14 @@ pub fn dependencies(
     out
 }
 
+/// For every output sub-pixel, the earlier sub-pixels it does not depend on: the blind spot.
+pub fn blind_spot(deps: &[Vec<usize>]) -> Vec<(usize, usize)> {
+    deps.iter()
+        .enumerate()
+        .flat_map(|(o, d)| (0..o).filter(move |i| !d.contains(i)).map(move |i| (o, i)))
+        .collect()
+}
+
 /// The output sub-pixels that depend on themselves or a later sub-pixel, as
 /// `(output, offending input)` raster-index pairs.
 pub fn leaks(deps: &[Vec<usize>]) -> Vec<(usize, usize)> {
@@ -70,7 +78,7 @@ pub fn leaks(deps: &[Vec<usize>]) -> Vec<(usize, usize)> {
 mod tests {
     use super::*;
     use crate::model::masked_conv::{MaskKind, MaskedConv2d};
-    use crate::model::{Context, ModelConfig, SimpleConfig};
+    use crate::model::{Context, GatedConfig, ModelConfig, SimpleConfig};
 
     fn device() -> Device {
         Device::flex().autodiff()
@@ -109,6 +117,91 @@ mod tests {
         }
     }
 
+    fn gated(colours: usize, layers: usize, kernel: usize, classes: Option<usize>) -> ModelConfig {
+        ModelConfig::Gated(GatedConfig {
+            colours,
+            layers,
+            kernel,
+            channels: 8 * colours,
+            classes,
+            spatial_channels: 0,
+        })
+    }
+
+    /// The exact receptive field: every earlier sub-pixel and nothing else, on every backend.
+    fn check_exact(cfg: &ModelConfig, side: usize) {
+        let colours = cfg.colours();
+        for dev in crate::device::test_devices() {
+            let dev = dev.autodiff();
+            let model = cfg.init(5, &dev);
+            let ctx = Context::from_labels(&[3], &dev);
+            let deps = dependencies(|x| model.forward(x, &ctx), colours, side, side, &dev);
+            assert_eq!(leaks(&deps), vec![], "{cfg:?} leaks on {dev:?}");
+            assert_eq!(blind_spot(&deps), vec![], "{cfg:?} has a blind spot on {dev:?}");
+        }
+    }
+
+    #[test]
+    fn gated_model_sees_exactly_the_past_grey() {
+        // Deep enough to cover an 8x8 image: layers * (kernel / 2) >= 7.
+        check_exact(&gated(1, 7, 3, None), 8);
+        check_exact(&gated(1, 4, 5, None), 8);
+        check_exact(&gated(1, 3, 7, None), 8);
+    }
+
+    #[test]
+    fn gated_model_sees_exactly_the_past_rgb() {
+        check_exact(&gated(3, 4, 5, None), 8);
+        check_exact(&gated(3, 5, 3, None), 6);
+    }
+
+    #[test]
+    fn conditional_gated_model_is_causal_and_uses_the_label() {
+        let cfg = gated(3, 3, 5, Some(10));
+        check_exact(&cfg, 6);
+        let dev = Device::flex();
+        let model = cfg.init(5, &dev);
+        let x = Tensor::<4>::from_data(TensorData::new(vec![100.0f32; 3 * 16], [1, 3, 4, 4]), &dev);
+        let out = |label: u8| {
+            model
+                .forward(x.clone(), &Context::from_labels(&[label], &dev))
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap()
+        };
+        let (a, b) = (out(1), out(2));
+        assert_eq!(a.len(), b.len());
+        assert!(a.iter().zip(&b).any(|(p, q)| (p - q).abs() > 1e-4), "the label changes nothing");
+        assert_eq!(out(1), a, "deterministic");
+    }
+
+    #[test]
+    fn simple_model_blind_spot_is_reported() {
+        // Deep enough to cover the image, yet the stacked square masks never reach the pixels up and
+        // to the right: the blind spot of the original PixelCNN, which the gated model removes.
+        let cfg = ModelConfig::Simple(SimpleConfig {
+            colours: 1,
+            layers: 7,
+            kernel: 3,
+            channels: 16,
+        });
+        let dev = device();
+        let model = cfg.init(5, &dev);
+        let ctx = Context::from_labels(&[0], &dev);
+        let deps = dependencies(|x| model.forward(x, &ctx), 1, 8, 8, &dev);
+        assert_eq!(leaks(&deps), vec![]);
+        let blind = blind_spot(&deps);
+        assert!(!blind.is_empty());
+        // Every missing input is on an earlier row, to the right of the output's column.
+        for &(o, i) in &blind {
+            let ((oy, ox), (iy, ix)) = ((o / 8, o % 8), (i / 8, i % 8));
+            assert!(iy < oy && ix > ox, "({oy},{ox}) misses ({iy},{ix})");
+        }
+        // For example, (2, 0) does not see (1, 2) nor (0, 3..): a triangle up and to the right.
+        assert!(blind.contains(&(16, 10)));
+    }
+
     #[test]
     fn simple_model_is_causal_grey() {
         check_simple(1, 5, 3, 3);
@@ -125,7 +218,7 @@ mod tests {
         // A type B first layer lets each colour see itself at the centre: a leak.
         let dev = device();
         let mut rng = StdRng::seed_from_u64(1);
-        let conv = MaskedConv2d::new(MaskKind::B, 1, 256, 1, 3, &mut rng, &dev);
+        let conv = MaskedConv2d::square(MaskKind::B, 1, 256, 1, 3, &mut rng, &dev);
         let deps = dependencies(
             |x| conv.forward(x).reshape([1, 1, 256, 4, 4]),
             1,
@@ -136,7 +229,7 @@ mod tests {
         let l = leaks(&deps);
         assert!(l.contains(&(5, 5)), "{l:?}");
         // And a type A layer does not leak.
-        let conv = MaskedConv2d::new(MaskKind::A, 1, 256, 1, 3, &mut rng, &dev);
+        let conv = MaskedConv2d::square(MaskKind::A, 1, 256, 1, 3, &mut rng, &dev);
         let deps = dependencies(
             |x| conv.forward(x).reshape([1, 1, 256, 4, 4]),
             1,

@@ -18,6 +18,8 @@ pub enum MaskKind {
     A,
     /// Later layers: a colour group also sees its own group at the centre.
     B,
+    /// No mask: every position and channel is visible (inputs that are already causal).
+    Full,
 }
 
 /// The colour group of channel `ch` among `n` channels split evenly into `colours` groups.
@@ -25,29 +27,44 @@ pub fn colour_group(ch: usize, n: usize, colours: usize) -> usize {
     ch * colours / n
 }
 
-/// The mask as `[out, in, k, k]` values in {0, 1}: rows above the centre and the pixels left of
-/// it on the centre row are visible; the centre pixel is visible by colour group as `kind` says.
-pub fn mask(kind: MaskKind, in_ch: usize, out_ch: usize, colours: usize, k: usize) -> Vec<f32> {
-    let c = k / 2;
-    let mut m = vec![0.0; out_ch * in_ch * k * k];
-    for o in 0..out_ch {
-        let go = colour_group(o, out_ch, colours);
-        for i in 0..in_ch {
-            let gi = colour_group(i, in_ch, colours);
-            for y in 0..k {
-                for x in 0..k {
-                    let visible = if y < c || (y == c && x < c) {
-                        true
-                    } else if y == c && x == c {
-                        match kind {
-                            MaskKind::A => gi < go,
-                            MaskKind::B => gi <= go,
-                        }
-                    } else {
-                        false
+/// Colour groups of `n` channels in contiguous blocks: `[0, 0, .., 1, 1, .., 2, 2, ..]`.
+pub fn groups(n: usize, colours: usize) -> Vec<usize> {
+    (0..n).map(|ch| colour_group(ch, n, colours)).collect()
+}
+
+/// Colour groups of the `2 * n` channels that a gate splits into two halves of `n`: both halves
+/// repeat the grouping of `n` channels, so that `tanh(a) * sigmoid(b)` pairs channels of one colour.
+pub fn gate_groups(n: usize, colours: usize) -> Vec<usize> {
+    let half = groups(n, colours);
+    half.iter().chain(&half).copied().collect()
+}
+
+/// The mask as `[out, in, kh, kw]` values in {0, 1}. Positions before `centre` in raster order
+/// are visible; positions after it are not; at the centre, an output channel sees the input
+/// channels of earlier colour groups (and, for type B, of its own).
+pub fn mask(
+    kind: MaskKind,
+    in_groups: &[usize],
+    out_groups: &[usize],
+    kernel: [usize; 2],
+    centre: [usize; 2],
+) -> Vec<f32> {
+    let [kh, kw] = kernel;
+    let (n_in, n_out) = (in_groups.len(), out_groups.len());
+    let mut m = vec![0.0; n_out * n_in * kh * kw];
+    for (o, &go) in out_groups.iter().enumerate() {
+        for (i, &gi) in in_groups.iter().enumerate() {
+            for y in 0..kh {
+                for x in 0..kw {
+                    let before = (y, x) < (centre[0], centre[1]);
+                    let visible = match kind {
+                        MaskKind::Full => true,
+                        _ if before => true,
+                        MaskKind::A => [y, x] == centre && gi < go,
+                        MaskKind::B => [y, x] == centre && gi <= go,
                     };
                     if visible {
-                        m[((o * in_ch + i) * k + y) * k + x] = 1.0;
+                        m[((o * n_in + i) * kh + y) * kw + x] = 1.0;
                     }
                 }
             }
@@ -62,58 +79,116 @@ pub fn uniform(rng: &mut StdRng, n: usize, bound: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-bound..bound)).collect()
 }
 
-/// A k x k convolution whose weight is multiplied by a fixed causal mask on every forward pass
-/// (which masks its gradient too). "Same" padding keeps the image size.
+/// The shape and placement of a masked convolution's kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// k x k, centred: "same" padding (the simple PixelCNN).
+    Square(usize),
+    /// 1 x (k/2 + 1): the current pixel and the k/2 to its left (the gated horizontal stack).
+    RowLeft(usize),
+    /// (k/2 + 1) x k: the current row and the k/2 above it, k columns centred (the gated
+    /// vertical stack, before its shift down by one row).
+    RowsAbove(usize),
+    /// 1 x 1.
+    Point,
+}
+
+impl Shape {
+    fn kernel(self) -> [usize; 2] {
+        match self {
+            Shape::Square(k) => [k, k],
+            Shape::RowLeft(k) => [1, k / 2 + 1],
+            Shape::RowsAbove(k) => [k / 2 + 1, k],
+            Shape::Point => [1, 1],
+        }
+    }
+
+    /// The kernel position over the output pixel.
+    fn centre(self) -> [usize; 2] {
+        match self {
+            Shape::Square(k) => [k / 2, k / 2],
+            Shape::RowLeft(k) => [0, k / 2],
+            Shape::RowsAbove(k) => [k / 2, k / 2],
+            Shape::Point => [0, 0],
+        }
+    }
+
+    /// (top, bottom), (left, right) padding that keeps the image size.
+    fn padding(self) -> [(usize, usize); 2] {
+        let [kh, kw] = self.kernel();
+        let [cy, cx] = self.centre();
+        [(cy, kh - 1 - cy), (cx, kw - 1 - cx)]
+    }
+}
+
+/// A convolution whose weight is multiplied by a fixed causal mask on every forward pass (which
+/// masks its gradient too). Padding keeps the image size.
 #[derive(Module, Debug)]
 pub struct MaskedConv2d {
     pub weight: Param<Tensor<4>>,
     pub bias: Param<Tensor<1>>,
     /// Constant: rebuilt by `new`, never trained or saved.
     mask: Tensor<4>,
-    kernel: usize,
+    padding: [usize; 4],
 }
 
 impl MaskedConv2d {
     /// PyTorch's default initialisation (uniform, bound 1/sqrt(fan_in)) from a seeded generator.
     pub fn new(
         kind: MaskKind,
-        in_ch: usize,
-        out_ch: usize,
-        colours: usize,
-        k: usize,
+        shape: Shape,
+        in_groups: &[usize],
+        out_groups: &[usize],
         rng: &mut StdRng,
         device: &Device,
     ) -> Self {
-        let shape = [out_ch, in_ch, k, k];
-        let bound = 1.0 / ((in_ch * k * k) as f32).sqrt();
-        let m = mask(kind, in_ch, out_ch, colours, k);
+        let [kh, kw] = shape.kernel();
+        let (n_in, n_out) = (in_groups.len(), out_groups.len());
+        let dims = [n_out, n_in, kh, kw];
+        let bound = 1.0 / ((n_in * kh * kw) as f32).sqrt();
+        let m = mask(kind, in_groups, out_groups, [kh, kw], shape.centre());
         let w: Vec<f32> = uniform(rng, m.len(), bound)
             .into_iter()
             .zip(&m)
             .map(|(w, m)| w * m)
             .collect();
+        let [(top, bottom), (left, right)] = shape.padding();
         MaskedConv2d {
-            weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, shape), device)),
+            weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, dims), device)),
             bias: Param::from_tensor(Tensor::from_data(
-                TensorData::new(uniform(rng, out_ch, bound), [out_ch]),
+                TensorData::new(uniform(rng, n_out, bound), [n_out]),
                 device,
             )),
-            mask: Tensor::from_data(TensorData::new(m, shape), device),
-            kernel: k,
+            mask: Tensor::from_data(TensorData::new(m, dims), device),
+            padding: [top, bottom, left, right],
         }
+    }
+
+    /// A k x k mask of `kind` between `n_in` and `n_out` channels split into `colours` groups.
+    pub fn square(
+        kind: MaskKind,
+        n_in: usize,
+        n_out: usize,
+        colours: usize,
+        k: usize,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> Self {
+        let shape = if k == 1 { Shape::Point } else { Shape::Square(k) };
+        Self::new(kind, shape, &groups(n_in, colours), &groups(n_out, colours), rng, device)
     }
 
     /// # Shapes
     /// - input: `[batch, in, h, w]`
     /// - output: `[batch, out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let p = self.kernel / 2;
+        let [top, bottom, left, right] = self.padding;
         let weight = self.weight.val() * self.mask.clone();
         conv2d(
             x,
             weight,
             Some(self.bias.val()),
-            ConvOptions::new([1, 1], [p, p], [1, 1], 1),
+            ConvOptions::new_with_padding([1, 1], [(top, bottom), (left, right)], [1, 1], 1),
         )
     }
 }
@@ -122,16 +197,17 @@ impl MaskedConv2d {
 mod tests {
     use super::*;
 
-    fn at(m: &[f32], in_ch: usize, k: usize, o: usize, i: usize, y: usize, x: usize) -> f32 {
-        m[((o * in_ch + i) * k + y) * k + x]
+    fn at(m: &[f32], n_in: usize, k: [usize; 2], o: usize, i: usize, y: usize, x: usize) -> f32 {
+        m[((o * n_in + i) * k[0] + y) * k[1] + x]
     }
 
     #[test]
     fn grey_type_a_hides_centre_and_future() {
-        let m = mask(MaskKind::A, 1, 1, 1, 5);
+        let g = groups(1, 1);
+        let m = mask(MaskKind::A, &g, &g, [5, 5], [2, 2]);
         let visible: Vec<_> = (0..25).filter(|&p| m[p] == 1.0).collect();
         assert_eq!(visible, (0..12).collect::<Vec<_>>());
-        let m = mask(MaskKind::B, 1, 1, 1, 5);
+        let m = mask(MaskKind::B, &g, &g, [5, 5], [2, 2]);
         let visible: Vec<_> = (0..25).filter(|&p| m[p] == 1.0).collect();
         assert_eq!(visible, (0..13).collect::<Vec<_>>());
     }
@@ -139,26 +215,38 @@ mod tests {
     #[test]
     fn colour_groups_order_r_g_b_at_the_centre() {
         // 3 input colours -> 6 hidden channels (2 per colour).
-        let a = mask(MaskKind::A, 3, 6, 3, 3);
-        let b = mask(MaskKind::B, 6, 6, 3, 3);
+        let k = [3, 3];
+        let a = mask(MaskKind::A, &groups(3, 3), &groups(6, 3), k, [1, 1]);
+        let b = mask(MaskKind::B, &groups(6, 3), &groups(6, 3), k, [1, 1]);
         for o in 0..6 {
             for i in 0..3 {
-                // type A: out group o/2 sees input colour i only if i < o/2
-                assert_eq!(at(&a, 3, 3, o, i, 1, 1), f32::from(u8::from(i < o / 2)));
-                assert_eq!(at(&a, 3, 3, o, i, 0, 2), 1.0, "row above always visible");
-                assert_eq!(
-                    at(&a, 3, 3, o, i, 1, 2),
-                    0.0,
-                    "right of centre never visible"
-                );
+                assert_eq!(at(&a, 3, k, o, i, 1, 1), f32::from(u8::from(i < o / 2)));
+                assert_eq!(at(&a, 3, k, o, i, 0, 2), 1.0, "row above always visible");
+                assert_eq!(at(&a, 3, k, o, i, 1, 2), 0.0, "right of centre never visible");
             }
             for i in 0..6 {
-                assert_eq!(
-                    at(&b, 6, 3, o, i, 1, 1),
-                    f32::from(u8::from(i / 2 <= o / 2))
-                );
-                assert_eq!(at(&b, 6, 3, o, i, 2, 0), 0.0, "row below never visible");
+                assert_eq!(at(&b, 6, k, o, i, 1, 1), f32::from(u8::from(i / 2 <= o / 2)));
+                assert_eq!(at(&b, 6, k, o, i, 2, 0), 0.0, "row below never visible");
             }
         }
+    }
+
+    #[test]
+    fn gate_halves_share_colour_groups() {
+        assert_eq!(gate_groups(6, 3), vec![0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2]);
+        assert_eq!(groups(512, 2)[255..257], [0, 1]);
+    }
+
+    #[test]
+    fn row_left_kernel_is_the_left_half_of_the_row() {
+        let g = groups(1, 1);
+        let s = Shape::RowLeft(5);
+        assert_eq!(s.kernel(), [1, 3]);
+        assert_eq!(s.padding(), [(0, 0), (2, 0)]);
+        assert_eq!(mask(MaskKind::A, &g, &g, s.kernel(), s.centre()), vec![1.0, 1.0, 0.0]);
+        assert_eq!(mask(MaskKind::B, &g, &g, s.kernel(), s.centre()), vec![1.0, 1.0, 1.0]);
+        let v = Shape::RowsAbove(5);
+        assert_eq!(v.kernel(), [3, 5]);
+        assert_eq!(v.padding(), [(2, 0), (2, 2)]);
     }
 }

@@ -2,6 +2,7 @@
 //! `activation_wrapper.rs` does): every variant is trained, evaluated and sampled by the same code.
 
 pub mod causality;
+pub mod gated;
 pub mod masked_conv;
 pub mod simple;
 
@@ -11,6 +12,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::Serialize;
 
+pub use gated::{GatedConfig, GatedPixelCnn};
 pub use simple::{SimpleConfig, SimplePixelCnn};
 
 /// What will be built (decided by the plan).
@@ -18,11 +20,13 @@ pub use simple::{SimpleConfig, SimplePixelCnn};
 #[serde(tag = "variant", rename_all = "lowercase")]
 pub enum ModelConfig {
     Simple(SimpleConfig),
+    Gated(GatedConfig),
 }
 
 #[derive(Module, Debug)]
 pub enum Model {
     Simple(SimplePixelCnn),
+    Gated(GatedPixelCnn),
 }
 
 /// What a model may condition on besides the pixels before the current one.
@@ -30,6 +34,8 @@ pub enum Model {
 pub struct Context {
     /// Class labels, `[batch]`.
     pub labels: Tensor<1, Int>,
+    /// Feature maps for spatially conditioned models, `[batch, channels, h, w]`.
+    pub maps: Option<Tensor<4>>,
 }
 
 impl Context {
@@ -37,6 +43,7 @@ impl Context {
         let v: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
         Context {
             labels: Tensor::from_data(TensorData::new(v, [labels.len()]), device),
+            maps: None,
         }
     }
 }
@@ -47,12 +54,14 @@ impl ModelConfig {
         let mut rng = StdRng::seed_from_u64(seed);
         match self {
             ModelConfig::Simple(c) => Model::Simple(c.init(&mut rng, device)),
+            ModelConfig::Gated(c) => Model::Gated(c.init(&mut rng, device)),
         }
     }
 
     pub fn colours(&self) -> usize {
         match self {
             ModelConfig::Simple(c) => c.colours,
+            ModelConfig::Gated(c) => c.colours,
         }
     }
 
@@ -60,6 +69,7 @@ impl ModelConfig {
     pub fn context_rows(&self) -> usize {
         match self {
             ModelConfig::Simple(c) => c.context_rows(),
+            ModelConfig::Gated(c) => c.context_rows(),
         }
     }
 }
@@ -75,11 +85,18 @@ impl Model {
     /// # Shapes
     /// - x: `[batch, colours, h, w]`, bytes as floats (0..255); scaled here
     /// - returns: `[batch, colours, 256, h, w]`
-    pub fn forward(&self, x: Tensor<4>, _context: &Context) -> Tensor<5> {
+    pub fn forward(&self, x: Tensor<4>, context: &Context) -> Tensor<5> {
         let [b, c, h, w] = x.dims();
         let x = scale_input(x);
         let logits = match self {
             Model::Simple(m) => m.forward(x), // [b, c * 256, h, w]
+            Model::Gated(m) => m.forward(
+                x,
+                &gated::Conditioning {
+                    labels: &context.labels,
+                    maps: context.maps.as_ref(),
+                },
+            ),
         };
         logits.reshape([b, c, 256, h, w])
     }

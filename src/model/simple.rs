@@ -32,7 +32,7 @@ impl SimpleConfig {
             } else {
                 (MaskKind::B, self.channels)
             };
-            convs.push(MaskedConv2d::new(
+            convs.push(MaskedConv2d::square(
                 kind,
                 in_ch,
                 self.channels,
@@ -42,7 +42,7 @@ impl SimpleConfig {
                 device,
             ));
         }
-        let head = MaskedConv2d::new(
+        let head = MaskedConv2d::square(
             MaskKind::B,
             self.channels,
             256 * self.colours,

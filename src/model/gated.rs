@@ -1,0 +1,198 @@
+//! The gated PixelCNN without blind spot (van den Oord et al. 2016, "Conditional Image Generation
+//! with PixelCNN Decoders", figure 2), optionally conditioned on a class label or on feature maps.
+//!
+//! The vertical stack sees the current row and the k/2 rows above it, k columns wide; its features
+//! reach the horizontal stack only after a shift down by one row, so the horizontal stack gets the
+//! full rows above (no triangular blind spot, unlike a vertical stack that drops the centre row and
+//! is never shifted). The horizontal stack sees the current row to the left, with the R -> G -> B
+//! masks at the current pixel; every 1x1 on it keeps the colour groups.
+
+use super::masked_conv::{MaskKind, MaskedConv2d, Shape, gate_groups, groups, uniform};
+use burn::module::{Module, Param};
+use burn::tensor::activation::{relu, sigmoid, tanh};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::rngs::StdRng;
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GatedConfig {
+    pub colours: usize,
+    pub layers: usize,
+    pub kernel: usize,
+    pub channels: usize,
+    /// Number of classes for class conditioning (a learned per-layer bias inside the gates).
+    pub classes: Option<usize>,
+    /// Channels of feature maps that condition every gate through 1x1 convolutions (0 = none).
+    pub spatial_channels: usize,
+}
+
+/// What a gated model is conditioned on, per batch.
+pub struct Conditioning<'a> {
+    /// `[batch]`
+    pub labels: &'a Tensor<1, Int>,
+    /// `[batch, spatial_channels, h, w]`
+    pub maps: Option<&'a Tensor<4>>,
+}
+
+#[derive(Module, Debug)]
+pub struct GatedLayer {
+    /// (k/2 + 1) x k, unmasked: the vertical stack.
+    vertical: MaskedConv2d,
+    /// 1 x (k/2 + 1), type A in the first layer and type B after: the horizontal stack.
+    horizontal: MaskedConv2d,
+    /// 1x1 from the shifted vertical features into the horizontal gate.
+    link: MaskedConv2d,
+    /// 1x1, type B: the horizontal stack's output (added to its input after the first layer).
+    out: MaskedConv2d,
+    /// 1x1, type B: this layer's contribution to the output head.
+    skip: MaskedConv2d,
+    /// `[classes, 2 * channels]`: class biases of the vertical and horizontal gates.
+    class_v: Option<Param<Tensor<2>>>,
+    class_h: Option<Param<Tensor<2>>>,
+    /// 1x1 from the conditioning maps into the vertical and horizontal gates.
+    spatial_v: Option<MaskedConv2d>,
+    spatial_h: Option<MaskedConv2d>,
+    residual: bool,
+}
+
+fn class_bias(classes: usize, n: usize, rng: &mut StdRng, device: &Device) -> Param<Tensor<2>> {
+    let values = uniform(rng, classes * n, 1.0 / (n as f32).sqrt());
+    Param::from_tensor(Tensor::from_data(TensorData::new(values, [classes, n]), device))
+}
+
+impl GatedLayer {
+    fn new(cfg: &GatedConfig, first: bool, rng: &mut StdRng, device: &Device) -> Self {
+        let (c, ch, k) = (cfg.colours, cfg.channels, cfg.kernel);
+        let in_groups = groups(if first { c } else { ch }, c);
+        let hidden = groups(ch, c);
+        let gates = gate_groups(ch, c);
+        let kind = if first { MaskKind::A } else { MaskKind::B };
+        let maps = groups(cfg.spatial_channels, 1);
+        let spatial = |rng: &mut StdRng| {
+            (cfg.spatial_channels > 0)
+                .then(|| MaskedConv2d::new(MaskKind::Full, Shape::Point, &maps, &gates, rng, device))
+        };
+        GatedLayer {
+            vertical: MaskedConv2d::new(
+                MaskKind::Full,
+                Shape::RowsAbove(k),
+                &in_groups,
+                &gates,
+                rng,
+                device,
+            ),
+            horizontal: MaskedConv2d::new(kind, Shape::RowLeft(k), &in_groups, &gates, rng, device),
+            link: MaskedConv2d::new(MaskKind::Full, Shape::Point, &gates, &gates, rng, device),
+            out: MaskedConv2d::new(MaskKind::B, Shape::Point, &hidden, &hidden, rng, device),
+            skip: MaskedConv2d::new(MaskKind::B, Shape::Point, &hidden, &hidden, rng, device),
+            class_v: cfg.classes.map(|n| class_bias(n, 2 * ch, rng, device)),
+            class_h: cfg.classes.map(|n| class_bias(n, 2 * ch, rng, device)),
+            spatial_v: spatial(rng),
+            spatial_h: spatial(rng),
+            // No residual in the first layer: its input is the image itself, current pixel included.
+            residual: !first,
+        }
+    }
+
+    /// # Shapes
+    /// - v, h: `[batch, in, height, width]` (the image for the first layer, else `channels`)
+    /// - returns (v, h, skip), each `[batch, channels, height, width]`
+    fn forward(
+        &self,
+        v: Tensor<4>,
+        h: Tensor<4>,
+        cond: &Conditioning,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let vc = self.vertical.forward(v); // [b, 2ch, hgt, w], rows <= i
+        let mut hc = self.horizontal.forward(h.clone()) + self.link.forward(shift_down(vc.clone()));
+        let mut vc = vc;
+        if let (Some(cv), Some(chh)) = (&self.class_v, &self.class_h) {
+            vc = vc + per_class(cv, cond.labels);
+            hc = hc + per_class(chh, cond.labels);
+        }
+        if let (Some(sv), Some(sh), Some(maps)) = (&self.spatial_v, &self.spatial_h, cond.maps) {
+            vc = vc + sv.forward(maps.clone());
+            hc = hc + sh.forward(maps.clone());
+        }
+        let v_out = gate(vc); // [b, ch, hgt, w]
+        let gated = gate(hc); // [b, ch, hgt, w]
+        let skip = self.skip.forward(gated.clone());
+        let mut h_out = self.out.forward(gated);
+        if self.residual {
+            h_out = h_out + h;
+        }
+        (v_out, h_out, skip)
+    }
+}
+
+/// `[classes, n]` biases picked by label, as `[batch, n, 1, 1]` to broadcast over the image.
+fn per_class(bias: &Param<Tensor<2>>, labels: &Tensor<1, Int>) -> Tensor<4> {
+    let [batch] = labels.dims();
+    let n = bias.dims()[1];
+    bias.val().select(0, labels.clone()).reshape([batch, n, 1, 1])
+}
+
+/// tanh(a) * sigmoid(b) for the two halves of the channels.
+fn gate(x: Tensor<4>) -> Tensor<4> {
+    let half = x.dims()[1] / 2;
+    tanh(x.clone().narrow(1, 0, half)) * sigmoid(x.narrow(1, half, half))
+}
+
+/// Moves every row down by one, filling the top row with zeros: row i then holds what the vertical
+/// stack computed for row i - 1, which saw only rows above i.
+fn shift_down(x: Tensor<4>) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    let zeros = Tensor::<4>::zeros([b, c, 1, w], &x.device());
+    if h == 1 {
+        return zeros;
+    }
+    Tensor::cat(vec![zeros, x.narrow(2, 0, h - 1)], 2)
+}
+
+#[derive(Module, Debug)]
+pub struct GatedPixelCnn {
+    layers: Vec<GatedLayer>,
+    /// ReLU, 1x1, ReLU, 1x1 over the summed skips: 256 logits per colour, grouped by colour.
+    head_hidden: MaskedConv2d,
+    head_out: MaskedConv2d,
+}
+
+impl GatedConfig {
+    pub fn init(&self, rng: &mut StdRng, device: &Device) -> GatedPixelCnn {
+        let layers = (0..self.layers)
+            .map(|l| GatedLayer::new(self, l == 0, rng, device))
+            .collect();
+        let (c, ch) = (self.colours, self.channels);
+        GatedPixelCnn {
+            layers,
+            head_hidden: MaskedConv2d::square(MaskKind::B, ch, ch, c, 1, rng, device),
+            head_out: MaskedConv2d::square(MaskKind::B, ch, 256 * c, c, 1, rng, device),
+        }
+    }
+
+    /// How many rows above a pixel its prediction can depend on: k/2 per vertical layer, plus
+    /// the shift down.
+    pub fn context_rows(&self) -> usize {
+        self.layers * (self.kernel / 2) + 1
+    }
+}
+
+impl GatedPixelCnn {
+    /// # Shapes
+    /// - x: `[batch, colours, h, w]`, scaled inputs
+    /// - returns: `[batch, colours * 256, h, w]`, logits grouped by colour
+    pub fn forward(&self, x: Tensor<4>, cond: &Conditioning) -> Tensor<4> {
+        let (mut v, mut h) = (x.clone(), x);
+        let mut skips: Option<Tensor<4>> = None;
+        for layer in &self.layers {
+            let (v2, h2, s) = layer.forward(v, h, cond);
+            (v, h) = (v2, h2);
+            skips = Some(match skips {
+                None => s,
+                Some(acc) => acc + s,
+            });
+        }
+        let skips = skips.expect("at least one layer"); // [b, ch, h, w]
+        self.head_out
+            .forward(relu(self.head_hidden.forward(relu(skips))))
+    }
+}
