@@ -417,7 +417,13 @@ mod tests {
         assert!(err(e.clone()).contains("`model.conditional`"));
         e.model.variant = Variant::Gated;
         let p = plan(e).unwrap();
-        assert!(matches!(p.model, ModelConfig::Gated(GatedConfig { classes: Some(10), .. })));
+        assert!(matches!(
+            p.model,
+            ModelConfig::Gated(GatedConfig {
+                classes: Some(10),
+                ..
+            })
+        ));
     }
 
     #[test]

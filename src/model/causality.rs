@@ -137,7 +137,11 @@ mod tests {
             let ctx = Context::from_labels(&[3], &dev);
             let deps = dependencies(|x| model.forward(x, &ctx), colours, side, side, &dev);
             assert_eq!(leaks(&deps), vec![], "{cfg:?} leaks on {dev:?}");
-            assert_eq!(blind_spot(&deps), vec![], "{cfg:?} has a blind spot on {dev:?}");
+            assert_eq!(
+                blind_spot(&deps),
+                vec![],
+                "{cfg:?} has a blind spot on {dev:?}"
+            );
         }
     }
 
@@ -167,13 +171,63 @@ mod tests {
                 .forward(x.clone(), &Context::from_labels(&[label], &dev))
                 .into_data()
                 .convert::<f32>()
-                .into_vec::<f32>()
+                .try_into_vec::<f32>()
                 .unwrap()
         };
         let (a, b) = (out(1), out(2));
         assert_eq!(a.len(), b.len());
-        assert!(a.iter().zip(&b).any(|(p, q)| (p - q).abs() > 1e-4), "the label changes nothing");
+        assert!(
+            a.iter().zip(&b).any(|(p, q)| (p - q).abs() > 1e-4),
+            "the label changes nothing"
+        );
         assert_eq!(out(1), a, "deterministic");
+    }
+
+    #[test]
+    fn spatial_conditioning_keeps_causality_and_matters() {
+        let cfg = ModelConfig::Gated(GatedConfig {
+            colours: 1,
+            layers: 3,
+            kernel: 5,
+            channels: 8,
+            classes: None,
+            spatial_channels: 2,
+        });
+        let dev = device();
+        let model = cfg.init(9, &dev);
+        let maps = |v: f32| Tensor::<4>::full([1, 2, 6, 6], v, &dev);
+        let mut ctx = Context::from_labels(&[0], &dev);
+        ctx.maps = Some(maps(0.5));
+        let deps = dependencies(|x| model.forward(x, &ctx), 1, 6, 6, &dev);
+        assert_eq!(leaks(&deps), vec![]);
+        assert_eq!(blind_spot(&deps), vec![]);
+        let x = Tensor::<4>::zeros([1, 1, 6, 6], &dev);
+        let a = model.forward(x.clone(), &ctx).sum().into_scalar::<f32>();
+        ctx.maps = Some(maps(-0.5));
+        let b = model.forward(x, &ctx).sum().into_scalar::<f32>();
+        assert!((a - b).abs() > 1e-3, "the maps change nothing");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(6))]
+        /// Any gated model deep enough to cover its image sees exactly the earlier sub-pixels.
+        #[test]
+        fn gated_receptive_field_is_exact(
+            rgb in proptest::bool::ANY,
+            side in 2usize..7,
+            kernel in proptest::sample::select(vec![3usize, 5, 7]),
+            extra in 0usize..2,
+        ) {
+            let colours = if rgb { 3 } else { 1 };
+            let layers = (side - 1).div_ceil(kernel / 2).max(1) + extra;
+            let cfg = gated(colours, layers, kernel, None);
+            let dev = device();
+            let model = cfg.init(side as u64, &dev);
+            let ctx = Context::from_labels(&[0], &dev);
+            let deps = dependencies(|x| model.forward(x, &ctx), colours, side, side, &dev);
+            proptest::prop_assert_eq!(leaks(&deps), vec![]);
+            proptest::prop_assert_eq!(blind_spot(&deps), vec![]);
+        }
     }
 
     #[test]

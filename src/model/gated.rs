@@ -56,7 +56,10 @@ pub struct GatedLayer {
 
 fn class_bias(classes: usize, n: usize, rng: &mut StdRng, device: &Device) -> Param<Tensor<2>> {
     let values = uniform(rng, classes * n, 1.0 / (n as f32).sqrt());
-    Param::from_tensor(Tensor::from_data(TensorData::new(values, [classes, n]), device))
+    Param::from_tensor(Tensor::from_data(
+        TensorData::new(values, [classes, n]),
+        device,
+    ))
 }
 
 impl GatedLayer {
@@ -68,8 +71,9 @@ impl GatedLayer {
         let kind = if first { MaskKind::A } else { MaskKind::B };
         let maps = groups(cfg.spatial_channels, 1);
         let spatial = |rng: &mut StdRng| {
-            (cfg.spatial_channels > 0)
-                .then(|| MaskedConv2d::new(MaskKind::Full, Shape::Point, &maps, &gates, rng, device))
+            (cfg.spatial_channels > 0).then(|| {
+                MaskedConv2d::new(MaskKind::Full, Shape::Point, &maps, &gates, rng, device)
+            })
         };
         GatedLayer {
             vertical: MaskedConv2d::new(
@@ -128,7 +132,9 @@ impl GatedLayer {
 fn per_class(bias: &Param<Tensor<2>>, labels: &Tensor<1, Int>) -> Tensor<4> {
     let [batch] = labels.dims();
     let n = bias.dims()[1];
-    bias.val().select(0, labels.clone()).reshape([batch, n, 1, 1])
+    bias.val()
+        .select(0, labels.clone())
+        .reshape([batch, n, 1, 1])
 }
 
 /// tanh(a) * sigmoid(b) for the two halves of the channels.

@@ -174,8 +174,19 @@ impl MaskedConv2d {
         rng: &mut StdRng,
         device: &Device,
     ) -> Self {
-        let shape = if k == 1 { Shape::Point } else { Shape::Square(k) };
-        Self::new(kind, shape, &groups(n_in, colours), &groups(n_out, colours), rng, device)
+        let shape = if k == 1 {
+            Shape::Point
+        } else {
+            Shape::Square(k)
+        };
+        Self::new(
+            kind,
+            shape,
+            &groups(n_in, colours),
+            &groups(n_out, colours),
+            rng,
+            device,
+        )
     }
 
     /// # Shapes
@@ -222,10 +233,17 @@ mod tests {
             for i in 0..3 {
                 assert_eq!(at(&a, 3, k, o, i, 1, 1), f32::from(u8::from(i < o / 2)));
                 assert_eq!(at(&a, 3, k, o, i, 0, 2), 1.0, "row above always visible");
-                assert_eq!(at(&a, 3, k, o, i, 1, 2), 0.0, "right of centre never visible");
+                assert_eq!(
+                    at(&a, 3, k, o, i, 1, 2),
+                    0.0,
+                    "right of centre never visible"
+                );
             }
             for i in 0..6 {
-                assert_eq!(at(&b, 6, k, o, i, 1, 1), f32::from(u8::from(i / 2 <= o / 2)));
+                assert_eq!(
+                    at(&b, 6, k, o, i, 1, 1),
+                    f32::from(u8::from(i / 2 <= o / 2))
+                );
                 assert_eq!(at(&b, 6, k, o, i, 2, 0), 0.0, "row below never visible");
             }
         }
@@ -243,8 +261,14 @@ mod tests {
         let s = Shape::RowLeft(5);
         assert_eq!(s.kernel(), [1, 3]);
         assert_eq!(s.padding(), [(0, 0), (2, 0)]);
-        assert_eq!(mask(MaskKind::A, &g, &g, s.kernel(), s.centre()), vec![1.0, 1.0, 0.0]);
-        assert_eq!(mask(MaskKind::B, &g, &g, s.kernel(), s.centre()), vec![1.0, 1.0, 1.0]);
+        assert_eq!(
+            mask(MaskKind::A, &g, &g, s.kernel(), s.centre()),
+            vec![1.0, 1.0, 0.0]
+        );
+        assert_eq!(
+            mask(MaskKind::B, &g, &g, s.kernel(), s.centre()),
+            vec![1.0, 1.0, 1.0]
+        );
         let v = Shape::RowsAbove(5);
         assert_eq!(v.kernel(), [3, 5]);
         assert_eq!(v.padding(), [(2, 0), (2, 2)]);

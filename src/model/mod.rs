@@ -23,6 +23,9 @@ pub enum ModelConfig {
     Gated(GatedConfig),
 }
 
+// One model per run: the size of the enum does not matter, and Burn's Module derive wants the modules
+// inline.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Model {
     Simple(SimplePixelCnn),
