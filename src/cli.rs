@@ -16,14 +16,18 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Train an experiment and write results/<experiment name>/.
+    /// Train an experiment and write results/<experiment name>/, or resume a stopped run.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["experiment", "resume"])))]
     Run {
         /// The experiment file, e.g. experiments/mnist-simple-5x5.toml.
-        experiment: PathBuf,
+        experiment: Option<PathBuf>,
+        /// Continue the run in this results folder from its newest checkpoint.
+        #[arg(long, value_name = "RESULTS_DIR", conflicts_with_all = ["experiment", "sets", "force"])]
+        resume: Option<PathBuf>,
         /// Override one key for this run, e.g. --set train.epochs=1 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
-        /// Replace an existing results folder.
+        /// Replace an existing results folder (finished or not).
         #[arg(long)]
         force: bool,
         /// Folder holding the results folders.
@@ -57,11 +61,20 @@ pub enum Command {
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
+            resume: Some(dir), ..
+        } => {
+            let dir = run::resume(&dir)?;
+            println!("results in {}", dir.display());
+            Ok(())
+        }
+        Command::Run {
             experiment,
             sets,
             force,
             results,
+            ..
         } => {
+            let experiment = experiment.expect("clap requires an experiment without --resume");
             let sets = sets
                 .iter()
                 .map(|s| experiment::parse_set(s))

@@ -51,6 +51,20 @@ pub enum Error {
     /// A checkpoint or results folder does not match what was asked of it.
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
+    /// The results folder holds a run that did not finish.
+    #[error(
+        "{dir}: holds an unfinished run ({status}, {epochs_done} of {epochs} epochs done); continue it \
+         with `pixel run --resume {dir}`, or pass --force to start over"
+    )]
+    Unfinished {
+        dir: PathBuf,
+        status: String,
+        epochs_done: usize,
+        epochs: usize,
+    },
+    /// Ctrl-C or SIGTERM stopped the run after a checkpoint.
+    #[error("interrupted: checkpoint written; continue with `pixel run --resume {0}`")]
+    Interrupted(PathBuf),
     /// Something failed while the run was going (the results folder says how far it got).
     #[error("run failed: {0}")]
     Run(String),
@@ -61,6 +75,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Run(_) => 1,
+            Error::Interrupted(_) => 130,
             _ => 2,
         }
     }

@@ -3,6 +3,7 @@
 //! Data flows one way: `experiment` (file -> [`experiment::Experiment`] -> [`experiment::Plan`])
 //! -> `run` (device, data, model, train, sample) -> `results`.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod device;

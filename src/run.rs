@@ -1,6 +1,7 @@
 //! The one function that knows the order of the steps: device, data, results folder, model, then
-//! train / evaluate / sample / checkpoint for each epoch.
+//! train / evaluate / sample / checkpoint for each epoch; and the same from a checkpoint.
 
+use crate::checkpoint::{self, Position};
 use crate::data::{self, Splits};
 use crate::device;
 use crate::error::{Error, Result};
@@ -8,13 +9,16 @@ use crate::experiment::Plan;
 use crate::model::Model;
 use crate::optim;
 use crate::results::{self, MetricsRow, RunDir, RunInfo, Status};
-use crate::{sample, train};
+use crate::sample;
+use crate::train::{self, EpochEnd, PassStats};
 use burn::module::Module;
+use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Command-line choices that are not part of the experiment.
 #[derive(Clone, Debug)]
@@ -25,18 +29,32 @@ pub struct Options {
     pub force: bool,
 }
 
-/// Trains the planned experiment and writes its results folder. Returns the folder.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Asks a running training loop to stop after its current step (Ctrl-C, SIGTERM).
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Trains the planned experiment into a new results folder. Returns the folder.
 pub fn execute(plan: &Plan, options: &Options) -> Result<PathBuf> {
+    let dir = options.results_root.join(&plan.name);
+    if dir.exists() && !options.force {
+        refuse_existing(&dir, plan)?;
+    }
     let seed = plan.experiment.train.seed;
     let opened = device::open(&plan.device, seed);
     let splits = data::load(&plan.data)?;
     check_splits(plan, &splits)?;
 
-    let dir = options.results_root.join(&plan.name);
-    let mut run = RunDir::create(&dir, options.force, &plan.resolved_toml())?;
+    let run = RunDir::create(&dir, options.force, &plan.resolved_toml())?;
     let train_device = opened.device.clone().autodiff();
     let model = plan.model.init(seed, &train_device);
-    let mut info = RunInfo {
+    let info = RunInfo {
         name: plan.name.clone(),
         crate_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: env!("BUILD_GIT_REVISION").into(),
@@ -51,29 +69,74 @@ pub fn execute(plan: &Plan, options: &Options) -> Result<PathBuf> {
         epochs_completed: 0,
         error: None,
         overrides: plan.overrides.clone(),
+        resumed: Vec::new(),
     };
-    run.write_info(&info)?;
-    tracing::info!(
-        name = %plan.name,
-        device = %opened.description,
-        parameters = info.parameters,
-        train_images = splits.train.len(),
-        test_images = splits.test.len(),
-        "starting run in {}",
-        dir.display()
-    );
+    let start = Start {
+        model,
+        optimizer: optim::adam(),
+        position: Position::default(),
+    };
+    drive(plan, &splits, &train_device, run, info, start)
+}
 
-    let outcome = epochs(plan, model, &splits, &train_device, &mut run, &mut info);
-    info.ended = Some(results::now());
-    match &outcome {
-        Ok(()) => info.status = Status::Completed,
-        Err(e) => {
-            info.status = Status::Failed;
-            info.error = Some(e.to_string());
-        }
+/// Continues the run in `dir` from its newest checkpoint (or from the start if it has none).
+pub fn resume(dir: &Path) -> Result<PathBuf> {
+    let mut info = results::read_info(dir)?;
+    if info.status == Status::Completed {
+        return Err(Error::Usage {
+            flag: format!("--resume {}", dir.display()),
+            message: "this run has already completed; nothing to resume".into(),
+        });
     }
-    run.write_info(&info)?;
-    outcome.map(|()| dir)
+    let plan = crate::cli::plan_file(&dir.join(results::EXPERIMENT_FILE), &[])?;
+    let plan = Plan {
+        name: info.name.clone(),
+        overrides: info.overrides.clone(),
+        ..plan
+    };
+    let seed = plan.experiment.train.seed;
+    let opened = device::open(&plan.device, seed);
+    let splits = data::load(&plan.data)?;
+    check_splits(&plan, &splits)?;
+
+    let train_device = opened.device.clone().autodiff();
+    let model = plan.model.init(seed, &train_device);
+    let start = match checkpoint::latest(dir)? {
+        Some(ckpt) => {
+            let (model, optimizer, position) = checkpoint::load(&ckpt, model, optim::adam())?;
+            tracing::info!(checkpoint = %ckpt.display(), "resuming");
+            Start {
+                model,
+                optimizer,
+                position,
+            }
+        }
+        None => Start {
+            model,
+            optimizer: optim::adam(),
+            position: Position::default(),
+        },
+    };
+    let run = RunDir::reopen(dir, start.position.epochs_done)?;
+    info.status = Status::Running;
+    info.error = None;
+    info.ended = None;
+    info.epochs_completed = start.position.epochs_done;
+    info.resumed.push(results::now());
+    drive(&plan, &splits, &train_device, run, info, start)
+}
+
+/// Why an existing results folder is not replaced.
+fn refuse_existing(dir: &Path, plan: &Plan) -> Result<()> {
+    match results::read_info(dir) {
+        Ok(info) if info.status != Status::Completed => Err(Error::Unfinished {
+            dir: dir.to_path_buf(),
+            status: format!("{:?}", info.status).to_lowercase(),
+            epochs_done: info.epochs_completed,
+            epochs: plan.experiment.train.epochs,
+        }),
+        _ => Err(Error::ResultsExist(dir.to_path_buf())),
+    }
 }
 
 fn check_splits(plan: &Plan, splits: &Splits) -> Result<()> {
@@ -90,20 +153,70 @@ fn check_splits(plan: &Plan, splits: &Splits) -> Result<()> {
     Ok(())
 }
 
+/// Where training starts: fresh, or from a checkpoint.
+struct Start {
+    model: Model,
+    optimizer: ModuleOptimizer,
+    position: Position,
+}
+
+/// Runs the epochs and records how the run ended in `run.json`.
+fn drive(
+    plan: &Plan,
+    splits: &Splits,
+    device: &Device,
+    mut run: RunDir,
+    mut info: RunInfo,
+    start: Start,
+) -> Result<PathBuf> {
+    run.write_info(&info)?;
+    tracing::info!(
+        name = %plan.name,
+        device = %info.device,
+        parameters = info.parameters,
+        train_images = splits.train.len(),
+        test_images = splits.test.len(),
+        "training in {}",
+        run.path.display()
+    );
+    let outcome = epochs(plan, splits, device, &mut run, &mut info, start);
+    info.ended = Some(results::now());
+    info.status = match &outcome {
+        Ok(()) => Status::Completed,
+        Err(Error::Interrupted(_)) => Status::Interrupted,
+        Err(_) => Status::Failed,
+    };
+    if let Err(e) = &outcome {
+        info.error = Some(e.to_string());
+    }
+    run.write_info(&info)?;
+    outcome.map(|()| run.path.clone())
+}
+
 fn epochs(
     plan: &Plan,
-    mut model: Model,
     splits: &Splits,
     device: &Device,
     run: &mut RunDir,
     info: &mut RunInfo,
+    start: Start,
 ) -> Result<()> {
     let t = &plan.experiment.train;
-    let mut optimizer = optim::adam();
-    for epoch in 1..=t.epochs {
+    let keep = t.keep_checkpoints;
+    let Start {
+        mut model,
+        mut optimizer,
+        position,
+    } = start;
+    for epoch in position.epochs_done + 1..=t.epochs {
         let order = data::epoch_order(splits.train.len(), t.seed, epoch);
+        let (start_step, so_far) = if epoch == position.epochs_done + 1 {
+            (position.steps_done, PassStats::from(position.partial))
+        } else {
+            (0, PassStats::default())
+        };
         let bar = progress_bar(epoch, t.epochs, order.len());
-        let (next, train_stats) = train::train_epoch(
+        let (next, train_stats, end) = train::train_epoch(
             model,
             &mut optimizer,
             &splits.train,
@@ -113,14 +226,33 @@ fn epochs(
                 learning_rate: t.learning_rate,
             },
             device,
+            start_step,
+            so_far,
+            &stop_requested,
             |done, bits| {
                 bar.set_position(done as u64);
                 bar.set_message(format!("{bits:.3} bits/dim"));
             },
         )
-        .map_err(|e| Error::Run(format!("epoch {epoch}: {e}")))?;
+        .map_err(|e| {
+            let kept = checkpoint::latest(&run.path)
+                .ok()
+                .flatten()
+                .map(|p| format!("; the last good checkpoint is {}", p.display()))
+                .unwrap_or_default();
+            Error::Run(format!("epoch {epoch}, {e}{kept}"))
+        })?;
         bar.finish_and_clear();
         model = next;
+        if let EpochEnd::Stopped { steps_done } = end {
+            let at = Position {
+                epochs_done: epoch - 1,
+                steps_done,
+                partial: train_stats.into(),
+            };
+            checkpoint::save(&run.path, &model.valid(), &optimizer, &at, keep)?;
+            return Err(Error::Interrupted(run.path.clone()));
+        }
         let test_stats = train::evaluate(&model, &splits.test, t.eval_batch_size, device);
         let row = MetricsRow {
             epoch,
@@ -138,7 +270,6 @@ fn epochs(
             "epoch done"
         );
         run.append_metrics(&row)?;
-        save_checkpoint(&model, &run.checkpoint_path())?;
         let every = plan.experiment.sample.every;
         if epoch == t.epochs || (every > 0 && epoch % every == 0) {
             write_grid(
@@ -150,8 +281,16 @@ fn epochs(
                 device,
             )?;
         }
+        let at = Position {
+            epochs_done: epoch,
+            ..Position::default()
+        };
+        checkpoint::save(&run.path, &model.valid(), &optimizer, &at, keep)?;
         info.epochs_completed = epoch;
         run.write_info(info)?;
+        if stop_requested() && epoch < t.epochs {
+            return Err(Error::Interrupted(run.path.clone()));
+        }
     }
     Ok(())
 }
@@ -169,23 +308,15 @@ fn progress_bar(epoch: usize, epochs: usize, images: usize) -> ProgressBar {
     bar
 }
 
-/// Saves the model's weights (burnpack; the writer replaces the file atomically).
-pub fn save_checkpoint(model: &Model, path: &Path) -> Result<()> {
-    model
-        .valid()
-        .save_file(path)
-        .map_err(|e| Error::Run(format!("{}: cannot write checkpoint: {e}", path.display())))
-}
-
-/// Loads weights saved by [`save_checkpoint`] into a freshly built model of the planned shape.
-pub fn load_checkpoint(plan: &Plan, path: &Path, device: &Device) -> Result<Model> {
-    plan.model
-        .init(plan.experiment.train.seed, device)
-        .try_load_file(path)
-        .map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            message: format!("does not fit the model of this experiment: {e}"),
-        })
+/// Loads the newest checkpoint's weights into a freshly built model of the planned shape.
+pub fn load_latest_model(plan: &Plan, dir: &Path, device: &Device) -> Result<Model> {
+    let Some(ckpt) = checkpoint::latest(dir)? else {
+        return Err(Error::Checkpoint {
+            path: dir.join(checkpoint::DIR),
+            message: "no checkpoint: the run has not finished an epoch yet".into(),
+        });
+    };
+    checkpoint::load_model(&ckpt, plan.model.init(plan.experiment.train.seed, device))
 }
 
 /// Samples the grid with a generator seeded by the run's seed and the epoch, and writes it.

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::experiment::{self, Plan};
-use crate::results::{CHECKPOINT_FILE, EXPERIMENT_FILE, SAMPLES_DIR};
+use crate::results::{EXPERIMENT_FILE, SAMPLES_DIR};
 use crate::{data, device, run};
 use std::path::{Path, PathBuf};
 
@@ -29,7 +29,7 @@ pub fn sample_results(
     let (exp, overrides) = experiment::load(&exp_path, &sets)?;
     let plan = Plan::new(exp, overrides, &exp_path, None)?;
     let opened = device::open(&plan.device, plan.experiment.train.seed);
-    let model = run::load_checkpoint(&plan, &dir.join(CHECKPOINT_FILE), &opened.device)?;
+    let model = run::load_latest_model(&plan, dir, &opened.device)?;
     let splits = data::load(&plan.data)?;
     let out = out.unwrap_or_else(|| dir.join(SAMPLES_DIR).join("sample.png"));
     run::write_grid(&plan, &model, &splits.test, 0, &out, &opened.device)?;

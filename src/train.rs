@@ -61,8 +61,19 @@ pub struct Step {
     pub learning_rate: f64,
 }
 
-/// Trains for one epoch over `order`, calling `progress(images_done, batch_bits_per_dim)` after
-/// each step. Returns the updated model and the epoch's training totals.
+/// How an epoch ended.
+pub enum EpochEnd {
+    /// Every step was taken.
+    Finished,
+    /// `stop` asked to stop after this many steps of the epoch.
+    Stopped { steps_done: usize },
+}
+
+/// Trains over `order` (one epoch's image order), starting after `start_step` steps whose totals
+/// are `stats`, and stopping early when `stop()` says so after a step. Calls
+/// `progress(images_done, batch_bits_per_dim)` after each step. Returns the updated model, the
+/// totals so far and how the epoch ended; a loss that is not finite is an error naming the step.
+#[allow(clippy::too_many_arguments)]
 pub fn train_epoch(
     mut model: Model,
     optimizer: &mut ModuleOptimizer,
@@ -70,32 +81,40 @@ pub fn train_epoch(
     order: &[usize],
     step: Step,
     device: &Device,
+    start_step: usize,
+    mut stats: PassStats,
+    stop: &dyn Fn() -> bool,
     mut progress: impl FnMut(usize, f64),
-) -> Result<(Model, PassStats), String> {
+) -> Result<(Model, PassStats, EpochEnd), String> {
     let start = Instant::now();
-    let mut stats = PassStats::default();
-    for indices in order.chunks(step.batch_size) {
+    let before = stats.seconds;
+    let mut end = EpochEnd::Finished;
+    for (i, indices) in order.chunks(step.batch_size).enumerate().skip(start_step) {
         let batch = Batch::gather(images, indices, device);
         let dims = batch.target.shape().num_elements() as u64;
         let logits = model.forward(batch.input, &batch.context);
         let nats = nll_nats(logits, batch.target);
-        let loss = nats.clone() / dims as f64;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optimizer.step(step.learning_rate, model, grads);
-        let batch_nats = f64::from(nats.into_scalar::<f32>());
+        let batch_nats = f64::from(nats.clone().into_scalar::<f32>());
         if !batch_nats.is_finite() {
             return Err(format!(
-                "the loss became {batch_nats} after {} training images",
-                stats.images
+                "step {}: the training loss became {batch_nats}",
+                i + 1
             ));
         }
+        let loss = nats / dims as f64;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(step.learning_rate, model, grads);
         stats.nats += batch_nats;
         stats.subpixels += dims;
         stats.images += indices.len();
         progress(stats.images, crate::loss::bits_per_dim(batch_nats, dims));
+        if stop() && (i + 1) * step.batch_size < order.len() {
+            end = EpochEnd::Stopped { steps_done: i + 1 };
+            break;
+        }
     }
-    stats.seconds = start.elapsed().as_secs_f64();
-    Ok((model, stats))
+    stats.seconds = before + start.elapsed().as_secs_f64();
+    Ok((model, stats, end))
 }
 
 /// Evaluates the model on every image of `images`, in order.

@@ -59,8 +59,19 @@ fn run_writes_every_result_file_and_refuses_to_overwrite() {
     assert!(out.status.success(), "{}", text(&out));
 
     let res = dir.path().join("results/tiny");
-    for f in ["experiment.toml", "run.json", "metrics.csv", "model.bpk"] {
+    for f in ["experiment.toml", "run.json", "metrics.csv"] {
         assert!(res.join(f).is_file(), "missing {f}");
+    }
+    // One checkpoint per epoch, the newest two kept.
+    let ckpts: Vec<_> = std::fs::read_dir(res.join("checkpoints"))
+        .unwrap()
+        .collect();
+    assert_eq!(ckpts.len(), 2);
+    for f in ["model.bpk", "optimizer.bpk", "state.json"] {
+        assert!(
+            res.join("checkpoints/0002-000000").join(f).is_file(),
+            "missing {f}"
+        );
     }
     // The resolved experiment records the override and reproduces the run.
     let resolved = std::fs::read_to_string(res.join("experiment.toml")).unwrap();
@@ -338,4 +349,130 @@ fn bundled_mnist_sample_decodes_to_known_images() {
         s.test.image(499).iter().map(|&p| u32::from(p)).sum::<u32>(),
         12770
     );
+}
+
+const LONG: &str = r#"
+[model]
+variant = "gated"
+layers = 2
+kernel = 3
+channels = 4
+[data]
+dataset = "synthetic"
+synthetic_size = 6
+synthetic_images = 3000
+[train]
+epochs = 2
+batch_size = 4
+[sample]
+every = 0
+grid = 2
+"#;
+
+fn metrics_without_times(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').take(3).collect::<Vec<_>>().join(","))
+        .collect()
+}
+
+#[test]
+fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("long.toml"), LONG).unwrap();
+    let whole = pixel(dir.path(), &["run", "long.toml", "--results", "whole"]);
+    assert!(whole.status.success(), "{}", text(&whole));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pixel"))
+        .args(["run", "long.toml", "--results", "cut"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run_json = dir.path().join("cut/long/run.json");
+    let t0 = std::time::Instant::now();
+    while !run_json.exists() {
+        assert!(t0.elapsed().as_secs() < 60, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    assert!(text(&out).contains("--resume"), "{}", text(&out));
+    let info = std::fs::read_to_string(&run_json).unwrap();
+    assert!(info.contains("\"status\": \"interrupted\""), "{info}");
+    let ckpts: Vec<String> = std::fs::read_dir(dir.path().join("cut/long/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    // Stopped part-way through the first epoch: epochs done 0, some steps done.
+    assert!(
+        ckpts
+            .iter()
+            .any(|c| c.starts_with("0000-") && c != "0000-000000"),
+        "{ckpts:?}"
+    );
+
+    // Running the experiment again without --resume or --force explains what to do.
+    let again = pixel(dir.path(), &["run", "long.toml", "--results", "cut"]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        text(&again).contains("unfinished run (interrupted"),
+        "{}",
+        text(&again)
+    );
+
+    let resumed = pixel(dir.path(), &["run", "--resume", "cut/long"]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let info = std::fs::read_to_string(&run_json).unwrap();
+    assert!(info.contains("\"status\": \"completed\""), "{info}");
+
+    let (a, b) = (dir.path().join("whole/long"), dir.path().join("cut/long"));
+    assert_eq!(metrics_without_times(&a), metrics_without_times(&b));
+    assert_eq!(
+        std::fs::read(a.join("samples/epoch-0002.png")).unwrap(),
+        std::fs::read(b.join("samples/epoch-0002.png")).unwrap(),
+        "same weights give the same grid"
+    );
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_epoch_and_step() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("nan.toml"), TINY).unwrap();
+    let out = pixel(
+        dir.path(),
+        &["run", "nan.toml", "--set", "train.learning_rate=1e30"],
+    );
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("epoch 1, step"), "{msg}");
+    assert!(msg.contains("NaN") || msg.contains("inf"), "{msg}");
+    let info = std::fs::read_to_string(dir.path().join("results/nan/run.json")).unwrap();
+    assert!(info.contains("\"status\": \"failed\""), "{info}");
+}
+
+#[test]
+fn conflicting_flags_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["run", "a.toml", "--resume", "results/a"],
+        vec!["run", "--resume", "results/a", "--force"],
+        vec!["run", "--resume", "results/a", "--set", "train.epochs=1"],
+        vec!["run"],
+    ] {
+        let out = pixel(dir.path(), &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+    }
+    let out = pixel(dir.path(), &["run", "--resume", "nowhere"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("nowhere"), "{}", text(&out));
 }

@@ -158,6 +158,9 @@ pub struct TrainSection {
     pub learning_rate: f64,
     /// Seed for weights, shuffling and sampling. Default: 1.
     pub seed: u64,
+    /// Checkpoints kept in `results/<name>/checkpoints/` (one is written per epoch and on
+    /// interrupt; older ones are removed). Default: 2.
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainSection {
@@ -168,6 +171,7 @@ impl Default for TrainSection {
             eval_batch_size: 256,
             learning_rate: 1e-3,
             seed: 1,
+            keep_checkpoints: 2,
         }
     }
 }

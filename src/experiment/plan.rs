@@ -112,6 +112,12 @@ impl Plan {
             "at least 1 image",
         )?;
         ctx.require(
+            t.keep_checkpoints >= 1,
+            "train.keep_checkpoints",
+            t.keep_checkpoints,
+            "at least 1 (resuming needs the newest checkpoint)",
+        )?;
+        ctx.require(
             t.learning_rate.is_finite() && t.learning_rate > 0.0,
             "train.learning_rate",
             t.learning_rate,

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 pub const EXPERIMENT_FILE: &str = "experiment.toml";
 pub const RUN_FILE: &str = "run.json";
 pub const METRICS_FILE: &str = "metrics.csv";
-pub const CHECKPOINT_FILE: &str = "model.bpk";
 pub const SAMPLES_DIR: &str = "samples";
 
 /// How far a run got.
@@ -20,6 +19,8 @@ pub enum Status {
     Running,
     Completed,
     Failed,
+    /// Stopped by Ctrl-C or SIGTERM after writing a checkpoint.
+    Interrupted,
 }
 
 /// `run.json`: what ran, where, and how far it got.
@@ -40,7 +41,20 @@ pub struct RunInfo {
     pub error: Option<String>,
     /// Values that came from `--set` or `PIXEL_*` rather than the experiment file.
     pub overrides: Vec<crate::experiment::Override>,
+    /// When the run was resumed from a checkpoint, if ever.
+    #[serde(default)]
+    pub resumed: Vec<String>,
 }
+
+/// The header of `metrics.csv`, in the order of [`MetricsRow`]'s fields.
+pub const METRICS_COLUMNS: [&str; 6] = [
+    "epoch",
+    "train_bits_per_dim",
+    "test_bits_per_dim",
+    "train_seconds",
+    "test_seconds",
+    "train_images_per_second",
+];
 
 /// One row of `metrics.csv`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -85,6 +99,41 @@ impl RunDir {
         })
     }
 
+    /// Opens an existing results folder to continue a run that finished `epochs_done` epochs:
+    /// metrics rows of later epochs (written before a crash, without their checkpoint) are dropped.
+    pub fn reopen(path: &Path, epochs_done: usize) -> Result<RunDir> {
+        let metrics_path = path.join(METRICS_FILE);
+        let rows: Vec<MetricsRow> = read_metrics(path)?
+            .into_iter()
+            .filter(|r| r.epoch <= epochs_done)
+            .collect();
+        let mut writer = csv::Writer::from_writer(Vec::new());
+        if rows.is_empty() {
+            writer
+                .write_record(METRICS_COLUMNS)
+                .map_err(|e| Error::io(&metrics_path)(e.into()))?;
+        }
+        for r in &rows {
+            writer
+                .serialize(r)
+                .map_err(|e| Error::io(&metrics_path)(e.into()))?;
+        }
+        let bytes = writer.into_inner().expect("an in-memory writer flushes");
+        write_atomic(&metrics_path, &bytes)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)
+            .map_err(Error::io(&metrics_path))?;
+        let metrics = csv::WriterBuilder::new()
+            .has_headers(false)
+            .from_writer(file);
+        std::fs::create_dir_all(path.join(SAMPLES_DIR)).map_err(Error::io(path))?;
+        Ok(RunDir {
+            path: path.to_path_buf(),
+            metrics,
+        })
+    }
+
     pub fn write_info(&self, info: &RunInfo) -> Result<()> {
         let text = serde_json::to_string_pretty(info).expect("RunInfo serialises");
         write_atomic(&self.path.join(RUN_FILE), format!("{text}\n").as_bytes())
@@ -103,10 +152,6 @@ impl RunDir {
         self.path
             .join(SAMPLES_DIR)
             .join(format!("epoch-{epoch:04}.png"))
-    }
-
-    pub fn checkpoint_path(&self) -> PathBuf {
-        self.path.join(CHECKPOINT_FILE)
     }
 }
 
@@ -163,6 +208,24 @@ mod tests {
             RunDir::create(&p, false, ""),
             Err(Error::ResultsExist(_))
         ));
+        let row = |epoch| MetricsRow {
+            epoch,
+            train_bits_per_dim: 1.0,
+            test_bits_per_dim: 1.5,
+            train_seconds: 1.0,
+            test_seconds: 0.5,
+            train_images_per_second: 10.0,
+        };
+        run.append_metrics(&row(2)).unwrap();
+        drop(run);
+        // Reopening after epoch 1 drops the row of epoch 2 and appends after epoch 1.
+        let mut again = RunDir::reopen(&p, 1).unwrap();
+        again.append_metrics(&row(2)).unwrap();
+        let rows = read_metrics(&p).unwrap();
+        assert_eq!(rows.iter().map(|r| r.epoch).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(rows[1].train_bits_per_dim, 1.0);
+        RunDir::reopen(&p, 0).unwrap();
+        assert_eq!(read_metrics(&p).unwrap().len(), 0);
         RunDir::create(&p, true, "").unwrap();
         assert_eq!(read_metrics(&p).unwrap().len(), 0);
     }

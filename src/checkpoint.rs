@@ -1,0 +1,168 @@
+//! Checkpoints: the model, the optimizer state and where training stood, written atomically into
+//! `results/<name>/checkpoints/<epochs done>-<steps into the next epoch>/`, keeping the last few.
+//!
+//! No random-generator state is saved because none is carried: shuffling is seeded by (seed, epoch),
+//! weights by the seed, and each sample grid by (seed, epoch), so a resumed run draws the same numbers.
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::train::PassStats;
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DIR: &str = "checkpoints";
+const MODEL: &str = "model.bpk";
+const OPTIMIZER: &str = "optimizer.bpk";
+const STATE: &str = "state.json";
+
+/// Where training stood when a checkpoint was written.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq)]
+pub struct Position {
+    /// Epochs finished (with their metrics row written).
+    pub epochs_done: usize,
+    /// Optimisation steps taken in the next epoch (nonzero after an interrupt).
+    pub steps_done: usize,
+    /// Training totals of the next epoch so far.
+    pub partial: Partial,
+}
+
+/// [`PassStats`] in a serialisable form.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq)]
+pub struct Partial {
+    pub nats: f64,
+    pub subpixels: u64,
+    pub images: usize,
+    pub seconds: f64,
+}
+
+impl From<PassStats> for Partial {
+    fn from(s: PassStats) -> Self {
+        Partial {
+            nats: s.nats,
+            subpixels: s.subpixels,
+            images: s.images,
+            seconds: s.seconds,
+        }
+    }
+}
+
+impl From<Partial> for PassStats {
+    fn from(p: Partial) -> Self {
+        PassStats {
+            nats: p.nats,
+            subpixels: p.subpixels,
+            images: p.images,
+            seconds: p.seconds,
+        }
+    }
+}
+
+fn name(p: &Position) -> String {
+    format!("{:04}-{:06}", p.epochs_done, p.steps_done)
+}
+
+/// Writes a checkpoint into `run_dir/checkpoints/` (a temporary folder renamed into place), then
+/// removes all but the newest `keep`.
+pub fn save(
+    run_dir: &Path,
+    model: &Model,
+    optimizer: &ModuleOptimizer,
+    position: &Position,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = run_dir.join(DIR);
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Run(format!("{}: cannot write {what}: {e}", root.display()))
+    };
+    std::fs::create_dir_all(&root).map_err(Error::io(&root))?;
+    let final_dir = root.join(name(position));
+    let tmp = root.join(format!(".{}.tmp", name(position)));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(Error::io(&tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(Error::io(&tmp))?;
+    model
+        .clone()
+        .save_file(tmp.join(MODEL))
+        .map_err(|e| fail("the model", &e))?;
+    optimizer
+        .save(tmp.join(OPTIMIZER))
+        .map_err(|e| fail("the optimizer state", &e))?;
+    let state = serde_json::to_string_pretty(position).expect("a position serialises");
+    std::fs::write(tmp.join(STATE), state).map_err(Error::io(tmp.join(STATE)))?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(Error::io(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(Error::io(&final_dir))?;
+    for old in list(run_dir)?.iter().rev().skip(keep.max(1)) {
+        std::fs::remove_dir_all(old).map_err(Error::io(old))?;
+    }
+    Ok(final_dir)
+}
+
+/// Finished checkpoint folders, oldest first.
+pub fn list(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let root = run_dir.join(DIR);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(Error::io(&root))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.join(STATE).is_file()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// The newest checkpoint, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(run_dir)?.pop())
+}
+
+fn mismatch(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("does not fit the model of this experiment: {e}"),
+    }
+}
+
+/// Loads the weights of a checkpoint folder into `model` (built from the same plan).
+pub fn load_model(dir: &Path, model: Model) -> Result<Model> {
+    let path = dir.join(MODEL);
+    if !path.is_file() {
+        return Err(Error::Checkpoint {
+            path,
+            message: "missing: not a checkpoint written by pixel".into(),
+        });
+    }
+    model.try_load_file(&path).map_err(|e| mismatch(&path, e))
+}
+
+/// Loads a whole checkpoint: weights, optimizer state and position.
+pub fn load(
+    dir: &Path,
+    model: Model,
+    optimizer: ModuleOptimizer,
+) -> Result<(Model, ModuleOptimizer, Position)> {
+    let state_path = dir.join(STATE);
+    let text = std::fs::read_to_string(&state_path).map_err(Error::io(&state_path))?;
+    let position: Position = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: state_path.clone(),
+        message: format!("unreadable: {e}"),
+    })?;
+    let model = load_model(dir, model)?;
+    let opt_path = dir.join(OPTIMIZER);
+    let optimizer = optimizer
+        .load(&opt_path)
+        .map_err(|e| mismatch(&opt_path, e))?;
+    Ok((model, optimizer, position))
+}
