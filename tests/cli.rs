@@ -384,7 +384,7 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     let whole = pixel(dir.path(), &["run", "long.toml", "--results", "whole"]);
     assert!(whole.status.success(), "{}", text(&whole));
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pixel"))
+    let child = Command::new(env!("CARGO_BIN_EXE_pixel"))
         .args(["run", "long.toml", "--results", "cut"])
         .current_dir(dir.path())
         .env("RUST_LOG", "warn")
