@@ -22,6 +22,11 @@ pub fn find(dir: &Path, name: &str) -> Option<PathBuf> {
 /// Reads a whole file, un-gzipping it when it starts with the gzip magic bytes.
 pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
     let raw = std::fs::read(path).map_err(DataError::io(path))?;
+    decode_maybe_gz(path, raw)
+}
+
+/// Un-gzips `raw` when it starts with the gzip magic bytes; `path` names it in errors.
+pub fn decode_maybe_gz(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, DataError> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
@@ -60,9 +65,10 @@ pub fn parse_idx(path: &Path, bytes: &[u8], rank: u8) -> Result<(Vec<usize>, Vec
         .chunks(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
         .collect();
-    let count: usize = dims.iter().product();
     let body = &bytes[header..];
-    if body.len() != count {
+    let count = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    if count != Some(body.len()) {
+        let count = count.map_or("more than memory holds".to_string(), |c| c.to_string());
         return Err(DataError::format(
             path,
             format!(
@@ -179,6 +185,14 @@ mod tests {
         assert!(err.contains("truncated"), "{err}");
         std::fs::write(&i, &bytes[..10]).unwrap();
         let err = read_pair(&i, &l).unwrap_err().to_string();
+        assert!(err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn huge_header_is_an_error_not_an_overflow() {
+        let mut bytes = vec![0, 0, 8, 3];
+        bytes.extend([0xff; 12]);
+        let err = parse_idx(Path::new("x"), &bytes, 3).unwrap_err().to_string();
         assert!(err.contains("truncated"), "{err}");
     }
 

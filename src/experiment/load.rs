@@ -55,7 +55,12 @@ fn toml_value(text: &str) -> Option<toml::Value> {
 /// Returns the resolved experiment and every override that changed it.
 pub fn load(path: &Path, sets: &[Override]) -> Result<(Experiment, Vec<Override>)> {
     let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
-    check_file(path, &text)?;
+    parse(&text, path, sets)
+}
+
+/// [`load`] for text already read from `path` (which names the file in errors).
+pub fn parse(text: &str, path: &Path, sets: &[Override]) -> Result<(Experiment, Vec<Override>)> {
+    check_file(path, text)?;
 
     // Only PIXEL_<SECTION>__<KEY> variables are overrides: PIXEL_DATA (the data folder) and other
     // PIXEL_* variables are not.
@@ -72,7 +77,7 @@ pub fn load(path: &Path, sets: &[Override]) -> Result<(Experiment, Vec<Override>
         .collect();
 
     let mut figment = Figment::from(Serialized::defaults(Experiment::default()))
-        .merge(Toml::string(&text))
+        .merge(Toml::string(text))
         .merge(env);
     for set in sets {
         let value = toml_value(&set.value).expect("parse_set produced valid TOML");

@@ -7,7 +7,7 @@
 mod load;
 pub mod plan;
 
-pub use load::{Override, load, parse_set};
+pub use load::{Override, load, parse, parse_set};
 pub use plan::Plan;
 
 use schemars::JsonSchema;
