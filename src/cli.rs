@@ -54,8 +54,35 @@ pub enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Run a sweep: every combination of a grid of values over a base experiment, into
+    /// results/<sweep name>/<run name>/; finished runs are skipped, unfinished ones resumed.
+    Sweep {
+        /// The sweep file, e.g. experiments/sweeps/mnist-depth.toml.
+        file: PathBuf,
+        /// Print the expanded runs and stop.
+        #[arg(long, conflicts_with_all = ["emit", "only", "summarize"])]
+        dry_run: bool,
+        /// Write a job-array script for a cluster (results/<sweep>/slurm.sh and runs.txt).
+        #[arg(long, value_enum, conflicts_with_all = ["only", "summarize"])]
+        emit: Option<Emit>,
+        /// Run only the run with this index (what each Slurm array task does).
+        #[arg(long, value_name = "N", conflicts_with = "summarize")]
+        only: Option<usize>,
+        /// Only write summary.csv and summary.md over the runs so far.
+        #[arg(long)]
+        summarize: bool,
+        /// Folder holding the results folders.
+        #[arg(long, default_value = "results", value_name = "DIR")]
+        results: PathBuf,
+    },
     /// Print the JSON Schema of the experiment format.
     Schema,
+}
+
+/// Cluster schedulers `pixel sweep --emit` writes scripts for.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Emit {
+    Slurm,
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -95,6 +122,26 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             temperature,
             seed,
         } => crate::sample_cmd::sample_results(&results_dir, out, temperature, seed),
+        Command::Sweep {
+            file,
+            dry_run,
+            emit,
+            only,
+            summarize,
+            results,
+        } => {
+            use crate::sweep_cmd::Action;
+            let action = if dry_run {
+                Action::DryRun
+            } else if emit.is_some() {
+                Action::EmitSlurm
+            } else if summarize {
+                Action::Summarize
+            } else {
+                Action::Run { only }
+            };
+            crate::sweep_cmd::sweep(&file, &results, action)
+        }
         Command::Schema => {
             print!("{}", experiment::schema_json());
             Ok(())
@@ -125,6 +172,15 @@ fn check(paths: &[PathBuf]) -> Result<()> {
     let mut failures = Vec::new();
     let mut names: std::collections::BTreeMap<String, PathBuf> = Default::default();
     for f in &files {
+        if std::fs::read_to_string(f).is_ok_and(|t| crate::sweep::is_sweep(&t)) {
+            match crate::sweep::load(f) {
+                Ok((sweep, _)) => {
+                    println!("ok    {} (sweep of {} runs)", f.display(), sweep.runs.len())
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+            continue;
+        }
         match plan_file(f, &[]) {
             Ok(plan) => {
                 if let Some(first) = names.insert(plan.name.clone(), f.clone()) {

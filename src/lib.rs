@@ -16,6 +16,8 @@ pub mod results;
 pub mod run;
 pub mod sample;
 pub mod sample_cmd;
+pub mod sweep;
+pub mod sweep_cmd;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -282,9 +282,27 @@ fn schema_file_is_fresh() {
 }
 
 #[test]
+fn sweep_schema_file_is_fresh() {
+    let path = repo().join("schemas/sweep.schema.json");
+    let current = pixel_models::sweep::schema_json();
+    if std::env::var_os("UPDATE_SCHEMA").is_some() {
+        std::fs::write(&path, &current).unwrap();
+    }
+    assert!(
+        std::fs::read_to_string(&path).unwrap_or_default() == current,
+        "schemas/sweep.schema.json is stale: run `UPDATE_SCHEMA=1 cargo test --test cli schema`"
+    );
+}
+
+#[test]
 fn every_shipped_experiment_has_a_schema_line_and_checks() {
     let mut files = Vec::new();
-    for dir in ["experiments", "experiments/smoke"] {
+    for dir in [
+        "experiments",
+        "experiments/smoke",
+        "experiments/sweeps",
+        "experiments/smoke/sweeps",
+    ] {
         for e in std::fs::read_dir(repo().join(dir)).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "toml") {
@@ -675,4 +693,146 @@ fn checkpoint_of_a_different_model_is_refused() {
     let out = pixel(dir.path(), &["run", "--resume", "results/tiny"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("already completed"), "{}", text(&out));
+}
+
+fn sweep_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("base.toml"),
+        TINY.replace("every = 1", "every = 0"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("sw.toml"),
+        "base = \"base.toml\"\n[grid]\n\"model.layers\" = [1, 2]\n\"train.seed\" = [1, 2]\n",
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn sweep_runs_skips_finished_runs_and_summarises() {
+    let dir = sweep_dir();
+    let d = dir.path();
+    let plan = pixel(d, &["sweep", "sw.toml", "--dry-run"]);
+    assert!(plan.status.success(), "{}", text(&plan));
+    assert!(text(&plan).contains("4 runs"), "{}", text(&plan));
+    assert!(
+        text(&plan).contains("3\tlayers=2_seed=2\tmodel.layers=2 train.seed=2"),
+        "{}",
+        text(&plan)
+    );
+    assert!(!d.join("results").exists(), "a dry run writes nothing");
+
+    let out = pixel(d, &["sweep", "sw.toml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for run in [
+        "layers=1_seed=1",
+        "layers=1_seed=2",
+        "layers=2_seed=1",
+        "layers=2_seed=2",
+    ] {
+        let info =
+            std::fs::read_to_string(d.join("results/sw").join(run).join("run.json")).unwrap();
+        assert!(info.contains("\"status\": \"completed\""), "{run}: {info}");
+    }
+    let resolved =
+        std::fs::read_to_string(d.join("results/sw/layers=2_seed=1/experiment.toml")).unwrap();
+    assert!(
+        resolved.contains("layers = 2") && resolved.contains("seed = 1"),
+        "{resolved}"
+    );
+    let md = std::fs::read_to_string(d.join("results/sw/summary.md")).unwrap();
+    assert!(md.contains("| layers=1_seed=2 | completed | 2 |"), "{md}");
+    assert!(md.contains("| layers=2 | 2 |"), "seed spread: {md}");
+    let csv = std::fs::read_to_string(d.join("results/sw/summary.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5);
+    assert!(csv.starts_with(
+        "run,status,epochs,final_test_bits_per_dim,best_test_bits_per_dim,best_epoch"
+    ));
+
+    // Again: everything is skipped, nothing changes.
+    let before = std::fs::read(d.join("results/sw/layers=1_seed=1/metrics.csv")).unwrap();
+    let again = Command::new(env!("CARGO_BIN_EXE_pixel"))
+        .args(["sweep", "sw.toml"])
+        .current_dir(d)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(
+        text(&again).matches("already completed").count(),
+        4,
+        "{}",
+        text(&again)
+    );
+    assert_eq!(
+        before,
+        std::fs::read(d.join("results/sw/layers=1_seed=1/metrics.csv")).unwrap()
+    );
+}
+
+#[test]
+fn sweep_emits_a_slurm_array_and_runs_one_task() {
+    let dir = sweep_dir();
+    let d = dir.path();
+    let out = pixel(d, &["sweep", "sw.toml", "--emit", "slurm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let script = d.join("results/sw/slurm.sh");
+    let body = std::fs::read_to_string(&script).unwrap();
+    assert!(body.contains("#SBATCH --array=0-3"), "{body}");
+    assert!(body.contains("--only \"$SLURM_ARRAY_TASK_ID\""), "{body}");
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(syntax.status.success(), "{}", text(&syntax));
+    let runs = std::fs::read_to_string(d.join("results/sw/runs.txt")).unwrap();
+    assert_eq!(runs.lines().count(), 4);
+    let task2 = runs
+        .lines()
+        .nth(2)
+        .unwrap()
+        .split('\t')
+        .nth(1)
+        .unwrap()
+        .to_string();
+
+    // What array task 2 runs: exactly the third run.
+    let out = pixel(d, &["sweep", "sw.toml", "--only", "2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let done: Vec<String> = std::fs::read_dir(d.join("results/sw"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(done, vec![task2]);
+    let out = pixel(d, &["sweep", "sw.toml", "--only", "4"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("--only 4"), "{}", text(&out));
+}
+
+#[test]
+fn sweep_with_an_unknown_key_fails_before_running() {
+    let dir = sweep_dir();
+    let d = dir.path();
+    std::fs::write(
+        d.join("bad.toml"),
+        "base = \"base.toml\"\n[grid]\n\"model.layer\" = [1, 2]\n",
+    )
+    .unwrap();
+    let out = pixel(d, &["sweep", "bad.toml"]);
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{msg}");
+    assert!(
+        msg.contains("bad.toml [grid]") && msg.contains("did you mean `layers`"),
+        "{msg}"
+    );
+    assert!(!d.join("results").exists());
+    std::fs::write(d.join("bad2.toml"), "base = \"base.toml\"\ngird = {}\n").unwrap();
+    let out = pixel(d, &["sweep", "bad2.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("bad2.toml:2:"), "{}", text(&out));
 }

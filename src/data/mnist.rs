@@ -192,7 +192,9 @@ mod tests {
     fn huge_header_is_an_error_not_an_overflow() {
         let mut bytes = vec![0, 0, 8, 3];
         bytes.extend([0xff; 12]);
-        let err = parse_idx(Path::new("x"), &bytes, 3).unwrap_err().to_string();
+        let err = parse_idx(Path::new("x"), &bytes, 3)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("truncated"), "{err}");
     }
 

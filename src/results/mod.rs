@@ -2,6 +2,7 @@
 //! grids and the checkpoint. Plain values only; never a tensor.
 
 pub mod png;
+pub mod summary;
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,290 @@
+//! Sweeps: a base experiment and a grid over dotted keys, expanded into runs with deterministic,
+//! readable names under `results/<sweep>/`, run one after another or as a Slurm job array.
+
+use crate::error::{Error, Result};
+use crate::experiment::{self, Override, Plan};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A sweep file.
+#[derive(Deserialize, schemars::JsonSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct SweepFile {
+    /// Free text: what the sweep compares.
+    #[serde(default)]
+    pub description: String,
+    /// The base experiment, relative to the sweep file.
+    pub base: PathBuf,
+    /// Dotted experiment keys and the values each takes, e.g. `"model.layers" = [5, 9]`.
+    /// Runs are the Cartesian product, keys in sorted order.
+    pub grid: BTreeMap<String, Vec<serde_json::Value>>,
+}
+
+/// One run of a sweep.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepRun {
+    pub index: usize,
+    /// Readable and unique: `layers=5_learning_rate=0.001_seed=1`.
+    pub name: String,
+    pub sets: Vec<Override>,
+}
+
+/// An expanded sweep.
+#[derive(Clone, Debug)]
+pub struct Sweep {
+    pub name: String,
+    pub file: PathBuf,
+    pub base: PathBuf,
+    pub runs: Vec<SweepRun>,
+}
+
+/// The JSON Schema of the sweep format, as written to `schemas/sweep.schema.json`.
+pub fn schema_json() -> String {
+    let schema = schemars::schema_for!(SweepFile);
+    let mut text = serde_json::to_string_pretty(&schema).expect("a schema always serialises");
+    text.push('\n');
+    text
+}
+
+/// Whether a TOML file is a sweep (it has a top-level `base` key) rather than an experiment.
+pub fn is_sweep(text: &str) -> bool {
+    toml::from_str::<toml::Table>(text)
+        .is_ok_and(|t| t.contains_key("base") && t.contains_key("grid"))
+}
+
+/// Reads and expands a sweep file, and plans every run (so that a bad key or value fails before
+/// anything runs).
+pub fn load(path: &Path) -> Result<(Sweep, Vec<Plan>)> {
+    let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+    let file: SweepFile = toml::from_str(&text).map_err(|e| {
+        let (line, column) = e
+            .span()
+            .map(|s| {
+                let before = &text[..s.start.min(text.len())];
+                (
+                    before.matches('\n').count() + 1,
+                    before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1,
+                )
+            })
+            .unwrap_or((1, 1));
+        Error::Parse {
+            file: path.to_path_buf(),
+            line,
+            column,
+            message: e.message().trim().to_string(),
+        }
+    })?;
+    let base = path.parent().unwrap_or(Path::new(".")).join(&file.base);
+    let sweep = expand(path, base, &file.grid)?;
+    let plans = sweep
+        .runs
+        .iter()
+        .map(|run| plan(&sweep, run))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((sweep, plans))
+}
+
+/// The plan of one run: the base experiment with the run's values, named after the run.
+pub fn plan(sweep: &Sweep, run: &SweepRun) -> Result<Plan> {
+    let plan = crate::cli::plan_file(&sweep.base, &run.sets)?;
+    Ok(Plan {
+        name: run.name.clone(),
+        ..plan
+    })
+}
+
+/// The Cartesian product of the grid, in sorted key order, the last key varying fastest.
+pub fn expand(
+    path: &Path,
+    base: PathBuf,
+    grid: &BTreeMap<String, Vec<serde_json::Value>>,
+) -> Result<Sweep> {
+    let origin = format!("{} [grid]", path.display());
+    let mut axes: Vec<(String, Vec<String>)> = Vec::new();
+    for (key, values) in grid {
+        if values.is_empty() {
+            return Err(Error::Invalid {
+                source_name: origin.clone(),
+                key: key.clone(),
+                value: "[]".into(),
+                expected: "a list of at least one value".into(),
+            });
+        }
+        let texts = values
+            .iter()
+            .map(|v| {
+                toml::Value::try_from(v)
+                    .map(|t| t.to_string())
+                    .map_err(|e| Error::Invalid {
+                        source_name: origin.clone(),
+                        key: key.clone(),
+                        value: v.to_string(),
+                        expected: format!("a TOML value ({e})"),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        axes.push((key.clone(), texts));
+    }
+    let short = short_names(axes.iter().map(|(k, _)| k.as_str()));
+    let total: usize = axes.iter().map(|(_, v)| v.len()).product();
+    let mut runs = Vec::with_capacity(total);
+    for index in 0..total {
+        let mut rest = index;
+        let mut picks = vec![0; axes.len()];
+        for (a, (_, values)) in axes.iter().enumerate().rev() {
+            picks[a] = rest % values.len();
+            rest /= values.len();
+        }
+        let mut sets = Vec::new();
+        let mut parts = Vec::new();
+        for (a, (key, values)) in axes.iter().enumerate() {
+            let value = &values[picks[a]];
+            parts.push(format!("{}={}", short[a], slug(value)));
+            sets.push(Override {
+                key: key.clone(),
+                value: value.clone(),
+                origin: origin.clone(),
+            });
+        }
+        let name = if parts.is_empty() {
+            "base".into()
+        } else {
+            parts.join("_")
+        };
+        runs.push(SweepRun { index, name, sets });
+    }
+    Ok(Sweep {
+        name: experiment::plan::name_of(path),
+        file: path.to_path_buf(),
+        base,
+        runs,
+    })
+}
+
+/// The last segment of each dotted key, or the whole key where two last segments clash.
+fn short_names<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Vec<String> {
+    let last = |k: &'a str| k.rsplit('.').next().unwrap_or(k);
+    keys.clone()
+        .map(|k| {
+            if keys.clone().filter(|o| last(o) == last(k)).count() > 1 {
+                k.to_string()
+            } else {
+                last(k).to_string()
+            }
+        })
+        .collect()
+}
+
+/// A value as it appears in a run's name: quotes dropped, odd characters replaced.
+fn slug(value: &str) -> String {
+    value
+        .trim_matches('"')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// A Slurm job-array script that runs task `$SLURM_ARRAY_TASK_ID` of the sweep, one run per task.
+pub fn slurm_script(sweep: &Sweep, results_root: &Path) -> String {
+    let out = results_root.join(&sweep.name);
+    format!(
+        "#!/usr/bin/env bash\n\
+         # Slurm job array for the sweep {file}: {n} runs, one per array task (see runs.txt).\n\
+         # Submit from the repository root: sbatch {script}\n\
+         #SBATCH --job-name={name}\n\
+         #SBATCH --array=0-{last}\n\
+         #SBATCH --output={out}/slurm-%A_%a.out\n\
+         set -euo pipefail\n\
+         cd \"${{SLURM_SUBMIT_DIR:-.}}\"\n\
+         PIXEL=${{PIXEL:-target/release/pixel}}\n\
+         \"$PIXEL\" sweep {file} --results {root} --only \"$SLURM_ARRAY_TASK_ID\"\n",
+        file = sweep.file.display(),
+        n = sweep.runs.len(),
+        script = out.join("slurm.sh").display(),
+        name = sweep.name,
+        last = sweep.runs.len().saturating_sub(1),
+        out = out.display(),
+        root = results_root.display(),
+    )
+}
+
+/// `runs.txt`: the array index, the run name and its values, one run per line.
+pub fn run_list(sweep: &Sweep) -> String {
+    sweep
+        .runs
+        .iter()
+        .map(|r| {
+            let sets: Vec<String> = r
+                .sets
+                .iter()
+                .map(|s| format!("{}={}", s.key, s.value))
+                .collect();
+            format!("{}\t{}\t{}\n", r.index, r.name, sets.join(" "))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<serde_json::Value>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::from_str(v).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn expands_the_product_with_readable_unique_names() {
+        let g = grid(&[
+            ("model.layers", "[5, 9]"),
+            ("train.learning_rate", "[0.001, 0.0001]"),
+            ("train.seed", "[1, 2, 3]"),
+        ]);
+        let s = expand(Path::new("sweeps/depth.toml"), "base.toml".into(), &g).unwrap();
+        assert_eq!(s.name, "depth");
+        assert_eq!(s.runs.len(), 12);
+        assert_eq!(s.runs[0].name, "layers=5_learning_rate=0.001_seed=1");
+        assert_eq!(s.runs[1].name, "layers=5_learning_rate=0.001_seed=2");
+        assert_eq!(s.runs[11].name, "layers=9_learning_rate=0.0001_seed=3");
+        let mut names: Vec<_> = s.runs.iter().map(|r| r.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 12, "names are unique");
+        // Deterministic.
+        let again = expand(Path::new("sweeps/depth.toml"), "base.toml".into(), &g).unwrap();
+        assert_eq!(again.runs, s.runs);
+        assert_eq!(s.runs[11].sets[1].value, "0.0001");
+    }
+
+    #[test]
+    fn clashing_last_segments_keep_the_whole_key() {
+        let g = grid(&[
+            ("a.x", "[1]"),
+            ("b.x", "[2]"),
+            ("data.dataset", "[\"cifar10\"]"),
+        ]);
+        let s = expand(Path::new("s.toml"), "b.toml".into(), &g).unwrap();
+        assert_eq!(s.runs[0].name, "a.x=1_b.x=2_dataset=cifar10");
+    }
+
+    #[test]
+    fn empty_value_list_is_an_error() {
+        let g = grid(&[("train.seed", "[]")]);
+        let err = expand(Path::new("s.toml"), "b.toml".into(), &g)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("s.toml [grid]") && err.contains("`train.seed`"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,124 @@
+//! `pixel sweep`: run, plan or summarise the runs of a sweep.
+
+use crate::error::{Error, Result};
+use crate::experiment::Plan;
+use crate::results::summary::{self, RunSummary};
+use crate::results::{self, Status};
+use crate::{run, sweep};
+use std::path::Path;
+
+/// What `pixel sweep` was asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Run every run (or one, with `only`), then write the summary.
+    Run { only: Option<usize> },
+    /// Print the expanded plan.
+    DryRun,
+    /// Write a Slurm job-array script and the list of runs.
+    EmitSlurm,
+    /// Only write the summary of the runs so far.
+    Summarize,
+}
+
+pub fn sweep(file: &Path, results_root: &Path, action: Action) -> Result<()> {
+    let (sweep, plans) = sweep::load(file)?;
+    let root = results_root.join(&sweep.name);
+    match action {
+        Action::DryRun => {
+            println!(
+                "{} runs of {} into {}/",
+                sweep.runs.len(),
+                sweep.base.display(),
+                root.display()
+            );
+            print!("{}", sweep::run_list(&sweep));
+            Ok(())
+        }
+        Action::EmitSlurm => {
+            std::fs::create_dir_all(&root).map_err(Error::io(&root))?;
+            let script = root.join("slurm.sh");
+            results::write_atomic(&root.join("runs.txt"), sweep::run_list(&sweep).as_bytes())?;
+            results::write_atomic(
+                &script,
+                sweep::slurm_script(&sweep, results_root).as_bytes(),
+            )?;
+            println!(
+                "wrote {} ({} array tasks) and runs.txt",
+                script.display(),
+                sweep.runs.len()
+            );
+            Ok(())
+        }
+        Action::Summarize => summarize(&sweep, &root),
+        Action::Run { only } => {
+            let selected: Vec<&Plan> = match only {
+                None => plans.iter().collect(),
+                Some(n) if n < plans.len() => vec![&plans[n]],
+                Some(n) => {
+                    return Err(Error::Usage {
+                        flag: format!("--only {n}"),
+                        message: format!(
+                            "expected a run index from 0 to {} (see --dry-run)",
+                            plans.len() - 1
+                        ),
+                    });
+                }
+            };
+            for plan in selected {
+                run_one(plan, &root)?;
+            }
+            if only.is_none() {
+                summarize(&sweep, &root)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs one run of the sweep: skipped when finished, resumed when unfinished.
+fn run_one(plan: &Plan, root: &Path) -> Result<()> {
+    let dir = root.join(&plan.name);
+    if dir.exists() {
+        match results::read_info(&dir) {
+            Ok(info) if info.status == Status::Completed => {
+                tracing::info!(run = %plan.name, "already completed; skipped");
+                return Ok(());
+            }
+            Ok(_) => {
+                tracing::info!(run = %plan.name, "unfinished; resuming");
+                run::resume(&dir)?;
+                return Ok(());
+            }
+            Err(_) => {}
+        }
+    }
+    let options = run::Options {
+        results_root: root.to_path_buf(),
+        force: dir.exists(),
+    };
+    run::execute(plan, &options)?;
+    Ok(())
+}
+
+/// Writes `summary.csv` and `summary.md` over the runs that finished an epoch.
+fn summarize(sweep: &sweep::Sweep, root: &Path) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut missing = Vec::new();
+    for r in &sweep.runs {
+        let dir = root.join(&r.name);
+        let row = results::read_info(&dir).ok().and_then(|info| {
+            let metrics = results::read_metrics(&dir).ok()?;
+            RunSummary::new(&r.name, &info, &metrics)
+        });
+        match row {
+            Some(row) => rows.push(row),
+            None => missing.push(r.name.clone()),
+        }
+    }
+    std::fs::create_dir_all(root).map_err(Error::io(root))?;
+    results::write_atomic(&root.join("summary.csv"), summary::to_csv(&rows).as_bytes())?;
+    let md = summary::to_markdown(&rows, &missing);
+    results::write_atomic(&root.join("summary.md"), md.as_bytes())?;
+    print!("{md}");
+    Ok(())
+}
