@@ -42,6 +42,14 @@ pub struct ModelSection {
     /// Conditioning: "none", or "class" for a learned per-layer bias from the image's class label
     /// inside every gate (gated variant only). Default: "none".
     pub conditional: Conditional,
+    /// Gated only, an ablation when false: the residual connection of the horizontal stack.
+    /// Default: true.
+    pub residual: bool,
+    /// Gated only, an ablation when false: tanh(a) * sigmoid(b) gates (false: ReLU). Default: true.
+    pub gates: bool,
+    /// Gated only, an ablation when false: the link from the vertical to the horizontal stack
+    /// (without it the model sees only the current row). Default: true.
+    pub link: bool,
 }
 
 impl Default for ModelSection {
@@ -52,6 +60,9 @@ impl Default for ModelSection {
             kernel: 5,
             channels: 30,
             conditional: Conditional::None,
+            residual: true,
+            gates: true,
+            link: true,
         }
     }
 }

@@ -192,6 +192,20 @@ impl Plan {
                 Some(10)
             }
         };
+        if m.variant == Variant::Simple {
+            for (key, on) in [
+                ("model.residual", m.residual),
+                ("model.gates", m.gates),
+                ("model.link", m.link),
+            ] {
+                ctx.require(
+                    on,
+                    key,
+                    on,
+                    "true for the simple variant (the ablations are of the gated model)",
+                )?;
+            }
+        }
         let model = match m.variant {
             Variant::Simple => ModelConfig::Simple(SimpleConfig {
                 colours,
@@ -206,6 +220,9 @@ impl Plan {
                 channels: m.channels,
                 classes,
                 spatial_channels: 0,
+                residual: m.residual,
+                gates: m.gates,
+                link: m.link,
             }),
         };
 

@@ -125,6 +125,9 @@ mod tests {
             channels: 8 * colours,
             classes,
             spatial_channels: 0,
+            residual: true,
+            gates: true,
+            link: true,
         })
     }
 
@@ -192,6 +195,9 @@ mod tests {
             channels: 8,
             classes: None,
             spatial_channels: 2,
+            residual: true,
+            gates: true,
+            link: true,
         });
         let dev = device();
         let model = cfg.init(9, &dev);
@@ -228,6 +234,38 @@ mod tests {
             proptest::prop_assert_eq!(leaks(&deps), vec![]);
             proptest::prop_assert_eq!(blind_spot(&deps), vec![]);
         }
+    }
+
+    #[test]
+    fn ablations_stay_leak_free_and_without_the_link_lose_the_rows_above() {
+        let with = |residual, gates, link| {
+            let ModelConfig::Gated(g) = gated(1, 4, 5, None) else {
+                unreachable!()
+            };
+            ModelConfig::Gated(GatedConfig {
+                residual,
+                gates,
+                link,
+                ..g
+            })
+        };
+        check_exact(&with(false, true, true), 8);
+        let cfg = with(true, false, true);
+        let dev = device();
+        let model = cfg.init(5, &dev);
+        let ctx = Context::from_labels(&[0], &dev);
+        let deps = dependencies(|x| model.forward(x, &ctx), 1, 8, 8, &dev);
+        assert_eq!(leaks(&deps), vec![], "no gates: ReLUs, still causal");
+        // Without the link the horizontal stack never hears of the rows above.
+        let cfg = with(true, true, false);
+        let model = cfg.init(5, &dev);
+        let deps = dependencies(|x| model.forward(x, &ctx), 1, 8, 8, &dev);
+        assert_eq!(leaks(&deps), vec![]);
+        assert!(
+            blind_spot(&deps).iter().all(|&(o, i)| i / 8 < o / 8),
+            "only rows above are missing"
+        );
+        assert!(blind_spot(&deps).contains(&(8, 0)));
     }
 
     #[test]

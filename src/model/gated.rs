@@ -23,6 +23,11 @@ pub struct GatedConfig {
     pub classes: Option<usize>,
     /// Channels of feature maps that condition every gate through 1x1 convolutions (0 = none).
     pub spatial_channels: usize,
+    /// Ablations (the seed README's): the residual connection on the horizontal stack, the
+    /// tanh * sigmoid gates (else a ReLU), and the link from the vertical to the horizontal stack.
+    pub residual: bool,
+    pub gates: bool,
+    pub link: bool,
 }
 
 /// What a gated model is conditioned on, per batch.
@@ -39,8 +44,8 @@ pub struct GatedLayer {
     vertical: MaskedConv2d,
     /// 1 x (k/2 + 1), type A in the first layer and type B after: the horizontal stack.
     horizontal: MaskedConv2d,
-    /// 1x1 from the shifted vertical features into the horizontal gate.
-    link: MaskedConv2d,
+    /// 1x1 from the shifted vertical features into the horizontal gate (absent in the ablation).
+    link: Option<MaskedConv2d>,
     /// 1x1, type B: the horizontal stack's output (added to its input after the first layer).
     out: MaskedConv2d,
     /// 1x1, type B: this layer's contribution to the output head.
@@ -52,6 +57,7 @@ pub struct GatedLayer {
     spatial_v: Option<MaskedConv2d>,
     spatial_h: Option<MaskedConv2d>,
     residual: bool,
+    gates: bool,
 }
 
 fn class_bias(classes: usize, n: usize, rng: &mut StdRng, device: &Device) -> Param<Tensor<2>> {
@@ -67,7 +73,12 @@ impl GatedLayer {
         let (c, ch, k) = (cfg.colours, cfg.channels, cfg.kernel);
         let in_groups = groups(if first { c } else { ch }, c);
         let hidden = groups(ch, c);
-        let gates = gate_groups(ch, c);
+        // Gates split 2 * channels into two halves; without gates the stacks have `channels`.
+        let gates = if cfg.gates {
+            gate_groups(ch, c)
+        } else {
+            groups(ch, c)
+        };
         let kind = if first { MaskKind::A } else { MaskKind::B };
         let maps = groups(cfg.spatial_channels, 1);
         let spatial = |rng: &mut StdRng| {
@@ -85,15 +96,18 @@ impl GatedLayer {
                 device,
             ),
             horizontal: MaskedConv2d::new(kind, Shape::RowLeft(k), &in_groups, &gates, rng, device),
-            link: MaskedConv2d::new(MaskKind::Full, Shape::Point, &gates, &gates, rng, device),
+            link: cfg.link.then(|| {
+                MaskedConv2d::new(MaskKind::Full, Shape::Point, &gates, &gates, rng, device)
+            }),
             out: MaskedConv2d::new(MaskKind::B, Shape::Point, &hidden, &hidden, rng, device),
             skip: MaskedConv2d::new(MaskKind::B, Shape::Point, &hidden, &hidden, rng, device),
-            class_v: cfg.classes.map(|n| class_bias(n, 2 * ch, rng, device)),
-            class_h: cfg.classes.map(|n| class_bias(n, 2 * ch, rng, device)),
+            class_v: cfg.classes.map(|n| class_bias(n, gates.len(), rng, device)),
+            class_h: cfg.classes.map(|n| class_bias(n, gates.len(), rng, device)),
             spatial_v: spatial(rng),
             spatial_h: spatial(rng),
             // No residual in the first layer: its input is the image itself, current pixel included.
-            residual: !first,
+            residual: cfg.residual && !first,
+            gates: cfg.gates,
         }
     }
 
@@ -106,9 +120,11 @@ impl GatedLayer {
         h: Tensor<4>,
         cond: &Conditioning,
     ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let vc = self.vertical.forward(v); // [b, 2ch, hgt, w], rows <= i
-        let mut hc = self.horizontal.forward(h.clone()) + self.link.forward(shift_down(vc.clone()));
-        let mut vc = vc;
+        let mut vc = self.vertical.forward(v); // [b, 2ch, hgt, w], rows <= i
+        let mut hc = self.horizontal.forward(h.clone()); // [b, 2ch, hgt, w]
+        if let Some(link) = &self.link {
+            hc = hc + link.forward(shift_down(vc.clone()));
+        }
         if let (Some(cv), Some(chh)) = (&self.class_v, &self.class_h) {
             vc = vc + per_class(cv, cond.labels);
             hc = hc + per_class(chh, cond.labels);
@@ -117,8 +133,9 @@ impl GatedLayer {
             vc = vc + sv.forward(maps.clone());
             hc = hc + sh.forward(maps.clone());
         }
-        let v_out = gate(vc); // [b, ch, hgt, w]
-        let gated = gate(hc); // [b, ch, hgt, w]
+        let activate = |x| if self.gates { gate(x) } else { relu(x) };
+        let v_out = activate(vc); // [b, ch, hgt, w]
+        let gated = activate(hc); // [b, ch, hgt, w]
         let skip = self.skip.forward(gated.clone());
         let mut h_out = self.out.forward(gated);
         if self.residual {
