@@ -270,6 +270,7 @@ fn epochs(
             "epoch done"
         );
         run.append_metrics(&row)?;
+        run.write_curve(&plan.name)?;
         let every = plan.experiment.sample.every;
         if epoch == t.epochs || (every > 0 && epoch % every == 0) {
             write_grid(

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::experiment::Plan;
+use crate::results::plot;
 use crate::results::summary::{self, RunSummary};
 use crate::results::{self, Status};
 use crate::{run, sweep};
@@ -117,6 +118,28 @@ fn summarize(sweep: &sweep::Sweep, root: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(root).map_err(Error::io(root))?;
     results::write_atomic(&root.join("summary.csv"), summary::to_csv(&rows).as_bytes())?;
+    let curves: Vec<plot::Curve> = sweep
+        .runs
+        .iter()
+        .filter_map(|r| {
+            let rows = results::read_metrics(&root.join(&r.name)).ok()?;
+            Some(plot::Curve {
+                label: r.name.clone(),
+                points: rows
+                    .iter()
+                    .map(|m| (m.epoch as f64, m.test_bits_per_dim))
+                    .collect(),
+                dashed: false,
+            })
+        })
+        .collect();
+    let curve_path = root.join("test-curves.png");
+    plot::curves_png(
+        &format!("{}: test bits per dimension", sweep.name),
+        &curves,
+        &curve_path,
+    )
+    .map_err(Error::io(&curve_path))?;
     let md = summary::to_markdown(&rows, &missing);
     results::write_atomic(&root.join("summary.md"), md.as_bytes())?;
     print!("{md}");

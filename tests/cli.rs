@@ -59,7 +59,12 @@ fn run_writes_every_result_file_and_refuses_to_overwrite() {
     assert!(out.status.success(), "{}", text(&out));
 
     let res = dir.path().join("results/tiny");
-    for f in ["experiment.toml", "run.json", "metrics.csv"] {
+    for f in [
+        "experiment.toml",
+        "run.json",
+        "metrics.csv",
+        "learning-curve.png",
+    ] {
         assert!(res.join(f).is_file(), "missing {f}");
     }
     // One checkpoint per epoch, the newest two kept.
@@ -745,6 +750,7 @@ fn sweep_runs_skips_finished_runs_and_summarises() {
     let md = std::fs::read_to_string(d.join("results/sw/summary.md")).unwrap();
     assert!(md.contains("| layers=1_seed=2 | completed | 2 |"), "{md}");
     assert!(md.contains("| layers=2 | 2 |"), "seed spread: {md}");
+    assert_eq!(png_size(&d.join("results/sw/test-curves.png")).0, 800);
     let csv = std::fs::read_to_string(d.join("results/sw/summary.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5);
     assert!(csv.starts_with(

@@ -1,6 +1,7 @@
 //! Everything under `results/<name>/`: the resolved experiment, `run.json`, `metrics.csv`, sample
 //! grids and the checkpoint. Plain values only; never a tensor.
 
+pub mod plot;
 pub mod png;
 pub mod summary;
 
@@ -12,6 +13,7 @@ pub const EXPERIMENT_FILE: &str = "experiment.toml";
 pub const RUN_FILE: &str = "run.json";
 pub const METRICS_FILE: &str = "metrics.csv";
 pub const SAMPLES_DIR: &str = "samples";
+pub const CURVE_FILE: &str = "learning-curve.png";
 
 /// How far a run got.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +149,16 @@ impl RunDir {
             .serialize(row)
             .map_err(|e| Error::io(&path)(e.into()))?;
         self.metrics.flush().map_err(Error::io(&path))
+    }
+
+    /// Redraws `learning-curve.png` from `metrics.csv`.
+    pub fn write_curve(&self, title: &str) -> Result<()> {
+        let rows = read_metrics(&self.path)?;
+        let path = self.path.join(CURVE_FILE);
+        let tmp = self.path.join("learning-curve.tmp.png");
+        plot::learning_curve(title, &rows, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(Error::io(&path))
     }
 
     pub fn sample_path(&self, epoch: usize) -> PathBuf {
