@@ -75,6 +75,21 @@ pub enum Command {
         #[arg(long, default_value = "results", value_name = "DIR")]
         results: PathBuf,
     },
+    /// Copy the figures of finished runs into figures/ and rewrite the README's results table.
+    Figures {
+        /// Folder holding the results folders.
+        #[arg(long, default_value = "results", value_name = "DIR")]
+        results: PathBuf,
+        /// The README to rewrite between its results markers.
+        #[arg(long, default_value = "README.md", value_name = "FILE")]
+        readme: PathBuf,
+        /// The tracked folder the figures are copied into (relative to the README's folder).
+        #[arg(long, default_value = "figures", value_name = "DIR")]
+        figures: PathBuf,
+        /// The folder of experiments whose results the README shows.
+        #[arg(long, default_value = "experiments", value_name = "DIR")]
+        experiments: PathBuf,
+    },
     /// Print the JSON Schema of the experiment format.
     Schema,
 }
@@ -141,6 +156,35 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 Action::Run { only }
             };
             crate::sweep_cmd::sweep(&file, &results, action)
+        }
+        Command::Figures {
+            results,
+            readme,
+            figures,
+            experiments,
+        } => {
+            let text = std::fs::read_to_string(&readme).map_err(Error::io(&readme))?;
+            let base = readme.parent().unwrap_or(Path::new("."));
+            let figs = crate::figures::cited(&experiments)?
+                .iter()
+                .map(|name| crate::figures::collect(name, &results, &base.join(&figures)))
+                .collect::<Result<Vec<_>>>()?;
+            for f in figs.iter().filter(|f| f.row.is_none()) {
+                eprintln!(
+                    "not run: {} (no finished epoch in {})",
+                    f.name,
+                    results.join(&f.name).display()
+                );
+            }
+            let section = crate::figures::section(&figs, &figures.to_string_lossy());
+            let text = crate::figures::rewrite(&text, &section, &readme)?;
+            crate::results::write_atomic(&readme, text.as_bytes())?;
+            println!(
+                "rewrote {} ({} runs shown)",
+                readme.display(),
+                figs.iter().filter(|f| f.row.is_some()).count()
+            );
+            Ok(())
         }
         Command::Schema => {
             print!("{}", experiment::schema_json());

@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod experiment;
+pub mod figures;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -70,6 +70,7 @@ pub fn execute(plan: &Plan, options: &Options) -> Result<PathBuf> {
         error: None,
         overrides: plan.overrides.clone(),
         resumed: Vec::new(),
+        hardware: results::hardware(),
     };
     let start = Start {
         model,

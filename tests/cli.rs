@@ -842,3 +842,37 @@ fn sweep_with_an_unknown_key_fails_before_running() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("bad2.toml:2:"), "{}", text(&out));
 }
+
+#[test]
+fn figures_copies_grids_and_curves_and_rewrites_the_readme_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("experiments")).unwrap();
+    std::fs::write(d.join("experiments/tiny.toml"), TINY).unwrap();
+    std::fs::write(d.join("experiments/absent.toml"), TINY).unwrap();
+    let readme = format!(
+        "# Title\n\n{}\nstale\n{}\n\nrest\n",
+        pixel_models::figures::START,
+        pixel_models::figures::END
+    );
+    std::fs::write(d.join("README.md"), readme).unwrap();
+    let out = pixel(d, &["run", "experiments/tiny.toml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pixel(d, &["figures"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("not run: absent"), "{}", text(&out));
+    let new = std::fs::read_to_string(d.join("README.md")).unwrap();
+    assert!(new.starts_with("# Title\n\n") && new.ends_with("\n\nrest\n"), "{new}");
+    assert!(!new.contains("stale"));
+    assert!(new.contains("| `tiny` | 2 |"), "{new}");
+    assert!(new.contains("| completed | flex:cpu |"), "{new}");
+    assert!(new.contains("Not run here yet: `absent`."), "{new}");
+    assert!(new.contains("![tiny-samples.png](figures/tiny-samples.png)"), "{new}");
+    assert!(d.join("figures/tiny-samples.png").is_file());
+    assert!(d.join("figures/tiny-curve.png").is_file());
+    // Without the markers: an error that says what is missing.
+    std::fs::write(d.join("README.md"), "# none\n").unwrap();
+    let out = pixel(d, &["figures"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("results:start"), "{}", text(&out));
+}

@@ -47,6 +47,30 @@ pub struct RunInfo {
     /// When the run was resumed from a checkpoint, if ever.
     #[serde(default)]
     pub resumed: Vec<String>,
+    /// The CPU the run started on, and how many threads it could use.
+    #[serde(default)]
+    pub hardware: String,
+}
+
+impl RunInfo {
+    pub fn status_word(&self) -> String {
+        format!("{:?}", self.status).to_lowercase()
+    }
+}
+
+/// "CPU model, N threads", from /proc/cpuinfo where there is one.
+pub fn hardware() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cpu}, {threads} threads")
 }
 
 /// The header of `metrics.csv`, in the order of [`MetricsRow`]'s fields.

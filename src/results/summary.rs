@@ -26,7 +26,7 @@ impl RunSummary {
             .min_by(|a, b| a.test_bits_per_dim.total_cmp(&b.test_bits_per_dim))?;
         Some(RunSummary {
             run: run.into(),
-            status: format!("{:?}", info.status).to_lowercase(),
+            status: info.status_word(),
             epochs: last.epoch,
             final_test_bits_per_dim: last.test_bits_per_dim,
             best_test_bits_per_dim: best.test_bits_per_dim,
@@ -174,6 +174,7 @@ mod tests {
             error: None,
             overrides: vec![],
             resumed: vec![],
+            hardware: String::new(),
         }
     }
 

@@ -1,0 +1,168 @@
+//! `pixel figures`: copies the figures of finished runs into the tracked `figures/` folder and
+//! rewrites the README's results table between its markers, so the README always matches the runs
+//! it cites. A run that is missing is reported, never invented.
+
+use crate::error::{Error, Result};
+use crate::results::{self, RunInfo, SAMPLES_DIR};
+use std::path::{Path, PathBuf};
+
+pub const START: &str = "<!-- results:start (written by `pixel figures`) -->";
+pub const END: &str = "<!-- results:end -->";
+
+/// What `pixel figures` found for one experiment.
+#[derive(Debug)]
+pub struct Figure {
+    pub name: String,
+    pub row: Option<String>,
+    pub images: Vec<String>,
+}
+
+/// The experiments whose results the README shows: every `*.toml` directly in `experiments/`.
+pub fn cited(experiments: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(experiments)
+        .map_err(Error::io(experiments))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .map(|p| crate::experiment::plan::name_of(&p))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The newest sample grid of a results folder.
+fn latest_grid(dir: &Path) -> Option<PathBuf> {
+    let mut grids: Vec<PathBuf> = std::fs::read_dir(dir.join(SAMPLES_DIR))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("epoch-"))
+        })
+        .collect();
+    grids.sort();
+    grids.pop()
+}
+
+/// Copies the figures of `name` from `results/` into `figures/` and describes its row.
+pub fn collect(name: &str, results_root: &Path, figures: &Path) -> Result<Figure> {
+    let dir = results_root.join(name);
+    let mut figure = Figure {
+        name: name.into(),
+        row: None,
+        images: Vec::new(),
+    };
+    let (Ok(info), Ok(rows)) = (results::read_info(&dir), results::read_metrics(&dir)) else {
+        return Ok(figure);
+    };
+    let Some(last) = rows.last() else {
+        return Ok(figure);
+    };
+    std::fs::create_dir_all(figures).map_err(Error::io(figures))?;
+    for (from, to) in [
+        (latest_grid(&dir), format!("{name}-samples.png")),
+        (
+            Some(dir.join(results::CURVE_FILE)),
+            format!("{name}-curve.png"),
+        ),
+    ] {
+        if let Some(from) = from.filter(|p| p.is_file()) {
+            let dest = figures.join(&to);
+            std::fs::copy(&from, &dest).map_err(Error::io(&dest))?;
+            figure.images.push(to);
+        }
+    }
+    figure.row = Some(row(
+        name,
+        &info,
+        last.epoch,
+        last.test_bits_per_dim,
+        rows.iter().map(|r| r.train_seconds + r.test_seconds).sum(),
+    ));
+    Ok(figure)
+}
+
+fn row(name: &str, info: &RunInfo, epochs: usize, test: f64, seconds: f64) -> String {
+    format!(
+        "| `{name}` | {epochs} | {test:.4} | {} | {} | {} | {:.0} min | {} |",
+        info.status_word(),
+        info.device,
+        if info.hardware.is_empty() {
+            "?"
+        } else {
+            &info.hardware
+        },
+        seconds / 60.0,
+        info.ended
+            .as_deref()
+            .unwrap_or(&info.started)
+            .get(..10)
+            .unwrap_or("?"),
+    )
+}
+
+/// The README section between the markers.
+pub fn section(figures: &[Figure], figures_dir: &str) -> String {
+    let mut out = format!(
+        "{START}\n| experiment | epochs | test bits/dim | status | device | hardware | time | date |\n\
+         |---|---:|---:|---|---|---|---:|---|\n"
+    );
+    let mut missing = Vec::new();
+    for f in figures {
+        match &f.row {
+            Some(r) => {
+                out.push_str(r);
+                out.push('\n');
+            }
+            None => missing.push(format!("`{}`", f.name)),
+        }
+    }
+    if !missing.is_empty() {
+        out.push_str(&format!("\nNot run here yet: {}.\n", missing.join(", ")));
+    }
+    for f in figures.iter().filter(|f| !f.images.is_empty()) {
+        out.push_str(&format!("\n**{}**\n\n", f.name));
+        for img in &f.images {
+            out.push_str(&format!("![{img}]({figures_dir}/{img})\n"));
+        }
+    }
+    out.push_str(END);
+    out
+}
+
+/// Replaces the text between the markers of `readme`.
+pub fn rewrite(readme: &str, section: &str, path: &Path) -> Result<String> {
+    let (Some(a), Some(b)) = (readme.find(START), readme.find(END)) else {
+        return Err(Error::Usage {
+            flag: format!("--readme {}", path.display()),
+            message: format!("expected the markers {START} and {END}"),
+        });
+    };
+    Ok(format!(
+        "{}{}{}",
+        &readme[..a],
+        section,
+        &readme[b + END.len()..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_only_between_the_markers() {
+        let readme = format!("# X\nbefore\n{START}\nold\n{END}\nafter\n");
+        let out = rewrite(&readme, &format!("{START}\nnew\n{END}"), Path::new("R.md")).unwrap();
+        assert_eq!(out, format!("# X\nbefore\n{START}\nnew\n{END}\nafter\n"));
+        assert!(rewrite("no markers", "", Path::new("R.md")).is_err());
+    }
+
+    #[test]
+    fn missing_runs_are_reported_not_invented() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = collect("absent", dir.path(), &dir.path().join("figures")).unwrap();
+        assert!(f.row.is_none() && f.images.is_empty());
+        let s = section(&[f], "figures");
+        assert!(s.contains("Not run here yet: `absent`."), "{s}");
+    }
+}
