@@ -2,30 +2,11 @@
 //! whose first rows are given. Random draws come from the run's seeded generator on the host, so the
 //! same seed gives the same samples on every backend (up to float differences in the logits).
 
+use crate::data::Images;
 use crate::model::{Context, Model};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::Rng;
 use rand::rngs::StdRng;
-
-/// Images being generated: `[n, colours, h, w]` bytes plus a label each.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Canvas {
-    pub pixels: Vec<u8>,
-    pub labels: Vec<u8>,
-    pub colours: usize,
-    pub height: usize,
-    pub width: usize,
-}
-
-impl Canvas {
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-}
 
 /// Draws one value from `softmax(logits / temperature)` by inverting the CDF at a uniform draw.
 pub fn draw(logits: &[f32], temperature: f64, rng: &mut StdRng) -> u8 {
@@ -54,7 +35,7 @@ pub fn draw(logits: &[f32], temperature: f64, rng: &mut StdRng) -> u8 {
 /// causal, so rows below cannot matter and rows further up are out of its receptive field.
 pub fn fill(
     model: &Model,
-    canvas: &mut Canvas,
+    canvas: &mut Images,
     from_row: usize,
     context_rows: usize,
     temperature: f64,
@@ -91,7 +72,7 @@ pub fn fill(
 }
 
 /// Rows `top..top + rows` of every image, as floats `[n, c, rows, w]`.
-fn window(canvas: &Canvas, top: usize, rows: usize) -> Vec<f32> {
+fn window(canvas: &Images, top: usize, rows: usize) -> Vec<f32> {
     let (c, h, w) = (canvas.colours, canvas.height, canvas.width);
     let mut out = Vec::with_capacity(canvas.len() * c * rows * w);
     for i in 0..canvas.len() {
@@ -114,7 +95,7 @@ fn window(canvas: &Canvas, top: usize, rows: usize) -> Vec<f32> {
 #[allow(clippy::too_many_arguments)]
 pub fn grid(
     model: &Model,
-    test: &crate::data::Images,
+    test: &Images,
     grid: usize,
     context_rows: usize,
     temperature: f64,
@@ -124,7 +105,7 @@ pub fn grid(
     let (c, h, w) = (test.colours, test.height, test.width);
     let half = grid / 2;
     let dims = c * h * w;
-    let mut scratch = Canvas {
+    let mut scratch = Images {
         pixels: vec![0; half * grid * dims],
         labels: (0..half * grid).map(|i| ((i % grid) % 10) as u8).collect(),
         colours: c,
@@ -142,18 +123,17 @@ pub fn grid(
     );
 
     // Completions, ordered as the grid's cells: row r of the bottom half, column q.
-    let mut completions = Canvas {
-        pixels: Vec::with_capacity(half * grid * dims),
-        labels: Vec::with_capacity(half * grid),
-        ..scratch.clone()
+    let indices: Vec<usize> = (0..half * grid)
+        .map(|cell| (cell % grid) % test.len())
+        .collect();
+    let (pixels, labels) = test.gather(&indices);
+    let mut completions = Images {
+        pixels,
+        labels,
+        colours: c,
+        height: h,
+        width: w,
     };
-    for _ in 0..half {
-        for q in 0..grid {
-            let i = q % test.len();
-            completions.pixels.extend_from_slice(test.image(i));
-            completions.labels.push(test.labels[i]);
-        }
-    }
     fill(
         model,
         &mut completions,

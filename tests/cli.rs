@@ -862,12 +862,18 @@ fn figures_copies_grids_and_curves_and_rewrites_the_readme_table() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("not run: absent"), "{}", text(&out));
     let new = std::fs::read_to_string(d.join("README.md")).unwrap();
-    assert!(new.starts_with("# Title\n\n") && new.ends_with("\n\nrest\n"), "{new}");
+    assert!(
+        new.starts_with("# Title\n\n") && new.ends_with("\n\nrest\n"),
+        "{new}"
+    );
     assert!(!new.contains("stale"));
     assert!(new.contains("| `tiny` | 2 |"), "{new}");
     assert!(new.contains("| completed | flex:cpu |"), "{new}");
     assert!(new.contains("Not run here yet: `absent`."), "{new}");
-    assert!(new.contains("![tiny-samples.png](figures/tiny-samples.png)"), "{new}");
+    assert!(
+        new.contains("![tiny-samples.png](figures/tiny-samples.png)"),
+        "{new}"
+    );
     assert!(d.join("figures/tiny-samples.png").is_file());
     assert!(d.join("figures/tiny-curve.png").is_file());
     // Without the markers: an error that says what is missing.
