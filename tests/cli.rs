@@ -419,9 +419,10 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     let t0 = std::time::Instant::now();
     while !run_json.exists() {
         assert!(t0.elapsed().as_secs() < 60, "the run never started");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Training starts right after run.json is written: the signal lands in the first epoch (it has
+    // 750 steps), and the run stops after the step in progress.
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
