@@ -90,6 +90,20 @@ pub enum Command {
         #[arg(long, default_value = "experiments", value_name = "DIR")]
         experiments: PathBuf,
     },
+    /// Measure training speed, forward latency, sampling time and peak memory of an experiment.
+    Bench {
+        /// The experiment file; its model, batch size, data and runtime are used.
+        experiment: PathBuf,
+        /// Timed training steps and forward passes (after two of warm-up each).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Skip timing the sample grid (minutes for full-size images).
+        #[arg(long)]
+        no_grid: bool,
+        /// Override one key, e.g. --set runtime.backend=libtorch (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Print the JSON Schema of the experiment format.
     Schema,
 }
@@ -183,6 +197,29 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 "rewrote {} ({} runs shown)",
                 readme.display(),
                 figs.iter().filter(|f| f.row.is_some()).count()
+            );
+            Ok(())
+        }
+        Command::Bench {
+            experiment,
+            steps,
+            no_grid,
+            sets,
+        } => {
+            let sets = sets
+                .iter()
+                .map(|s| experiment::parse_set(s))
+                .collect::<Result<Vec<_>>>()?;
+            let plan = plan_file(&experiment, &sets)?;
+            let report = crate::bench::run(&plan, steps.max(1), !no_grid)?;
+            println!(
+                "| experiment | device | precision | batch | s/step | train images/s | forward ms | grid s | peak MiB |\n\
+                 |---|---|---|---:|---:|---:|---:|---:|---:|\n{}",
+                report.markdown_row()
+            );
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("a report serialises")
             );
             Ok(())
         }

@@ -3,6 +3,7 @@
 //! Data flows one way: `experiment` (file -> [`experiment::Experiment`] -> [`experiment::Plan`])
 //! -> `run` (device, data, model, train, sample) -> `results`.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

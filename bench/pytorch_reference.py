@@ -1,0 +1,163 @@
+"""The same models as pixel-models (src/model), written in PyTorch, timed the same way as `pixel bench`,
+so that the speed ratio to PyTorch is measured side by side on one machine with the same threads.
+
+    python3 bench/pytorch_reference.py --variant gated --layers 5 --kernel 5 --channels 30 \
+        --batch 64 --size 28 --colours 1 --steps 10 --threads 2
+
+Prints the median seconds per training step (forward, 256-way cross-entropy, backward, Adam) and of a
+forward pass without gradients, after two warm-up steps each. Random data: the speed does not depend on
+the pixel values.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def groups(n, colours):
+    return [ch * colours // n for ch in range(n)]
+
+
+def gate_groups(n, colours):
+    g = groups(n, colours)
+    return g + g
+
+
+def mask(kind, in_groups, out_groups, kh, kw, cy, cx):
+    m = torch.zeros(len(out_groups), len(in_groups), kh, kw)
+    for o, go in enumerate(out_groups):
+        for i, gi in enumerate(in_groups):
+            for y in range(kh):
+                for x in range(kw):
+                    if kind == "full" or (y, x) < (cy, cx):
+                        m[o, i, y, x] = 1
+                    elif (y, x) == (cy, cx):
+                        m[o, i, y, x] = float(gi < go if kind == "A" else gi <= go)
+    return m
+
+
+class MaskedConv(nn.Conv2d):
+    """A convolution whose weight is multiplied by a fixed mask; padding keeps the image size."""
+
+    def __init__(self, kind, shape, k, in_groups, out_groups):
+        kh, kw, cy, cx = {
+            "square": (k, k, k // 2, k // 2),
+            "row_left": (1, k // 2 + 1, 0, k // 2),
+            "rows_above": (k // 2 + 1, k, k // 2, k // 2),
+            "point": (1, 1, 0, 0),
+        }[shape]
+        super().__init__(len(in_groups), len(out_groups), (kh, kw))
+        self.register_buffer("mask", mask(kind, in_groups, out_groups, kh, kw, cy, cx))
+        self.pad = (cx, kw - 1 - cx, cy, kh - 1 - cy)
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, self.pad), self.weight * self.mask, self.bias)
+
+
+class Simple(nn.Module):
+    def __init__(self, colours, layers, k, ch):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            MaskedConv("A" if l == 0 else "B", "square", k,
+                       groups(colours if l == 0 else ch, colours), groups(ch, colours))
+            for l in range(layers))
+        self.head = MaskedConv("B", "point", 1, groups(ch, colours), groups(256 * colours, colours))
+
+    def forward(self, x):
+        for c in self.convs:
+            x = F.relu(c(x))
+        return self.head(x)
+
+
+class GatedLayer(nn.Module):
+    def __init__(self, colours, k, ch, first):
+        super().__init__()
+        ins = groups(colours if first else ch, colours)
+        gates, hidden = gate_groups(ch, colours), groups(ch, colours)
+        self.vertical = MaskedConv("full", "rows_above", k, ins, gates)
+        self.horizontal = MaskedConv("A" if first else "B", "row_left", k, ins, gates)
+        self.link = MaskedConv("full", "point", 1, gates, gates)
+        self.out = MaskedConv("B", "point", 1, hidden, hidden)
+        self.skip = MaskedConv("B", "point", 1, hidden, hidden)
+        self.residual = not first
+
+    @staticmethod
+    def gate(x):
+        a, b = x.chunk(2, dim=1)
+        return torch.tanh(a) * torch.sigmoid(b)
+
+    def forward(self, v, h):
+        vc = self.vertical(v)
+        shifted = F.pad(vc, (0, 0, 1, 0))[:, :, :-1, :]
+        hc = self.horizontal(h) + self.link(shifted)
+        gated = self.gate(hc)
+        h_out = self.out(gated) + (h if self.residual else 0)
+        return self.gate(vc), h_out, self.skip(gated)
+
+
+class Gated(nn.Module):
+    def __init__(self, colours, layers, k, ch):
+        super().__init__()
+        self.layers = nn.ModuleList(GatedLayer(colours, k, ch, l == 0) for l in range(layers))
+        self.head_hidden = MaskedConv("B", "point", 1, groups(ch, colours), groups(ch, colours))
+        self.head_out = MaskedConv("B", "point", 1, groups(ch, colours), groups(256 * colours, colours))
+
+    def forward(self, x):
+        v = h = x
+        skips = 0
+        for layer in self.layers:
+            v, h, s = layer(v, h)
+            skips = skips + s
+        return self.head_out(F.relu(self.head_hidden(F.relu(skips))))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variant", choices=["simple", "gated"], default="gated")
+    p.add_argument("--layers", type=int, default=5)
+    p.add_argument("--kernel", type=int, default=5)
+    p.add_argument("--channels", type=int, default=30)
+    p.add_argument("--colours", type=int, default=1)
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(1)
+    model = (Simple if a.variant == "simple" else Gated)(a.colours, a.layers, a.kernel, a.channels)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    target = torch.randint(0, 256, (a.batch, a.colours, a.size, a.size))
+    x = target.float() / 255
+
+    def step():
+        logits = model(x).view(a.batch, a.colours, 256, a.size, a.size).transpose(1, 2)
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    times = []
+    for i in range(a.steps + 2):
+        t = time.perf_counter()
+        step()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    fwd = []
+    with torch.no_grad():
+        for i in range(a.steps + 2):
+            t = time.perf_counter()
+            model(x).sum().item()
+            if i >= 2:
+                fwd.append((time.perf_counter() - t) * 1e3)
+    s = statistics.median(times)
+    print(f"| pytorch {torch.__version__} cpu | {a.variant} {a.layers}x{a.kernel} c{a.channels} | "
+          f"{a.batch} | {s:.3f} s/step | {a.batch / s:.1f} images/s | {statistics.median(fwd):.1f} ms forward |")
+
+
+if __name__ == "__main__":
+    main()

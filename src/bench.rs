@@ -1,0 +1,143 @@
+//! `pixel bench`: training throughput, forward latency, the time to sample a grid and peak memory
+//! for one experiment on its backend, measured the same way on every backend.
+
+use crate::error::Result;
+use crate::experiment::Plan;
+use crate::train::{self, PassStats};
+use crate::{data, device, optim, sample};
+use burn::module::Module;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Serialize, Debug)]
+pub struct Report {
+    pub experiment: String,
+    pub device: String,
+    pub precision: String,
+    pub batch_size: usize,
+    pub steps: usize,
+    /// Median seconds per optimisation step.
+    pub seconds_per_step: f64,
+    pub train_images_per_second: f64,
+    /// Median milliseconds of one forward pass over a batch, without gradients.
+    pub forward_ms: f64,
+    /// Seconds to sample the experiment's grid (None when skipped).
+    pub grid_seconds: Option<f64>,
+    /// Peak resident memory of the process, MiB (Linux only).
+    pub peak_rss_mib: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Peak resident set size from /proc/self/status, in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Runs `steps` timed training steps (after two for warm-up), as many forward passes, and
+/// optionally one sample grid.
+pub fn run(plan: &Plan, steps: usize, with_grid: bool) -> Result<Report> {
+    let t = &plan.experiment.train;
+    let opened = device::open(&plan.device, t.seed);
+    let splits = data::load(&plan.data)?;
+    let train_device = opened.device.clone().autodiff();
+    let mut model = plan.model.init(t.seed, &train_device);
+    let mut optimizer = optim::adam();
+    let batch = t.batch_size;
+    let order: Vec<usize> = (0..batch).map(|i| i % splits.train.len()).collect();
+    let step = train::Step {
+        batch_size: batch,
+        learning_rate: t.learning_rate,
+    };
+    let mut times = Vec::new();
+    for i in 0..steps + 2 {
+        let start = Instant::now();
+        let (next, _, _) = train::train_epoch(
+            model,
+            &mut optimizer,
+            &splits.train,
+            &order,
+            step,
+            &train_device,
+            0,
+            PassStats::default(),
+            &|| false,
+            |_, _| {},
+        )
+        .map_err(crate::error::Error::Run)?;
+        model = next;
+        if i >= 2 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let seconds_per_step = median(times);
+
+    let valid = model.valid();
+    let inference = opened.device.clone();
+    let indices: Vec<usize> = (0..batch).map(|i| i % splits.test.len()).collect();
+    let mut forward = Vec::new();
+    for i in 0..steps + 2 {
+        let b = train::Batch::gather(&splits.test, &indices, &inference);
+        let start = Instant::now();
+        let sum: f32 = valid.forward(b.input, &b.context).sum().into_scalar();
+        std::hint::black_box(sum);
+        if i >= 2 {
+            forward.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+
+    let grid_seconds = with_grid.then(|| {
+        let mut rng = StdRng::seed_from_u64(t.seed);
+        let start = Instant::now();
+        sample::grid(
+            &valid,
+            &splits.test,
+            plan.experiment.sample.grid,
+            plan.model.context_rows(),
+            plan.experiment.sample.temperature,
+            &mut rng,
+            &inference,
+        );
+        start.elapsed().as_secs_f64()
+    });
+
+    Ok(Report {
+        experiment: plan.name.clone(),
+        device: opened.description,
+        precision: format!("{:?}", plan.device.precision).to_lowercase(),
+        batch_size: batch,
+        steps,
+        seconds_per_step,
+        train_images_per_second: batch as f64 / seconds_per_step,
+        forward_ms: median(forward),
+        grid_seconds,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+impl Report {
+    /// A Markdown table row: experiment, device, precision, batch, s/step, images/s, forward ms,
+    /// grid seconds, peak MiB.
+    pub fn markdown_row(&self) -> String {
+        format!(
+            "| {} | {} | {} | {} | {:.3} | {:.1} | {:.1} | {} | {} |",
+            self.experiment,
+            self.device,
+            self.precision,
+            self.batch_size,
+            self.seconds_per_step,
+            self.train_images_per_second,
+            self.forward_ms,
+            self.grid_seconds.map_or("-".into(), |s| format!("{s:.1}")),
+            self.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}")),
+        )
+    }
+}
