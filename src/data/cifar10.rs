@@ -32,7 +32,7 @@ pub fn read_batch(path: &Path) -> Result<Images, DataError> {
 }
 
 pub fn parse_batch(path: &Path, bytes: &[u8]) -> Result<Images, DataError> {
-    if bytes.is_empty() || bytes.len() % RECORD != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD) {
         return Err(DataError::format(
             path,
             format!(

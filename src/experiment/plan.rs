@@ -72,7 +72,7 @@ impl Plan {
             "an odd kernel size (1, 3, 5, ...) so that the mask has a centre",
         )?;
         ctx.require(
-            m.channels >= colours && m.channels % colours == 0,
+            m.channels >= colours && m.channels.is_multiple_of(colours),
             "model.channels",
             m.channels,
             &format!(
@@ -132,7 +132,7 @@ impl Plan {
             "a positive number (1.0 samples the model's own distribution)",
         )?;
         ctx.require(
-            s.grid >= 2 && s.grid % 2 == 0,
+            s.grid >= 2 && s.grid.is_multiple_of(2),
             "sample.grid",
             s.grid,
             "an even number of images per side, at least 2",
