@@ -1,7 +1,7 @@
 //! Argument syntax, help and dispatch. No TOML parsing or tensors here.
 
 use crate::error::{Error, Result};
-use crate::experiment::{self, Plan};
+use crate::experiment::{self, plan_file};
 use crate::run;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -176,30 +176,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             readme,
             figures,
             experiments,
-        } => {
-            let text = std::fs::read_to_string(&readme).map_err(Error::io(&readme))?;
-            let base = readme.parent().unwrap_or(Path::new("."));
-            let figs = crate::figures::cited(&experiments)?
-                .iter()
-                .map(|name| crate::figures::collect(name, &results, &base.join(&figures)))
-                .collect::<Result<Vec<_>>>()?;
-            for f in figs.iter().filter(|f| f.row.is_none()) {
-                eprintln!(
-                    "not run: {} (no finished epoch in {})",
-                    f.name,
-                    results.join(&f.name).display()
-                );
-            }
-            let section = crate::figures::section(&figs, &figures.to_string_lossy());
-            let text = crate::figures::rewrite(&text, &section, &readme)?;
-            crate::results::write_atomic(&readme, text.as_bytes())?;
-            println!(
-                "rewrote {} ({} runs shown)",
-                readme.display(),
-                figs.iter().filter(|f| f.row.is_some()).count()
-            );
-            Ok(())
-        }
+        } => crate::figures::regenerate(&results, &readme, &figures, &experiments),
         Command::Bench {
             experiment,
             steps,
@@ -228,16 +205,6 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn pixel_data() -> Option<PathBuf> {
-    std::env::var_os("PIXEL_DATA").map(PathBuf::from)
-}
-
-/// Loads and plans one experiment file.
-pub fn plan_file(path: &Path, sets: &[experiment::Override]) -> Result<Plan> {
-    let (exp, overrides) = experiment::load(path, sets)?;
-    Plan::new(exp, overrides, path, pixel_data().as_deref())
 }
 
 fn check(paths: &[PathBuf]) -> Result<()> {

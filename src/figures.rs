@@ -17,6 +17,33 @@ pub struct Figure {
     pub images: Vec<String>,
 }
 
+/// `pixel figures`: collects every cited run's figures and rewrites the README's section.
+pub fn regenerate(
+    results_root: &Path,
+    readme: &Path,
+    figures: &Path,
+    experiments: &Path,
+) -> Result<()> {
+    let text = std::fs::read_to_string(readme).map_err(Error::io(readme))?;
+    let base = readme.parent().unwrap_or(Path::new("."));
+    let figs = cited(experiments)?
+        .iter()
+        .map(|name| collect(name, results_root, &base.join(figures)))
+        .collect::<Result<Vec<_>>>()?;
+    for f in figs.iter().filter(|f| f.row.is_none()) {
+        eprintln!(
+            "not run: {} (no finished epoch in {})",
+            f.name,
+            results_root.join(&f.name).display()
+        );
+    }
+    let text = rewrite(&text, &section(&figs, &figures.to_string_lossy()), readme)?;
+    crate::results::write_atomic(readme, text.as_bytes())?;
+    let shown = figs.iter().filter(|f| f.row.is_some()).count();
+    println!("rewrote {} ({shown} runs shown)", readme.display());
+    Ok(())
+}
+
 /// The experiments whose results the README shows: every `*.toml` directly in `experiments/`.
 pub fn cited(experiments: &Path) -> Result<Vec<String>> {
     let mut names: Vec<String> = std::fs::read_dir(experiments)

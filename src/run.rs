@@ -89,7 +89,7 @@ pub fn resume(dir: &Path) -> Result<PathBuf> {
             message: "this run has already completed; nothing to resume".into(),
         });
     }
-    let plan = crate::cli::plan_file(&dir.join(results::EXPERIMENT_FILE), &[])?;
+    let plan = crate::experiment::plan_file(&dir.join(results::EXPERIMENT_FILE), &[])?;
     let plan = Plan {
         name: info.name.clone(),
         overrides: info.overrides.clone(),

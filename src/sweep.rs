@@ -87,7 +87,7 @@ pub fn load(path: &Path) -> Result<(Sweep, Vec<Plan>)> {
 
 /// The plan of one run: the base experiment with the run's values, named after the run.
 pub fn plan(sweep: &Sweep, run: &SweepRun) -> Result<Plan> {
-    let plan = crate::cli::plan_file(&sweep.base, &run.sets)?;
+    let plan = crate::experiment::plan_file(&sweep.base, &run.sets)?;
     Ok(Plan {
         name: run.name.clone(),
         ..plan

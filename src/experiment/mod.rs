@@ -254,6 +254,13 @@ pub enum Precision {
     F16,
 }
 
+/// Loads and plans one experiment file, with data searched in `$PIXEL_DATA` too.
+pub fn plan_file(path: &std::path::Path, sets: &[Override]) -> crate::error::Result<Plan> {
+    let (exp, overrides) = load(path, sets)?;
+    let pixel_data = std::env::var_os("PIXEL_DATA").map(PathBuf::from);
+    Plan::new(exp, overrides, path, pixel_data.as_deref())
+}
+
 /// The JSON Schema of the experiment format, as written to `schemas/experiment.schema.json`.
 pub fn schema_json() -> String {
     let schema = schemars::schema_for!(Experiment);
