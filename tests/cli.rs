@@ -466,6 +466,25 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
         std::fs::read(b.join("samples/epoch-0002.png")).unwrap(),
         "same weights give the same grid"
     );
+    // The final weights are the same: both models give bit-identical logits on one input.
+    assert_eq!(final_logits(&a), final_logits(&b));
+}
+
+/// The logits of a run's newest checkpoint on a fixed input.
+fn final_logits(dir: &Path) -> Vec<f32> {
+    use burn::tensor::{Device, Tensor, TensorData};
+    let plan = pixel_models::experiment::plan_file(&dir.join("experiment.toml"), &[]).unwrap();
+    let device = Device::flex();
+    let model = pixel_models::run::load_latest_model(&plan, dir, &device).unwrap();
+    let x: Vec<f32> = (0..36).map(|i| (i * 37 % 256) as f32).collect();
+    let x = Tensor::<4>::from_data(TensorData::new(x, [1, 1, 6, 6]), &device);
+    let ctx = pixel_models::model::Context::from_labels(&[3], &device);
+    model
+        .forward(x, &ctx)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .unwrap()
 }
 
 #[test]
