@@ -49,7 +49,7 @@ pub fn run(plan: &Plan, steps: usize, with_grid: bool) -> Result<Report> {
     let opened = device::open(&plan.device, t.seed);
     let splits = data::load(&plan.data)?;
     let train_device = opened.device.clone().autodiff();
-    let mut model = plan.model.init(t.seed, &train_device);
+    let mut model = plan.init_model(&train_device);
     let mut optimizer = optim::adam();
     let batch = t.batch_size;
     let order: Vec<usize> = (0..batch).map(|i| i % splits.train.len()).collect();

@@ -5,7 +5,7 @@ use crate::checkpoint::{self, Position};
 use crate::data::{self, Splits};
 use crate::device;
 use crate::error::{Error, Result};
-use crate::experiment::Plan;
+use crate::experiment::{Plan, Precision};
 use crate::model::Model;
 use crate::optim;
 use crate::results::{self, MetricsRow, RunDir, RunInfo, Status};
@@ -53,14 +53,17 @@ pub fn execute(plan: &Plan, options: &Options) -> Result<PathBuf> {
 
     let run = RunDir::create(&dir, options.force, &plan.resolved_toml())?;
     let train_device = opened.device.clone().autodiff();
-    let model = plan.model.init(seed, &train_device);
+    let model = plan.init_model(&train_device);
     let info = RunInfo {
         name: plan.name.clone(),
         crate_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: env!("BUILD_GIT_REVISION").into(),
         backend: format!("{:?}", plan.device.backend).to_lowercase(),
         device: opened.description.clone(),
-        float_dtype: format!("{:?}", plan.device.precision).to_lowercase(),
+        float_dtype: match plan.device.precision {
+            Precision::F32 => "f32".into(),
+            p => format!("{p:?} compute, f32 weights").to_lowercase(),
+        },
         seed,
         parameters: model.parameters(),
         started: results::now(),
@@ -101,7 +104,7 @@ pub fn resume(dir: &Path) -> Result<PathBuf> {
     check_splits(&plan, &splits)?;
 
     let train_device = opened.device.clone().autodiff();
-    let model = plan.model.init(seed, &train_device);
+    let model = plan.init_model(&train_device);
     let start = match checkpoint::latest(dir)? {
         Some(ckpt) => {
             let (model, optimizer, position) = checkpoint::load(&ckpt, model, optim::adam())?;
@@ -318,7 +321,7 @@ pub fn load_latest_model(plan: &Plan, dir: &Path, device: &Device) -> Result<Mod
             message: "no checkpoint: the run has not finished an epoch yet".into(),
         });
     };
-    checkpoint::load_model(&ckpt, plan.model.init(plan.experiment.train.seed, device))
+    checkpoint::load_model(&ckpt, plan.init_model(device))
 }
 
 /// Samples the grid with a generator seeded by the run's seed and the epoch, and writes it.

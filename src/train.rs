@@ -135,3 +135,70 @@ pub fn evaluate(model: &Model, images: &Images, batch_size: usize, device: &Devi
     stats.seconds = start.elapsed().as_secs_f64();
     stats
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synthetic;
+    use crate::experiment::Precision;
+    use crate::model::{GatedConfig, ModelConfig};
+
+    /// A few steps computed in bf16 (f32 weights and Adam state) track the same steps in f32.
+    #[test]
+    fn bf16_steps_track_f32() {
+        let spec = synthetic::Spec {
+            size: 8,
+            colours: 3,
+            train_images: 64,
+        };
+        let data = synthetic::generate(&spec, 4).train;
+        let cfg = ModelConfig::Gated(GatedConfig {
+            colours: 3,
+            layers: 3,
+            kernel: 3,
+            channels: 12,
+            classes: Some(10),
+            spatial_channels: 0,
+            residual: true,
+            gates: true,
+            link: true,
+        });
+        let device = Device::flex().autodiff();
+        let order: Vec<usize> = (0..64).collect();
+        let losses = |precision| {
+            let model = cfg.init(2, &device).with_precision(precision);
+            let mut optimizer = crate::optim::adam();
+            let step = Step {
+                batch_size: 16,
+                learning_rate: 1e-3,
+            };
+            let mut per_epoch = Vec::new();
+            let mut model = model;
+            for _ in 0..3 {
+                let (m, stats, _) = train_epoch(
+                    model,
+                    &mut optimizer,
+                    &data,
+                    &order,
+                    step,
+                    &device,
+                    0,
+                    PassStats::default(),
+                    &|| false,
+                    |_, _| {},
+                )
+                .unwrap();
+                model = m;
+                per_epoch.push(stats.bits_per_dim());
+            }
+            per_epoch
+        };
+        let (full, half) = (losses(Precision::F32), losses(Precision::Bf16));
+        assert!(full[2] < full[0], "f32 learns: {full:?}");
+        assert!(half[2] < half[0], "bf16 learns: {half:?}");
+        for (f, h) in full.iter().zip(&half) {
+            assert!((f - h).abs() / f < 0.02, "bf16 {half:?} vs f32 {full:?}");
+        }
+        assert_ne!(full, half, "bf16 really computed in bf16");
+    }
+}

@@ -618,7 +618,7 @@ fn bad_inputs_each_get_a_clear_error() {
         (format!("{syn}[runtime]\ndevice = \"gpu\"\n"), vec![], vec!["`runtime.device` = \"gpu\""]),
         (format!("{syn}[runtime]\ndevice = \"cuda:x\"\n"), vec![], vec!["`runtime.device` = \"cuda:x\""]),
         (format!("{syn}[runtime]\ndevice = \"cuda\"\n"), vec![], vec!["`runtime.device`", "libtorch"]),
-        (format!("{syn}[runtime]\nprecision = \"bf16\"\n"), vec![], vec!["`runtime.precision` = bf16"]),
+        (format!("{syn}[runtime]\nprecision = \"f16\"\n"), vec![], vec!["`runtime.precision` = \"f16\"", "bf16"]),
         (format!("{syn}[model]\nconditional = \"class\"\n"), vec![], vec!["`model.conditional`", "gated"]),
         ("[data]\ndataset = \"folder\"\npath = \"folder-sizes\"\n[model]\nvariant = \"gated\"\nconditional = \"class\"\n".into(), vec![], vec!["`model.conditional`", "folder"]),
         ("[data]\ndataset = \"synthetic\"\nsynthetic_colours = 2\n".into(), vec![], vec!["`data.synthetic_colours` = 2"]),

@@ -167,10 +167,10 @@ impl Plan {
             "\"cpu\" or \"auto\" with the flex backend (CUDA needs backend = \"libtorch\")",
         )?;
         ctx.require(
-            r.precision == Precision::F32,
+            r.precision != Precision::F16,
             "runtime.precision",
-            format!("{:?}", r.precision).to_lowercase(),
-            "\"f32\" (bf16 and f16 are not supported yet)",
+            "\"f16\"",
+            "\"f32\" or \"bf16\" (f16 needs dynamic loss scaling, which is not supported yet)",
         )?;
 
         let classes = match m.conditional {
@@ -259,6 +259,13 @@ impl Plan {
                 precision: r.precision,
             },
         })
+    }
+
+    /// The planned model with its initial weights (seeded) and compute precision.
+    pub fn init_model(&self, device: &burn::tensor::Device) -> crate::model::Model {
+        self.model
+            .init(self.experiment.train.seed, device)
+            .with_precision(self.device.precision)
     }
 
     /// The resolved experiment as TOML, headed by the `#:schema` line and the overrides applied.

@@ -126,12 +126,13 @@ impl GatedLayer {
             hc = hc + link.forward(shift_down(vc.clone()));
         }
         if let (Some(cv), Some(chh)) = (&self.class_v, &self.class_h) {
-            vc = vc + per_class(cv, cond.labels);
-            hc = hc + per_class(chh, cond.labels);
+            vc = vc.clone() + per_class(cv, cond.labels).cast(vc.dtype());
+            hc = hc.clone() + per_class(chh, cond.labels).cast(hc.dtype());
         }
         if let (Some(sv), Some(sh), Some(maps)) = (&self.spatial_v, &self.spatial_h, cond.maps) {
+            let maps = maps.clone().cast(vc.dtype());
             vc = vc + sv.forward(maps.clone());
-            hc = hc + sh.forward(maps.clone());
+            hc = hc + sh.forward(maps);
         }
         let activate = |x| if self.gates { gate(x) } else { relu(x) };
         let v_out = activate(vc); // [b, ch, hgt, w]
@@ -164,7 +165,7 @@ fn gate(x: Tensor<4>) -> Tensor<4> {
 /// stack computed for row i - 1, which saw only rows above i.
 fn shift_down(x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
-    let zeros = Tensor::<4>::zeros([b, c, 1, w], &x.device());
+    let zeros = Tensor::<4>::zeros([b, c, 1, w], &x.device()).cast(x.dtype());
     if h == 1 {
         return zeros;
     }

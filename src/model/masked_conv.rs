@@ -194,11 +194,13 @@ impl MaskedConv2d {
     /// - output: `[batch, out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [top, bottom, left, right] = self.padding;
-        let weight = self.weight.val() * self.mask.clone();
+        // Weights are f32; the convolution runs in the input's float type (mixed precision).
+        let dtype = x.dtype();
+        let weight = (self.weight.val() * self.mask.clone()).cast(dtype);
         conv2d(
             x,
             weight,
-            Some(self.bias.val()),
+            Some(self.bias.val().cast(dtype)),
             ConvOptions::new_with_padding([1, 1], [(top, bottom), (left, right)], [1, 1], 1),
         )
     }

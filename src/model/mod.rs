@@ -7,7 +7,7 @@ pub mod masked_conv;
 pub mod simple;
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::Serialize;
@@ -27,9 +27,19 @@ pub enum ModelConfig {
 // inline.
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
-pub enum Model {
+pub enum Net {
     Simple(SimplePixelCnn),
     Gated(GatedPixelCnn),
+}
+
+/// A network and the float type its convolutions compute in. The weights (and the optimizer's
+/// state) stay f32; with a lower compute precision each forward pass casts them, and the logits
+/// come back to f32 for the softmax and the loss (mixed precision, as Burn 0.22 has no autocast).
+#[derive(Module, Debug)]
+pub struct Model {
+    net: Net,
+    #[module(skip)]
+    compute: Option<FloatDType>,
 }
 
 /// What a model may condition on besides the pixels before the current one.
@@ -55,10 +65,11 @@ impl ModelConfig {
     /// Builds the model with weights drawn from a generator seeded by `seed`.
     pub fn init(&self, seed: u64, device: &Device) -> Model {
         let mut rng = StdRng::seed_from_u64(seed);
-        match self {
-            ModelConfig::Simple(c) => Model::Simple(c.init(&mut rng, device)),
-            ModelConfig::Gated(c) => Model::Gated(c.init(&mut rng, device)),
-        }
+        let net = match self {
+            ModelConfig::Simple(c) => Net::Simple(c.init(&mut rng, device)),
+            ModelConfig::Gated(c) => Net::Gated(c.init(&mut rng, device)),
+        };
+        Model { net, compute: None }
     }
 
     pub fn colours(&self) -> usize {
@@ -83,6 +94,17 @@ pub fn scale_input(pixels: Tensor<4>) -> Tensor<4> {
 }
 
 impl Model {
+    /// Computes in `precision` from now on (f32 weights either way).
+    pub fn with_precision(mut self, precision: crate::experiment::Precision) -> Self {
+        use crate::experiment::Precision;
+        self.compute = match precision {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(FloatDType::BF16),
+            Precision::F16 => Some(FloatDType::F16),
+        };
+        self
+    }
+
     /// Logits for every sub-pixel.
     ///
     /// # Shapes
@@ -90,16 +112,23 @@ impl Model {
     /// - returns: `[batch, colours, 256, h, w]`
     pub fn forward(&self, x: Tensor<4>, context: &Context) -> Tensor<5> {
         let [b, c, h, w] = x.dims();
-        let x = scale_input(x);
-        let logits = match self {
-            Model::Simple(m) => m.forward(x), // [b, c * 256, h, w]
-            Model::Gated(m) => m.forward(
+        let mut x = scale_input(x);
+        if let Some(dtype) = self.compute {
+            x = x.cast(dtype);
+        }
+        let logits = match &self.net {
+            Net::Simple(m) => m.forward(x), // [b, c * 256, h, w]
+            Net::Gated(m) => m.forward(
                 x,
                 &gated::Conditioning {
                     labels: &context.labels,
                     maps: context.maps.as_ref(),
                 },
             ),
+        };
+        let logits = match self.compute {
+            Some(_) => logits.cast(FloatDType::F32),
+            None => logits,
         };
         logits.reshape([b, c, 256, h, w])
     }
