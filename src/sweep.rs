@@ -60,13 +60,7 @@ pub fn load(path: &Path) -> Result<(Sweep, Vec<Plan>)> {
     let file: SweepFile = toml::from_str(&text).map_err(|e| {
         let (line, column) = e
             .span()
-            .map(|s| {
-                let before = &text[..s.start.min(text.len())];
-                (
-                    before.matches('\n').count() + 1,
-                    before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1,
-                )
-            })
+            .map(|s| experiment::line_column(&text, s.start))
             .unwrap_or((1, 1));
         Error::Parse {
             file: path.to_path_buf(),

@@ -7,6 +7,7 @@
 mod load;
 pub mod plan;
 
+pub(crate) use load::line_column;
 pub use load::{Override, load, parse, parse_set};
 pub use plan::Plan;
 
