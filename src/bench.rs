@@ -23,8 +23,10 @@ pub struct Report {
     pub train_images_per_second: f64,
     /// Median milliseconds of one forward pass over a batch, without gradients.
     pub forward_ms: f64,
-    /// Seconds to sample the experiment's grid (None when skipped).
+    /// Seconds to sample the experiment's grid with the cached sampler (None when skipped).
     pub grid_seconds: Option<f64>,
+    /// The same grid with the naive sampler, one forward pass per sub-pixel (None unless asked).
+    pub naive_grid_seconds: Option<f64>,
     /// Peak resident memory of the process, MiB (Linux only).
     pub peak_rss_mib: Option<f64>,
 }
@@ -43,8 +45,8 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 /// Runs `steps` timed training steps (after two for warm-up), as many forward passes, and
-/// optionally one sample grid.
-pub fn run(plan: &Plan, steps: usize, with_grid: bool) -> Result<Report> {
+/// optionally one sample grid with each sampler.
+pub fn run(plan: &Plan, steps: usize, with_grid: bool, with_naive: bool) -> Result<Report> {
     let t = &plan.experiment.train;
     let opened = device::open(&plan.device, t.seed);
     let splits = data::load(&plan.data)?;
@@ -94,20 +96,22 @@ pub fn run(plan: &Plan, steps: usize, with_grid: bool) -> Result<Report> {
         }
     }
 
-    let grid_seconds = with_grid.then(|| {
+    let time_grid = |method| {
         let mut rng = StdRng::seed_from_u64(t.seed);
         let start = Instant::now();
         sample::grid(
             &valid,
             &splits.test,
             plan.experiment.sample.grid,
-            plan.model.context_rows(),
+            method,
             plan.experiment.sample.temperature,
             &mut rng,
             &inference,
         );
         start.elapsed().as_secs_f64()
-    });
+    };
+    let grid_seconds = with_grid.then(|| time_grid(sample::Method::Cached));
+    let naive_grid_seconds = with_naive.then(|| time_grid(sample::Method::Naive));
 
     Ok(Report {
         experiment: plan.name.clone(),
@@ -119,16 +123,18 @@ pub fn run(plan: &Plan, steps: usize, with_grid: bool) -> Result<Report> {
         train_images_per_second: batch as f64 / seconds_per_step,
         forward_ms: median(forward),
         grid_seconds,
+        naive_grid_seconds,
         peak_rss_mib: peak_rss_mib(),
     })
 }
 
 impl Report {
     /// A Markdown table row: experiment, device, precision, batch, s/step, images/s, forward ms,
-    /// grid seconds, peak MiB.
+    /// grid seconds (cached, naive), peak MiB.
     pub fn markdown_row(&self) -> String {
+        let seconds = |s: Option<f64>| s.map_or("-".into(), |s| format!("{s:.1}"));
         format!(
-            "| {} | {} | {} | {} | {:.3} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {} | {:.3} | {:.1} | {:.1} | {} | {} | {} |",
             self.experiment,
             self.device,
             self.precision,
@@ -136,7 +142,8 @@ impl Report {
             self.seconds_per_step,
             self.train_images_per_second,
             self.forward_ms,
-            self.grid_seconds.map_or("-".into(), |s| format!("{s:.1}")),
+            seconds(self.grid_seconds),
+            seconds(self.naive_grid_seconds),
             self.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}")),
         )
     }

@@ -100,6 +100,9 @@ pub enum Command {
         /// Skip timing the sample grid (minutes for full-size images).
         #[arg(long)]
         no_grid: bool,
+        /// Also time the grid with the naive sampler (one forward pass per sub-pixel: slow).
+        #[arg(long, conflicts_with = "no_grid")]
+        naive_grid: bool,
         /// Override one key, e.g. --set runtime.backend=libtorch (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
@@ -181,6 +184,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             experiment,
             steps,
             no_grid,
+            naive_grid,
             sets,
         } => {
             let sets = sets
@@ -188,10 +192,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 .map(|s| experiment::parse_set(s))
                 .collect::<Result<Vec<_>>>()?;
             let plan = plan_file(&experiment, &sets)?;
-            let report = crate::bench::run(&plan, steps.max(1), !no_grid)?;
+            let report = crate::bench::run(&plan, steps.max(1), !no_grid, naive_grid)?;
             println!(
-                "| experiment | device | precision | batch | s/step | train images/s | forward ms | grid s | peak MiB |\n\
-                 |---|---|---|---:|---:|---:|---:|---:|---:|\n{}",
+                "| experiment | device | precision | batch | s/step | train images/s | forward ms | grid s | naive grid s | peak MiB |\n\
+                 |---|---|---|---:|---:|---:|---:|---:|---:|---:|\n{}",
                 report.markdown_row()
             );
             println!(

@@ -340,7 +340,7 @@ pub fn write_grid(
         &model.valid(),
         test,
         s.grid,
-        plan.model.context_rows(),
+        sample::Method::Cached,
         s.temperature,
         &mut rng,
         &device.clone().without_autodiff(),

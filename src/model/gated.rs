@@ -7,11 +7,12 @@
 //! is never shifted). The horizontal stack sees the current row to the left, with the R -> G -> B
 //! masks at the current pixel; every 1x1 on it keeps the colour groups.
 
-use super::masked_conv::{MaskKind, MaskedConv2d, Shape, gate_groups, groups, uniform};
+use super::masked_conv::{Frozen, MaskKind, MaskedConv2d, Shape, gate_groups, groups, uniform};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{relu, sigmoid, tanh};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
+use std::collections::VecDeque;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct GatedConfig {
@@ -192,12 +193,6 @@ impl GatedConfig {
             head_out: MaskedConv2d::square(MaskKind::B, ch, 256 * c, c, 1, rng, device),
         }
     }
-
-    /// How many rows above a pixel its prediction can depend on: k/2 per vertical layer, plus
-    /// the shift down.
-    pub fn context_rows(&self) -> usize {
-        self.layers * (self.kernel / 2) + 1
-    }
 }
 
 impl GatedPixelCnn {
@@ -219,4 +214,217 @@ impl GatedPixelCnn {
         self.head_out
             .forward(relu(self.head_hidden.forward(relu(skips))))
     }
+}
+
+/// One layer's state for cached sampling (Ramachandran et al. 2017): its weights frozen, the rows
+/// its vertical stack still needs, the vertical output of the row above (what the link sees after
+/// the shift down), and its horizontal input so far along the current row.
+struct LayerCache {
+    vertical: Frozen,
+    horizontal: Frozen,
+    link: Option<Frozen>,
+    out: Frozen,
+    skip: Frozen,
+    spatial_v: Option<Frozen>,
+    spatial_h: Option<Frozen>,
+    /// `[batch, 2ch, 1, 1]` class biases picked once.
+    class_v: Option<Tensor<4>>,
+    class_h: Option<Tensor<4>>,
+    residual: bool,
+    gates: bool,
+    /// The last `k/2 + 1` rows of the vertical input, each `[batch, in, 1, width + k - 1]`.
+    v_rows: VecDeque<Tensor<4>>,
+    zero_row: Tensor<4>,
+    /// The vertical convolution at the row above, `[batch, 2ch, 1, width]` (zeros above row 0).
+    v_above: Tensor<4>,
+    /// Horizontal inputs of the current row, one `[batch, in, 1, 1]` per finished pixel.
+    h_cols: Vec<Tensor<4>>,
+    zero_col: Tensor<4>,
+    /// Horizontal input at the pixel being generated (kept when the pixel is committed).
+    current: Option<Tensor<4>>,
+}
+
+/// Cached sampling state of a gated PixelCNN: per sub-pixel it computes every layer at one
+/// position (the horizontal stack), and per finished row the vertical stack once.
+pub struct GatedCache {
+    layers: Vec<LayerCache>,
+    head_hidden: Frozen,
+    head_out: Frozen,
+    /// `[batch, spatial_channels, h, w]` in the compute type.
+    maps: Option<Tensor<4>>,
+    half: usize,
+    width: usize,
+}
+
+impl GatedPixelCnn {
+    /// A cache for sampling `batch` images of `width` columns, computing in `dtype`.
+    pub fn cache(&self, cond: &Conditioning, width: usize, dtype: DType) -> GatedCache {
+        let [batch] = cond.labels.dims();
+        let device = cond.labels.device();
+        let zeros = |c: usize, h: usize, w: usize| {
+            Tensor::<4>::zeros([batch, c, h, w], &device).cast(dtype)
+        };
+        let half = self.layers[0].horizontal_half();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let vertical = l.vertical.frozen(dtype);
+                let inputs = vertical.inputs();
+                let gate_channels = vertical.outputs();
+                LayerCache {
+                    class_v: l
+                        .class_v
+                        .as_ref()
+                        .map(|b| per_class(b, cond.labels).cast(dtype)),
+                    class_h: l
+                        .class_h
+                        .as_ref()
+                        .map(|b| per_class(b, cond.labels).cast(dtype)),
+                    horizontal: l.horizontal.frozen(dtype),
+                    link: l.link.as_ref().map(|c| c.frozen(dtype)),
+                    out: l.out.frozen(dtype),
+                    skip: l.skip.frozen(dtype),
+                    spatial_v: l.spatial_v.as_ref().map(|c| c.frozen(dtype)),
+                    spatial_h: l.spatial_h.as_ref().map(|c| c.frozen(dtype)),
+                    residual: l.residual,
+                    gates: l.gates,
+                    v_rows: VecDeque::new(),
+                    zero_row: zeros(inputs, 1, width + 2 * half),
+                    v_above: zeros(gate_channels, 1, width),
+                    h_cols: Vec::with_capacity(width),
+                    zero_col: zeros(inputs, 1, 1),
+                    current: None,
+                    vertical,
+                }
+            })
+            .collect();
+        GatedCache {
+            layers,
+            head_hidden: self.head_hidden.frozen(dtype),
+            head_out: self.head_out.frozen(dtype),
+            maps: cond.maps.map(|m| m.clone().cast(dtype)),
+            half,
+            width,
+        }
+    }
+}
+
+impl GatedLayer {
+    /// k/2: how far the horizontal stack looks to the left.
+    fn horizontal_half(&self) -> usize {
+        self.horizontal.kernel_width() - 1
+    }
+}
+
+impl LayerCache {
+    fn activate(&self, x: Tensor<4>) -> Tensor<4> {
+        if self.gates { gate(x) } else { relu(x) }
+    }
+}
+
+impl GatedCache {
+    /// Logits of pixel (`y`, `x`) given every earlier pixel (committed) and the sub-pixels of
+    /// this one so far (later ones are masked, whatever they hold).
+    ///
+    /// # Shapes
+    /// - pixel: `[batch, colours, 1, 1]`, scaled inputs in the compute type
+    /// - returns: `[batch, colours * 256, 1, 1]`
+    pub fn step(&mut self, y: usize, x: usize, pixel: Tensor<4>) -> Tensor<4> {
+        let half = self.half;
+        let maps = self
+            .maps
+            .as_ref()
+            .map(|m| m.clone().narrow(2, y, 1).narrow(3, x, 1));
+        let mut h = pixel;
+        let mut skips: Option<Tensor<4>> = None;
+        for layer in &mut self.layers {
+            let mut window = Vec::with_capacity(half + 1);
+            for col in x as isize - half as isize..x as isize {
+                window.push(match usize::try_from(col) {
+                    Ok(c) => layer.h_cols[c].clone(),
+                    Err(_) => layer.zero_col.clone(),
+                });
+            }
+            window.push(h.clone());
+            let mut hc = layer.horizontal.valid(Tensor::cat(window, 3)); // [b, 2ch, 1, 1]
+            if let Some(link) = &layer.link {
+                hc = hc + link.valid(layer.v_above.clone().narrow(3, x, 1));
+            }
+            if let Some(bias) = &layer.class_h {
+                hc = hc + bias.clone();
+            }
+            if let (Some(sh), Some(maps)) = (&layer.spatial_h, &maps) {
+                hc = hc + sh.valid(maps.clone());
+            }
+            let gated = layer.activate(hc);
+            let s = layer.skip.valid(gated.clone());
+            skips = Some(match skips {
+                None => s,
+                Some(acc) => acc + s,
+            });
+            let mut out = layer.out.valid(gated);
+            if layer.residual {
+                out = out + h.clone();
+            }
+            layer.current = Some(h);
+            h = out;
+        }
+        let skips = skips.expect("at least one layer");
+        self.head_out
+            .valid(relu(self.head_hidden.valid(relu(skips))))
+    }
+
+    /// The pixel last passed to `step` is final, with these values (`[batch, colours, 1, 1]`,
+    /// scaled): keep each layer's input at it. The first layer's input is the pixel itself, which
+    /// `step` saw before its last sub-pixel was drawn; deeper layers never see that sub-pixel.
+    pub fn commit(&mut self, pixel: Tensor<4>) {
+        self.layers[0].current = Some(pixel);
+        for layer in &mut self.layers {
+            let current = layer.current.take().expect("commit after step");
+            layer.h_cols.push(current);
+        }
+    }
+
+    /// Row `y` is final: run the vertical stack over it (what the row below sees).
+    ///
+    /// # Shapes
+    /// - row: `[batch, colours, 1, width]`, scaled inputs in the compute type
+    pub fn end_row(&mut self, y: usize, row: Tensor<4>) {
+        let half = self.half;
+        let maps = self.maps.as_ref().map(|m| m.clone().narrow(2, y, 1));
+        let mut v = row;
+        for layer in &mut self.layers {
+            let padded = pad_columns(v, half, &layer.zero_col);
+            layer.v_rows.push_back(padded);
+            if layer.v_rows.len() > half + 1 {
+                layer.v_rows.pop_front();
+            }
+            let missing = half + 1 - layer.v_rows.len();
+            let rows: Vec<Tensor<4>> = std::iter::repeat_n(layer.zero_row.clone(), missing)
+                .chain(layer.v_rows.iter().cloned())
+                .collect();
+            let vraw = layer.vertical.valid(Tensor::cat(rows, 2)); // [b, 2ch, 1, width]
+            let mut vc = vraw.clone();
+            layer.v_above = vraw;
+            if let Some(bias) = &layer.class_v {
+                vc = vc + bias.clone();
+            }
+            if let (Some(sv), Some(maps)) = (&layer.spatial_v, &maps) {
+                vc = vc + sv.valid(maps.clone());
+            }
+            v = layer.activate(vc);
+            layer.h_cols.clear();
+        }
+        debug_assert_eq!(v.dims()[3], self.width);
+    }
+}
+
+/// `[b, c, 1, w]` -> `[b, c, 1, w + 2 * half]` with zero columns on both sides.
+fn pad_columns(row: Tensor<4>, half: usize, zero_col: &Tensor<4>) -> Tensor<4> {
+    if half == 0 {
+        return row;
+    }
+    let side = |n| std::iter::repeat_n(zero_col.clone(), n);
+    Tensor::cat(side(half).chain([row]).chain(side(half)).collect(), 3)
 }

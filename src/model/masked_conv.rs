@@ -7,7 +7,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -189,6 +189,11 @@ impl MaskedConv2d {
         )
     }
 
+    /// Width of the kernel.
+    pub fn kernel_width(&self) -> usize {
+        self.weight.dims()[3]
+    }
+
     /// # Shapes
     /// - input: `[batch, in, h, w]`
     /// - output: `[batch, out, h, w]`
@@ -203,6 +208,50 @@ impl MaskedConv2d {
             Some(self.bias.val().cast(dtype)),
             ConvOptions::new_with_padding([1, 1], [(top, bottom), (left, right)], [1, 1], 1),
         )
+    }
+}
+
+/// A masked convolution's weight and bias, masked and cast once: what the cached sampler applies
+/// thousands of times to small windows.
+#[derive(Clone, Debug)]
+pub struct Frozen {
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+}
+
+impl MaskedConv2d {
+    /// The masked weights in `dtype` (the model's compute precision).
+    pub fn frozen(&self, dtype: DType) -> Frozen {
+        Frozen {
+            weight: (self.weight.val() * self.mask.clone()).cast(dtype),
+            bias: self.bias.val().cast(dtype),
+        }
+    }
+}
+
+impl Frozen {
+    /// Convolution without padding: the caller passes exactly the window the outputs see.
+    ///
+    /// # Shapes
+    /// - x: `[batch, in, kh + r - 1, kw + c - 1]`
+    /// - returns: `[batch, out, r, c]`
+    pub fn valid(&self, x: Tensor<4>) -> Tensor<4> {
+        conv2d(
+            x,
+            self.weight.clone(),
+            Some(self.bias.clone()),
+            ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
+        )
+    }
+
+    /// Output channels.
+    pub fn outputs(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Input channels.
+    pub fn inputs(&self) -> usize {
+        self.weight.dims()[1]
     }
 }
 

@@ -7,7 +7,7 @@ pub mod masked_conv;
 pub mod simple;
 
 use burn::module::Module;
-use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::Serialize;
@@ -78,13 +78,88 @@ impl ModelConfig {
             ModelConfig::Gated(c) => c.colours,
         }
     }
+}
 
-    /// How many rows above a pixel its prediction can depend on (the sampler computes only those).
-    pub fn context_rows(&self) -> usize {
-        match self {
-            ModelConfig::Simple(c) => c.context_rows(),
-            ModelConfig::Gated(c) => c.context_rows(),
+enum CacheNet {
+    Simple(Box<simple::SimpleCache>),
+    Gated(Box<gated::GatedCache>),
+}
+
+/// What the cached sampler keeps between sub-pixels (Ramachandran et al. 2017, "Fast Generation
+/// for Convolutional Autoregressive Models"): each step computes every layer at one pixel from the
+/// activations it already computed for earlier pixels, instead of a forward pass over the image.
+/// Used in raster order: `logits` for each sub-pixel of a pixel, `commit` once the pixel is
+/// final, `end_row` once its row is.
+pub struct Cache {
+    net: CacheNet,
+    dtype: DType,
+}
+
+impl Cache {
+    fn scaled(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = scale_input(x);
+        if self.dtype == DType::F32 {
+            x
+        } else {
+            x.cast(self.dtype)
         }
+    }
+
+    /// Logits of every colour of pixel (`y`, `x`), given the earlier pixels and the sub-pixels of
+    /// this one so far (the later ones are masked, whatever they hold).
+    ///
+    /// # Shapes
+    /// - pixel: `[batch, colours, 1, 1]`, bytes as floats
+    /// - returns: `[batch, colours, 256]`, f32
+    pub fn logits(&mut self, y: usize, x: usize, pixel: Tensor<4>) -> Tensor<3> {
+        let [b, c, _, _] = pixel.dims();
+        let pixel = self.scaled(pixel);
+        let logits = match &mut self.net {
+            CacheNet::Simple(m) => m.step(x, pixel),
+            CacheNet::Gated(m) => m.step(y, x, pixel),
+        };
+        logits.cast(FloatDType::F32).reshape([b, c, 256])
+    }
+
+    /// The pixel of the last `logits` call is final, with these values.
+    ///
+    /// # Shapes
+    /// - pixel: `[batch, colours, 1, 1]`, bytes as floats
+    pub fn commit(&mut self, pixel: Tensor<4>) {
+        let pixel = self.scaled(pixel);
+        match &mut self.net {
+            CacheNet::Simple(m) => m.commit(pixel),
+            CacheNet::Gated(m) => m.commit(pixel),
+        }
+    }
+
+    /// Row `y` is final, with these values.
+    ///
+    /// # Shapes
+    /// - row: `[batch, colours, 1, width]`, bytes as floats
+    pub fn end_row(&mut self, y: usize, row: Tensor<4>) {
+        let row = self.scaled(row);
+        match &mut self.net {
+            CacheNet::Simple(m) => m.end_row(),
+            CacheNet::Gated(m) => m.end_row(y, row),
+        }
+    }
+
+    /// Takes row `y` as given (the known top of an image being completed).
+    ///
+    /// # Shapes
+    /// - row: `[batch, colours, 1, width]`, bytes as floats
+    pub fn given_row(&mut self, y: usize, row: Tensor<4>) {
+        if let CacheNet::Simple(_) = self.net {
+            // The simple model keeps every layer's activations along the row: compute them.
+            let [b, c, _, w] = row.dims();
+            for x in 0..w {
+                let pixel = row.clone().slice([0..b, 0..c, 0..1, x..x + 1]);
+                let _ = self.logits(y, x, pixel.clone());
+                self.commit(pixel);
+            }
+        }
+        self.end_row(y, row);
     }
 }
 
@@ -131,6 +206,30 @@ impl Model {
             None => logits,
         };
         logits.reshape([b, c, 256, h, w])
+    }
+
+    /// The float type the convolutions compute in.
+    fn compute_dtype(&self) -> DType {
+        self.compute.map_or(DType::F32, DType::from)
+    }
+
+    /// State for cached sampling of `context.labels.len()` images `width` pixels wide.
+    pub fn cache(&self, context: &Context, width: usize) -> Cache {
+        let dtype = self.compute_dtype();
+        let [batch] = context.labels.dims();
+        let device = context.labels.device();
+        let net = match &self.net {
+            Net::Simple(m) => CacheNet::Simple(Box::new(m.cache(batch, width, dtype, &device))),
+            Net::Gated(m) => CacheNet::Gated(Box::new(m.cache(
+                &gated::Conditioning {
+                    labels: &context.labels,
+                    maps: context.maps.as_ref(),
+                },
+                width,
+                dtype,
+            ))),
+        };
+        Cache { net, dtype }
     }
 
     /// Number of trainable scalars.

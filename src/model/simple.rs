@@ -1,10 +1,10 @@
 //! The simple PixelCNN: masked convolutions and ReLUs, no gates or residuals. The seed README's
 //! "simple" model: one k x k convolution of type A, then type B ones, then a 1x1 head.
 
-use super::masked_conv::{MaskKind, MaskedConv2d};
+use super::masked_conv::{Frozen, MaskKind, MaskedConv2d};
 use burn::module::Module;
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -57,11 +57,6 @@ impl SimpleConfig {
             colours: self.colours,
         }
     }
-
-    /// How many rows above a pixel its prediction can depend on.
-    pub fn context_rows(&self) -> usize {
-        self.layers * (self.kernel / 2)
-    }
 }
 
 impl SimplePixelCnn {
@@ -74,5 +69,132 @@ impl SimplePixelCnn {
             h = relu(conv.forward(h)); // [batch, channels, h, w]
         }
         self.head.forward(h)
+    }
+}
+
+/// One layer's state for cached sampling: the rows above that its kernel reaches and its inputs
+/// so far along the current row.
+struct LayerCache {
+    conv: Frozen,
+    /// The last `k/2` rows of this layer's input, `[batch, in, k/2, width + k - 1]`
+    /// (zero columns on both sides; zero rows above the image).
+    above: Tensor<4>,
+    /// Inputs along the current row, one `[batch, in, 1, 1]` per finished pixel.
+    cols: Vec<Tensor<4>>,
+    zero_col: Tensor<4>,
+    /// `[batch, in, k/2, k]`: the kernel rows below the centre, all masked.
+    below: Tensor<4>,
+    current: Option<Tensor<4>>,
+}
+
+/// Cached sampling state of the simple PixelCNN: per sub-pixel every layer is computed at one
+/// position from the activations it keeps of earlier pixels.
+pub struct SimpleCache {
+    layers: Vec<LayerCache>,
+    head: Frozen,
+    half: usize,
+}
+
+impl SimplePixelCnn {
+    /// A cache for sampling `batch` images of `width` columns, computing in `dtype`.
+    pub fn cache(&self, batch: usize, width: usize, dtype: DType, device: &Device) -> SimpleCache {
+        let half = self.convs[0].kernel_width() / 2;
+        let layers = self
+            .convs
+            .iter()
+            .map(|c| {
+                let conv = c.frozen(dtype);
+                let n = conv.inputs();
+                let zeros =
+                    |h: usize, w: usize| Tensor::<4>::zeros([batch, n, h, w], device).cast(dtype);
+                LayerCache {
+                    above: zeros(half, width + 2 * half),
+                    cols: Vec::with_capacity(width),
+                    zero_col: zeros(1, 1),
+                    below: zeros(half, 2 * half + 1),
+                    current: None,
+                    conv,
+                }
+            })
+            .collect();
+        SimpleCache {
+            layers,
+            head: self.head.frozen(dtype),
+            half,
+        }
+    }
+}
+
+impl SimpleCache {
+    /// Logits of pixel (`x` of the current row) given every earlier pixel and the sub-pixels of
+    /// this one so far.
+    ///
+    /// # Shapes
+    /// - pixel: `[batch, colours, 1, 1]`, scaled inputs in the compute type
+    /// - returns: `[batch, colours * 256, 1, 1]`
+    pub fn step(&mut self, x: usize, pixel: Tensor<4>) -> Tensor<4> {
+        let (half, k) = (self.half, 2 * self.half + 1);
+        let mut a = pixel;
+        for layer in &mut self.layers {
+            let mut row = Vec::with_capacity(k);
+            for col in x as isize - half as isize..x as isize {
+                row.push(match usize::try_from(col) {
+                    Ok(c) => layer.cols[c].clone(),
+                    Err(_) => layer.zero_col.clone(),
+                });
+            }
+            row.push(a.clone());
+            row.extend(std::iter::repeat_n(layer.zero_col.clone(), half));
+            let window = if half == 0 {
+                a.clone()
+            } else {
+                Tensor::cat(
+                    vec![
+                        layer.above.clone().narrow(3, x, k),
+                        Tensor::cat(row, 3),
+                        layer.below.clone(),
+                    ],
+                    2,
+                )
+            }; // [b, in, k, k]
+            layer.current = Some(a);
+            a = relu(layer.conv.valid(window));
+        }
+        self.head.valid(a)
+    }
+
+    /// The pixel last passed to `step` is final, with these values (`[batch, colours, 1, 1]`,
+    /// scaled): keep each layer's input at it. The first layer's input is the pixel itself, which
+    /// `step` saw before its last sub-pixel was drawn; deeper layers never see that sub-pixel.
+    pub fn commit(&mut self, pixel: Tensor<4>) {
+        self.layers[0].current = Some(pixel);
+        for layer in &mut self.layers {
+            let current = layer.current.take().expect("commit after step");
+            layer.cols.push(current);
+        }
+    }
+
+    /// The current row is final: it becomes the bottom row of what the next row sees above.
+    pub fn end_row(&mut self) {
+        let half = self.half;
+        if half == 0 {
+            return self.layers.iter_mut().for_each(|l| l.cols.clear());
+        }
+        for layer in &mut self.layers {
+            let side = std::iter::repeat_n(layer.zero_col.clone(), half);
+            let row = Tensor::cat(
+                side.clone()
+                    .chain(layer.cols.drain(..))
+                    .chain(side)
+                    .collect(),
+                3,
+            ); // [b, in, 1, width + k - 1]
+            layer.above = if half == 1 {
+                row
+            } else {
+                let kept = layer.above.clone().narrow(2, 1, half - 1);
+                Tensor::cat(vec![kept, row], 2)
+            };
+        }
     }
 }
