@@ -55,10 +55,7 @@ pub fn run(plan: &Plan, steps: usize, with_grid: bool, with_naive: bool) -> Resu
     let mut optimizer = optim::adam();
     let batch = t.batch_size;
     let order: Vec<usize> = (0..batch).map(|i| i % splits.train.len()).collect();
-    let step = train::Step {
-        batch_size: batch,
-        learning_rate: t.learning_rate,
-    };
+    let step = train::Step::of(plan, 1);
     let mut times = Vec::new();
     for i in 0..steps + 2 {
         let start = Instant::now();

@@ -35,6 +35,10 @@ pub struct Partial {
     pub subpixels: u64,
     pub images: usize,
     pub seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl_nats: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl_weight: Option<f64>,
 }
 
 impl From<PassStats> for Partial {
@@ -44,6 +48,8 @@ impl From<PassStats> for Partial {
             subpixels: s.subpixels,
             images: s.images,
             seconds: s.seconds,
+            kl_nats: s.kl_nats,
+            kl_weight: s.kl_weight,
         }
     }
 }
@@ -55,6 +61,8 @@ impl From<Partial> for PassStats {
             subpixels: p.subpixels,
             images: p.images,
             seconds: p.seconds,
+            kl_nats: p.kl_nats,
+            kl_weight: p.kl_weight,
         }
     }
 }

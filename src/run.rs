@@ -225,10 +225,7 @@ fn epochs(
             &mut optimizer,
             &splits.train,
             &order,
-            train::Step {
-                batch_size: t.batch_size,
-                learning_rate: t.learning_rate,
-            },
+            train::Step::of(plan, epoch),
             device,
             start_step,
             so_far,
@@ -257,7 +254,7 @@ fn epochs(
             checkpoint::save(&run.path, &model.valid(), &optimizer, &at, keep)?;
             return Err(Error::Interrupted(run.path.clone()));
         }
-        let test_stats = train::evaluate(&model, &splits.test, t.eval_batch_size, device);
+        let test_stats = train::evaluate(&model, &splits.test, t.eval_batch_size, t.seed, device);
         let row = MetricsRow {
             epoch,
             train_bits_per_dim: train_stats.bits_per_dim(),
@@ -265,6 +262,11 @@ fn epochs(
             train_seconds: train_stats.seconds,
             test_seconds: test_stats.seconds,
             train_images_per_second: train_stats.images_per_second(),
+            train_recon_bits_per_dim: train_stats.recon_bits_per_dim(),
+            train_kl_bits_per_dim: train_stats.kl_bits_per_dim(),
+            test_recon_bits_per_dim: test_stats.recon_bits_per_dim(),
+            test_kl_bits_per_dim: test_stats.kl_bits_per_dim(),
+            kl_weight: train_stats.kl_weight,
         };
         tracing::info!(
             epoch,
@@ -324,6 +326,16 @@ pub fn load_latest_model(plan: &Plan, dir: &Path, device: &Device) -> Result<Mod
     checkpoint::load_model(&ckpt, plan.init_model(device))
 }
 
+/// Tiles `grid x grid` images like `test`'s into a PNG at `path` (written whole or not at all).
+fn write_cells(cells: &[u8], test: &data::Images, grid: usize, path: &Path) -> Result<()> {
+    let (planes, gh, gw) =
+        results::png::tile(cells, test.colours, test.height, test.width, grid, grid);
+    let tmp = path.with_extension("png.tmp");
+    results::png::write_rgb_or_grey(&tmp, &planes, test.colours, gh, gw)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(Error::io(path))
+}
+
 /// Samples the grid with a generator seeded by the run's seed and the epoch, and writes it.
 pub fn write_grid(
     plan: &Plan,
@@ -345,22 +357,29 @@ pub fn write_grid(
         &mut rng,
         &device.clone().without_autodiff(),
     );
-    let (planes, gh, gw) = results::png::tile(
-        &cells,
-        test.colours,
-        test.height,
-        test.width,
-        s.grid,
-        s.grid,
-    );
-    let tmp = path.with_extension("png.tmp");
-    results::png::write_rgb_or_grey(&tmp, &planes, test.colours, gh, gw)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(Error::io(path))?;
+    write_cells(&cells, test, s.grid, path)?;
     tracing::info!(
         path = %path.display(),
         seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
         "wrote sample grid"
     );
+    // A PixelVAE also shows what it makes of test images: `reconstructions-epoch-N.png`.
+    if let Some(cells) = sample::reconstructions(
+        &model.valid(),
+        test,
+        s.grid,
+        sample::Method::Cached,
+        s.temperature,
+        &mut rng,
+        &device.clone().without_autodiff(),
+    ) {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("grid.png");
+        let path = path.with_file_name(format!("reconstructions-{name}"));
+        write_cells(&cells, test, s.grid, &path)?;
+        tracing::info!(path = %path.display(), "wrote reconstructions");
+    }
     Ok(())
 }

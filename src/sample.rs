@@ -42,10 +42,12 @@ pub enum Method {
 /// Fills rows `from_row..` of every image in `canvas`, one sub-pixel at a time in raster order,
 /// R -> G -> B within a pixel. Both methods draw in the same order from `rng`, so they give the
 /// same images for the same seed.
+#[allow(clippy::too_many_arguments)]
 pub fn fill(
     model: &Model,
     canvas: &mut Images,
     from_row: usize,
+    context: &Context,
     method: Method,
     temperature: f64,
     rng: &mut StdRng,
@@ -55,7 +57,6 @@ pub fn fill(
     if n == 0 {
         return;
     }
-    let context = Context::from_labels(&canvas.labels, device);
     let mut put = |canvas: &mut Images, logits: Vec<f32>, y: usize, x: usize, colour: usize| {
         for (i, l) in logits.chunks(256).enumerate() {
             canvas.pixels[((i * c + colour) * h + y) * w + x] = draw(l, temperature, rng);
@@ -68,7 +69,7 @@ pub fn fill(
                     for colour in 0..c {
                         let input = rows(canvas, 0, h, device);
                         let logits = model
-                            .forward(input, &context) // [n, c, 256, h, w]
+                            .forward(input, context) // [n, c, 256, h, w]
                             .slice([0..n, colour..colour + 1, 0..256, y..y + 1, x..x + 1]);
                         put(canvas, to_vec(logits), y, x, colour);
                     }
@@ -76,7 +77,7 @@ pub fn fill(
             }
         }
         Method::Cached => {
-            let mut cache = model.cache(&context, w);
+            let mut cache = model.cache(context, h, w);
             for y in 0..from_row {
                 cache.given_row(y, rows(canvas, y, 1, device));
             }
@@ -150,7 +151,17 @@ pub fn grid(
         height: h,
         width: w,
     };
-    fill(model, &mut scratch, 0, method, temperature, rng, device);
+    let context = sampling_context(model, &scratch, Latent::Prior, rng, device);
+    fill(
+        model,
+        &mut scratch,
+        0,
+        &context,
+        method,
+        temperature,
+        rng,
+        device,
+    );
 
     // Completions, ordered as the grid's cells: row r of the bottom half, column q.
     let indices: Vec<usize> = (0..half * grid)
@@ -164,10 +175,18 @@ pub fn grid(
         height: h,
         width: w,
     };
+    let context = sampling_context(
+        model,
+        &completions,
+        Latent::MeanOf { rows: h / 2 },
+        rng,
+        device,
+    );
     fill(
         model,
         &mut completions,
         h / 2,
+        &context,
         method,
         temperature,
         rng,
@@ -177,6 +196,95 @@ pub fn grid(
     let mut cells = scratch.pixels;
     cells.extend(completions.pixels);
     cells
+}
+
+/// Where a PixelVAE's latents come from when sampling.
+#[derive(Clone, Copy, Debug)]
+pub enum Latent {
+    /// z ~ N(0, I).
+    Prior,
+    /// The encoder's mean for the images with every row from `rows` down blanked: the part a
+    /// completion is given (`rows` = the height for reconstructions).
+    MeanOf { rows: usize },
+}
+
+/// The labels of `images` and, for a PixelVAE, latents for them.
+pub fn sampling_context(
+    model: &Model,
+    images: &Images,
+    latent: Latent,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Context {
+    let mut context = Context::from_labels(&images.labels, device);
+    let (n, h, w) = (images.len(), images.height, images.width);
+    let Some([lc, lh, lw]) = model.latent_shape(h, w) else {
+        return context;
+    };
+    context.latent = Some(match latent {
+        Latent::Prior => crate::model::vae::normal_tensor(rng, [n, lc, lh, lw], device),
+        Latent::MeanOf { rows: given } => {
+            let mut known = images.clone();
+            for i in 0..n {
+                for c in 0..images.colours {
+                    let start = ((i * images.colours + c) * h + given.min(h)) * w;
+                    let end = ((i * images.colours + c) * h + h) * w;
+                    known.pixels[start..end].fill(0);
+                }
+            }
+            let x = rows(&known, 0, h, device);
+            model.encode(x).expect("a PixelVAE encodes").0
+        }
+    });
+    context
+}
+
+/// A PixelVAE's reconstruction grid, `grid x grid` cells: rows 1, 3, 5, ... hold test images
+/// `0..grid * grid / 2` in order, and the row below each holds their reconstructions, decoded
+/// pixel by pixel with z = the encoder's mean for the whole image. None for other models.
+#[allow(clippy::too_many_arguments)]
+pub fn reconstructions(
+    model: &Model,
+    test: &Images,
+    grid: usize,
+    method: Method,
+    temperature: f64,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Option<Vec<u8>> {
+    let (h, w, c) = (test.height, test.width, test.colours);
+    model.latent_shape(h, w)?;
+    let half = grid / 2;
+    let indices: Vec<usize> = (0..half * grid).map(|i| i % test.len()).collect();
+    let (pixels, labels) = test.gather(&indices);
+    let originals = Images {
+        pixels,
+        labels,
+        colours: c,
+        height: h,
+        width: w,
+    };
+    let context = sampling_context(model, &originals, Latent::MeanOf { rows: h }, rng, device);
+    let mut decoded = originals.clone();
+    decoded.pixels.fill(0);
+    fill(
+        model,
+        &mut decoded,
+        0,
+        &context,
+        method,
+        temperature,
+        rng,
+        device,
+    );
+    let dims = c * h * w;
+    let mut cells = Vec::with_capacity(grid * grid * dims);
+    for pair in 0..half {
+        let row = pair * grid * dims..(pair + 1) * grid * dims;
+        cells.extend_from_slice(&originals.pixels[row.clone()]);
+        cells.extend_from_slice(&decoded.pixels[row]);
+    }
+    Some(cells)
 }
 
 #[cfg(test)]
@@ -195,6 +303,7 @@ mod tests {
             channels: 3 * colours * 2,
             classes,
             spatial_channels: 0,
+            concat: false,
             residual: true,
             gates: true,
             link: true,
@@ -228,6 +337,33 @@ mod tests {
                 _ => cfg.link = false,
             }
             cases.push((ModelConfig::Gated(cfg), Precision::F32));
+        }
+        for mode in [
+            crate::model::VaeConditioning::Gates,
+            crate::model::VaeConditioning::Concat,
+            crate::model::VaeConditioning::Linear,
+        ] {
+            let colours = if mode == crate::model::VaeConditioning::Concat {
+                3
+            } else {
+                1
+            };
+            let mut decoder = gated(colours, 3, Some(10));
+            decoder.spatial_channels = if mode == crate::model::VaeConditioning::Linear {
+                2
+            } else {
+                3
+            };
+            decoder.concat = mode == crate::model::VaeConditioning::Concat;
+            let vae = crate::model::VaeConfig {
+                colours,
+                latent_channels: 2,
+                downsample: 1,
+                hidden: 6,
+                conditioning: mode,
+                decoder,
+            };
+            cases.push((ModelConfig::Vae(vae), Precision::F32));
         }
         for device in crate::device::test_devices() {
             for (cfg, precision) in &cases {
@@ -281,7 +417,7 @@ mod tests {
             let (n, c, h, w) = (test.len(), cfg.colours(), 6, 6);
             let context = Context::from_labels(&test.labels, &device);
             let full = model.forward(rows(&test, 0, h, &device), &context); // [n, c, 256, h, w]
-            let mut cache = model.cache(&context, w);
+            let mut cache = model.cache(&context, h, w);
             for y in 0..h {
                 for x in 0..w {
                     let pixel = rows(&test, y, 1, &device).narrow(3, x, 1); // [n, c, 1, 1]

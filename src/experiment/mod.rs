@@ -51,6 +51,61 @@ pub struct ModelSection {
     /// Gated only, an ablation when false: the link from the vertical to the horizontal stack
     /// (without it the model sees only the current row). Default: true.
     pub link: bool,
+    /// PixelVAE settings (variant "vae" only); `layers`, `kernel` and `channels` describe its
+    /// gated PixelCNN decoder.
+    pub vae: VaeSection,
+}
+
+/// The PixelVAE's latent, encoder, conditioning and objective.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaeSection {
+    /// Channels of the latent z. Default: 4.
+    pub latent_channels: usize,
+    /// Stride-2 convolutions of the encoder: z has ceil(side / 2^downsample) positions per side
+    /// (28x28 MNIST with 2: 7x7). Default: 2.
+    pub downsample: usize,
+    /// Channels of the encoder's and the upsampler's convolutions. Default: 32.
+    pub hidden: usize,
+    /// Channels of the feature maps computed from z ("gates" and "concat"). Default: 16.
+    pub maps: usize,
+    /// How the decoder sees z: "gates" (upsampled maps into every gate through 1x1 convolutions),
+    /// "concat" (the maps concatenated with the image, as in the paper), or "linear" (the paper's
+    /// variant without upsampling: a linear map of z in every layer). Default: "gates".
+    pub conditioning: VaeConditioningKind,
+    /// Steps over which the KL term's weight rises linearly from 0 to 1 (0 = always 1).
+    /// Default: 0.
+    pub kl_warmup_steps: usize,
+    /// Free bits (Kingma et al. 2016): the KL of each latent channel, averaged over the batch,
+    /// counts at least this many nats in the training loss (0 = off). Reported numbers always
+    /// use the real KL. Default: 0.
+    pub free_bits: f64,
+}
+
+impl Default for VaeSection {
+    fn default() -> Self {
+        VaeSection {
+            latent_channels: 4,
+            downsample: 2,
+            hidden: 32,
+            maps: 16,
+            conditioning: VaeConditioningKind::Gates,
+            kl_warmup_steps: 0,
+            free_bits: 0.0,
+        }
+    }
+}
+
+/// How the PixelVAE decoder sees z.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VaeConditioningKind {
+    /// Upsampled feature maps into every gate through 1x1 convolutions.
+    Gates,
+    /// Upsampled feature maps concatenated with the image (into the first layer's kernels).
+    Concat,
+    /// Without upsampling: z repeated over its block of pixels, a 1x1 into every gate.
+    Linear,
 }
 
 impl Default for ModelSection {
@@ -64,6 +119,7 @@ impl Default for ModelSection {
             residual: true,
             gates: true,
             link: true,
+            vae: VaeSection::default(),
         }
     }
 }
@@ -77,6 +133,9 @@ pub enum Variant {
     /// Gated PixelCNN with vertical and horizontal stacks, no blind spot (van den Oord et al. 2016,
     /// "Conditional Image Generation with PixelCNN Decoders").
     Gated,
+    /// PixelVAE (Gulrajani et al. 2016): a VAE whose decoder is a gated PixelCNN; settings in
+    /// `[model.vae]`.
+    Vae,
 }
 
 /// What a model is conditioned on besides earlier pixels.

@@ -5,7 +5,7 @@ use super::{BackendKind, Conditional, DatasetKind, Experiment, Override, Precisi
 use crate::data::{self, DataError, DataSpec, synthetic};
 use crate::device::{self, DeviceChoice, Target};
 use crate::error::{Error, Result};
-use crate::model::{GatedConfig, ModelConfig, SimpleConfig};
+use crate::model::{GatedConfig, ModelConfig, SimpleConfig, VaeConditioning, VaeConfig};
 use std::path::{Path, PathBuf};
 
 /// What will run.
@@ -177,10 +177,11 @@ impl Plan {
             Conditional::None => None,
             Conditional::Class => {
                 ctx.require(
-                    m.variant == Variant::Gated,
+                    m.variant != Variant::Simple,
                     "model.conditional",
                     "\"class\"",
-                    "\"none\" for the simple variant (class conditioning needs variant = \"gated\")",
+                    "\"none\" for the simple variant (class conditioning needs variant = \"gated\" \
+                     or \"vae\")",
                 )?;
                 ctx.require(
                     e.data.dataset != DatasetKind::Folder,
@@ -206,6 +207,58 @@ impl Plan {
                 )?;
             }
         }
+        if m.variant != Variant::Vae && m.vae != super::VaeSection::default() {
+            return Err(ctx.invalid(
+                "model.vae",
+                "a [model.vae] table".into(),
+                "no [model.vae] table unless variant = \"vae\"",
+            ));
+        }
+        let v = &m.vae;
+        if m.variant == Variant::Vae {
+            ctx.require(
+                v.latent_channels >= 1,
+                "model.vae.latent_channels",
+                v.latent_channels,
+                "at least 1",
+            )?;
+            ctx.require(
+                v.downsample <= 6,
+                "model.vae.downsample",
+                v.downsample,
+                "0 to 6 stride-2 convolutions",
+            )?;
+            ctx.require(
+                v.hidden >= 1,
+                "model.vae.hidden",
+                v.hidden,
+                "at least 1 channel",
+            )?;
+            ctx.require(
+                v.maps >= 1 || v.conditioning == super::VaeConditioningKind::Linear,
+                "model.vae.maps",
+                v.maps,
+                "at least 1 channel",
+            )?;
+            ctx.require(
+                v.free_bits.is_finite() && v.free_bits >= 0.0,
+                "model.vae.free_bits",
+                v.free_bits,
+                "0 (off) or a positive number of nats per latent channel",
+            )?;
+        }
+        let gated = |spatial_channels, concat| GatedConfig {
+            colours,
+            layers: m.layers,
+            kernel: m.kernel,
+            channels: m.channels,
+            classes,
+            spatial_channels,
+            concat,
+            residual: m.residual,
+            gates: m.gates,
+            link: m.link,
+        };
         let model = match m.variant {
             Variant::Simple => ModelConfig::Simple(SimpleConfig {
                 colours,
@@ -213,17 +266,23 @@ impl Plan {
                 kernel: m.kernel,
                 channels: m.channels,
             }),
-            Variant::Gated => ModelConfig::Gated(GatedConfig {
-                colours,
-                layers: m.layers,
-                kernel: m.kernel,
-                channels: m.channels,
-                classes,
-                spatial_channels: 0,
-                residual: m.residual,
-                gates: m.gates,
-                link: m.link,
-            }),
+            Variant::Gated => ModelConfig::Gated(gated(0, false)),
+            Variant::Vae => {
+                use super::VaeConditioningKind as Kind;
+                let (conditioning, maps) = match v.conditioning {
+                    Kind::Gates => (VaeConditioning::Gates, v.maps),
+                    Kind::Concat => (VaeConditioning::Concat, v.maps),
+                    Kind::Linear => (VaeConditioning::Linear, v.latent_channels),
+                };
+                ModelConfig::Vae(VaeConfig {
+                    colours,
+                    latent_channels: v.latent_channels,
+                    downsample: v.downsample,
+                    hidden: v.hidden,
+                    conditioning,
+                    decoder: gated(maps, conditioning == VaeConditioning::Concat),
+                })
+            }
         };
 
         let dir = match e.data.dataset {

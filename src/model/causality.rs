@@ -125,6 +125,7 @@ mod tests {
             channels: 8 * colours,
             classes,
             spatial_channels: 0,
+            concat: false,
             residual: true,
             gates: true,
             link: true,
@@ -195,6 +196,7 @@ mod tests {
             channels: 8,
             classes: None,
             spatial_channels: 2,
+            concat: false,
             residual: true,
             gates: true,
             link: true,
@@ -212,6 +214,57 @@ mod tests {
         ctx.maps = Some(maps(-0.5));
         let b = model.forward(x, &ctx).sum().into_scalar::<f32>();
         assert!((a - b).abs() > 1e-3, "the maps change nothing");
+    }
+
+    /// The PixelVAE decoder given z sees exactly the earlier sub-pixels, in every conditioning
+    /// mode, and z matters.
+    #[test]
+    fn pixel_vae_decoder_is_causal_given_z() {
+        use crate::model::{VaeConditioning, VaeConfig};
+        let dev = device();
+        for (colours, mode) in [
+            (1, VaeConditioning::Gates),
+            (3, VaeConditioning::Concat),
+            (1, VaeConditioning::Linear),
+            (3, VaeConditioning::Gates),
+        ] {
+            let maps = if mode == VaeConditioning::Linear {
+                2
+            } else {
+                3
+            };
+            let cfg = ModelConfig::Vae(VaeConfig {
+                colours,
+                latent_channels: 2,
+                downsample: 1,
+                hidden: 6,
+                conditioning: mode,
+                decoder: GatedConfig {
+                    colours,
+                    layers: 3,
+                    kernel: 5,
+                    channels: 6 * colours,
+                    classes: None,
+                    spatial_channels: maps,
+                    concat: mode == VaeConditioning::Concat,
+                    residual: true,
+                    gates: true,
+                    link: true,
+                },
+            });
+            let model = cfg.init(4, &dev);
+            let z = |v: f32| Tensor::<4>::full([1, 2, 3, 3], v, &dev);
+            let mut ctx = Context::from_labels(&[0], &dev);
+            ctx.latent = Some(z(0.7));
+            let deps = dependencies(|x| model.forward(x, &ctx), colours, 6, 6, &dev);
+            assert_eq!(leaks(&deps), vec![], "{mode:?}");
+            assert_eq!(blind_spot(&deps), vec![], "{mode:?}");
+            let x = Tensor::<4>::zeros([1, colours, 6, 6], &dev);
+            let a = model.forward(x.clone(), &ctx).sum().into_scalar::<f32>();
+            ctx.latent = Some(z(-0.7));
+            let b = model.forward(x, &ctx).sum().into_scalar::<f32>();
+            assert!((a - b).abs() > 1e-3, "{mode:?}: z changes nothing");
+        }
     }
 
     proptest::proptest! {

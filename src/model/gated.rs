@@ -24,6 +24,8 @@ pub struct GatedConfig {
     pub classes: Option<usize>,
     /// Channels of feature maps that condition every gate through 1x1 convolutions (0 = none).
     pub spatial_channels: usize,
+    /// The maps enter the first layer's kernels instead, as if concatenated with the image.
+    pub concat: bool,
     /// Ablations (the seed README's): the residual connection on the horizontal stack, the
     /// tanh * sigmoid gates (else a ReLU), and the link from the vertical to the horizontal stack.
     pub residual: bool,
@@ -57,6 +59,10 @@ pub struct GatedLayer {
     /// 1x1 from the conditioning maps into the vertical and horizontal gates.
     spatial_v: Option<MaskedConv2d>,
     spatial_h: Option<MaskedConv2d>,
+    /// First layer in concat mode: the stacks' kernels over the maps (unmasked: the maps are
+    /// given, not generated).
+    concat_v: Option<MaskedConv2d>,
+    concat_h: Option<MaskedConv2d>,
     residual: bool,
     gates: bool,
 }
@@ -83,9 +89,13 @@ impl GatedLayer {
         let kind = if first { MaskKind::A } else { MaskKind::B };
         let maps = groups(cfg.spatial_channels, 1);
         let spatial = |rng: &mut StdRng| {
-            (cfg.spatial_channels > 0).then(|| {
+            (cfg.spatial_channels > 0 && !cfg.concat).then(|| {
                 MaskedConv2d::new(MaskKind::Full, Shape::Point, &maps, &gates, rng, device)
             })
+        };
+        let concat = |shape, rng: &mut StdRng| {
+            (cfg.spatial_channels > 0 && cfg.concat && first)
+                .then(|| MaskedConv2d::new(MaskKind::Full, shape, &maps, &gates, rng, device))
         };
         GatedLayer {
             vertical: MaskedConv2d::new(
@@ -106,6 +116,8 @@ impl GatedLayer {
             class_h: cfg.classes.map(|n| class_bias(n, gates.len(), rng, device)),
             spatial_v: spatial(rng),
             spatial_h: spatial(rng),
+            concat_v: concat(Shape::RowsAbove(k), rng),
+            concat_h: concat(Shape::RowLeft(k), rng),
             // No residual in the first layer: its input is the image itself, current pixel included.
             residual: cfg.residual && !first,
             gates: cfg.gates,
@@ -123,6 +135,11 @@ impl GatedLayer {
     ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let mut vc = self.vertical.forward(v); // [b, 2ch, hgt, w], rows <= i
         let mut hc = self.horizontal.forward(h.clone()); // [b, 2ch, hgt, w]
+        if let (Some(cv), Some(ch), Some(maps)) = (&self.concat_v, &self.concat_h, cond.maps) {
+            let maps = maps.clone().cast(vc.dtype());
+            vc = vc + cv.forward(maps.clone());
+            hc = hc + ch.forward(maps);
+        }
         if let Some(link) = &self.link {
             hc = hc + link.forward(shift_down(vc.clone()));
         }
@@ -225,8 +242,11 @@ struct LayerCache {
     link: Option<Frozen>,
     out: Frozen,
     skip: Frozen,
-    spatial_v: Option<Frozen>,
-    spatial_h: Option<Frozen>,
+    /// What the maps add to the vertical and horizontal gates (concat: before the link),
+    /// `[batch, 2ch, h, w]`, computed once: the maps are given.
+    maps_v: Option<Tensor<4>>,
+    maps_h: Option<Tensor<4>>,
+    concat: bool,
     /// `[batch, 2ch, 1, 1]` class biases picked once.
     class_v: Option<Tensor<4>>,
     class_h: Option<Tensor<4>>,
@@ -250,8 +270,6 @@ pub struct GatedCache {
     layers: Vec<LayerCache>,
     head_hidden: Frozen,
     head_out: Frozen,
-    /// `[batch, spatial_channels, h, w]` in the compute type.
-    maps: Option<Tensor<4>>,
     half: usize,
     width: usize,
 }
@@ -265,6 +283,12 @@ impl GatedPixelCnn {
             Tensor::<4>::zeros([batch, c, h, w], &device).cast(dtype)
         };
         let half = self.layers[0].horizontal_half();
+        let maps = cond.maps.map(|m| m.clone().cast(dtype));
+        let maps_term = |spatial: &Option<MaskedConv2d>, concat: &Option<MaskedConv2d>| {
+            let maps = maps.clone()?;
+            let conv = spatial.as_ref().or(concat.as_ref())?;
+            Some(conv.forward(maps))
+        };
         let layers = self
             .layers
             .iter()
@@ -285,8 +309,9 @@ impl GatedPixelCnn {
                     link: l.link.as_ref().map(|c| c.frozen(dtype)),
                     out: l.out.frozen(dtype),
                     skip: l.skip.frozen(dtype),
-                    spatial_v: l.spatial_v.as_ref().map(|c| c.frozen(dtype)),
-                    spatial_h: l.spatial_h.as_ref().map(|c| c.frozen(dtype)),
+                    maps_v: maps_term(&l.spatial_v, &l.concat_v),
+                    maps_h: maps_term(&l.spatial_h, &l.concat_h),
+                    concat: l.concat_v.is_some(),
                     residual: l.residual,
                     gates: l.gates,
                     v_rows: VecDeque::new(),
@@ -303,7 +328,6 @@ impl GatedPixelCnn {
             layers,
             head_hidden: self.head_hidden.frozen(dtype),
             head_out: self.head_out.frozen(dtype),
-            maps: cond.maps.map(|m| m.clone().cast(dtype)),
             half,
             width,
         }
@@ -332,10 +356,7 @@ impl GatedCache {
     /// - returns: `[batch, colours * 256, 1, 1]`
     pub fn step(&mut self, y: usize, x: usize, pixel: Tensor<4>) -> Tensor<4> {
         let half = self.half;
-        let maps = self
-            .maps
-            .as_ref()
-            .map(|m| m.clone().narrow(2, y, 1).narrow(3, x, 1));
+        let at = |m: &Tensor<4>| m.clone().narrow(2, y, 1).narrow(3, x, 1);
         let mut h = pixel;
         let mut skips: Option<Tensor<4>> = None;
         for layer in &mut self.layers {
@@ -348,14 +369,17 @@ impl GatedCache {
             }
             window.push(h.clone());
             let mut hc = layer.horizontal.valid(Tensor::cat(window, 3)); // [b, 2ch, 1, 1]
+            if let (true, Some(m)) = (layer.concat, &layer.maps_h) {
+                hc = hc + at(m);
+            }
             if let Some(link) = &layer.link {
                 hc = hc + link.valid(layer.v_above.clone().narrow(3, x, 1));
             }
             if let Some(bias) = &layer.class_h {
                 hc = hc + bias.clone();
             }
-            if let (Some(sh), Some(maps)) = (&layer.spatial_h, &maps) {
-                hc = hc + sh.valid(maps.clone());
+            if let (false, Some(m)) = (layer.concat, &layer.maps_h) {
+                hc = hc + at(m);
             }
             let gated = layer.activate(hc);
             let s = layer.skip.valid(gated.clone());
@@ -392,7 +416,7 @@ impl GatedCache {
     /// - row: `[batch, colours, 1, width]`, scaled inputs in the compute type
     pub fn end_row(&mut self, y: usize, row: Tensor<4>) {
         let half = self.half;
-        let maps = self.maps.as_ref().map(|m| m.clone().narrow(2, y, 1));
+        let at = |m: &Tensor<4>| m.clone().narrow(2, y, 1);
         let mut v = row;
         for layer in &mut self.layers {
             let padded = pad_columns(v, half, &layer.zero_col);
@@ -404,14 +428,17 @@ impl GatedCache {
             let rows: Vec<Tensor<4>> = std::iter::repeat_n(layer.zero_row.clone(), missing)
                 .chain(layer.v_rows.iter().cloned())
                 .collect();
-            let vraw = layer.vertical.valid(Tensor::cat(rows, 2)); // [b, 2ch, 1, width]
+            let mut vraw = layer.vertical.valid(Tensor::cat(rows, 2)); // [b, 2ch, 1, width]
+            if let (true, Some(m)) = (layer.concat, &layer.maps_v) {
+                vraw = vraw + at(m);
+            }
             let mut vc = vraw.clone();
             layer.v_above = vraw;
             if let Some(bias) = &layer.class_v {
                 vc = vc + bias.clone();
             }
-            if let (Some(sv), Some(maps)) = (&layer.spatial_v, &maps) {
-                vc = vc + sv.valid(maps.clone());
+            if let (false, Some(m)) = (layer.concat, &layer.maps_v) {
+                vc = vc + at(m);
             }
             v = layer.activate(vc);
             layer.h_cols.clear();

@@ -5,6 +5,7 @@ pub mod causality;
 pub mod gated;
 pub mod masked_conv;
 pub mod simple;
+pub mod vae;
 
 use burn::module::Module;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
@@ -14,6 +15,7 @@ use serde::Serialize;
 
 pub use gated::{GatedConfig, GatedPixelCnn};
 pub use simple::{SimpleConfig, SimplePixelCnn};
+pub use vae::{PixelVae, VaeConditioning, VaeConfig};
 
 /// What will be built (decided by the plan).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -21,6 +23,7 @@ pub use simple::{SimpleConfig, SimplePixelCnn};
 pub enum ModelConfig {
     Simple(SimpleConfig),
     Gated(GatedConfig),
+    Vae(VaeConfig),
 }
 
 // One model per run: the size of the enum does not matter, and Burn's Module derive wants the modules
@@ -30,6 +33,7 @@ pub enum ModelConfig {
 pub enum Net {
     Simple(SimplePixelCnn),
     Gated(GatedPixelCnn),
+    Vae(PixelVae),
 }
 
 /// A network and the float type its convolutions compute in. The weights (and the optimizer's
@@ -49,6 +53,8 @@ pub struct Context {
     pub labels: Tensor<1, Int>,
     /// Feature maps for spatially conditioned models, `[batch, channels, h, w]`.
     pub maps: Option<Tensor<4>>,
+    /// PixelVAE: the latents the decoder is conditioned on, `[batch, latent_channels, h', w']`.
+    pub latent: Option<Tensor<4>>,
 }
 
 impl Context {
@@ -57,6 +63,7 @@ impl Context {
         Context {
             labels: Tensor::from_data(TensorData::new(v, [labels.len()]), device),
             maps: None,
+            latent: None,
         }
     }
 }
@@ -68,6 +75,7 @@ impl ModelConfig {
         let net = match self {
             ModelConfig::Simple(c) => Net::Simple(c.init(&mut rng, device)),
             ModelConfig::Gated(c) => Net::Gated(c.init(&mut rng, device)),
+            ModelConfig::Vae(c) => Net::Vae(c.init(&mut rng, device)),
         };
         Model { net, compute: None }
     }
@@ -76,6 +84,15 @@ impl ModelConfig {
         match self {
             ModelConfig::Simple(c) => c.colours,
             ModelConfig::Gated(c) => c.colours,
+            ModelConfig::Vae(c) => c.colours,
+        }
+    }
+
+    /// PixelVAE: the shape of one image's latent, `[channels, h', w']`.
+    pub fn latent_shape(&self, height: usize, width: usize) -> Option<[usize; 3]> {
+        match self {
+            ModelConfig::Vae(c) => Some(c.latent_shape(height, width)),
+            _ => None,
         }
     }
 }
@@ -200,6 +217,13 @@ impl Model {
                     maps: context.maps.as_ref(),
                 },
             ),
+            Net::Vae(m) => {
+                let z = context
+                    .latent
+                    .clone()
+                    .expect("a PixelVAE decodes given latents (Context::latent)");
+                m.forward(x.clone(), z.cast(x.dtype()), &context.labels)
+            }
         };
         let logits = match self.compute {
             Some(_) => logits.cast(FloatDType::F32),
@@ -213,8 +237,53 @@ impl Model {
         self.compute.map_or(DType::F32, DType::from)
     }
 
-    /// State for cached sampling of `context.labels.len()` images `width` pixels wide.
-    pub fn cache(&self, context: &Context, width: usize) -> Cache {
+    /// PixelVAE: the shape of one image's latent, `[channels, h', w']`.
+    pub fn latent_shape(&self, height: usize, width: usize) -> Option<[usize; 3]> {
+        match &self.net {
+            Net::Vae(m) => Some(m.latent_shape(height, width)),
+            _ => None,
+        }
+    }
+
+    /// PixelVAE: the mean and log-variance of q(z|x), each `[batch, latent_channels, h', w']`, f32.
+    ///
+    /// # Shapes
+    /// - x: `[batch, colours, h, w]`, bytes as floats
+    pub fn encode(&self, x: Tensor<4>) -> Option<(Tensor<4>, Tensor<4>)> {
+        let Net::Vae(m) = &self.net else {
+            return None;
+        };
+        let mut x = scale_input(x);
+        if let Some(dtype) = self.compute {
+            x = x.cast(dtype);
+        }
+        Some(m.encode(x))
+    }
+
+    /// Logits and, for a PixelVAE, the KL of q(z|x) from the prior per latent dimension (nats,
+    /// `[batch, latent_channels, h', w']`), with z = mean + sd * `noise` drawn from `rng`
+    /// (reparameterised). Other models ignore `rng`.
+    pub fn forward_with_kl(
+        &self,
+        x: Tensor<4>,
+        context: &Context,
+        rng: &mut StdRng,
+    ) -> (Tensor<5>, Option<Tensor<4>>) {
+        let Some((mean, log_var)) = self.encode(x.clone()) else {
+            return (self.forward(x, context), None);
+        };
+        let noise = vae::normal_tensor(rng, mean.dims(), &mean.device());
+        let z = mean.clone() + (log_var.clone() * 0.5).exp() * noise;
+        let context = Context {
+            latent: Some(z),
+            ..context.clone()
+        };
+        let kl = vae::gaussian_kl(mean, log_var);
+        (self.forward(x, &context), Some(kl))
+    }
+
+    /// State for cached sampling of `context.labels.len()` images of `height` x `width`.
+    pub fn cache(&self, context: &Context, height: usize, width: usize) -> Cache {
         let dtype = self.compute_dtype();
         let [batch] = context.labels.dims();
         let device = context.labels.device();
@@ -228,6 +297,22 @@ impl Model {
                 width,
                 dtype,
             ))),
+            Net::Vae(m) => {
+                let z = context
+                    .latent
+                    .clone()
+                    .expect("a PixelVAE samples given latents (Context::latent)")
+                    .cast(dtype);
+                let maps = m.maps(z, height, width);
+                CacheNet::Gated(Box::new(m.decoder().cache(
+                    &gated::Conditioning {
+                        labels: &context.labels,
+                        maps: Some(&maps),
+                    },
+                    width,
+                    dtype,
+                )))
+            }
         };
         Cache { net, dtype }
     }

@@ -74,24 +74,42 @@ pub fn hardware() -> String {
 }
 
 /// The header of `metrics.csv`, in the order of [`MetricsRow`]'s fields.
-pub const METRICS_COLUMNS: [&str; 6] = [
+pub const METRICS_COLUMNS: [&str; 11] = [
     "epoch",
     "train_bits_per_dim",
     "test_bits_per_dim",
     "train_seconds",
     "test_seconds",
     "train_images_per_second",
+    "train_recon_bits_per_dim",
+    "train_kl_bits_per_dim",
+    "test_recon_bits_per_dim",
+    "test_kl_bits_per_dim",
+    "kl_weight",
 ];
 
 /// One row of `metrics.csv`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct MetricsRow {
     pub epoch: usize,
+    /// Negative log-likelihood, or for a PixelVAE the negative ELBO (reconstruction + KL).
     pub train_bits_per_dim: f64,
     pub test_bits_per_dim: f64,
     pub train_seconds: f64,
     pub test_seconds: f64,
     pub train_images_per_second: f64,
+    /// PixelVAE only (empty otherwise): the two terms of the negative ELBO, and the KL weight in
+    /// force at the epoch's last step (below 1 during warm-up; the bits above always use 1).
+    #[serde(default)]
+    pub train_recon_bits_per_dim: Option<f64>,
+    #[serde(default)]
+    pub train_kl_bits_per_dim: Option<f64>,
+    #[serde(default)]
+    pub test_recon_bits_per_dim: Option<f64>,
+    #[serde(default)]
+    pub test_kl_bits_per_dim: Option<f64>,
+    #[serde(default)]
+    pub kl_weight: Option<f64>,
 }
 
 /// The current time as RFC 3339, UTC, whole seconds.
@@ -238,6 +256,7 @@ mod tests {
             train_seconds: 1.0,
             test_seconds: 0.5,
             train_images_per_second: 10.0,
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(read_metrics(&p).unwrap().len(), 1);
@@ -252,6 +271,7 @@ mod tests {
             train_seconds: 1.0,
             test_seconds: 0.5,
             train_images_per_second: 10.0,
+            ..Default::default()
         };
         run.append_metrics(&row(2)).unwrap();
         drop(run);

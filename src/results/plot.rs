@@ -123,6 +123,7 @@ mod tests {
                 train_seconds: 1.0,
                 test_seconds: 1.0,
                 train_images_per_second: 1.0,
+                ..Default::default()
             })
             .collect();
         let dir = tempfile::tempdir().unwrap();

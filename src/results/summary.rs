@@ -188,6 +188,7 @@ mod tests {
                 train_seconds: 30.0,
                 test_seconds: 5.0,
                 train_images_per_second: 100.0 + i as f64,
+                ..Default::default()
             })
             .collect()
     }
