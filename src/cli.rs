@@ -54,6 +54,18 @@ pub enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Evaluate a run's newest checkpoint on its test split and write RESULTS_DIR/eval.json:
+    /// the exact NLL of a PixelCNN, or for a PixelVAE an importance-sampled NLL beside the ELBO.
+    Eval {
+        /// A results folder written by `pixel run`.
+        results_dir: PathBuf,
+        /// PixelVAE: latents drawn from q(z|x) per test image.
+        #[arg(long, value_name = "K", default_value_t = 100)]
+        importance_samples: usize,
+        /// Images per forward pass (default: the experiment's train.eval_batch_size).
+        #[arg(long, value_name = "N")]
+        batch_size: Option<usize>,
+    },
     /// Run a sweep: every combination of a grid of values over a base experiment, into
     /// results/<sweep name>/<run name>/; finished runs are skipped, unfinished ones resumed.
     Sweep {
@@ -154,6 +166,29 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             temperature,
             seed,
         } => crate::sample_cmd::sample_results(&results_dir, out, temperature, seed),
+        Command::Eval {
+            results_dir,
+            importance_samples,
+            batch_size,
+        } => {
+            let r = crate::eval::eval_results(&results_dir, importance_samples, batch_size)?;
+            match (r.test_elbo_bits_per_dim, r.importance_samples) {
+                (Some(elbo), Some(k)) => println!(
+                    "test NLL {:.4} bits/dim (importance sampled, K = {k}), ELBO {:.4} bits/dim, \
+                     {} images, {:.1} s",
+                    r.test_bits_per_dim, elbo, r.images, r.seconds
+                ),
+                _ => println!(
+                    "test NLL {:.4} bits/dim (exact), {} images, {:.1} s",
+                    r.test_bits_per_dim, r.images, r.seconds
+                ),
+            }
+            println!(
+                "wrote {}",
+                results_dir.join(crate::eval::EVAL_FILE).display()
+            );
+            Ok(())
+        }
         Command::Sweep {
             file,
             dry_run,

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod experiment;
 pub mod figures;
 pub mod loss;

@@ -102,10 +102,17 @@ fn run_writes_every_result_file_and_refuses_to_overwrite() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "epoch,train_bits_per_dim,test_bits_per_dim,train_seconds,test_seconds,train_images_per_second"
+        "epoch,train_bits_per_dim,test_bits_per_dim,train_seconds,test_seconds,\
+         train_images_per_second,train_recon_bits_per_dim,train_kl_bits_per_dim,\
+         test_recon_bits_per_dim,test_kl_bits_per_dim,kl_weight"
     );
     let rows: Vec<Vec<f64>> = lines
-        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .map(|l| {
+            let fields: Vec<&str> = l.split(',').collect();
+            // The PixelVAE columns stay empty for a PixelCNN.
+            assert_eq!(fields[6..], ["", "", "", "", ""], "{l}");
+            fields[..6].iter().map(|v| v.parse().unwrap()).collect()
+        })
         .collect();
     assert_eq!(rows.len(), 2);
     for r in &rows {
@@ -620,6 +627,11 @@ fn bad_inputs_each_get_a_clear_error() {
         (format!("{syn}[runtime]\ndevice = \"cuda\"\n"), vec![], vec!["`runtime.device`", "libtorch"]),
         (format!("{syn}[runtime]\nprecision = \"f16\"\n"), vec![], vec!["`runtime.precision` = \"f16\"", "bf16"]),
         (format!("{syn}[model]\nconditional = \"class\"\n"), vec![], vec!["`model.conditional`", "gated"]),
+        (format!("{syn}[model.vae]\nlatent_channels = 8\n"), vec![], vec!["`model.vae`", "variant = \"vae\""]),
+        (format!("{syn}[model]\nvariant = \"vae\"\n[model.vae]\nfree_bits = -1.0\n"), vec![], vec!["`model.vae.free_bits` = -1"]),
+        (format!("{syn}[model]\nvariant = \"vae\"\n[model.vae]\nlatent_channels = 0\n"), vec![], vec!["`model.vae.latent_channels` = 0"]),
+        (format!("{syn}[model]\nvariant = \"vae\"\n[model.vae]\nconditioning = \"film\"\n"), vec![], vec!["model.vae.conditioning", "film"]),
+        (format!("{syn}[model]\nvariant = \"vae\"\n[model.vae]\nlatent = 3\n"), vec![], vec!["latent", "latent_channels"]),
         ("[data]\ndataset = \"folder\"\npath = \"folder-sizes\"\n[model]\nvariant = \"gated\"\nconditional = \"class\"\n".into(), vec![], vec!["`model.conditional`", "folder"]),
         ("[data]\ndataset = \"synthetic\"\nsynthetic_colours = 2\n".into(), vec![], vec!["`data.synthetic_colours` = 2"]),
         ("[data]\ndataset = \"synthetic\"\nsynthetic_size = 1\n".into(), vec![], vec!["`data.synthetic_size` = 1"]),
@@ -922,4 +934,102 @@ fn bench_reports_every_measure() {
         !dir.path().join("results").exists(),
         "bench writes no results"
     );
+}
+
+const TINY_VAE: &str = r#"
+[model]
+variant = "vae"
+layers = 2
+kernel = 3
+channels = 4
+[model.vae]
+latent_channels = 2
+downsample = 1
+hidden = 4
+maps = 2
+kl_warmup_steps = 4
+[data]
+dataset = "synthetic"
+synthetic_size = 6
+synthetic_images = 40
+[train]
+epochs = 2
+batch_size = 16
+[sample]
+grid = 4
+"#;
+
+#[test]
+fn pixel_vae_runs_reports_the_elbo_terms_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vae.toml"), TINY_VAE).unwrap();
+    let out = pixel(dir.path(), &["run", "vae.toml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let res = dir.path().join("results/vae");
+    let rows = read_csv(&res.join("metrics.csv"));
+    assert_eq!(rows.len(), 2);
+    for (i, r) in rows.iter().enumerate() {
+        let f = |k: &str| r[k].parse::<f64>().unwrap();
+        for split in ["train", "test"] {
+            let (total, recon, kl) = (
+                f(&format!("{split}_bits_per_dim")),
+                f(&format!("{split}_recon_bits_per_dim")),
+                f(&format!("{split}_kl_bits_per_dim")),
+            );
+            assert!((total - recon - kl).abs() < 1e-9, "{r:?}");
+            assert!(kl >= 0.0 && recon > 0.0, "{r:?}");
+        }
+        // 3 steps per epoch, warm-up over 4: the weight at the end of epochs 1 and 2.
+        assert_eq!(f("kl_weight"), [0.75, 1.0][i], "{r:?}");
+    }
+    for f in ["epoch-0002.png", "reconstructions-epoch-0002.png"] {
+        let (w, h, _) = png_size(&res.join("samples").join(f));
+        assert_eq!((w, h), (4 * 8 + 2, 4 * 8 + 2), "{f}");
+    }
+
+    let eval = pixel(
+        dir.path(),
+        &["eval", "results/vae", "--importance-samples", "8"],
+    );
+    assert!(eval.status.success(), "{}", text(&eval));
+    assert!(
+        text(&eval).contains("importance sampled, K = 8"),
+        "{}",
+        text(&eval)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(res.join("eval.json")).unwrap()).unwrap();
+    let (nll, elbo) = (
+        report["test_bits_per_dim"].as_f64().unwrap(),
+        report["test_elbo_bits_per_dim"].as_f64().unwrap(),
+    );
+    assert!(nll <= elbo && nll > 0.0, "{report}");
+    assert_eq!(report["images"], 10);
+
+    let zero = pixel(
+        dir.path(),
+        &["eval", "results/vae", "--importance-samples", "0"],
+    );
+    assert_eq!(zero.status.code(), Some(2), "{}", text(&zero));
+    assert!(
+        text(&zero).contains("--importance-samples"),
+        "{}",
+        text(&zero)
+    );
+}
+
+/// The rows of a CSV file as maps from column to value.
+fn read_csv(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(l.split(',').map(String::from))
+                .collect()
+        })
+        .collect()
 }

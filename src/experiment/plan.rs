@@ -337,7 +337,17 @@ impl Plan {
                 o.key, o.value, o.origin
             ));
         }
-        out.push_str(&toml::to_string(&self.experiment).expect("an experiment serialises"));
+        let mut body = toml::to_string(&self.experiment).expect("an experiment serialises");
+        // The PixelVAE's table means nothing to the other variants: leave it out of theirs.
+        if self.experiment.model.variant != Variant::Vae
+            && let Some(start) = body.find("[model.vae]\n")
+        {
+            let end = body[start + 1..]
+                .find("\n[")
+                .map_or(body.len(), |i| start + i + 2);
+            body.replace_range(start..end, "");
+        }
+        out.push_str(&body);
         out
     }
 }
