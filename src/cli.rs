@@ -281,6 +281,11 @@ fn check(paths: &[PathBuf]) -> Result<()> {
                     println!("ok    {}", f.display());
                 }
             }
+            // Data that only the user can provide (an image folder) may live elsewhere than
+            // where the experiment is checked: valid, with a note.
+            Err(Error::Data(missing @ crate::data::DataError::Missing { .. })) => {
+                println!("ok    {} (note: {missing})", f.display());
+            }
             Err(e) => failures.push(e.to_string()),
         }
     }
