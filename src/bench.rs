@@ -57,6 +57,8 @@ pub fn run(plan: &Plan, steps: usize, with_grid: bool, with_naive: bool) -> Resu
     let order: Vec<usize> = (0..batch).map(|i| i % splits.train.len()).collect();
     let step = train::Step::of(plan, 1);
     let mut times = Vec::new();
+    let mut loss_scale = (plan.device.precision == crate::experiment::Precision::F16)
+        .then(train::LossScale::default);
     for i in 0..steps + 2 {
         let start = Instant::now();
         let (next, _, _) = train::train_epoch(
@@ -68,6 +70,7 @@ pub fn run(plan: &Plan, steps: usize, with_grid: bool, with_naive: bool) -> Resu
             &train_device,
             0,
             PassStats::default(),
+            &mut loss_scale,
             &|| false,
             |_, _| {},
         )

@@ -26,6 +26,9 @@ pub struct Position {
     pub steps_done: usize,
     /// Training totals of the next epoch so far.
     pub partial: Partial,
+    /// f16 runs: the dynamic loss scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::train::LossScale>,
 }
 
 /// [`PassStats`] in a serialisable form.

@@ -212,6 +212,9 @@ fn epochs(
         mut optimizer,
         position,
     } = start;
+    let mut loss_scale = position.loss_scale.or_else(|| {
+        (plan.device.precision == crate::experiment::Precision::F16).then(train::LossScale::default)
+    });
     for epoch in position.epochs_done + 1..=t.epochs {
         let order = data::epoch_order(splits.train.len(), t.seed, epoch);
         let (start_step, so_far) = if epoch == position.epochs_done + 1 {
@@ -229,6 +232,7 @@ fn epochs(
             device,
             start_step,
             so_far,
+            &mut loss_scale,
             &stop_requested,
             |done, bits| {
                 bar.set_position(done as u64);
@@ -250,6 +254,7 @@ fn epochs(
                 epochs_done: epoch - 1,
                 steps_done,
                 partial: train_stats.into(),
+                loss_scale,
             };
             checkpoint::save(&run.path, &model.valid(), &optimizer, &at, keep)?;
             return Err(Error::Interrupted(run.path.clone()));
@@ -290,6 +295,7 @@ fn epochs(
         }
         let at = Position {
             epochs_done: epoch,
+            loss_scale,
             ..Position::default()
         };
         checkpoint::save(&run.path, &model.valid(), &optimizer, &at, keep)?;

@@ -4,7 +4,7 @@
 use crate::data::Images;
 use crate::loss::nll_nats;
 use crate::model::{Context, Model};
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
@@ -112,6 +112,78 @@ impl Step {
     }
 }
 
+/// Dynamic loss scaling for f16 training (Micikevicius et al. 2018, "Mixed Precision Training"):
+/// the loss is multiplied by `scale` before the backward pass so that small gradients survive in
+/// f16, and the gradients are divided by it before the optimizer sees them. A step whose gradients
+/// overflow is skipped and the scale halved; after `GROWTH_INTERVAL` good steps in a row it doubles.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq)]
+pub struct LossScale {
+    pub scale: f64,
+    pub good_steps: usize,
+    /// Steps skipped so far because of overflow.
+    pub skipped: usize,
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        LossScale {
+            scale: 65536.0,
+            good_steps: 0,
+            skipped: 0,
+        }
+    }
+}
+
+impl LossScale {
+    pub const GROWTH_INTERVAL: usize = 2000;
+
+    /// Records whether the last step's gradients were finite.
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps == Self::GROWTH_INTERVAL {
+                self.scale = (self.scale * 2.0).min(f64::from(f32::MAX) / 2.0);
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+            self.skipped += 1;
+        }
+    }
+}
+
+/// Multiplies every gradient of `model` by `factor`, and says whether all are finite.
+fn rescale_gradients(model: &Model, grads: &mut GradientsParams, factor: f64) -> bool {
+    struct Rescale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+        total: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for Rescale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                let g = g * self.factor;
+                let size = g.clone().abs().sum();
+                self.total = Some(match self.total.take() {
+                    None => size,
+                    Some(t) => t + size,
+                });
+                self.grads.register(param.id, g);
+            }
+        }
+    }
+    let mut visitor = Rescale {
+        grads,
+        factor,
+        total: None,
+    };
+    model.visit(&mut visitor);
+    visitor
+        .total
+        .is_none_or(|t| t.into_scalar::<f32>().is_finite())
+}
+
 /// The generator of the noise of step `i` (from 0) of `epoch`.
 fn noise_rng(seed: u64, epoch: usize, i: usize) -> StdRng {
     let mix = seed
@@ -143,7 +215,8 @@ pub enum EpochEnd {
 }
 
 /// Trains over `order` (one epoch's image order), starting after `start_step` steps whose totals
-/// are `stats`, and stopping early when `stop()` says so after a step. Calls
+/// are `stats`, and stopping early when `stop()` says so after a step. With a `loss_scale` (f16),
+/// steps are loss-scaled and those whose gradients overflow are skipped. Calls
 /// `progress(images_done, batch_bits_per_dim)` after each step. Returns the updated model, the
 /// totals so far and how the epoch ended; a loss that is not finite is an error naming the step.
 #[allow(clippy::too_many_arguments)]
@@ -156,6 +229,7 @@ pub fn train_epoch(
     device: &Device,
     start_step: usize,
     mut stats: PassStats,
+    loss_scale: &mut Option<LossScale>,
     stop: &dyn Fn() -> bool,
     mut progress: impl FnMut(usize, f64),
 ) -> Result<(Model, PassStats, EpochEnd), String> {
@@ -186,9 +260,22 @@ pub fn train_epoch(
                 batch_nats + batch_kl
             ));
         }
-        let loss = loss / dims as f64;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optimizer.step(step.learning_rate, model, grads);
+        let mut loss = loss / dims as f64;
+        if let Some(ls) = loss_scale.as_ref() {
+            loss = loss * ls.scale;
+        }
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let finite = match loss_scale.as_mut() {
+            None => true,
+            Some(ls) => {
+                let finite = rescale_gradients(&model, &mut grads, 1.0 / ls.scale);
+                ls.update(finite);
+                finite
+            }
+        };
+        if finite {
+            model = optimizer.step(step.learning_rate, model, grads);
+        }
         stats.nats += batch_nats;
         stats.subpixels += dims;
         stats.images += indices.len();
@@ -243,9 +330,10 @@ mod tests {
     use crate::experiment::Precision;
     use crate::model::{GatedConfig, ModelConfig};
 
-    /// A few steps computed in bf16 (f32 weights and Adam state) track the same steps in f32.
+    /// A few steps computed in bf16 or in f16 with dynamic loss scaling (f32 weights and Adam
+    /// state) track the same steps in f32.
     #[test]
-    fn bf16_steps_track_f32() {
+    fn bf16_and_f16_steps_track_f32() {
         let spec = synthetic::Spec {
             size: 8,
             colours: 3,
@@ -268,6 +356,7 @@ mod tests {
         let order: Vec<usize> = (0..64).collect();
         let losses = |precision| {
             let model = cfg.init(2, &device).with_precision(precision);
+            let mut loss_scale = (precision == Precision::F16).then(LossScale::default);
             let mut optimizer = crate::optim::adam();
             let step = Step {
                 batch_size: 16,
@@ -289,6 +378,7 @@ mod tests {
                     &device,
                     0,
                     PassStats::default(),
+                    &mut loss_scale,
                     &|| false,
                     |_, _| {},
                 )
@@ -298,12 +388,100 @@ mod tests {
             }
             per_epoch
         };
-        let (full, half) = (losses(Precision::F32), losses(Precision::Bf16));
+        let full = losses(Precision::F32);
         assert!(full[2] < full[0], "f32 learns: {full:?}");
-        assert!(half[2] < half[0], "bf16 learns: {half:?}");
-        for (f, h) in full.iter().zip(&half) {
-            assert!((f - h).abs() / f < 0.02, "bf16 {half:?} vs f32 {full:?}");
+        for precision in [Precision::Bf16, Precision::F16] {
+            let half = losses(precision);
+            assert!(half[2] < half[0], "{precision:?} learns: {half:?}");
+            for (f, h) in full.iter().zip(&half) {
+                assert!(
+                    (f - h).abs() / f < 0.02,
+                    "{precision:?} {half:?} vs f32 {full:?}"
+                );
+            }
+            assert_ne!(full, half, "{precision:?} really computed in low precision");
         }
-        assert_ne!(full, half, "bf16 really computed in bf16");
+    }
+
+    #[test]
+    fn loss_scale_halves_on_overflow_and_grows_after_good_steps() {
+        let mut ls = LossScale::default();
+        ls.update(false);
+        assert_eq!((ls.scale, ls.skipped), (32768.0, 1));
+        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+            ls.update(true);
+        }
+        assert_eq!(ls.scale, 32768.0);
+        ls.update(true);
+        assert_eq!((ls.scale, ls.good_steps), (65536.0, 0));
+        for _ in 0..40 {
+            ls.update(false);
+        }
+        assert_eq!(ls.scale, 1.0, "never below 1");
+    }
+
+    /// An overflowing f16 step is skipped (the weights stay as they were) and the scale halves.
+    #[test]
+    fn overflowing_f16_step_is_skipped() {
+        let spec = synthetic::Spec {
+            size: 6,
+            colours: 1,
+            train_images: 16,
+        };
+        let data = synthetic::generate(&spec, 1).train;
+        let cfg = ModelConfig::Simple(crate::model::SimpleConfig {
+            colours: 1,
+            layers: 2,
+            kernel: 3,
+            channels: 4,
+        });
+        let device = Device::flex().autodiff();
+        let model = cfg.init(1, &device).with_precision(Precision::F16);
+        let before: f32 = model
+            .forward(
+                Batch::gather(&data, &[0], &device).input,
+                &Context::from_labels(&[0], &device),
+            )
+            .sum()
+            .into_scalar();
+        // A scale that overflows f16 (and even f32) in the backward pass.
+        let mut loss_scale = Some(LossScale {
+            scale: 1e38,
+            ..LossScale::default()
+        });
+        let step = Step {
+            batch_size: 16,
+            learning_rate: 1e-2,
+            seed: 1,
+            epoch: 1,
+            kl_warmup_steps: 0,
+            free_bits: 0.0,
+        };
+        let order: Vec<usize> = (0..16).collect();
+        let mut optimizer = crate::optim::adam();
+        let (model, _, _) = train_epoch(
+            model,
+            &mut optimizer,
+            &data,
+            &order,
+            step,
+            &device,
+            0,
+            PassStats::default(),
+            &mut loss_scale,
+            &|| false,
+            |_, _| {},
+        )
+        .unwrap();
+        let ls = loss_scale.unwrap();
+        assert_eq!((ls.scale, ls.skipped), (5e37, 1), "{ls:?}");
+        let after: f32 = model
+            .forward(
+                Batch::gather(&data, &[0], &device).input,
+                &Context::from_labels(&[0], &device),
+            )
+            .sum()
+            .into_scalar();
+        assert_eq!(before, after, "the overflowing step changed the weights");
     }
 }

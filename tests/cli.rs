@@ -625,7 +625,6 @@ fn bad_inputs_each_get_a_clear_error() {
         (format!("{syn}[runtime]\ndevice = \"gpu\"\n"), vec![], vec!["`runtime.device` = \"gpu\""]),
         (format!("{syn}[runtime]\ndevice = \"cuda:x\"\n"), vec![], vec!["`runtime.device` = \"cuda:x\""]),
         (format!("{syn}[runtime]\ndevice = \"cuda\"\n"), vec![], vec!["`runtime.device`", "libtorch"]),
-        (format!("{syn}[runtime]\nprecision = \"f16\"\n"), vec![], vec!["`runtime.precision` = \"f16\"", "bf16"]),
         (format!("{syn}[model]\nconditional = \"class\"\n"), vec![], vec!["`model.conditional`", "gated"]),
         (format!("{syn}[model.vae]\nlatent_channels = 8\n"), vec![], vec!["`model.vae`", "variant = \"vae\""]),
         (format!("{syn}[model]\nvariant = \"vae\"\n[model.vae]\nfree_bits = -1.0\n"), vec![], vec!["`model.vae.free_bits` = -1"]),

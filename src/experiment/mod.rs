@@ -281,7 +281,8 @@ pub struct RuntimeSection {
     /// "auto", "cpu", "cuda" or "cuda:N". "auto" picks CUDA on libtorch when it is available.
     /// Default: "auto".
     pub device: String,
-    /// Float precision of the tensors. Default: "f32".
+    /// Float precision of the convolutions: "f32", "bf16", or "f16" (with dynamic loss scaling);
+    /// weights, Adam state, softmax and loss stay f32. Default: "f32".
     pub precision: Precision,
 }
 
@@ -305,12 +306,15 @@ pub enum BackendKind {
     Libtorch,
 }
 
-/// Float precisions.
+/// Float precisions of the convolutions. Weights, optimizer state, softmax and loss stay f32.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// Everything in f32.
     F32,
+    /// Convolutions in bf16 (f32's range: no loss scaling needed).
     Bf16,
+    /// Convolutions in f16, with dynamic loss scaling against gradient underflow and overflow.
     F16,
 }
 

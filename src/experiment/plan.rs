@@ -1,7 +1,7 @@
 //! Experiment -> Plan: every cross-field check, before any tensor exists, and the mapping from what
 //! the user wrote to what will run.
 
-use super::{BackendKind, Conditional, DatasetKind, Experiment, Override, Precision, Variant};
+use super::{BackendKind, Conditional, DatasetKind, Experiment, Override, Variant};
 use crate::data::{self, DataError, DataSpec, synthetic};
 use crate::device::{self, DeviceChoice, Target};
 use crate::error::{Error, Result};
@@ -165,12 +165,6 @@ impl Plan {
             "runtime.device",
             format!("{:?}", r.device),
             "\"cpu\" or \"auto\" with the flex backend (CUDA needs backend = \"libtorch\")",
-        )?;
-        ctx.require(
-            r.precision != Precision::F16,
-            "runtime.precision",
-            "\"f16\"",
-            "\"f32\" or \"bf16\" (f16 needs dynamic loss scaling, which is not supported yet)",
         )?;
 
         let classes = match m.conditional {
