@@ -234,8 +234,10 @@ impl GatedPixelCnn {
 }
 
 /// One layer's state for cached sampling (Ramachandran et al. 2017): its weights frozen, the rows
-/// its vertical stack still needs, the vertical output of the row above (what the link sees after
-/// the shift down), and its horizontal input so far along the current row.
+/// its vertical stack still needs, what the horizontal gate gets from outside its own row (the
+/// link from the vertical stack above, class bias, maps), and its horizontal input so far along
+/// the current row. Per-pixel values are `[batch, channels]` matrices and the per-pixel
+/// convolutions matrix products: a step is many tiny operations, and these are the cheapest.
 struct LayerCache {
     vertical: Frozen,
     horizontal: Frozen,
@@ -255,13 +257,15 @@ struct LayerCache {
     /// The last `k/2 + 1` rows of the vertical input, each `[batch, in, 1, width + k - 1]`.
     v_rows: VecDeque<Tensor<4>>,
     zero_row: Tensor<4>,
-    /// The vertical convolution at the row above, `[batch, 2ch, 1, width]` (zeros above row 0).
-    v_above: Tensor<4>,
-    /// Horizontal inputs of the current row, one `[batch, in, 1, 1]` per finished pixel.
-    h_cols: Vec<Tensor<4>>,
     zero_col: Tensor<4>,
+    /// The horizontal gate's terms from outside the current row for every pixel of it:
+    /// link(vertical stack of the row above) + class bias + maps, `[batch, 2ch, 1, width]`.
+    row_terms: Tensor<4>,
+    /// Horizontal inputs of the current row, one `[batch, in]` per finished pixel.
+    h_cols: Vec<Tensor<2>>,
+    zero_input: Tensor<2>,
     /// Horizontal input at the pixel being generated (kept when the pixel is committed).
-    current: Option<Tensor<4>>,
+    current: Option<Tensor<2>>,
 }
 
 /// Cached sampling state of a gated PixelCNN: per sub-pixel it computes every layer at one
@@ -271,12 +275,19 @@ pub struct GatedCache {
     head_hidden: Frozen,
     head_out: Frozen,
     half: usize,
+    height: usize,
     width: usize,
 }
 
 impl GatedPixelCnn {
-    /// A cache for sampling `batch` images of `width` columns, computing in `dtype`.
-    pub fn cache(&self, cond: &Conditioning, width: usize, dtype: DType) -> GatedCache {
+    /// A cache for sampling `batch` images of `height` x `width`, computing in `dtype`.
+    pub fn cache(
+        &self,
+        cond: &Conditioning,
+        height: usize,
+        width: usize,
+        dtype: DType,
+    ) -> GatedCache {
         let [batch] = cond.labels.dims();
         let device = cond.labels.device();
         let zeros = |c: usize, h: usize, w: usize| {
@@ -296,7 +307,7 @@ impl GatedPixelCnn {
                 let vertical = l.vertical.frozen(dtype);
                 let inputs = vertical.inputs();
                 let gate_channels = vertical.outputs();
-                LayerCache {
+                let mut layer = LayerCache {
                     class_v: l
                         .class_v
                         .as_ref()
@@ -316,12 +327,16 @@ impl GatedPixelCnn {
                     gates: l.gates,
                     v_rows: VecDeque::new(),
                     zero_row: zeros(inputs, 1, width + 2 * half),
-                    v_above: zeros(gate_channels, 1, width),
-                    h_cols: Vec::with_capacity(width),
                     zero_col: zeros(inputs, 1, 1),
+                    row_terms: zeros(gate_channels, 1, width),
+                    h_cols: Vec::with_capacity(width),
+                    zero_input: zeros(inputs, 1, 1).reshape([batch, inputs]),
                     current: None,
                     vertical,
-                }
+                };
+                // Above row 0 the shifted vertical stack holds zeros.
+                layer.set_row_terms(0, zeros(gate_channels, 1, width));
+                layer
             })
             .collect();
         GatedCache {
@@ -329,6 +344,7 @@ impl GatedPixelCnn {
             head_hidden: self.head_hidden.frozen(dtype),
             head_out: self.head_out.frozen(dtype),
             half,
+            height,
             width,
         }
     }
@@ -342,52 +358,70 @@ impl GatedLayer {
 }
 
 impl LayerCache {
-    fn activate(&self, x: Tensor<4>) -> Tensor<4> {
-        if self.gates { gate(x) } else { relu(x) }
+    fn activate<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if self.gates {
+            let half = x.dims()[1] / 2;
+            tanh(x.clone().narrow(1, 0, half)) * sigmoid(x.narrow(1, half, half))
+        } else {
+            relu(x)
+        }
+    }
+
+    /// The horizontal gate's terms for row `y`, given the vertical convolution of the row above
+    /// (`[batch, 2ch, 1, width]`, with the maps already in for concat).
+    fn set_row_terms(&mut self, y: usize, v_above: Tensor<4>) {
+        let mut terms = match &self.link {
+            Some(link) => link.valid(v_above),
+            None => v_above.zeros_like(),
+        };
+        if let Some(bias) = &self.class_h {
+            terms = terms + bias.clone();
+        }
+        if let Some(m) = &self.maps_h {
+            terms = terms + m.clone().narrow(2, y, 1);
+        }
+        self.row_terms = terms;
     }
 }
 
 impl GatedCache {
+    pub fn height(&self) -> usize {
+        self.height
+    }
+
     /// Logits of pixel (`y`, `x`) given every earlier pixel (committed) and the sub-pixels of
     /// this one so far (later ones are masked, whatever they hold).
     ///
     /// # Shapes
-    /// - pixel: `[batch, colours, 1, 1]`, scaled inputs in the compute type
-    /// - returns: `[batch, colours * 256, 1, 1]`
-    pub fn step(&mut self, y: usize, x: usize, pixel: Tensor<4>) -> Tensor<4> {
+    /// - pixel: `[batch, colours]`, scaled inputs in the compute type
+    /// - returns: `[batch, colours * 256]`
+    pub fn step(&mut self, x: usize, pixel: Tensor<2>) -> Tensor<2> {
         let half = self.half;
-        let at = |m: &Tensor<4>| m.clone().narrow(2, y, 1).narrow(3, x, 1);
+        let [batch, _] = pixel.dims();
         let mut h = pixel;
-        let mut skips: Option<Tensor<4>> = None;
+        let mut skips: Option<Tensor<2>> = None;
         for layer in &mut self.layers {
             let mut window = Vec::with_capacity(half + 1);
             for col in x as isize - half as isize..x as isize {
                 window.push(match usize::try_from(col) {
                     Ok(c) => layer.h_cols[c].clone(),
-                    Err(_) => layer.zero_col.clone(),
+                    Err(_) => layer.zero_input.clone(),
                 });
             }
             window.push(h.clone());
-            let mut hc = layer.horizontal.valid(Tensor::cat(window, 3)); // [b, 2ch, 1, 1]
-            if let (true, Some(m)) = (layer.concat, &layer.maps_h) {
-                hc = hc + at(m);
-            }
-            if let Some(link) = &layer.link {
-                hc = hc + link.valid(layer.v_above.clone().narrow(3, x, 1));
-            }
-            if let Some(bias) = &layer.class_h {
-                hc = hc + bias.clone();
-            }
-            if let (false, Some(m)) = (layer.concat, &layer.maps_h) {
-                hc = hc + at(m);
-            }
+            let window = Tensor::stack::<3>(window, 2); // [b, in, k/2 + 1]
+            let n = window.dims()[1] * (half + 1);
+            let terms = layer.row_terms.clone().narrow(3, x, 1);
+            let gate_channels = terms.dims()[1];
+            let hc = layer.horizontal.dense(window.reshape([batch, n]))
+                + terms.reshape([batch, gate_channels]); // [b, 2ch]
             let gated = layer.activate(hc);
-            let s = layer.skip.valid(gated.clone());
+            let s = layer.skip.dense(gated.clone());
             skips = Some(match skips {
                 None => s,
                 Some(acc) => acc + s,
             });
-            let mut out = layer.out.valid(gated);
+            let mut out = layer.out.dense(gated);
             if layer.residual {
                 out = out + h.clone();
             }
@@ -396,13 +430,13 @@ impl GatedCache {
         }
         let skips = skips.expect("at least one layer");
         self.head_out
-            .valid(relu(self.head_hidden.valid(relu(skips))))
+            .dense(relu(self.head_hidden.dense(relu(skips))))
     }
 
-    /// The pixel last passed to `step` is final, with these values (`[batch, colours, 1, 1]`,
-    /// scaled): keep each layer's input at it. The first layer's input is the pixel itself, which
-    /// `step` saw before its last sub-pixel was drawn; deeper layers never see that sub-pixel.
-    pub fn commit(&mut self, pixel: Tensor<4>) {
+    /// The pixel last passed to `step` is final, with these values (`[batch, colours]`, scaled):
+    /// keep each layer's input at it. The first layer's input is the pixel itself, which `step`
+    /// saw before its last sub-pixel was drawn; deeper layers never see that sub-pixel.
+    pub fn commit(&mut self, pixel: Tensor<2>) {
         self.layers[0].current = Some(pixel);
         for layer in &mut self.layers {
             let current = layer.current.take().expect("commit after step");
@@ -433,7 +467,9 @@ impl GatedCache {
                 vraw = vraw + at(m);
             }
             let mut vc = vraw.clone();
-            layer.v_above = vraw;
+            if y + 1 < self.height {
+                layer.set_row_terms(y + 1, vraw);
+            }
             if let Some(bias) = &layer.class_v {
                 vc = vc + bias.clone();
             }

@@ -217,14 +217,22 @@ impl MaskedConv2d {
 pub struct Frozen {
     weight: Tensor<4>,
     bias: Tensor<1>,
+    /// The weight as `[in * kh * kw, out]` and the bias as `[1, out]`, for `dense`.
+    matrix: Tensor<2>,
+    bias_row: Tensor<2>,
 }
 
 impl MaskedConv2d {
     /// The masked weights in `dtype` (the model's compute precision).
     pub fn frozen(&self, dtype: DType) -> Frozen {
+        let weight = (self.weight.val() * self.mask.clone()).cast(dtype);
+        let bias = self.bias.val().cast(dtype);
+        let [out, n_in, kh, kw] = weight.dims();
         Frozen {
-            weight: (self.weight.val() * self.mask.clone()).cast(dtype),
-            bias: self.bias.val().cast(dtype),
+            matrix: weight.clone().reshape([out, n_in * kh * kw]).transpose(),
+            bias_row: bias.clone().reshape([1, out]),
+            weight,
+            bias,
         }
     }
 }
@@ -242,6 +250,15 @@ impl Frozen {
             Some(self.bias.clone()),
             ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
         )
+    }
+
+    /// The convolution at one position, as a matrix product.
+    ///
+    /// # Shapes
+    /// - x: `[batch, in * kh * kw]`, the window flattened as `[in, kh, kw]`
+    /// - returns: `[batch, out]`
+    pub fn dense(&self, x: Tensor<2>) -> Tensor<2> {
+        x.matmul(self.matrix.clone()) + self.bias_row.clone()
     }
 
     /// Output channels.

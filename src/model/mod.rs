@@ -130,10 +130,13 @@ impl Cache {
     /// - returns: `[batch, colours, 256]`, f32
     pub fn logits(&mut self, y: usize, x: usize, pixel: Tensor<4>) -> Tensor<3> {
         let [b, c, _, _] = pixel.dims();
-        let pixel = self.scaled(pixel);
+        let pixel = self.scaled(pixel).reshape([b, c]);
         let logits = match &mut self.net {
             CacheNet::Simple(m) => m.step(x, pixel),
-            CacheNet::Gated(m) => m.step(y, x, pixel),
+            CacheNet::Gated(m) => {
+                debug_assert!(y < m.height());
+                m.step(x, pixel)
+            }
         };
         logits.cast(FloatDType::F32).reshape([b, c, 256])
     }
@@ -143,7 +146,8 @@ impl Cache {
     /// # Shapes
     /// - pixel: `[batch, colours, 1, 1]`, bytes as floats
     pub fn commit(&mut self, pixel: Tensor<4>) {
-        let pixel = self.scaled(pixel);
+        let [b, c, _, _] = pixel.dims();
+        let pixel = self.scaled(pixel).reshape([b, c]);
         match &mut self.net {
             CacheNet::Simple(m) => m.commit(pixel),
             CacheNet::Gated(m) => m.commit(pixel),
@@ -294,6 +298,7 @@ impl Model {
                     labels: &context.labels,
                     maps: context.maps.as_ref(),
                 },
+                height,
                 width,
                 dtype,
             ))),
@@ -309,6 +314,7 @@ impl Model {
                         labels: &context.labels,
                         maps: Some(&maps),
                     },
+                    height,
                     width,
                     dtype,
                 )))

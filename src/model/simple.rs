@@ -73,18 +73,18 @@ impl SimplePixelCnn {
 }
 
 /// One layer's state for cached sampling: the rows above that its kernel reaches and its inputs
-/// so far along the current row.
+/// so far along the current row (per-pixel values as `[batch, channels]` matrices).
 struct LayerCache {
     conv: Frozen,
     /// The last `k/2` rows of this layer's input, `[batch, in, k/2, width + k - 1]`
     /// (zero columns on both sides; zero rows above the image).
     above: Tensor<4>,
-    /// Inputs along the current row, one `[batch, in, 1, 1]` per finished pixel.
-    cols: Vec<Tensor<4>>,
-    zero_col: Tensor<4>,
+    /// Inputs along the current row, one `[batch, in]` per finished pixel.
+    cols: Vec<Tensor<2>>,
+    zero_input: Tensor<2>,
     /// `[batch, in, k/2, k]`: the kernel rows below the centre, all masked.
     below: Tensor<4>,
-    current: Option<Tensor<4>>,
+    current: Option<Tensor<2>>,
 }
 
 /// Cached sampling state of the simple PixelCNN: per sub-pixel every layer is computed at one
@@ -110,7 +110,7 @@ impl SimplePixelCnn {
                 LayerCache {
                     above: zeros(half, width + 2 * half),
                     cols: Vec::with_capacity(width),
-                    zero_col: zeros(1, 1),
+                    zero_input: zeros(1, 1).reshape([batch, n]),
                     below: zeros(half, 2 * half + 1),
                     current: None,
                     conv,
@@ -130,43 +130,47 @@ impl SimpleCache {
     /// this one so far.
     ///
     /// # Shapes
-    /// - pixel: `[batch, colours, 1, 1]`, scaled inputs in the compute type
-    /// - returns: `[batch, colours * 256, 1, 1]`
-    pub fn step(&mut self, x: usize, pixel: Tensor<4>) -> Tensor<4> {
+    /// - pixel: `[batch, colours]`, scaled inputs in the compute type
+    /// - returns: `[batch, colours * 256]`
+    pub fn step(&mut self, x: usize, pixel: Tensor<2>) -> Tensor<2> {
         let (half, k) = (self.half, 2 * self.half + 1);
+        let [batch, _] = pixel.dims();
         let mut a = pixel;
         for layer in &mut self.layers {
-            let mut row = Vec::with_capacity(k);
-            for col in x as isize - half as isize..x as isize {
-                row.push(match usize::try_from(col) {
-                    Ok(c) => layer.cols[c].clone(),
-                    Err(_) => layer.zero_col.clone(),
-                });
-            }
-            row.push(a.clone());
-            row.extend(std::iter::repeat_n(layer.zero_col.clone(), half));
+            let n = layer.zero_input.dims()[1];
             let window = if half == 0 {
                 a.clone()
             } else {
+                let mut row = Vec::with_capacity(k);
+                for col in x as isize - half as isize..x as isize {
+                    row.push(match usize::try_from(col) {
+                        Ok(c) => layer.cols[c].clone(),
+                        Err(_) => layer.zero_input.clone(),
+                    });
+                }
+                row.push(a.clone());
+                row.extend(std::iter::repeat_n(layer.zero_input.clone(), half));
+                let row = Tensor::stack::<3>(row, 2).reshape([batch, n, 1, k]);
                 Tensor::cat(
                     vec![
                         layer.above.clone().narrow(3, x, k),
-                        Tensor::cat(row, 3),
+                        row,
                         layer.below.clone(),
                     ],
                     2,
-                )
-            }; // [b, in, k, k]
+                ) // [b, in, k, k]
+                .reshape([batch, n * k * k])
+            };
             layer.current = Some(a);
-            a = relu(layer.conv.valid(window));
+            a = relu(layer.conv.dense(window));
         }
-        self.head.valid(a)
+        self.head.dense(a)
     }
 
-    /// The pixel last passed to `step` is final, with these values (`[batch, colours, 1, 1]`,
-    /// scaled): keep each layer's input at it. The first layer's input is the pixel itself, which
-    /// `step` saw before its last sub-pixel was drawn; deeper layers never see that sub-pixel.
-    pub fn commit(&mut self, pixel: Tensor<4>) {
+    /// The pixel last passed to `step` is final, with these values (`[batch, colours]`, scaled):
+    /// keep each layer's input at it. The first layer's input is the pixel itself, which `step`
+    /// saw before its last sub-pixel was drawn; deeper layers never see that sub-pixel.
+    pub fn commit(&mut self, pixel: Tensor<2>) {
         self.layers[0].current = Some(pixel);
         for layer in &mut self.layers {
             let current = layer.current.take().expect("commit after step");
@@ -177,18 +181,20 @@ impl SimpleCache {
     /// The current row is final: it becomes the bottom row of what the next row sees above.
     pub fn end_row(&mut self) {
         let half = self.half;
-        if half == 0 {
-            return self.layers.iter_mut().for_each(|l| l.cols.clear());
-        }
         for layer in &mut self.layers {
-            let side = std::iter::repeat_n(layer.zero_col.clone(), half);
-            let row = Tensor::cat(
-                side.clone()
-                    .chain(layer.cols.drain(..))
-                    .chain(side)
-                    .collect(),
-                3,
-            ); // [b, in, 1, width + k - 1]
+            if half == 0 {
+                layer.cols.clear();
+                continue;
+            }
+            let side = std::iter::repeat_n(layer.zero_input.clone(), half);
+            let cols: Vec<Tensor<2>> = side
+                .clone()
+                .chain(layer.cols.drain(..))
+                .chain(side)
+                .collect();
+            let [batch, n] = layer.zero_input.dims();
+            let width = cols.len();
+            let row = Tensor::stack::<3>(cols, 2).reshape([batch, n, 1, width]);
             layer.above = if half == 1 {
                 row
             } else {
