@@ -202,6 +202,17 @@ impl MaskedConv2d {
         // Weights are f32; the convolution runs in the input's float type (mixed precision).
         let dtype = x.dtype();
         let weight = (self.weight.val() * self.mask.clone()).cast(dtype);
+        let [n_out, n_in, kh, kw] = weight.dims();
+        if [kh, kw] == [1, 1] {
+            // A 1x1 convolution is a matrix product over the channels, batched over the images:
+            // its backward pass is two matrix products too.
+            let [b, _, h, w] = x.dims();
+            let out = weight
+                .reshape([1, n_out, n_in])
+                .matmul(x.reshape([b, n_in, h * w]))
+                + self.bias.val().cast(dtype).reshape([1, n_out, 1]);
+            return out.reshape([b, n_out, h, w]);
+        }
         conv2d(
             x,
             weight,
