@@ -175,13 +175,7 @@ pub fn grid(
         height: h,
         width: w,
     };
-    let context = sampling_context(
-        model,
-        &completions,
-        Latent::MeanOf { rows: h / 2 },
-        rng,
-        device,
-    );
+    let context = sampling_context(model, &completions, Latent::EncoderMean, rng, device);
     fill(
         model,
         &mut completions,
@@ -203,9 +197,9 @@ pub fn grid(
 pub enum Latent {
     /// z ~ N(0, I).
     Prior,
-    /// The encoder's mean for the images with every row from `rows` down blanked: the part a
-    /// completion is given (`rows` = the height for reconstructions).
-    MeanOf { rows: usize },
+    /// The encoder's mean for the images (the whole images: for completions too, so that z is
+    /// inferred from the test image whose top half is given, as the paper does).
+    EncoderMean,
 }
 
 /// The labels of `images` and, for a PixelVAE, latents for them.
@@ -223,16 +217,8 @@ pub fn sampling_context(
     };
     context.latent = Some(match latent {
         Latent::Prior => crate::model::vae::normal_tensor(rng, [n, lc, lh, lw], device),
-        Latent::MeanOf { rows: given } => {
-            let mut known = images.clone();
-            for i in 0..n {
-                for c in 0..images.colours {
-                    let start = ((i * images.colours + c) * h + given.min(h)) * w;
-                    let end = ((i * images.colours + c) * h + h) * w;
-                    known.pixels[start..end].fill(0);
-                }
-            }
-            let x = rows(&known, 0, h, device);
+        Latent::EncoderMean => {
+            let x = rows(images, 0, h, device);
             model.encode(x).expect("a PixelVAE encodes").0
         }
     });
@@ -264,7 +250,7 @@ pub fn reconstructions(
         height: h,
         width: w,
     };
-    let context = sampling_context(model, &originals, Latent::MeanOf { rows: h }, rng, device);
+    let context = sampling_context(model, &originals, Latent::EncoderMean, rng, device);
     let mut decoded = originals.clone();
     decoded.pixels.fill(0);
     fill(

@@ -83,7 +83,7 @@ pub struct Step {
     /// from a generator seeded by the three, so that a resumed run draws the same noise.
     pub seed: u64,
     pub epoch: usize,
-    /// PixelVAE: steps of linear KL warm-up (0 = none) and free bits in nats per latent channel.
+    /// PixelVAE: steps of linear KL warm-up (0 = none) and free bits in nats per latent dimension.
     pub kl_warmup_steps: usize,
     pub free_bits: f64,
 }
@@ -193,7 +193,8 @@ fn noise_rng(seed: u64, epoch: usize, i: usize) -> StdRng {
 }
 
 /// The KL penalty of the training loss: the total KL, or with free bits the KL of each latent
-/// channel averaged over the batch, floored at `free_bits` nats, times the batch size.
+/// dimension (channel and position) averaged over the batch, floored at `free_bits` nats, times
+/// the batch size.
 ///
 /// # Shapes
 /// - kl: `[batch, latent_channels, h', w']`, nats
@@ -201,9 +202,9 @@ fn kl_penalty(kl: Tensor<4>, free_bits: f64) -> Tensor<1> {
     if free_bits <= 0.0 {
         return kl.sum();
     }
-    let [b, l, _, _] = kl.dims();
-    let per_channel = kl.sum_dim(3).sum_dim(2).sum_dim(0).reshape([l]) / b as f64;
-    per_channel.clamp_min(free_bits).sum() * b as f64
+    let [b, ..] = kl.dims();
+    let per_dimension = kl.sum_dim(0) / b as f64; // [1, latent_channels, h', w']
+    per_dimension.clamp_min(free_bits).sum() * b as f64
 }
 
 /// How an epoch ended.
@@ -401,6 +402,22 @@ mod tests {
             }
             assert_ne!(full, half, "{precision:?} really computed in low precision");
         }
+    }
+
+    /// Free bits floor each latent dimension's batch-mean KL; without them the penalty is the KL.
+    #[test]
+    fn free_bits_floor_each_latent_dimension() {
+        let device = Device::flex();
+        // Two images, two latent dimensions: batch means 0.1 and 1.0 nats.
+        let kl = Tensor::<4>::from_data(
+            TensorData::new(vec![0.0f32, 1.5, 0.2, 0.5], [2, 2, 1, 1]),
+            &device,
+        );
+        let total: f32 = kl_penalty(kl.clone(), 0.0).into_scalar();
+        assert!((total - 2.2).abs() < 1e-6, "{total}");
+        // max(0.1, 0.3) + max(1.0, 0.3) = 1.3 nats per image, times 2 images.
+        let floored: f32 = kl_penalty(kl, 0.3).into_scalar();
+        assert!((floored - 2.6).abs() < 1e-6, "{floored}");
     }
 
     #[test]

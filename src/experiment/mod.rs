@@ -76,9 +76,9 @@ pub struct VaeSection {
     /// Steps over which the KL term's weight rises linearly from 0 to 1 (0 = always 1).
     /// Default: 0.
     pub kl_warmup_steps: usize,
-    /// Free bits (Kingma et al. 2016): the KL of each latent channel, averaged over the batch,
-    /// counts at least this many nats in the training loss (0 = off). Reported numbers always
-    /// use the real KL. Default: 0.
+    /// Free bits (Kingma et al. 2016): the KL of each latent dimension (channel and position),
+    /// averaged over the batch, counts at least this many nats in the training loss (0 = off).
+    /// Reported numbers always use the real KL. Default: 0.
     pub free_bits: f64,
 }
 

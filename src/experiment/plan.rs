@@ -238,7 +238,7 @@ impl Plan {
                 v.free_bits.is_finite() && v.free_bits >= 0.0,
                 "model.vae.free_bits",
                 v.free_bits,
-                "0 (off) or a positive number of nats per latent channel",
+                "0 (off) or a positive number of nats per latent dimension",
             )?;
         }
         let gated = |spatial_channels, concat| GatedConfig {
