@@ -125,6 +125,8 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                   help="bf16: torch.autocast on the CPU (f32 weights, Adam state and loss)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(1)
@@ -133,8 +135,14 @@ def main():
     target = torch.randint(0, 256, (a.batch, a.colours, a.size, a.size))
     x = target.float() / 255
 
+    def forward(x):
+        if a.precision == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x).float()
+        return model(x)
+
     def step():
-        logits = model(x).view(a.batch, a.colours, 256, a.size, a.size).transpose(1, 2)
+        logits = forward(x).view(a.batch, a.colours, 256, a.size, a.size).transpose(1, 2)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad()
         loss.backward()
@@ -151,11 +159,11 @@ def main():
     with torch.no_grad():
         for i in range(a.steps + 2):
             t = time.perf_counter()
-            model(x).sum().item()
+            forward(x).sum().item()
             if i >= 2:
                 fwd.append((time.perf_counter() - t) * 1e3)
     s = statistics.median(times)
-    print(f"| pytorch {torch.__version__} cpu | {a.variant} {a.layers}x{a.kernel} c{a.channels} | "
+    print(f"| pytorch {torch.__version__} cpu {a.precision} | {a.variant} {a.layers}x{a.kernel} c{a.channels} | "
           f"{a.batch} | {s:.3f} s/step | {a.batch / s:.1f} images/s | {statistics.median(fwd):.1f} ms forward |")
 
 

@@ -57,17 +57,35 @@ pub fn cited(experiments: &Path) -> Result<Vec<String>> {
 }
 
 /// The newest sample grid of a results folder.
-fn latest_grid(dir: &Path) -> Option<PathBuf> {
+fn latest_grid(dir: &Path, prefix: &str) -> Option<PathBuf> {
     let mut grids: Vec<PathBuf> = std::fs::read_dir(dir.join(SAMPLES_DIR))
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("epoch-"))
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
         })
         .collect();
     grids.sort();
     grids.pop()
+}
+
+/// `pixel eval`'s test NLL of a run, as a table cell: bits/dim, and K for importance sampling.
+fn eval_cell(dir: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(dir.join(crate::eval::EVAL_FILE)) else {
+        return "-".into();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return "-".into();
+    };
+    match (
+        v["test_bits_per_dim"].as_f64(),
+        v["importance_samples"].as_u64(),
+    ) {
+        (Some(b), Some(k)) => format!("{b:.4} (K = {k})"),
+        (Some(b), None) => format!("{b:.4}"),
+        _ => "-".into(),
+    }
 }
 
 /// Copies the figures of `name` from `results/` into `figures/` and describes its row.
@@ -86,7 +104,11 @@ pub fn collect(name: &str, results_root: &Path, figures: &Path) -> Result<Figure
     };
     std::fs::create_dir_all(figures).map_err(Error::io(figures))?;
     for (from, to) in [
-        (latest_grid(&dir), format!("{name}-samples.png")),
+        (latest_grid(&dir, "epoch-"), format!("{name}-samples.png")),
+        (
+            latest_grid(&dir, "reconstructions-"),
+            format!("{name}-reconstructions.png"),
+        ),
         (
             Some(dir.join(results::CURVE_FILE)),
             format!("{name}-curve.png"),
@@ -103,14 +125,15 @@ pub fn collect(name: &str, results_root: &Path, figures: &Path) -> Result<Figure
         &info,
         last.epoch,
         last.test_bits_per_dim,
+        &eval_cell(&dir),
         rows.iter().map(|r| r.train_seconds + r.test_seconds).sum(),
     ));
     Ok(figure)
 }
 
-fn row(name: &str, info: &RunInfo, epochs: usize, test: f64, seconds: f64) -> String {
+fn row(name: &str, info: &RunInfo, epochs: usize, test: f64, eval: &str, seconds: f64) -> String {
     format!(
-        "| `{name}` | {epochs} | {test:.4} | {} | {} | {} | {:.0} min | {} |",
+        "| `{name}` | {epochs} | {test:.4} | {eval} | {} | {} | {} | {:.0} min | {} |",
         info.status_word(),
         info.device,
         if info.hardware.is_empty() {
@@ -130,8 +153,8 @@ fn row(name: &str, info: &RunInfo, epochs: usize, test: f64, seconds: f64) -> St
 /// The README section between the markers.
 pub fn section(figures: &[Figure], figures_dir: &str) -> String {
     let mut out = format!(
-        "{START}\n| experiment | epochs | test bits/dim | status | device | hardware | time | date |\n\
-         |---|---:|---:|---|---|---|---:|---|\n"
+        "{START}\n| experiment | epochs | test bits/dim | test NLL (`pixel eval`) | status | device | hardware | time | date |\n\
+         |---|---:|---:|---:|---|---|---|---:|---|\n"
     );
     let mut missing = Vec::new();
     for f in figures {
@@ -143,6 +166,10 @@ pub fn section(figures: &[Figure], figures_dir: &str) -> String {
             None => missing.push(format!("`{}`", f.name)),
         }
     }
+    out.push_str(
+        "\nTest bits/dim: after the last epoch; for a PixelVAE the negative ELBO (one z per image), \
+         whose importance-sampled estimate `pixel eval` gives when it has been run.\n",
+    );
     if !missing.is_empty() {
         out.push_str(&format!("\nNot run here yet: {}.\n", missing.join(", ")));
     }

@@ -889,6 +889,8 @@ fn figures_copies_grids_and_curves_and_rewrites_the_readme_table() {
     std::fs::write(d.join("README.md"), readme).unwrap();
     let out = pixel(d, &["run", "experiments/tiny.toml"]);
     assert!(out.status.success(), "{}", text(&out));
+    let out = pixel(d, &["eval", "results/tiny"]);
+    assert!(out.status.success(), "{}", text(&out));
     let out = pixel(d, &["figures"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("not run: absent"), "{}", text(&out));
@@ -898,7 +900,14 @@ fn figures_copies_grids_and_curves_and_rewrites_the_readme_table() {
         "{new}"
     );
     assert!(!new.contains("stale"));
-    assert!(new.contains("| `tiny` | 2 |"), "{new}");
+    let row: Vec<&str> = new
+        .lines()
+        .find(|l| l.starts_with("| `tiny` | 2 |"))
+        .unwrap_or_else(|| panic!("{new}"))
+        .split(" | ")
+        .collect();
+    // `pixel eval` of a PixelCNN recomputes exactly the last epoch's test bits/dim.
+    assert_eq!(row[2], row[3], "{new}");
     assert!(new.contains("| completed | flex:cpu |"), "{new}");
     assert!(new.contains("Not run here yet: `absent`."), "{new}");
     assert!(
