@@ -22,6 +22,9 @@ pub fn sample_results(
     let (plan, opened, model) = crate::eval::load_run(dir, &sets, "pixel sample")?;
     let splits = data::load(&plan.data)?;
     let out = out.unwrap_or_else(|| dir.join(SAMPLES_DIR).join("sample.png"));
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(crate::error::Error::io(parent))?;
+    }
     run::write_grid(&plan, &model, &splits.test, 0, &out, &opened.device)?;
     println!("wrote {}", out.display());
     Ok(())
