@@ -354,14 +354,15 @@ pub fn write_grid(
     let s = &plan.experiment.sample;
     let mut rng = StdRng::seed_from_u64(plan.experiment.train.seed.wrapping_add(epoch as u64));
     let started = std::time::Instant::now();
+    let (model, device) = (model.valid(), device.clone().without_autodiff());
     let cells = sample::grid(
-        &model.valid(),
+        &model,
         test,
         s.grid,
         sample::Method::Cached,
         s.temperature,
         &mut rng,
-        &device.clone().without_autodiff(),
+        &device,
     );
     write_cells(&cells, test, s.grid, path)?;
     tracing::info!(
@@ -371,13 +372,13 @@ pub fn write_grid(
     );
     // A PixelVAE also shows what it makes of test images: `reconstructions-epoch-N.png`.
     if let Some(cells) = sample::reconstructions(
-        &model.valid(),
+        &model,
         test,
         s.grid,
         sample::Method::Cached,
         s.temperature,
         &mut rng,
-        &device.clone().without_autodiff(),
+        &device,
     ) {
         let name = path
             .file_name()

@@ -173,8 +173,8 @@ fn per_class(bias: &Param<Tensor<2>>, labels: &Tensor<1, Int>) -> Tensor<4> {
         .reshape([batch, n, 1, 1])
 }
 
-/// tanh(a) * sigmoid(b) for the two halves of the channels.
-fn gate(x: Tensor<4>) -> Tensor<4> {
+/// tanh(a) * sigmoid(b) for the two halves of the channels (dimension 1).
+fn gate<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let half = x.dims()[1] / 2;
     tanh(x.clone().narrow(1, 0, half)) * sigmoid(x.narrow(1, half, half))
 }
@@ -359,12 +359,7 @@ impl GatedLayer {
 
 impl LayerCache {
     fn activate<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if self.gates {
-            let half = x.dims()[1] / 2;
-            tanh(x.clone().narrow(1, 0, half)) * sigmoid(x.narrow(1, half, half))
-        } else {
-            relu(x)
-        }
+        if self.gates { gate(x) } else { relu(x) }
     }
 
     /// The horizontal gate's terms for row `y`, given the vertical convolution of the row above
