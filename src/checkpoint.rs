@@ -177,3 +177,36 @@ pub fn load(
         .map_err(|e| mismatch(&opt_path, e))?;
     Ok((model, optimizer, position))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loss scale of an f16 run survives a checkpoint; checkpoints without one (f32, bf16,
+    /// or written before f16 existed) still read.
+    #[test]
+    fn position_round_trips_with_and_without_a_loss_scale() {
+        let at = Position {
+            epochs_done: 2,
+            steps_done: 17,
+            partial: Partial {
+                nats: 1.5,
+                subpixels: 784,
+                images: 1,
+                seconds: 0.25,
+                kl_nats: Some(0.5),
+                kl_weight: Some(0.75),
+            },
+            loss_scale: Some(crate::train::LossScale {
+                scale: 1024.0,
+                good_steps: 7,
+                skipped: 3,
+            }),
+        };
+        let json = serde_json::to_string(&at).unwrap();
+        assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), at);
+        let old = r#"{"epochs_done":1,"steps_done":0,"partial":{"nats":0.0,"subpixels":0,"images":0,"seconds":0.0}}"#;
+        let read: Position = serde_json::from_str(old).unwrap();
+        assert_eq!((read.loss_scale, read.partial.kl_nats), (None, None));
+    }
+}
