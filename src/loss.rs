@@ -1,6 +1,6 @@
 //! Categorical negative log-likelihood per sub-pixel, and nats <-> bits per dimension.
 
-use burn::tensor::activation::log_softmax;
+use crate::model::native::categorical_nll;
 use burn::tensor::{Int, Tensor};
 
 /// Total negative log-likelihood in nats of `targets` under `logits`, summed over every sub-pixel
@@ -10,10 +10,10 @@ use burn::tensor::{Int, Tensor};
 /// - logits: `[batch, colours, 256, h, w]`
 /// - targets: `[batch, colours, h, w]`, values 0..255
 /// - returns: `[1]`
+///
+/// On libtorch its backward pass is libtorch's fused cross-entropy backward (see `model::native`).
 pub fn nll_nats(logits: Tensor<5>, targets: Tensor<4, Int>) -> Tensor<1> {
-    let logp = log_softmax(logits, 2); // [b, c, 256, h, w]
-    let picked = logp.gather(2, targets.unsqueeze_dim(2)); // [b, c, 1, h, w]
-    picked.sum().neg()
+    categorical_nll(logits, targets)
 }
 
 /// Bits per dimension from a total in nats over `dims` sub-pixels: nats / (dims * ln 2).

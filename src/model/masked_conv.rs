@@ -4,6 +4,7 @@
 //! per colour, so that within a pixel red sees nothing of the current pixel, green sees red, and
 //! blue sees red and green (type B also lets a group see its own colour's features).
 
+use super::native::valid_conv2d;
 use burn::module::{Module, Param};
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::{ConvOptions, PadMode};
@@ -230,13 +231,9 @@ impl MaskedConv2d {
         // Zero padding as its own operation and a convolution without padding: with padding
         // that differs between sides, Burn would pad inside the convolution's forward and
         // backward passes anyway; this is ~10 % faster per training step on libtorch.
+        // On libtorch, `valid_conv2d`'s backward pass is libtorch's own (see `native`).
         let padded = x.pad((left, right, top, bottom), PadMode::Constant(0.0));
-        conv2d(
-            padded,
-            weight,
-            Some(self.bias.val().cast(dtype)),
-            ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
-        )
+        valid_conv2d(padded, weight, self.bias.val().cast(dtype))
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod causality;
 pub mod gated;
 pub mod masked_conv;
+pub mod native;
 pub mod simple;
 pub mod vae;
 

@@ -1,0 +1,341 @@
+//! Operations whose backward pass, on libtorch, is libtorch's own.
+//!
+//! Burn 0.22's autodiff differentiates these operations through generic decompositions: a
+//! convolution's weight gradient as a convolution of the input and the output gradient with batch
+//! and channels swapped (libtorch runs it about twice as slowly as its native
+//! `convolution_backward` for the k x k masked convolutions of these models), and log-softmax as
+//! max, subtract, exp, sum, log and subtract, each with its own backward pass over the
+//! `[batch, 256, ...]` logits, the largest tensor of a training step. This backend extension
+//! records each operation's forward pass in libtorch's own autograd graph and, in Burn's backward
+//! pass, asks libtorch for the gradients of its inputs, so that libtorch runs its fused kernels.
+//! Other backends (flex) use the same decompositions as before.
+
+// burn-tch is deprecated upstream but is the fast path on CPU and CUDA here.
+#![allow(deprecated)]
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Int, Shape, Tensor};
+
+#[backend_extension(Flex, LibTorch: cfg(feature = "tch"), Autodiff)]
+pub trait NativeBackward: Backend {
+    /// Stride 1, no padding, no dilation, one group.
+    ///
+    /// # Shapes
+    /// - x: `[batch, in, h, w]`, weight: `[out, in, kh, kw]`, bias: `[out]`
+    /// - returns: `[batch, out, h - kh + 1, w - kw + 1]`
+    fn valid_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::conv2d(x, weight, Some(bias), options())
+    }
+
+    /// The summed negative log-likelihood of `targets` under a softmax over dimension 2.
+    ///
+    /// # Shapes
+    /// - logits: `[batch, colours, 256, h, w]`
+    /// - targets: `[batch, colours, h, w]`
+    /// - returns: `[1]`
+    fn categorical_nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        let logp = Self::log_softmax(logits, 2);
+        let [b, c, h, w] = targets.shape().dims();
+        let index = Self::int_reshape(targets, Shape::new([b, c, 1, h, w]));
+        let picked = Self::float_gather(2, logp, index);
+        let sum = Self::float_sum(picked);
+        Self::float_reshape(Self::float_neg(sum), Shape::new([1]))
+    }
+}
+
+fn options() -> ConvOptions<2> {
+    ConvOptions::new([1, 1], [0, 0], [1, 1], 1)
+}
+
+impl NativeBackward for Flex {}
+
+impl<C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> NativeBackward
+    for burn::backend::autodiff::Autodiff<Flex, C>
+{
+}
+
+/// A stride-1 convolution without padding of `x` by `weight` plus `bias`, on any backend.
+///
+/// # Shapes
+/// - x: `[batch, in, h, w]`, weight: `[out, in, kh, kw]`, bias: `[out]`
+/// - returns: `[batch, out, h - kh + 1, w - kw + 1]`
+pub fn valid_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::valid_conv2d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+/// The negative log-likelihood in nats of `targets` under a softmax of `logits` over the 256
+/// values, summed over every sub-pixel.
+///
+/// # Shapes
+/// - logits: `[batch, colours, 256, h, w]`
+/// - targets: `[batch, colours, h, w]`, values 0..255
+/// - returns: `[1]`
+pub fn categorical_nll(logits: Tensor<5>, targets: Tensor<4, Int>) -> Tensor<1> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::categorical_nll(
+        logits.into_dispatch(),
+        targets.into_dispatch(),
+    ))
+}
+
+#[cfg(feature = "tch")]
+mod libtorch {
+    use super::NativeBackward;
+    use burn::backend::LibTorch;
+    use burn::backend::autodiff::Autodiff;
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::backend::libtorch::TchTensor;
+    use burn::backend::tensor::{FloatTensor, IntTensor};
+
+    impl NativeBackward for LibTorch {}
+
+    /// The libtorch leaves of a forward pass and its output, still attached to libtorch's
+    /// autograd graph.
+    #[derive(Clone, Debug)]
+    struct Graph {
+        leaves: Vec<TchTensor>,
+        output: TchTensor,
+    }
+
+    /// Whether Burn's graph wants the gradient of one input: a probe that is never finished.
+    #[derive(Debug)]
+    struct Probe;
+
+    impl Backward<LibTorch, 1> for Probe {
+        type State = ();
+        fn backward(self, _: Ops<(), 1>, _: &mut Gradients, _: &mut Checkpointer) {}
+    }
+
+    /// Burn's backward step of an operation recorded in libtorch's autograd graph.
+    #[derive(Debug)]
+    struct TorchBackward;
+
+    impl<const N: usize> Backward<LibTorch, N> for TorchBackward {
+        type State = Graph;
+
+        fn backward(self, ops: Ops<Graph, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let grad = grads.consume::<LibTorch>(&ops.node);
+            let Graph { leaves, output } = ops.state;
+            let wanted: Vec<usize> = (0..N)
+                .filter(|&i| ops.parents[i].is_some() && leaves[i].tensor.requires_grad())
+                .collect();
+            if wanted.is_empty() {
+                return;
+            }
+            // The gradient of <output, grad> with respect to the leaves is the vector-Jacobian
+            // product that Burn asks for; libtorch's engine runs the operation's own backward.
+            let dot = (&output.tensor * &grad.tensor).sum(output.tensor.kind());
+            let inputs: Vec<&tch::Tensor> = wanted.iter().map(|&i| &leaves[i].tensor).collect();
+            let results = tch::Tensor::run_backward(&[dot], &inputs, false, false);
+            for (&i, g) in wanted.iter().zip(results) {
+                if let Some(node) = &ops.parents[i] {
+                    grads.register::<LibTorch>(node.id, TchTensor::new(g));
+                }
+            }
+        }
+    }
+
+    /// Runs `forward` on libtorch leaves of `inputs` (requiring a gradient where Burn tracks the
+    /// input) and registers its libtorch graph as the backward step of its output in Burn's graph.
+    fn record<C: CheckpointStrategy, const N: usize>(
+        inputs: [FloatTensor<Autodiff<LibTorch, C>>; N],
+        forward: impl FnOnce(&[&tch::Tensor]) -> tch::Tensor,
+    ) -> FloatTensor<Autodiff<LibTorch, C>> {
+        let tracked = inputs.each_ref().map(|t| {
+            matches!(
+                Probe.prepare::<C>([t.node()]).compute_bound().stateful(),
+                OpsKind::Tracked(_)
+            )
+        });
+        let prep = <TorchBackward as Backward<LibTorch, N>>::prepare::<C>(
+            TorchBackward,
+            inputs.each_ref().map(|t| t.node()),
+        );
+        match prep.compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let leaves: Vec<TchTensor> = inputs
+                    .iter()
+                    .zip(tracked)
+                    .map(|(t, needs)| {
+                        TchTensor::new(t.primitive().tensor.detach().set_requires_grad(needs))
+                    })
+                    .collect();
+                let output = {
+                    let refs: Vec<&tch::Tensor> = leaves.iter().map(|t| &t.tensor).collect();
+                    TchTensor::new(forward(&refs))
+                };
+                let value = TchTensor::new(output.tensor.detach());
+                prep.finish(Graph { leaves, output }, value)
+            }
+            OpsKind::UnTracked(prep) => {
+                let primitives: Vec<TchTensor> =
+                    inputs.into_iter().map(|t| t.into_primitive()).collect();
+                let refs: Vec<&tch::Tensor> = primitives.iter().map(|t| &t.tensor).collect();
+                let _guard = tch::no_grad_guard();
+                prep.finish(TchTensor::new(forward(&refs)))
+            }
+        }
+    }
+
+    fn conv(t: &[&tch::Tensor]) -> tch::Tensor {
+        tch::Tensor::conv2d(t[0], t[1], Some(t[2]), [1, 1], [0, 0], [1, 1], 1)
+    }
+
+    impl<C: CheckpointStrategy> NativeBackward for Autodiff<LibTorch, C> {
+        fn valid_conv2d(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            bias: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            record::<C, 3>([x, weight, bias], conv)
+        }
+
+        fn categorical_nll(
+            logits: FloatTensor<Self>,
+            targets: IntTensor<Self>,
+        ) -> FloatTensor<Self> {
+            let targets = targets.tensor;
+            record::<C, 1>([logits], move |t| {
+                // [b, c, 256, h, w] -> [b, 256, c, h, w]: the classes in dimension 1.
+                t[0].transpose(1, 2)
+                    .cross_entropy_loss::<tch::Tensor>(
+                        &targets,
+                        None,
+                        tch::Reduction::Sum,
+                        -100,
+                        0.0,
+                    )
+                    .reshape([1])
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::test_devices;
+    use burn::tensor::module::conv2d;
+    use burn::tensor::{DType, Device, Distribution, Tolerance};
+
+    fn random<const D: usize>(dims: [usize; D], device: &Device) -> Tensor<D> {
+        Tensor::random(dims, Distribution::Normal(0.0, 1.0), device)
+    }
+
+    /// Output and gradients of `valid_conv2d` against Burn's own convolution and its backward.
+    fn compare(device: &Device, x_tracked: bool, dtype: DType) {
+        let device = device.clone().autodiff();
+        device.seed(7);
+        let x = random([3, 4, 9, 8], &device);
+        let w = random([6, 4, 3, 5], &device);
+        let b = random([6], &device);
+        let g = random([3, 6, 7, 4], &device).cast(dtype);
+        let run = |ours: bool| {
+            let x = if x_tracked {
+                x.clone().require_grad()
+            } else {
+                x.clone()
+            };
+            let (w, b) = (w.clone().require_grad(), b.clone().require_grad());
+            // Each input used twice, so that gradients from two paths must add up.
+            let (xc, wc, bc) = (
+                x.clone().cast(dtype),
+                w.clone().cast(dtype),
+                b.clone().cast(dtype),
+            );
+            let out = if ours {
+                valid_conv2d(xc.clone(), wc.clone(), bc.clone())
+            } else {
+                conv2d(xc.clone(), wc.clone(), Some(bc.clone()), options())
+            };
+            let loss = (out.clone() * g.clone()).sum().cast(DType::F32)
+                + (xc.mean() + wc.sum() * 0.5 + bc.sum()).cast(DType::F32);
+            let grads = loss.backward();
+            let gx = x.grad(&grads).map(|t| t.into_data());
+            (
+                out.cast(DType::F32).into_data(),
+                gx,
+                w.grad(&grads).unwrap().into_data(),
+                b.grad(&grads).unwrap().into_data(),
+            )
+        };
+        let (ours, theirs) = (run(true), run(false));
+        let tol = if dtype == DType::F32 {
+            Tolerance::<f32>::rel_abs(1e-4, 1e-4)
+        } else {
+            Tolerance::<f32>::rel_abs(2e-2, 2e-1)
+        };
+        ours.0.assert_approx_eq::<f32>(&theirs.0, tol);
+        assert_eq!(ours.1.is_some(), x_tracked);
+        if let (Some(a), Some(b)) = (ours.1, theirs.1) {
+            a.assert_approx_eq::<f32>(&b, tol);
+        }
+        ours.2.assert_approx_eq::<f32>(&theirs.2, tol);
+        ours.3.assert_approx_eq::<f32>(&theirs.3, tol);
+    }
+
+    #[test]
+    fn gradients_match_burns_convolution() {
+        for device in test_devices() {
+            compare(&device, true, DType::F32);
+            compare(&device, false, DType::F32);
+            compare(&device, true, DType::BF16);
+        }
+    }
+
+    #[test]
+    fn without_autodiff_it_is_the_convolution() {
+        for device in test_devices() {
+            let x = random([2, 3, 6, 6], &device);
+            let w = random([4, 3, 2, 3], &device);
+            let b = random([4], &device);
+            let expected = conv2d(x.clone(), w.clone(), Some(b.clone()), options());
+            valid_conv2d(x, w, b)
+                .into_data()
+                .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::default());
+        }
+    }
+    #[test]
+    fn nll_and_its_gradient_match_log_softmax_and_gather() {
+        use burn::tensor::activation::log_softmax;
+        use burn::tensor::{Int, TensorData};
+        for device in test_devices() {
+            let device = device.autodiff();
+            device.seed(3);
+            let (b, c, h, w) = (2, 3, 4, 5);
+            let logits = (random([b, c, 256, h, w], &device) * 3.0).require_grad();
+            let targets: Vec<i64> = (0..b * c * h * w).map(|i| (i * 61 % 256) as i64).collect();
+            let targets =
+                Tensor::<4, Int>::from_data(TensorData::new(targets, [b, c, h, w]), &device);
+            let reference = log_softmax(logits.clone(), 2)
+                .gather(2, targets.clone().unsqueeze_dim(2))
+                .sum()
+                .neg();
+            let ours = categorical_nll(logits.clone(), targets);
+            let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-4);
+            ours.clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&reference.clone().into_data(), tol);
+            // A second use of the logits, so that gradients from two paths must add up.
+            let g_ours = (ours * 0.5 + logits.clone().sum()).backward();
+            let g_ref = (reference * 0.5 + logits.clone().sum()).backward();
+            logits
+                .grad(&g_ours)
+                .unwrap()
+                .into_data()
+                .assert_approx_eq::<f32>(&logits.grad(&g_ref).unwrap().into_data(), tol);
+        }
+    }
+}
