@@ -8,6 +8,7 @@
 //! masks at the current pixel; every 1x1 on it keeps the colour groups.
 
 use super::masked_conv::{Frozen, MaskKind, MaskedConv2d, Shape, gate_groups, groups, uniform};
+use super::native;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{relu, sigmoid, tanh};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -152,7 +153,8 @@ impl GatedLayer {
             vc = vc + sv.forward(maps.clone());
             hc = hc + sh.forward(maps);
         }
-        let activate = |x| if self.gates { gate(x) } else { relu(x) };
+        // On libtorch the training gate's backward pass is libtorch's own (see `native`).
+        let activate = |x| if self.gates { native::gate(x) } else { relu(x) };
         let v_out = activate(vc); // [b, ch, hgt, w]
         let gated = activate(hc); // [b, ch, hgt, w]
         let skip = self.skip.forward(gated.clone());

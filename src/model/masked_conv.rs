@@ -4,10 +4,10 @@
 //! per colour, so that within a pixel red sees nothing of the current pixel, green sees red, and
 //! blue sees red and green (type B also lets a group see its own colour's features).
 
-use super::native::valid_conv2d;
+use super::native::{pad_zeros, valid_conv2d};
 use burn::module::{Module, Param};
 use burn::tensor::module::conv2d;
-use burn::tensor::ops::{ConvOptions, PadMode};
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -199,7 +199,6 @@ impl MaskedConv2d {
     /// - input: `[batch, in, h, w]`
     /// - output: `[batch, out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let [top, bottom, left, right] = self.padding;
         // Weights are f32; the convolution runs in the input's float type (mixed precision).
         let dtype = x.dtype();
         let weight = (self.weight.val() * self.mask.clone()).cast(dtype);
@@ -220,7 +219,7 @@ impl MaskedConv2d {
             // is matrix products and slices, cheaper in Burn than a convolution's weight
             // gradient (~6 % per training step on libtorch, ~10 % on flex).
             let [b, _, h, w] = x.dims();
-            let padded = x.pad((left, right, top, bottom), PadMode::Constant(0.0));
+            let padded = pad_zeros(x, self.padding);
             let shifts = (0..kw).map(|dx| padded.clone().narrow(3, dx, w)).collect();
             let columns = Tensor::cat(shifts, 1).reshape([b, kw * n_in, h * w]);
             // [out, in, 1, kw] -> [out, kw * in], matching the columns' order (shift-major).
@@ -232,7 +231,7 @@ impl MaskedConv2d {
         // that differs between sides, Burn would pad inside the convolution's forward and
         // backward passes anyway; this is ~10 % faster per training step on libtorch.
         // On libtorch, `valid_conv2d`'s backward pass is libtorch's own (see `native`).
-        let padded = x.pad((left, right, top, bottom), PadMode::Constant(0.0));
+        let padded = pad_zeros(x, self.padding);
         valid_conv2d(padded, weight, self.bias.val().cast(dtype))
     }
 }

@@ -15,7 +15,8 @@
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
-use burn::tensor::ops::ConvOptions;
+use burn::tensor::Slice;
+use burn::tensor::ops::{ConvOptions, PadMode};
 use burn::tensor::{Int, Shape, Tensor};
 
 #[backend_extension(Flex, LibTorch: cfg(feature = "tch"), Autodiff)]
@@ -31,6 +32,37 @@ pub trait NativeBackward: Backend {
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         Self::conv2d(x, weight, Some(bias), options())
+    }
+
+    /// Zero padding of the last two dimensions by `[top, bottom, left, right]`.
+    fn pad_zeros(x: FloatTensor<Self>, padding: [usize; 4]) -> FloatTensor<Self> {
+        let [top, bottom, left, right] = padding;
+        Self::float_pad(
+            x,
+            &[(0, 0), (0, 0), (top, bottom), (left, right)],
+            PadMode::Constant(0.0),
+        )
+    }
+
+    /// The gated activation `tanh(a) * sigmoid(b)` of the two halves `a`, `b` of dimension 1.
+    ///
+    /// # Shapes
+    /// - x: `[batch, 2n, h, w]`
+    /// - returns: `[batch, n, h, w]`
+    fn gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let half = x.shape()[1] / 2;
+        let [a, b] = [0, half].map(|start| {
+            Self::float_slice(
+                x.clone(),
+                &[
+                    Slice::full(),
+                    Slice::from(start..start + half),
+                    Slice::full(),
+                    Slice::full(),
+                ],
+            )
+        });
+        Self::float_mul(Self::float_tanh(a), Self::sigmoid(b))
     }
 
     /// The summed negative log-likelihood of `targets` under a softmax over dimension 2.
@@ -71,6 +103,23 @@ pub fn valid_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<
         weight.into_dispatch(),
         bias.into_dispatch(),
     ))
+}
+
+/// Zero padding of the last two dimensions of `x` by `[top, bottom, left, right]`.
+pub fn pad_zeros(x: Tensor<4>, padding: [usize; 4]) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::pad_zeros(
+        x.into_dispatch(),
+        padding,
+    ))
+}
+
+/// `tanh(a) * sigmoid(b)` of the two halves `a`, `b` of the channels (dimension 1).
+///
+/// # Shapes
+/// - x: `[batch, 2n, h, w]`
+/// - returns: `[batch, n, h, w]`
+pub fn gate(x: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::gate(x.into_dispatch()))
 }
 
 /// The negative log-likelihood in nats of `targets` under a softmax of `logits` over the 256
@@ -200,6 +249,18 @@ mod libtorch {
             bias: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
             record::<C, 3>([x, weight, bias], conv)
+        }
+
+        fn pad_zeros(x: FloatTensor<Self>, padding: [usize; 4]) -> FloatTensor<Self> {
+            let [top, bottom, left, right] = padding.map(|p| p as i64);
+            record::<C, 1>([x], |t| t[0].constant_pad_nd([left, right, top, bottom]))
+        }
+
+        fn gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            record::<C, 1>([x], |t| {
+                let halves = t[0].chunk(2, 1);
+                halves[0].tanh() * halves[1].sigmoid()
+            })
         }
 
         fn categorical_nll(
@@ -337,5 +398,48 @@ mod tests {
                 .into_data()
                 .assert_approx_eq::<f32>(&logits.grad(&g_ref).unwrap().into_data(), tol);
         }
+    }
+    /// Value and input gradient of `ours` and `reference` on the same random input, tracked,
+    /// with a second use of the input so that gradients from two paths must add up.
+    fn same_value_and_gradient(
+        dims: [usize; 4],
+        ours: impl Fn(Tensor<4>) -> Tensor<4>,
+        reference: impl Fn(Tensor<4>) -> Tensor<4>,
+    ) {
+        for device in test_devices() {
+            let device = device.autodiff();
+            device.seed(5);
+            let x = random(dims, &device).require_grad();
+            let (a, b) = (ours(x.clone()), reference(x.clone()));
+            let tol = Tolerance::<f32>::rel_abs(1e-5, 1e-5);
+            a.clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&b.clone().into_data(), tol);
+            let weights = random(a.dims(), &device);
+            let ga = ((a * weights.clone()).sum() + x.clone().sum()).backward();
+            let gb = ((b * weights).sum() + x.clone().sum()).backward();
+            x.grad(&ga)
+                .unwrap()
+                .into_data()
+                .assert_approx_eq::<f32>(&x.grad(&gb).unwrap().into_data(), tol);
+        }
+    }
+
+    #[test]
+    fn gate_matches_tanh_times_sigmoid() {
+        use burn::tensor::activation::{sigmoid, tanh};
+        same_value_and_gradient([2, 6, 3, 4], gate, |x| {
+            tanh(x.clone().narrow(1, 0, 3)) * sigmoid(x.narrow(1, 3, 3))
+        });
+    }
+
+    #[test]
+    fn pad_zeros_matches_burns_pad() {
+        use burn::tensor::ops::PadMode;
+        same_value_and_gradient(
+            [2, 3, 4, 5],
+            |x| pad_zeros(x, [2, 0, 1, 3]),
+            |x| x.pad((1, 3, 2, 0), PadMode::Constant(0.0)),
+        );
     }
 }
