@@ -148,7 +148,39 @@ mod libtorch {
     use burn::backend::libtorch::TchTensor;
     use burn::backend::tensor::{FloatTensor, IntTensor};
 
-    impl NativeBackward for LibTorch {}
+    /// Without autodiff (evaluation, sampling): libtorch's own kernels, without Burn's
+    /// decompositions (its padding fills a tensor on the host and copies it over).
+    impl NativeBackward for LibTorch {
+        fn pad_zeros(x: TchTensor, padding: [usize; 4]) -> TchTensor {
+            TchTensor::new(pad(&x.tensor, padding))
+        }
+
+        fn gate(x: TchTensor) -> TchTensor {
+            TchTensor::new(gate(&x.tensor))
+        }
+
+        fn categorical_nll(logits: TchTensor, targets: TchTensor) -> TchTensor {
+            TchTensor::new(nll(&logits.tensor, &targets.tensor))
+        }
+    }
+
+    fn pad(x: &tch::Tensor, padding: [usize; 4]) -> tch::Tensor {
+        let [top, bottom, left, right] = padding.map(|p| p as i64);
+        x.constant_pad_nd([left, right, top, bottom])
+    }
+
+    fn gate(x: &tch::Tensor) -> tch::Tensor {
+        let halves = x.chunk(2, 1);
+        halves[0].tanh() * halves[1].sigmoid()
+    }
+
+    fn nll(logits: &tch::Tensor, targets: &tch::Tensor) -> tch::Tensor {
+        // [b, c, 256, h, w] -> [b, 256, c, h, w]: the classes in dimension 1.
+        logits
+            .transpose(1, 2)
+            .cross_entropy_loss::<tch::Tensor>(targets, None, tch::Reduction::Sum, -100, 0.0)
+            .reshape([1])
+    }
 
     /// The libtorch leaves of a forward pass and its output, still attached to libtorch's
     /// autograd graph.
@@ -252,15 +284,11 @@ mod libtorch {
         }
 
         fn pad_zeros(x: FloatTensor<Self>, padding: [usize; 4]) -> FloatTensor<Self> {
-            let [top, bottom, left, right] = padding.map(|p| p as i64);
-            record::<C, 1>([x], |t| t[0].constant_pad_nd([left, right, top, bottom]))
+            record::<C, 1>([x], |t| pad(t[0], padding))
         }
 
         fn gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
-            record::<C, 1>([x], |t| {
-                let halves = t[0].chunk(2, 1);
-                halves[0].tanh() * halves[1].sigmoid()
-            })
+            record::<C, 1>([x], |t| gate(t[0]))
         }
 
         fn categorical_nll(
@@ -268,18 +296,7 @@ mod libtorch {
             targets: IntTensor<Self>,
         ) -> FloatTensor<Self> {
             let targets = targets.tensor;
-            record::<C, 1>([logits], move |t| {
-                // [b, c, 256, h, w] -> [b, 256, c, h, w]: the classes in dimension 1.
-                t[0].transpose(1, 2)
-                    .cross_entropy_loss::<tch::Tensor>(
-                        &targets,
-                        None,
-                        tch::Reduction::Sum,
-                        -100,
-                        0.0,
-                    )
-                    .reshape([1])
-            })
+            record::<C, 1>([logits], move |t| nll(t[0], &targets))
         }
     }
 }
@@ -357,13 +374,25 @@ mod tests {
     }
 
     #[test]
-    fn without_autodiff_it_is_the_convolution() {
+    fn without_autodiff_they_are_burns_operations() {
         for device in test_devices() {
             let x = random([2, 3, 6, 6], &device);
             let w = random([4, 3, 2, 3], &device);
             let b = random([4], &device);
             let expected = conv2d(x.clone(), w.clone(), Some(b.clone()), options());
-            valid_conv2d(x, w, b)
+            valid_conv2d(x.clone(), w, b)
+                .into_data()
+                .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::default());
+            let expected = x
+                .clone()
+                .pad((1, 0, 2, 3), burn::tensor::ops::PadMode::Constant(0.0));
+            pad_zeros(x.clone(), [2, 3, 1, 0])
+                .into_data()
+                .assert_eq(&expected.into_data(), true);
+            let x = random([2, 4, 3, 3], &device);
+            let expected = burn::tensor::activation::tanh(x.clone().narrow(1, 0, 2))
+                * burn::tensor::activation::sigmoid(x.clone().narrow(1, 2, 2));
+            gate(x)
                 .into_data()
                 .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::default());
         }
