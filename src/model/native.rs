@@ -13,6 +13,11 @@
 // burn-tch is deprecated upstream but is the fast path on CPU and CUDA here.
 #![allow(deprecated)]
 
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::Slice;
@@ -87,9 +92,59 @@ fn options() -> ConvOptions<2> {
 
 impl NativeBackward for Flex {}
 
-impl<C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> NativeBackward
-    for burn::backend::autodiff::Autodiff<Flex, C>
-{
+impl<C: CheckpointStrategy> NativeBackward for Autodiff<Flex, C> {
+    fn gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        gate_saving_activations::<Flex, C>(x)
+    }
+}
+
+/// The gate with a backward pass from its saved tanh and sigmoid: Burn's own tanh and sigmoid
+/// recompute themselves in the backward pass, and on flex those are scalar `libm` calls.
+fn gate_saving_activations<B: Backend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct GateBackward;
+
+    impl<B: Backend> Backward<B, 1> for GateBackward {
+        /// tanh(a) and sigmoid(b).
+        type State = (FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let grad = grads.consume::<B>(&ops.node);
+            let [Some(parent)] = &ops.parents else {
+                return;
+            };
+            let (t, s) = ops.state;
+            let one_minus = |v: FloatTensor<B>| B::float_add_scalar(B::float_neg(v), 1.0.into());
+            // d/da = g s (1 - t^2), d/db = g t s (1 - s).
+            let gs = B::float_mul(grad, s.clone());
+            let da = B::float_mul(gs.clone(), one_minus(B::float_mul(t.clone(), t.clone())));
+            let db = B::float_mul(B::float_mul(gs, t), one_minus(s));
+            grads.register::<B>(parent.id, B::float_cat(vec![da, db], 1));
+        }
+    }
+
+    let prep = GateBackward.prepare::<C>([x.node()]).compute_bound();
+    let x = x.into_primitive();
+    let half = x.shape()[1] / 2;
+    let [a, b] = [0, half].map(|start| {
+        B::float_slice(
+            x.clone(),
+            &[
+                Slice::full(),
+                Slice::from(start..start + half),
+                Slice::full(),
+                Slice::full(),
+            ],
+        )
+    });
+    let (t, s) = (B::float_tanh(a), B::sigmoid(b));
+    let out = B::float_mul(t.clone(), s.clone());
+    match prep.stateful() {
+        OpsKind::Tracked(prep) => prep.finish((t, s), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
 }
 
 /// A stride-1 convolution without padding of `x` by `weight` plus `bias`, on any backend.
@@ -139,12 +194,8 @@ pub fn categorical_nll(logits: Tensor<5>, targets: Tensor<4, Int>) -> Tensor<1> 
 #[cfg(feature = "tch")]
 mod libtorch {
     use super::NativeBackward;
+    use super::{Autodiff, Backward, CheckpointStrategy, Checkpointer, Gradients, Ops, OpsKind};
     use burn::backend::LibTorch;
-    use burn::backend::autodiff::Autodiff;
-    use burn::backend::autodiff::checkpoint::base::Checkpointer;
-    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-    use burn::backend::autodiff::grads::Gradients;
-    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
     use burn::backend::libtorch::TchTensor;
     use burn::backend::tensor::{FloatTensor, IntTensor};
 
