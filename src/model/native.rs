@@ -22,7 +22,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::Slice;
 use burn::tensor::ops::{ConvOptions, PadMode};
-use burn::tensor::{Int, Shape, Tensor};
+use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor};
 
 #[backend_extension(Flex, LibTorch: cfg(feature = "tch"), Autodiff)]
 pub trait NativeBackward: Backend {
@@ -95,6 +95,55 @@ impl NativeBackward for Flex {}
 impl<C: CheckpointStrategy> NativeBackward for Autodiff<Flex, C> {
     fn gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
         gate_saving_activations::<Flex, C>(x)
+    }
+
+    fn categorical_nll(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        nll_saving_softmax::<Flex, C>(logits, targets)
+    }
+}
+
+/// The categorical NLL with the backward pass `g (softmax - onehot)` from the softmax saved in the
+/// forward pass, instead of differentiating log-softmax's six operations one by one.
+fn nll_saving_softmax<B: Backend, C: CheckpointStrategy>(
+    logits: FloatTensor<Autodiff<B, C>>,
+    targets: IntTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct NllBackward;
+
+    impl<B: Backend> Backward<B, 1> for NllBackward {
+        /// The softmax over dimension 2 and the targets as `[batch, colours, 1, h, w]` indices.
+        type State = (FloatTensor<B>, IntTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let grad = grads.consume::<B>(&ops.node); // [1]
+            let [Some(parent)] = &ops.parents else {
+                return;
+            };
+            let (softmax, index) = ops.state;
+            let g = B::float_reshape(grad, Shape::new([1, 1, 1, 1, 1]));
+            let scaled = B::float_mul(softmax, g.clone());
+            let minus_g = B::float_expand(B::float_neg(g), index.shape());
+            let onehot = B::float_scatter(2, scaled, index, minus_g, IndexingUpdateOp::Add);
+            grads.register::<B>(parent.id, onehot);
+        }
+    }
+
+    let prep = NllBackward.prepare::<C>([logits.node()]).compute_bound();
+    let x = logits.into_primitive();
+    let [b, c, h, w] = targets.shape().dims();
+    let index = B::int_reshape(targets, Shape::new([b, c, 1, h, w]));
+    let max = B::float_max_dim(x.clone(), 2);
+    let shifted = B::float_sub(x, max);
+    let exp = B::float_exp(shifted.clone());
+    let sum = B::float_sum_dim(exp.clone(), 2);
+    let picked = B::float_gather(2, shifted, index.clone());
+    // -log p(target) = log(sum) - shifted[target], summed.
+    let nll = B::float_sub(B::float_log(sum.clone()), picked);
+    let out = B::float_reshape(B::float_sum(nll), Shape::new([1]));
+    match prep.stateful() {
+        OpsKind::Tracked(prep) => prep.finish((B::float_div(exp, sum), index), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
 
