@@ -1,14 +1,19 @@
-//! Operations whose backward pass, on libtorch, is libtorch's own.
+//! Operations whose backward pass is written for speed rather than derived by Burn's autodiff.
 //!
 //! Burn 0.22's autodiff differentiates these operations through generic decompositions: a
 //! convolution's weight gradient as a convolution of the input and the output gradient with batch
 //! and channels swapped (libtorch runs it about twice as slowly as its native
-//! `convolution_backward` for the k x k masked convolutions of these models), and log-softmax as
-//! max, subtract, exp, sum, log and subtract, each with its own backward pass over the
-//! `[batch, 256, ...]` logits, the largest tensor of a training step. This backend extension
-//! records each operation's forward pass in libtorch's own autograd graph and, in Burn's backward
-//! pass, asks libtorch for the gradients of its inputs, so that libtorch runs its fused kernels.
-//! Other backends (flex) use the same decompositions as before.
+//! `convolution_backward` for the k x k masked convolutions of these models), tanh and sigmoid by
+//! computing them again, padding by filling a tensor on the host, and log-softmax as max,
+//! subtract, exp, sum, log and subtract, each with its own backward pass over the
+//! `[batch, 256, ...]` logits, the largest tensor of a training step.
+//!
+//! This backend extension replaces them. On libtorch, it records each operation's forward pass in
+//! libtorch's own autograd graph and, in Burn's backward pass, asks libtorch for the gradients of
+//! its inputs, so that libtorch runs its fused kernels. On flex, the gate keeps its tanh and
+//! sigmoid for the backward pass and the cross-entropy its softmax (`g (softmax - onehot)`);
+//! convolutions and padding are Burn's. The tests compare values and gradients with Burn's own
+//! operations on every compiled backend.
 
 // burn-tch is deprecated upstream but is the fast path on CPU and CUDA here.
 #![allow(deprecated)]
