@@ -925,23 +925,27 @@ fn figures_copies_grids_and_curves_and_rewrites_the_readme_table() {
 
 #[test]
 fn bench_reports_every_measure() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tiny.toml"), TINY).unwrap();
-    let out = pixel(dir.path(), &["bench", "tiny.toml", "--steps", "2"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("| tiny | flex:cpu | f32 | 16 |"),
-        "{stdout}"
-    );
-    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    assert!(json["seconds_per_step"].as_f64().unwrap() > 0.0);
-    assert!(json["grid_seconds"].as_f64().unwrap() > 0.0);
-    assert!(json["forward_ms"].as_f64().unwrap() > 0.0);
-    assert!(
-        !dir.path().join("results").exists(),
-        "bench writes no results"
-    );
+    // Every model kind: a PixelVAE's forward pass encodes before it decodes.
+    for (name, toml) in [("tiny", TINY), ("tiny-vae", TINY_VAE)] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(format!("{name}.toml")), toml).unwrap();
+        let file = format!("{name}.toml");
+        let out = pixel(dir.path(), &["bench", &file, "--steps", "2"]);
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!("| {name} | flex:cpu | f32 |")),
+            "{stdout}"
+        );
+        let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert!(json["seconds_per_step"].as_f64().unwrap() > 0.0);
+        assert!(json["grid_seconds"].as_f64().unwrap() > 0.0);
+        assert!(json["forward_ms"].as_f64().unwrap() > 0.0);
+        assert!(
+            !dir.path().join("results").exists(),
+            "bench writes no results"
+        );
+    }
 }
 
 const TINY_VAE: &str = r#"
