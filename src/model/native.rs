@@ -60,18 +60,7 @@ pub trait NativeBackward: Backend {
     /// - x: `[batch, 2n, h, w]`
     /// - returns: `[batch, n, h, w]`
     fn gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let half = x.shape()[1] / 2;
-        let [a, b] = [0, half].map(|start| {
-            Self::float_slice(
-                x.clone(),
-                &[
-                    Slice::full(),
-                    Slice::from(start..start + half),
-                    Slice::full(),
-                    Slice::full(),
-                ],
-            )
-        });
+        let [a, b] = channel_halves::<Self>(x);
         Self::float_mul(Self::float_tanh(a), Self::sigmoid(b))
     }
 
@@ -93,6 +82,18 @@ pub trait NativeBackward: Backend {
 
 fn options() -> ConvOptions<2> {
     ConvOptions::new([1, 1], [0, 0], [1, 1], 1)
+}
+
+/// The first and second halves of dimension 1 of a `[batch, 2n, h, w]` tensor.
+fn channel_halves<B: Backend>(x: FloatTensor<B>) -> [FloatTensor<B>; 2] {
+    let half = x.shape()[1] / 2;
+    [0, half].map(|start| {
+        let channels = Slice::from(start..start + half);
+        B::float_slice(
+            x.clone(),
+            &[Slice::full(), channels, Slice::full(), Slice::full()],
+        )
+    })
 }
 
 impl NativeBackward for Flex {}
@@ -180,19 +181,7 @@ fn gate_saving_activations<B: Backend, C: CheckpointStrategy>(
     }
 
     let prep = GateBackward.prepare::<C>([x.node()]).compute_bound();
-    let x = x.into_primitive();
-    let half = x.shape()[1] / 2;
-    let [a, b] = [0, half].map(|start| {
-        B::float_slice(
-            x.clone(),
-            &[
-                Slice::full(),
-                Slice::from(start..start + half),
-                Slice::full(),
-                Slice::full(),
-            ],
-        )
-    });
+    let [a, b] = channel_halves::<B>(x.into_primitive());
     let (t, s) = (B::float_tanh(a), B::sigmoid(b));
     let out = B::float_mul(t.clone(), s.clone());
     match prep.stateful() {
