@@ -1,6 +1,8 @@
-//! `pixel figures`: copies the figures of finished runs into the tracked `figures/` folder and
-//! rewrites the README's results table between its markers, so the README always matches the runs
-//! it cites. A run that is missing is reported, never invented.
+//! `pixel figures`: copies the figures of finished runs into the tracked `figures/` folder, keeps
+//! their records (`run.json`, `metrics.csv`, `eval.json`) in `figures/runs/<name>/`, and rewrites the
+//! README's results table between its markers, so the README always matches the runs it cites, also
+//! in a clone where `results/` (never tracked) is empty. A run that is missing is reported, never
+//! invented.
 
 use crate::error::{Error, Result};
 use crate::results::{self, RunInfo, SAMPLES_DIR};
@@ -32,9 +34,10 @@ pub fn regenerate(
         .collect::<Result<Vec<_>>>()?;
     for f in figs.iter().filter(|f| f.row.is_none()) {
         eprintln!(
-            "not run: {} (no finished epoch in {})",
+            "not run: {} (no finished epoch in {} or {})",
             f.name,
-            results_root.join(&f.name).display()
+            results_root.join(&f.name).display(),
+            base.join(figures).join(ARCHIVE_DIR).join(&f.name).display()
         );
     }
     let text = rewrite(&text, &section(&figs, &figures.to_string_lossy()), readme)?;
@@ -88,47 +91,130 @@ fn eval_cell(dir: &Path) -> String {
     }
 }
 
-/// Copies the figures of `name` from `results/` into `figures/` and describes its row.
+/// The folder inside `figures/` that keeps the records of every run the README shows.
+pub const ARCHIVE_DIR: &str = "runs";
+
+/// The files of a run kept in `figures/runs/<name>/`: small, and free of this machine's paths
+/// (the resolved `experiment.toml` names the data folder, so it stays in `results/`).
+const ARCHIVED: [&str; 3] = [
+    results::RUN_FILE,
+    results::METRICS_FILE,
+    crate::eval::EVAL_FILE,
+];
+
+/// A run's records with at least one finished epoch.
+struct Record {
+    dir: PathBuf,
+    info: RunInfo,
+    rows: Vec<results::MetricsRow>,
+}
+
+impl Record {
+    fn read(dir: PathBuf) -> Option<Record> {
+        let info = results::read_info(&dir).ok()?;
+        let rows = results::read_metrics(&dir).ok()?;
+        (!rows.is_empty()).then_some(Record { dir, info, rows })
+    }
+
+    fn epochs(&self) -> usize {
+        self.rows.last().map_or(0, |r| r.epoch)
+    }
+}
+
+/// Describes the row of `name`: from `results/<name>/` when it is there (its grids and curve are
+/// copied into `figures/` and its records kept in `figures/runs/<name>/`), else from the kept
+/// records, so that a clone without the runs rewrites the same table. Kept records with more
+/// finished epochs than `results/<name>/` win over it (a run started over on a new machine does
+/// not replace a finished one until it gets further); remove `figures/runs/<name>/` to show it
+/// anyway.
 pub fn collect(name: &str, results_root: &Path, figures: &Path) -> Result<Figure> {
-    let dir = results_root.join(name);
+    let kept_dir = figures.join(ARCHIVE_DIR).join(name);
+    let live = Record::read(results_root.join(name));
+    let kept = Record::read(kept_dir.clone());
     let mut figure = Figure {
         name: name.into(),
         row: None,
         images: Vec::new(),
     };
-    let (Ok(info), Ok(rows)) = (results::read_info(&dir), results::read_metrics(&dir)) else {
-        return Ok(figure);
+    let record = match (live, kept) {
+        (None, None) => return Ok(figure),
+        (Some(live), kept) if kept.as_ref().is_none_or(|k| live.epochs() >= k.epochs()) => {
+            copy_figures(name, &live.dir, figures)?;
+            keep_records(&live.dir, &kept_dir)?;
+            Record::read(kept_dir).unwrap_or(live)
+        }
+        (live, Some(kept)) => {
+            if let Some(live) = live {
+                eprintln!(
+                    "{name}: {} has {} epochs, {} has {}: showing the kept run (remove {} to show the new one)",
+                    live.dir.display(),
+                    live.epochs(),
+                    kept.dir.display(),
+                    kept.epochs(),
+                    kept.dir.display()
+                );
+            }
+            kept
+        }
+        (Some(_), None) => unreachable!("a run alone is always shown"),
     };
-    let Some(last) = rows.last() else {
-        return Ok(figure);
-    };
+    figure.images = figure_names(name)
+        .into_iter()
+        .filter(|f| figures.join(f).is_file())
+        .collect();
+    figure.row = Some(row(
+        name,
+        &record.info,
+        record.epochs(),
+        record.rows.last().map_or(f64::NAN, |r| r.test_bits_per_dim),
+        &eval_cell(&record.dir),
+        record
+            .rows
+            .iter()
+            .map(|r| r.train_seconds + r.test_seconds)
+            .sum(),
+    ));
+    Ok(figure)
+}
+
+/// The names of a run's figures in `figures/`, in the order the README shows them.
+fn figure_names(name: &str) -> [String; 3] {
+    [
+        format!("{name}-samples.png"),
+        format!("{name}-reconstructions.png"),
+        format!("{name}-curve.png"),
+    ]
+}
+
+/// Copies the newest sample and reconstruction grids and the learning curve of a run.
+fn copy_figures(name: &str, dir: &Path, figures: &Path) -> Result<()> {
     std::fs::create_dir_all(figures).map_err(Error::io(figures))?;
+    let [samples, reconstructions, curve] = figure_names(name);
     for (from, to) in [
-        (latest_grid(&dir, "epoch-"), format!("{name}-samples.png")),
-        (
-            latest_grid(&dir, "reconstructions-"),
-            format!("{name}-reconstructions.png"),
-        ),
-        (
-            Some(dir.join(results::CURVE_FILE)),
-            format!("{name}-curve.png"),
-        ),
+        (latest_grid(dir, "epoch-"), samples),
+        (latest_grid(dir, "reconstructions-"), reconstructions),
+        (Some(dir.join(results::CURVE_FILE)), curve),
     ] {
         if let Some(from) = from.filter(|p| p.is_file()) {
             let dest = figures.join(&to);
             std::fs::copy(&from, &dest).map_err(Error::io(&dest))?;
-            figure.images.push(to);
         }
     }
-    figure.row = Some(row(
-        name,
-        &info,
-        last.epoch,
-        last.test_bits_per_dim,
-        &eval_cell(&dir),
-        rows.iter().map(|r| r.train_seconds + r.test_seconds).sum(),
-    ));
-    Ok(figure)
+    Ok(())
+}
+
+/// Replaces the records kept in `kept` with those of the run in `dir`.
+fn keep_records(dir: &Path, kept: &Path) -> Result<()> {
+    std::fs::create_dir_all(kept).map_err(Error::io(kept))?;
+    for file in ARCHIVED {
+        let (from, to) = (dir.join(file), kept.join(file));
+        if from.is_file() {
+            std::fs::copy(&from, &to).map_err(Error::io(&to))?;
+        } else if to.is_file() {
+            std::fs::remove_file(&to).map_err(Error::io(&to))?;
+        }
+    }
+    Ok(())
 }
 
 fn row(name: &str, info: &RunInfo, epochs: usize, test: f64, eval: &str, seconds: f64) -> String {

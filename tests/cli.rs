@@ -916,6 +916,41 @@ fn figures_copies_grids_and_curves_and_rewrites_the_readme_table() {
     );
     assert!(d.join("figures/tiny-samples.png").is_file());
     assert!(d.join("figures/tiny-curve.png").is_file());
+    for kept in ["run.json", "metrics.csv", "eval.json"] {
+        assert!(d.join("figures/runs/tiny").join(kept).is_file(), "{kept}");
+    }
+    // A clone without results/ (it is never tracked) rewrites the same table from the kept records.
+    std::fs::rename(d.join("results"), d.join("results-elsewhere")).unwrap();
+    let out = pixel(d, &["figures"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(d.join("README.md")).unwrap(), new);
+    // A run started over has fewer epochs than the kept one: the kept one stays in the table.
+    let out = pixel(
+        d,
+        &["run", "experiments/tiny.toml", "--set", "train.epochs=1"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pixel(d, &["figures"]);
+    assert!(
+        text(&out).contains("showing the kept run"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read_to_string(d.join("README.md")).unwrap(), new);
+    // Once it gets as far, the new run replaces it.
+    std::fs::remove_dir_all(d.join("results")).unwrap();
+    let out = pixel(
+        d,
+        &["run", "experiments/tiny.toml", "--set", "train.epochs=3"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pixel(d, &["figures"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let newest = std::fs::read_to_string(d.join("README.md")).unwrap();
+    assert!(
+        newest.contains("| `tiny` | 3 |") && newest.contains(" | - | completed"),
+        "{newest}"
+    );
     // Without the markers: an error that says what is missing.
     std::fs::write(d.join("README.md"), "# none\n").unwrap();
     let out = pixel(d, &["figures"]);
