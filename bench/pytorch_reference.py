@@ -126,18 +126,21 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
-                   help="bf16: torch.autocast on the CPU (f32 weights, Adam state and loss)")
+                   help="bf16: torch.autocast (f32 weights, Adam state and loss)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the first GPU (each timed step ends with .item(), which waits for it)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(1)
     model = (Simple if a.variant == "simple" else Gated)(a.colours, a.layers, a.kernel, a.channels)
+    model = model.to(a.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    target = torch.randint(0, 256, (a.batch, a.colours, a.size, a.size))
+    target = torch.randint(0, 256, (a.batch, a.colours, a.size, a.size)).to(a.device)
     x = target.float() / 255
 
     def forward(x):
         if a.precision == "bf16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(a.device, dtype=torch.bfloat16):
                 return model(x).float()
         return model(x)
 
@@ -163,7 +166,7 @@ def main():
             if i >= 2:
                 fwd.append((time.perf_counter() - t) * 1e3)
     s = statistics.median(times)
-    print(f"| pytorch {torch.__version__} cpu {a.precision} | {a.variant} {a.layers}x{a.kernel} c{a.channels} | "
+    print(f"| pytorch {torch.__version__} {a.device} {a.precision} | {a.variant} {a.layers}x{a.kernel} c{a.channels} | "
           f"{a.batch} | {s:.3f} s/step | {a.batch / s:.1f} images/s | {statistics.median(fwd):.1f} ms forward |")
 
 
