@@ -57,6 +57,8 @@ pub fn rebuild_hint(backend: BackendKind) -> &'static str {
 pub struct Opened {
     pub device: Device,
     pub description: String,
+    /// The GPU's name, for a CUDA device (from `nvidia-smi`, when it answers).
+    pub gpu: Option<String>,
 }
 
 /// Opens the device (after the plan has checked the backend is compiled in).
@@ -66,10 +68,25 @@ pub fn open(choice: &DeviceChoice, seed: u64) -> Opened {
         BackendKind::Libtorch => libtorch(choice.target),
     };
     device.seed(seed);
+    let gpu = description
+        .strip_prefix("libtorch:cuda:")
+        .and_then(|i| gpu_name(i.parse().ok()?));
     Opened {
         device,
         description,
+        gpu,
     }
+}
+
+/// The name of GPU `index` as `nvidia-smi` reports it, if it is there and answers.
+fn gpu_name(index: usize) -> Option<String> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader"])
+        .arg(format!("--id={index}"))
+        .output()
+        .ok()?;
+    let name = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !name.is_empty()).then_some(name)
 }
 
 #[cfg(feature = "tch")]

@@ -73,7 +73,7 @@ pub fn execute(plan: &Plan, options: &Options) -> Result<PathBuf> {
         error: None,
         overrides: plan.overrides.clone(),
         resumed: Vec::new(),
-        hardware: results::hardware(),
+        hardware: results::hardware(opened.gpu.as_deref()),
     };
     let start = Start {
         model,

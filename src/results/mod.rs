@@ -58,8 +58,8 @@ impl RunInfo {
     }
 }
 
-/// "CPU model, N threads", from /proc/cpuinfo where there is one.
-pub fn hardware() -> String {
+/// "CPU model, N threads", from /proc/cpuinfo where there is one, then the GPU's name if any.
+pub fn hardware(gpu: Option<&str>) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -70,7 +70,10 @@ pub fn hardware() -> String {
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {threads} threads")
+    match gpu {
+        Some(gpu) => format!("{gpu}; {cpu}, {threads} threads"),
+        None => format!("{cpu}, {threads} threads"),
+    }
 }
 
 /// The header of `metrics.csv`, in the order of [`MetricsRow`]'s fields.
