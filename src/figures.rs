@@ -137,26 +137,24 @@ pub fn collect(name: &str, results_root: &Path, figures: &Path) -> Result<Figure
         images: Vec::new(),
     };
     let record = match (live, kept) {
-        (None, None) => return Ok(figure),
-        (Some(live), kept) if kept.as_ref().is_none_or(|k| live.epochs() >= k.epochs()) => {
-            copy_figures(name, &live.dir, figures)?;
-            keep_records(&live.dir, &kept_dir)?;
-            Record::read(kept_dir).unwrap_or(live)
-        }
-        (live, Some(kept)) => {
-            if let Some(live) = live {
-                eprintln!(
-                    "{name}: {} has {} epochs, {} has {}: showing the kept run (remove {} to show the new one)",
-                    live.dir.display(),
-                    live.epochs(),
-                    kept.dir.display(),
-                    kept.epochs(),
-                    kept.dir.display()
-                );
-            }
+        (Some(live), Some(kept)) if live.epochs() < kept.epochs() => {
+            eprintln!(
+                "{name}: {} has {} epochs, {} has {}: showing the kept run (remove {} to show the new one)",
+                live.dir.display(),
+                live.epochs(),
+                kept.dir.display(),
+                kept.epochs(),
+                kept.dir.display()
+            );
             kept
         }
-        (Some(_), None) => unreachable!("a run alone is always shown"),
+        (Some(live), _) => {
+            copy_figures(name, &live.dir, figures)?;
+            keep_records(&live.dir, &kept_dir)?;
+            live
+        }
+        (None, Some(kept)) => kept,
+        (None, None) => return Ok(figure),
     };
     figure.images = figure_names(name)
         .into_iter()
