@@ -175,7 +175,7 @@ pub fn grid(
         height: h,
         width: w,
     };
-    let context = sampling_context(model, &completions, Latent::EncoderMean, rng, device);
+    let context = sampling_context(model, &completions, Latent::Posterior, rng, device);
     fill(
         model,
         &mut completions,
@@ -197,9 +197,11 @@ pub fn grid(
 pub enum Latent {
     /// z ~ N(0, I).
     Prior,
-    /// The encoder's mean for the images (the whole images: for completions too, so that z is
-    /// inferred from the test image whose top half is given, as the paper does).
-    EncoderMean,
+    /// z ~ q(z|x) for the whole images (for completions too, so that z is inferred from the test
+    /// image whose top half is given, as the paper does). A draw, not the mean: the decoder was
+    /// trained on draws, and where the latent has collapsed (q(z|x) = N(0, I)) the mean, z = 0,
+    /// is far from any z it saw and it decodes blank images.
+    Posterior,
 }
 
 /// The labels of `images` and, for a PixelVAE, latents for them.
@@ -217,9 +219,10 @@ pub fn sampling_context(
     };
     context.latent = Some(match latent {
         Latent::Prior => crate::model::vae::normal_tensor(rng, [n, lc, lh, lw], device),
-        Latent::EncoderMean => {
+        Latent::Posterior => {
             let x = rows(images, 0, h, device);
-            model.encode(x).expect("a PixelVAE encodes").0
+            let (mean, log_var) = model.encode(x).expect("a PixelVAE encodes");
+            crate::model::vae::reparameterise(mean, log_var, rng)
         }
     });
     context
@@ -227,7 +230,7 @@ pub fn sampling_context(
 
 /// A PixelVAE's reconstruction grid, `grid x grid` cells: rows 1, 3, 5, ... hold test images
 /// `0..grid * grid / 2` in order, and the row below each holds their reconstructions, decoded
-/// pixel by pixel with z = the encoder's mean for the whole image. None for other models.
+/// pixel by pixel with z drawn from q(z|x) for the whole image. None for other models.
 #[allow(clippy::too_many_arguments)]
 pub fn reconstructions(
     model: &Model,
@@ -250,7 +253,7 @@ pub fn reconstructions(
         height: h,
         width: w,
     };
-    let context = sampling_context(model, &originals, Latent::EncoderMean, rng, device);
+    let context = sampling_context(model, &originals, Latent::Posterior, rng, device);
     let mut decoded = originals.clone();
     decoded.pixels.fill(0);
     fill(
@@ -371,6 +374,61 @@ mod tests {
                 assert!(distinct.len() > 50, "{cfg:?}: {distinct:?}");
             }
         }
+    }
+
+    /// Completions and reconstructions condition on a draw from q(z|x), not on its mean: the
+    /// standardised latent (z - mean) / sd has unit variance and the draw follows the seed.
+    #[test]
+    fn posterior_latents_are_draws_from_q() {
+        let device = burn::tensor::Device::flex();
+        let mut decoder = gated(1, 3, None);
+        decoder.spatial_channels = 3;
+        let cfg = ModelConfig::Vae(crate::model::VaeConfig {
+            colours: 1,
+            latent_channels: 2,
+            downsample: 1,
+            hidden: 6,
+            conditioning: crate::model::VaeConditioning::Gates,
+            decoder,
+        });
+        let model = cfg.init(5, &device);
+        let spec = synthetic::Spec {
+            size: 8,
+            colours: 1,
+            train_images: 64,
+        };
+        let images = synthetic::generate(&spec, 3).train;
+        let (mean, log_var) = model
+            .encode(rows(&images, 0, 8, &device))
+            .expect("a PixelVAE encodes");
+        let latent = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            sampling_context(&model, &images, Latent::Posterior, &mut rng, &device)
+                .latent
+                .expect("a latent")
+        };
+        let z = latent(1);
+        let standard: Vec<f32> = ((z.clone() - mean) / (log_var * 0.5).exp())
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let n = standard.len() as f64;
+        let m = standard.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = standard
+            .iter()
+            .map(|&v| (f64::from(v) - m).powi(2))
+            .sum::<f64>()
+            / n;
+        // 64 * 2 * 4 * 4 = 2048 draws: the sample variance is within 0.1 of 1 by a wide margin.
+        assert!(
+            m.abs() < 0.1 && (var - 1.0).abs() < 0.15,
+            "mean {m}, variance {var}"
+        );
+        let same: Vec<f32> = latent(1).into_data().try_to_vec::<f32>().unwrap();
+        let other: Vec<f32> = latent(2).into_data().try_to_vec::<f32>().unwrap();
+        let z: Vec<f32> = z.into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(z, same);
+        assert_ne!(z, other);
     }
 
     /// Logits from the cache match a full forward pass at every sub-pixel of a given image.

@@ -277,8 +277,7 @@ impl Model {
         let Some((mean, log_var)) = self.encode(x.clone()) else {
             return (self.forward(x, context), None);
         };
-        let noise = vae::normal_tensor(rng, mean.dims(), &mean.device());
-        let z = mean.clone() + (log_var.clone() * 0.5).exp() * noise;
+        let z = vae::reparameterise(mean.clone(), log_var.clone(), rng);
         let context = Context {
             latent: Some(z),
             ..context.clone()

@@ -258,6 +258,13 @@ pub fn standard_normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
     out
 }
 
+/// A draw of z ~ N(mean, exp(log_var)) as mean + sd * noise, the noise drawn from `rng` (so that
+/// gradients reach the encoder).
+pub fn reparameterise(mean: Tensor<4>, log_var: Tensor<4>, rng: &mut StdRng) -> Tensor<4> {
+    let noise = normal_tensor(rng, mean.dims(), &mean.device());
+    mean + (log_var * 0.5).exp() * noise
+}
+
 /// A tensor of standard normal draws of `shape`.
 pub fn normal_tensor(rng: &mut StdRng, shape: [usize; 4], device: &Device) -> Tensor<4> {
     let n = shape.iter().product();
