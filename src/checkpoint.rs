@@ -107,10 +107,43 @@ pub fn save(
         std::fs::remove_dir_all(&final_dir).map_err(Error::io(&final_dir))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(Error::io(&final_dir))?;
-    for old in list(run_dir)?.iter().rev().skip(keep.max(1)) {
-        std::fs::remove_dir_all(old).map_err(Error::io(old))?;
+    // `keep` checkpoints stay, the newest epoch-end one always among them: `pixel eval` and
+    // `pixel sample` read it, and interrupts (each writes a mid-epoch one) must not push it out.
+    let epoch_end = latest_epoch_end(run_dir)?.map(|(dir, _)| dir);
+    let mut others = keep.max(1) - usize::from(epoch_end.is_some());
+    for dir in list(run_dir)?.iter().rev() {
+        if Some(dir) == epoch_end.as_ref() {
+            continue;
+        }
+        if others > 0 {
+            others -= 1;
+        } else {
+            std::fs::remove_dir_all(dir).map_err(Error::io(dir))?;
+        }
     }
     Ok(final_dir)
+}
+
+/// Where training stood when the checkpoint folder `dir` was written.
+pub fn position(dir: &Path) -> Result<Position> {
+    let state_path = dir.join(STATE);
+    let text = std::fs::read_to_string(&state_path).map_err(Error::io(&state_path))?;
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: state_path.clone(),
+        message: format!("unreadable: {e}"),
+    })
+}
+
+/// The newest checkpoint written at the end of an epoch (the model a `metrics.csv` row
+/// describes) and that epoch's number, if any.
+pub fn latest_epoch_end(run_dir: &Path) -> Result<Option<(PathBuf, usize)>> {
+    for dir in list(run_dir)?.into_iter().rev() {
+        let at = position(&dir)?;
+        if at.steps_done == 0 {
+            return Ok(Some((dir, at.epochs_done)));
+        }
+    }
+    Ok(None)
 }
 
 /// Finished checkpoint folders, oldest first.
@@ -164,12 +197,7 @@ pub fn load(
     model: Model,
     optimizer: ModuleOptimizer,
 ) -> Result<(Model, ModuleOptimizer, Position)> {
-    let state_path = dir.join(STATE);
-    let text = std::fs::read_to_string(&state_path).map_err(Error::io(&state_path))?;
-    let position: Position = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-        path: state_path.clone(),
-        message: format!("unreadable: {e}"),
-    })?;
+    let position = position(dir)?;
     let model = load_model(dir, model)?;
     let opt_path = dir.join(OPTIMIZER);
     let optimizer = optimizer
@@ -181,6 +209,47 @@ pub fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pruning keeps the newest `keep` checkpoints and, whatever `keep` says, the newest one written
+    /// at an epoch's end, which is what `pixel eval` and `pixel sample` load.
+    #[test]
+    fn pruning_keeps_the_newest_epoch_end_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = burn::tensor::Device::flex();
+        let model = crate::model::ModelConfig::Simple(crate::model::SimpleConfig {
+            colours: 1,
+            layers: 1,
+            kernel: 3,
+            channels: 2,
+        })
+        .init(1, &device);
+        let optimizer = crate::optim::adam();
+        let names = || -> Vec<String> {
+            list(dir.path())
+                .unwrap()
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        let save_at = |epochs_done, steps_done| {
+            let at = Position {
+                epochs_done,
+                steps_done,
+                ..Position::default()
+            };
+            save(dir.path(), &model, &optimizer, &at, 2).unwrap();
+        };
+        save_at(1, 0);
+        save_at(1, 5); // interrupted, resumed,
+        save_at(1, 9); // and interrupted again
+        assert_eq!(names(), ["0001-000000", "0001-000009"]);
+        let (end, epochs) = latest_epoch_end(dir.path()).unwrap().unwrap();
+        assert_eq!(epochs, 1);
+        assert!(end.ends_with("0001-000000"));
+        save_at(2, 0);
+        assert_eq!(names(), ["0001-000009", "0002-000000"]);
+        assert_eq!(latest_epoch_end(dir.path()).unwrap().unwrap().1, 2);
+    }
 
     /// The loss scale of an f16 run survives a checkpoint; checkpoints without one (f32, bf16,
     /// or written before f16 existed) still read.

@@ -40,7 +40,7 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Draw a sample grid from a trained run's checkpoint.
+    /// Draw a sample grid from a trained run's last finished epoch.
     Sample {
         /// A results folder written by `pixel run`.
         results_dir: PathBuf,
@@ -54,7 +54,7 @@ pub enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
-    /// Evaluate a run's newest checkpoint on its test split and write RESULTS_DIR/eval.json:
+    /// Evaluate a run's last finished epoch on its test split and write RESULTS_DIR/eval.json:
     /// the exact NLL of a PixelCNN, or for a PixelVAE an importance-sampled NLL beside the ELBO.
     Eval {
         /// A results folder written by `pixel run`.
@@ -175,12 +175,18 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             match (r.test_elbo_bits_per_dim, r.importance_samples) {
                 (Some(elbo), Some(k)) => println!(
                     "test NLL {:.4} bits/dim (importance sampled, K = {k}), ELBO {:.4} bits/dim, \
-                     {} images, {:.1} s",
-                    r.test_bits_per_dim, elbo, r.images, r.seconds
+                     {} of {} latent dimensions active, {} images, after epoch {}, {:.1} s",
+                    r.test_bits_per_dim,
+                    elbo,
+                    r.active_latent_dimensions.unwrap_or(0),
+                    r.latent_dimensions.unwrap_or(0),
+                    r.images,
+                    r.epochs,
+                    r.seconds
                 ),
                 _ => println!(
-                    "test NLL {:.4} bits/dim (exact), {} images, {:.1} s",
-                    r.test_bits_per_dim, r.images, r.seconds
+                    "test NLL {:.4} bits/dim (exact), {} images, after epoch {}, {:.1} s",
+                    r.test_bits_per_dim, r.images, r.epochs, r.seconds
                 ),
             }
             println!(

@@ -34,7 +34,7 @@ pub fn nll_per_image(logits: Tensor<5>, targets: Tensor<4, Int>) -> Tensor<1> {
 }
 
 /// Totals of an importance-sampled evaluation, in nats over `subpixels` sub-pixels.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Bounds {
     /// -sum over images of mean_k w_k: the negative ELBO estimated with the K draws.
     pub elbo_nats: f64,
@@ -42,6 +42,54 @@ pub struct Bounds {
     pub importance_nats: f64,
     pub subpixels: u64,
     pub images: usize,
+    /// How much each latent dimension's posterior mean varies over the images.
+    pub latent_means: LatentSpread,
+}
+
+/// Running sums of q(z|x)'s mean per latent dimension (channel and position) over images, for
+/// Burda et al.'s (2016) count of active units: a dimension is active when Var_x E_q[z] > 0.01.
+/// A collapsed latent (q(z|x) = p(z) for every x) has none.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LatentSpread {
+    sum: Vec<f64>,
+    sum_sq: Vec<f64>,
+    images: usize,
+}
+
+/// Burda et al.'s threshold on Var_x E_q[z] for an active latent dimension.
+pub const ACTIVE_VARIANCE: f64 = 0.01;
+
+impl LatentSpread {
+    /// Adds a batch of means, `[batch, latent_channels, h', w']`, as f32 values in that order.
+    pub fn add(&mut self, means: &[f32], batch: usize) {
+        let dims = means.len() / batch.max(1);
+        if self.sum.is_empty() {
+            self.sum = vec![0.0; dims];
+            self.sum_sq = vec![0.0; dims];
+        }
+        for image in means.chunks(dims) {
+            for (d, &m) in image.iter().enumerate() {
+                self.sum[d] += f64::from(m);
+                self.sum_sq[d] += f64::from(m) * f64::from(m);
+            }
+        }
+        self.images += batch;
+    }
+
+    /// Latent dimensions in all.
+    pub fn dimensions(&self) -> usize {
+        self.sum.len()
+    }
+
+    /// Dimensions whose mean varies over the images by more than `ACTIVE_VARIANCE`.
+    pub fn active(&self) -> usize {
+        let n = self.images.max(1) as f64;
+        self.sum
+            .iter()
+            .zip(&self.sum_sq)
+            .filter(|&(&s, &sq)| sq / n - (s / n).powi(2) > ACTIVE_VARIANCE)
+            .count()
+    }
 }
 
 /// For every image of `images` (in batches of `batch_size`), draws `k` latents from q(z|x) with
@@ -60,10 +108,16 @@ pub fn importance_bounds(
     for indices in all.chunks(batch_size.max(1)) {
         let batch = Batch::gather(images, indices, device);
         let (mean, log_var) = model.encode(batch.input.clone())?;
+        let means: Vec<f32> = mean
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .expect("f32 means");
+        bounds.latent_means.add(&means, indices.len());
         let mut weights = vec![Vec::with_capacity(k); indices.len()]; // [b][k]
         for _ in 0..k.max(1) {
-            let noise = vae::normal_tensor(rng, mean.dims(), device);
-            let z = mean.clone() + (log_var.clone() * 0.5).exp() * noise;
+            let z = vae::reparameterise(mean.clone(), log_var.clone(), rng);
             let zeros = z.zeros_like();
             let log_p_z = vae::gaussian_log_density(z.clone(), zeros.clone(), zeros);
             let log_q_z = vae::gaussian_log_density(z.clone(), mean.clone(), log_var.clone());
@@ -98,6 +152,8 @@ pub fn importance_bounds(
 
 #[derive(Serialize, Debug)]
 pub struct Report {
+    /// The epoch after which the evaluated checkpoint was written.
+    pub epochs: usize,
     pub images: usize,
     /// Exact (PixelCNNs) or importance-sampled (PixelVAE) test NLL, bits per dimension.
     pub test_bits_per_dim: f64,
@@ -106,15 +162,29 @@ pub struct Report {
     pub test_elbo_bits_per_dim: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub importance_samples: Option<usize>,
+    /// PixelVAE: latent dimensions whose posterior mean varies over the test images (variance
+    /// above 0.01, Burda et al. 2016); 0 when the latent has collapsed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_latent_dimensions: Option<usize>,
+    /// PixelVAE: latent dimensions in all (channels x positions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latent_dimensions: Option<usize>,
     pub seconds: f64,
 }
 
-/// Loads the run in `dir` (its resolved experiment and newest checkpoint), for `command`'s errors.
-pub fn load_run(
-    dir: &Path,
-    sets: &[experiment::Override],
-    command: &str,
-) -> Result<(Plan, device::Opened, Model)> {
+/// A finished epoch of a run, loaded for `pixel eval` and `pixel sample`.
+pub struct LoadedRun {
+    pub plan: Plan,
+    pub opened: device::Opened,
+    pub model: Model,
+    /// The epoch whose end the checkpoint was written at.
+    pub epochs: usize,
+}
+
+/// Loads the run in `dir`: its resolved experiment and the newest checkpoint written at an
+/// epoch's end (the model of the last `metrics.csv` row, not that of a later interrupt), for
+/// `command`'s errors.
+pub fn load_run(dir: &Path, sets: &[experiment::Override], command: &str) -> Result<LoadedRun> {
     let exp_path = dir.join(EXPERIMENT_FILE);
     if !exp_path.is_file() {
         return Err(Error::Usage {
@@ -125,8 +195,13 @@ pub fn load_run(
     let (exp, overrides) = experiment::load(&exp_path, sets)?;
     let plan = Plan::new(exp, overrides, &exp_path, None)?;
     let opened = device::open(&plan.device, plan.experiment.train.seed);
-    let model = run::load_latest_model(&plan, dir, &opened.device)?;
-    Ok((plan, opened, model))
+    let (model, epochs) = run::load_latest_model(&plan, dir, &opened.device)?;
+    Ok(LoadedRun {
+        plan,
+        opened,
+        model,
+        epochs,
+    })
 }
 
 /// `pixel eval DIR`: evaluates on the run's test split and writes `DIR/eval.json`.
@@ -141,7 +216,12 @@ pub fn eval_results(
             message: "expected at least 1 draw per image, got 0".into(),
         });
     }
-    let (plan, opened, model) = load_run(dir, &[], "pixel eval")?;
+    let LoadedRun {
+        plan,
+        opened,
+        model,
+        epochs,
+    } = load_run(dir, &[], "pixel eval")?;
     let model = model.valid();
     let device = opened.device.clone().without_autodiff();
     let splits = data::load(&plan.data)?;
@@ -157,10 +237,13 @@ pub fn eval_results(
         &device,
     ) {
         Some(b) => Report {
+            epochs,
             images: b.images,
             test_bits_per_dim: bits_per_dim(b.importance_nats, b.subpixels),
             test_elbo_bits_per_dim: Some(bits_per_dim(b.elbo_nats, b.subpixels)),
             importance_samples: Some(importance_samples),
+            active_latent_dimensions: Some(b.latent_means.active()),
+            latent_dimensions: Some(b.latent_means.dimensions()),
             seconds: started.elapsed().as_secs_f64(),
         },
         None => {
@@ -172,10 +255,13 @@ pub fn eval_results(
                 &device,
             );
             Report {
+                epochs,
                 images: stats.images,
                 test_bits_per_dim: stats.bits_per_dim(),
                 test_elbo_bits_per_dim: None,
                 importance_samples: None,
+                active_latent_dimensions: None,
+                latent_dimensions: None,
                 seconds: started.elapsed().as_secs_f64(),
             }
         }
@@ -214,6 +300,19 @@ mod tests {
         })
     }
 
+    /// Active units: a dimension counts when its mean's variance over images exceeds 0.01.
+    #[test]
+    fn active_latent_dimensions_are_those_whose_mean_varies() {
+        let mut spread = LatentSpread::default();
+        // Three dimensions over four images (two batches of two): constant; +-0.2 (variance
+        // 0.04, active); +-0.05 (variance 0.0025, not).
+        spread.add(&[0.7, 0.2, 0.05, 0.7, -0.2, -0.05], 2);
+        spread.add(&[0.7, 0.2, 0.05, 0.7, -0.2, -0.05], 2);
+        assert_eq!((spread.dimensions(), spread.images), (3, 4));
+        assert_eq!(spread.active(), 1);
+        assert_eq!(LatentSpread::default().active(), 0);
+    }
+
     /// With the same draws, the importance-sampled NLL is at most the ELBO's (Jensen), and with
     /// one draw the two are equal; both agree with the closed-form-KL ELBO within noise.
     #[test]
@@ -244,6 +343,9 @@ mod tests {
         );
         let one = run(1);
         assert!((one.importance_nats - one.elbo_nats).abs() < 1e-6 * one.elbo_nats.abs());
+        // 2 channels of a 4 x 4 latent, the encoder's means gathered once per image.
+        assert_eq!(many.latent_means.dimensions(), 2 * 4 * 4);
+        assert_eq!(many.latent_means.images, test.len());
 
         // The closed-form-KL ELBO of one draw per image, against the 16-draw estimate.
         let mut rng = StdRng::seed_from_u64(9);

@@ -73,20 +73,32 @@ fn latest_grid(dir: &Path, prefix: &str) -> Option<PathBuf> {
     grids.pop()
 }
 
-/// `pixel eval`'s test NLL of a run, as a table cell: bits/dim, and K for importance sampling.
-fn eval_cell(dir: &Path) -> String {
+/// `pixel eval`'s test NLL of a run, as a table cell: bits/dim, K for importance sampling, a
+/// PixelVAE's active latent dimensions, and the epoch evaluated when it is not the row's `epochs`.
+fn eval_cell(dir: &Path, epochs: usize) -> String {
     let Ok(text) = std::fs::read_to_string(dir.join(crate::eval::EVAL_FILE)) else {
         return "-".into();
     };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
         return "-".into();
     };
+    let active = match (
+        v["active_latent_dimensions"].as_u64(),
+        v["latent_dimensions"].as_u64(),
+    ) {
+        (Some(a), Some(d)) => format!("; {a} of {d} latent dims active"),
+        _ => String::new(),
+    };
+    let stale = match v["epochs"].as_u64() {
+        Some(e) if e as usize != epochs => format!(", after epoch {e}"),
+        _ => String::new(),
+    };
     match (
         v["test_bits_per_dim"].as_f64(),
         v["importance_samples"].as_u64(),
     ) {
-        (Some(b), Some(k)) => format!("{b:.4} (K = {k})"),
-        (Some(b), None) => format!("{b:.4}"),
+        (Some(b), Some(k)) => format!("{b:.4} (K = {k}{active}){stale}"),
+        (Some(b), None) => format!("{b:.4}{stale}"),
         _ => "-".into(),
     }
 }
@@ -165,7 +177,7 @@ pub fn collect(name: &str, results_root: &Path, figures: &Path) -> Result<Figure
         &record.info,
         record.epochs(),
         record.rows.last().map_or(f64::NAN, |r| r.test_bits_per_dim),
-        &eval_cell(&record.dir),
+        &eval_cell(&record.dir, record.epochs()),
         record
             .rows
             .iter()
@@ -286,6 +298,38 @@ pub fn rewrite(readme: &str, section: &str, path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The eval column: exact NLL, importance-sampled NLL with K, and a PixelVAE's active latent
+    /// dimensions; "-" without a readable eval.json.
+    #[test]
+    fn eval_cells_say_what_was_measured() {
+        let dir = tempfile::tempdir().unwrap();
+        let cell = |json: &str| {
+            std::fs::write(dir.path().join(crate::eval::EVAL_FILE), json).unwrap();
+            eval_cell(dir.path(), 15)
+        };
+        assert_eq!(cell(r#"{"test_bits_per_dim": 1.23456}"#), "1.2346");
+        assert_eq!(
+            cell(r#"{"test_bits_per_dim": 1.2, "importance_samples": 16}"#),
+            "1.2000 (K = 16)"
+        );
+        assert_eq!(
+            cell(
+                r#"{"test_bits_per_dim": 1.2, "importance_samples": 16,
+                    "active_latent_dimensions": 0, "latent_dimensions": 196}"#
+            ),
+            "1.2000 (K = 16; 0 of 196 latent dims active)"
+        );
+        assert_eq!(
+            cell(r#"{"test_bits_per_dim": 1.2, "epochs": 15}"#),
+            "1.2000"
+        );
+        assert_eq!(
+            cell(r#"{"test_bits_per_dim": 1.2, "epochs": 12}"#),
+            "1.2000, after epoch 12"
+        );
+        assert_eq!(cell("not json"), "-");
+    }
 
     #[test]
     fn rewrites_only_between_the_markers() {

@@ -322,14 +322,18 @@ fn progress_bar(epoch: usize, epochs: usize, images: usize) -> ProgressBar {
 }
 
 /// Loads the newest checkpoint's weights into a freshly built model of the planned shape.
-pub fn load_latest_model(plan: &Plan, dir: &Path, device: &Device) -> Result<Model> {
-    let Some(ckpt) = checkpoint::latest(dir)? else {
+pub fn load_latest_model(plan: &Plan, dir: &Path, device: &Device) -> Result<(Model, usize)> {
+    let Some((ckpt, epochs)) = checkpoint::latest_epoch_end(dir)? else {
         return Err(Error::Checkpoint {
             path: dir.join(checkpoint::DIR),
-            message: "no checkpoint: the run has not finished an epoch yet".into(),
+            message: "no checkpoint at an epoch's end: the run has not finished an epoch yet"
+                .into(),
         });
     };
-    checkpoint::load_model(&ckpt, plan.init_model(device))
+    Ok((
+        checkpoint::load_model(&ckpt, plan.init_model(device))?,
+        epochs,
+    ))
 }
 
 /// Tiles `grid x grid` images like `test`'s into a PNG at `path` (written whole or not at all).

@@ -19,7 +19,12 @@ pub fn sample_results(
     if let Some(s) = seed {
         sets.push(experiment::parse_set(&format!("train.seed={s}"))?);
     }
-    let (plan, opened, model) = crate::eval::load_run(dir, &sets, "pixel sample")?;
+    let crate::eval::LoadedRun {
+        plan,
+        opened,
+        model,
+        ..
+    } = crate::eval::load_run(dir, &sets, "pixel sample")?;
     let splits = data::load(&plan.data)?;
     let out = out.unwrap_or_else(|| dir.join(SAMPLES_DIR).join("sample.png"));
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -477,12 +477,12 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     assert_eq!(final_logits(&a), final_logits(&b));
 }
 
-/// The logits of a run's newest checkpoint on a fixed input.
+/// The logits of a run's last epoch-end checkpoint on a fixed input.
 fn final_logits(dir: &Path) -> Vec<f32> {
     use burn::tensor::{Device, Tensor, TensorData};
     let plan = pixel_models::experiment::plan_file(&dir.join("experiment.toml"), &[]).unwrap();
     let device = Device::flex();
-    let model = pixel_models::run::load_latest_model(&plan, dir, &device).unwrap();
+    let (model, _) = pixel_models::run::load_latest_model(&plan, dir, &device).unwrap();
     let x: Vec<f32> = (0..36).map(|i| (i * 37 % 256) as f32).collect();
     let x = Tensor::<4>::from_data(TensorData::new(x, [1, 1, 6, 6]), &device);
     let ctx = pixel_models::model::Context::from_labels(&[3], &device);
@@ -1052,6 +1052,15 @@ fn pixel_vae_runs_reports_the_elbo_terms_and_evaluates() {
     );
     assert!(nll <= elbo && nll > 0.0, "{report}");
     assert_eq!(report["images"], 10);
+    assert_eq!(report["epochs"], 2, "the last finished epoch: {report}");
+    // 2 channels of a 3 x 3 latent for 6 x 6 images.
+    assert_eq!(report["latent_dimensions"], 18, "{report}");
+    assert!(report["active_latent_dimensions"].as_u64().unwrap() <= 18);
+    assert!(
+        text(&eval).contains("latent dimensions active"),
+        "{}",
+        text(&eval)
+    );
 
     let zero = pixel(
         dir.path(),

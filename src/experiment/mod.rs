@@ -230,7 +230,8 @@ pub struct TrainSection {
     /// Seed for weights, shuffling and sampling. Default: 1.
     pub seed: u64,
     /// Checkpoints kept in `results/<name>/checkpoints/` (one is written per epoch and on
-    /// interrupt; older ones are removed). Default: 2.
+    /// interrupt; older ones are removed, except the newest written at an epoch's end, which
+    /// `pixel eval` and `pixel sample` read). Default: 2.
     pub keep_checkpoints: usize,
 }
 
