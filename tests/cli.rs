@@ -452,6 +452,15 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
         "{ckpts:?}"
     );
 
+    // Nothing to evaluate before an epoch has finished: the mid-epoch checkpoint is for resuming.
+    let early = pixel(dir.path(), &["eval", "cut/long"]);
+    assert_eq!(early.status.code(), Some(2), "{}", text(&early));
+    assert!(
+        text(&early).contains("no checkpoint at an epoch's end"),
+        "{}",
+        text(&early)
+    );
+
     // Running the experiment again without --resume or --force explains what to do.
     let again = pixel(dir.path(), &["run", "long.toml", "--results", "cut"]);
     assert_eq!(again.status.code(), Some(2));
