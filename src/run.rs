@@ -280,6 +280,13 @@ fn epochs(
             images_per_second = format!("{:.1}", row.train_images_per_second),
             "epoch done"
         );
+        if let Some(warning) = train::collapse_warning(
+            row.test_kl_bits_per_dim,
+            row.kl_weight,
+            plan.experiment.model.vae.free_bits,
+        ) {
+            tracing::warn!(epoch, "{warning}");
+        }
         run.append_metrics(&row)?;
         run.write_curve(&plan.name)?;
         let every = plan.experiment.sample.every;

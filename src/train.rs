@@ -192,6 +192,27 @@ fn noise_rng(seed: u64, epoch: usize, i: usize) -> StdRng {
     StdRng::seed_from_u64(mix)
 }
 
+/// Below this test KL (bits per dimension) at full KL weight, a PixelVAE's latent carries next
+/// to nothing: the decoder models the images without z.
+pub const COLLAPSED_KL_BITS_PER_DIM: f64 = 1e-3;
+
+/// A warning when an epoch's test KL says the latent has collapsed (q(z|x) = p(z)) and nothing in
+/// the objective keeps it in use; None otherwise, and while KL warm-up is still under way.
+pub fn collapse_warning(
+    test_kl: Option<f64>,
+    kl_weight: Option<f64>,
+    free_bits: f64,
+) -> Option<String> {
+    let kl = test_kl?;
+    (kl < COLLAPSED_KL_BITS_PER_DIM && kl_weight? >= 1.0 && free_bits <= 0.0).then(|| {
+        format!(
+            "the latent looks collapsed: test KL {kl:.1e} bits/dim, so the decoder ignores z; \
+             set model.vae.free_bits (0.25 nats per latent dimension keeps it in use in \
+             experiments/mnist-vae-5x5.toml) and check with `pixel eval`'s active latent dimensions"
+        )
+    })
+}
+
 /// The KL penalty of the training loss: the total KL, or with free bits the KL of each latent
 /// dimension (channel and position) averaged over the batch, floored at `free_bits` nats, times
 /// the batch size.
@@ -333,6 +354,17 @@ mod tests {
 
     /// A few steps computed in bf16 or in f16 with dynamic loss scaling (f32 weights and Adam
     /// state) track the same steps in f32.
+    /// The collapse warning fires at full KL weight without free bits and a KL below the
+    /// threshold, and not for PixelCNNs, during warm-up, with free bits or with a used latent.
+    #[test]
+    fn collapse_warning_only_for_an_unused_latent() {
+        assert!(collapse_warning(Some(5e-7), Some(1.0), 0.0).is_some());
+        assert!(collapse_warning(None, None, 0.0).is_none());
+        assert!(collapse_warning(Some(5e-7), Some(0.5), 0.0).is_none());
+        assert!(collapse_warning(Some(5e-7), Some(1.0), 0.25).is_none());
+        assert!(collapse_warning(Some(0.07), Some(1.0), 0.0).is_none());
+    }
+
     #[test]
     fn bf16_and_f16_steps_track_f32() {
         let spec = synthetic::Spec {
