@@ -63,6 +63,9 @@ impl LatentSpread {
     /// Adds a batch of means, `[batch, latent_channels, h', w']`, as f32 values in that order.
     pub fn add(&mut self, means: &[f32], batch: usize) {
         let dims = means.len() / batch.max(1);
+        if dims == 0 {
+            return;
+        }
         if self.sum.is_empty() {
             self.sum = vec![0.0; dims];
             self.sum_sq = vec![0.0; dims];
@@ -311,6 +314,8 @@ mod tests {
         assert_eq!((spread.dimensions(), spread.images), (3, 4));
         assert_eq!(spread.active(), 1);
         assert_eq!(LatentSpread::default().active(), 0);
+        spread.add(&[], 0);
+        assert_eq!(spread.images, 4, "an empty batch adds nothing");
     }
 
     /// With the same draws, the importance-sampled NLL is at most the ELBO's (Jensen), and with
