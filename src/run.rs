@@ -328,7 +328,8 @@ fn progress_bar(epoch: usize, epochs: usize, images: usize) -> ProgressBar {
     bar
 }
 
-/// Loads the newest checkpoint's weights into a freshly built model of the planned shape.
+/// Loads the weights of the newest checkpoint written at an epoch's end into a freshly built model
+/// of the planned shape; returns it with that epoch.
 pub fn load_latest_model(plan: &Plan, dir: &Path, device: &Device) -> Result<(Model, usize)> {
     let Some((ckpt, epochs)) = checkpoint::latest_epoch_end(dir)? else {
         return Err(Error::Checkpoint {
