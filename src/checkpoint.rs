@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::train::PassStats;
+use crate::train::{LossScale, PassStats};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use serde::{Deserialize, Serialize};
@@ -25,49 +25,10 @@ pub struct Position {
     /// Optimisation steps taken in the next epoch (nonzero after an interrupt).
     pub steps_done: usize,
     /// Training totals of the next epoch so far.
-    pub partial: Partial,
+    pub partial: PassStats,
     /// f16 runs: the dynamic loss scale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loss_scale: Option<crate::train::LossScale>,
-}
-
-/// [`PassStats`] in a serialisable form.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq)]
-pub struct Partial {
-    pub nats: f64,
-    pub subpixels: u64,
-    pub images: usize,
-    pub seconds: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kl_nats: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kl_weight: Option<f64>,
-}
-
-impl From<PassStats> for Partial {
-    fn from(s: PassStats) -> Self {
-        Partial {
-            nats: s.nats,
-            subpixels: s.subpixels,
-            images: s.images,
-            seconds: s.seconds,
-            kl_nats: s.kl_nats,
-            kl_weight: s.kl_weight,
-        }
-    }
-}
-
-impl From<Partial> for PassStats {
-    fn from(p: Partial) -> Self {
-        PassStats {
-            nats: p.nats,
-            subpixels: p.subpixels,
-            images: p.images,
-            seconds: p.seconds,
-            kl_nats: p.kl_nats,
-            kl_weight: p.kl_weight,
-        }
-    }
+    pub loss_scale: Option<LossScale>,
 }
 
 fn name(p: &Position) -> String {
@@ -258,7 +219,7 @@ mod tests {
         let at = Position {
             epochs_done: 2,
             steps_done: 17,
-            partial: Partial {
+            partial: PassStats {
                 nats: 1.5,
                 subpixels: 784,
                 images: 1,
@@ -266,7 +227,7 @@ mod tests {
                 kl_nats: Some(0.5),
                 kl_weight: Some(0.75),
             },
-            loss_scale: Some(crate::train::LossScale {
+            loss_scale: Some(LossScale {
                 scale: 1024.0,
                 good_steps: 7,
                 skipped: 3,

@@ -1,10 +1,10 @@
 //! Argument syntax, help and dispatch. No TOML parsing or tensors here.
 
-use crate::error::{Error, Result};
-use crate::experiment::{self, plan_file};
-use crate::run;
+use crate::cmd;
+use crate::error::Result;
+use crate::experiment;
 use clap::{Parser, Subcommand};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Train and sample autoregressive image models (PixelCNN and relatives) from TOML experiments.
 #[derive(Parser, Debug)]
@@ -129,15 +129,12 @@ pub enum Emit {
     Slurm,
 }
 
+/// Runs the command. Each lives in `cmd/`; this only maps flags onto its arguments.
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
             resume: Some(dir), ..
-        } => {
-            let dir = run::resume(&dir)?;
-            println!("results in {}", dir.display());
-            Ok(())
-        }
+        } => cmd::run::resume(&dir),
         Command::Run {
             experiment,
             sets,
@@ -146,55 +143,20 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             ..
         } => {
             let experiment = experiment.expect("clap requires an experiment without --resume");
-            let sets = sets
-                .iter()
-                .map(|s| experiment::parse_set(s))
-                .collect::<Result<Vec<_>>>()?;
-            let plan = plan_file(&experiment, &sets)?;
-            let options = run::Options {
-                results_root: results,
-                force,
-            };
-            let dir = run::execute(&plan, &options)?;
-            println!("results in {}", dir.display());
-            Ok(())
+            cmd::run::run(&experiment, &parse_sets(&sets)?, &results, force)
         }
-        Command::Check { paths } => check(&paths),
+        Command::Check { paths } => cmd::check::check(&paths),
         Command::Sample {
             results_dir,
             out,
             temperature,
             seed,
-        } => crate::sample_cmd::sample_results(&results_dir, out, temperature, seed),
+        } => cmd::sample::sample_results(&results_dir, out, temperature, seed),
         Command::Eval {
             results_dir,
             importance_samples,
             batch_size,
-        } => {
-            let r = crate::eval::eval_results(&results_dir, importance_samples, batch_size)?;
-            match (r.test_elbo_bits_per_dim, r.importance_samples) {
-                (Some(elbo), Some(k)) => println!(
-                    "test NLL {:.4} bits/dim (importance sampled, K = {k}), ELBO {:.4} bits/dim, \
-                     {} of {} latent dimensions active, {} images, after epoch {}, {:.1} s",
-                    r.test_bits_per_dim,
-                    elbo,
-                    r.active_latent_dimensions.unwrap_or(0),
-                    r.latent_dimensions.unwrap_or(0),
-                    r.images,
-                    r.epochs,
-                    r.seconds
-                ),
-                _ => println!(
-                    "test NLL {:.4} bits/dim (exact), {} images, after epoch {}, {:.1} s",
-                    r.test_bits_per_dim, r.images, r.epochs, r.seconds
-                ),
-            }
-            println!(
-                "wrote {}",
-                results_dir.join(crate::eval::EVAL_FILE).display()
-            );
-            Ok(())
-        }
+        } => cmd::eval::eval(&results_dir, importance_samples, batch_size),
         Command::Sweep {
             file,
             dry_run,
@@ -203,7 +165,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             summarize,
             results,
         } => {
-            use crate::sweep_cmd::Action;
+            use cmd::sweep::Action;
             let action = if dry_run {
                 Action::DryRun
             } else if emit.is_some() {
@@ -213,38 +175,27 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             } else {
                 Action::Run { only }
             };
-            crate::sweep_cmd::sweep(&file, &results, action)
+            cmd::sweep::sweep(&file, &results, action)
         }
         Command::Figures {
             results,
             readme,
             figures,
             experiments,
-        } => crate::figures::regenerate(&results, &readme, &figures, &experiments),
+        } => cmd::figures::regenerate(&results, &readme, &figures, &experiments),
         Command::Bench {
             experiment,
             steps,
             no_grid,
             naive_grid,
             sets,
-        } => {
-            let sets = sets
-                .iter()
-                .map(|s| experiment::parse_set(s))
-                .collect::<Result<Vec<_>>>()?;
-            let plan = plan_file(&experiment, &sets)?;
-            let report = crate::bench::run(&plan, steps.max(1), !no_grid, naive_grid)?;
-            println!(
-                "| experiment | device | precision | batch | s/step | train images/s | forward ms | grid s | naive grid s | peak MiB |\n\
-                 |---|---|---|---:|---:|---:|---:|---:|---:|---:|\n{}",
-                report.markdown_row()
-            );
-            println!(
-                "{}",
-                serde_json::to_string(&report).expect("a report serialises")
-            );
-            Ok(())
-        }
+        } => cmd::bench::bench(
+            &experiment,
+            &parse_sets(&sets)?,
+            steps,
+            !no_grid,
+            naive_grid,
+        ),
         Command::Schema => {
             print!("{}", experiment::schema_json());
             Ok(())
@@ -252,73 +203,6 @@ pub fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn check(paths: &[PathBuf]) -> Result<()> {
-    let mut files = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            collect_toml(p, &mut files).map_err(Error::io(p))?;
-        } else {
-            files.push(p.clone());
-        }
-    }
-    files.sort();
-    let mut failures = Vec::new();
-    let mut names: std::collections::BTreeMap<String, PathBuf> = Default::default();
-    for f in &files {
-        if std::fs::read_to_string(f).is_ok_and(|t| crate::sweep::is_sweep(&t)) {
-            match crate::sweep::load(f) {
-                Ok((sweep, _)) => {
-                    println!("ok    {} (sweep of {} runs)", f.display(), sweep.runs.len())
-                }
-                Err(e) => failures.push(e.to_string()),
-            }
-            continue;
-        }
-        match plan_file(f, &[]) {
-            Ok(plan) => {
-                if let Some(first) = names.insert(plan.name.clone(), f.clone()) {
-                    failures.push(format!(
-                        "{}: results folder name `{}` is already used by {}",
-                        f.display(),
-                        plan.name,
-                        first.display()
-                    ));
-                } else {
-                    println!("ok    {}", f.display());
-                }
-            }
-            // Data that only the user can provide (an image folder) may live elsewhere than
-            // where the experiment is checked: valid, with a note.
-            Err(Error::Data(missing @ crate::data::DataError::Missing { .. })) => {
-                println!("ok    {} (note: {missing})", f.display());
-            }
-            Err(e) => failures.push(e.to_string()),
-        }
-    }
-    if failures.is_empty() {
-        return Ok(());
-    }
-    for f in &failures {
-        eprintln!("error: {f}");
-    }
-    Err(Error::Usage {
-        flag: "pixel check".into(),
-        message: format!(
-            "{} of {} experiment files are invalid",
-            failures.len(),
-            files.len()
-        ),
-    })
-}
-
-fn collect_toml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            collect_toml(&path, out)?;
-        } else if path.extension().is_some_and(|e| e == "toml") {
-            out.push(path);
-        }
-    }
-    Ok(())
+fn parse_sets(sets: &[String]) -> Result<Vec<experiment::Override>> {
+    sets.iter().map(|s| experiment::parse_set(s)).collect()
 }

@@ -1,8 +1,30 @@
 //! Choosing and configuring the Burn device. The only module with backend `cfg(feature)`s.
 
-use crate::experiment::{BackendKind, Precision};
 use burn::tensor::Device;
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Burn backends.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// burn-flex: pure Rust, CPU.
+    Flex,
+    /// burn-tch: libtorch, CPU or CUDA.
+    Libtorch,
+}
+
+/// Float precisions of the convolutions. Weights, optimizer state, softmax and loss stay f32.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    F32,
+    /// Convolutions in bf16 (f32's range: no loss scaling needed).
+    Bf16,
+    /// Convolutions in f16, with dynamic loss scaling against gradient underflow and overflow.
+    F16,
+}
 
 /// What the experiment asked for, checked before any tensor exists.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

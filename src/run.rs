@@ -2,17 +2,16 @@
 //! train / evaluate / sample / checkpoint for each epoch; and the same from a checkpoint.
 
 use crate::checkpoint::{self, Position};
-use crate::data::{self, Splits};
-use crate::device;
+use crate::data;
+use crate::device::Precision;
 use crate::error::{Error, Result};
-use crate::experiment::{Plan, Precision};
+use crate::experiment::Plan;
 use crate::model::Model;
-use crate::optim;
 use crate::results::{self, MetricsRow, RunDir, RunInfo, Status};
 use crate::sample;
+use crate::session::{self, Session, Weights};
 use crate::train::{self, EpochEnd, PassStats};
 use burn::module::Module;
-use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -41,31 +40,26 @@ fn stop_requested() -> bool {
 }
 
 /// Trains the planned experiment into a new results folder. Returns the folder.
-pub fn execute(plan: &Plan, options: &Options) -> Result<PathBuf> {
+pub fn execute(plan: Plan, options: &Options) -> Result<PathBuf> {
     let dir = options.results_root.join(&plan.name);
     if dir.exists() && !options.force {
-        refuse_existing(&dir, plan)?;
+        refuse_existing(&dir, &plan)?;
     }
-    let seed = plan.experiment.train.seed;
-    let opened = device::open(&plan.device, seed);
-    let splits = data::load(&plan.data)?;
-    check_splits(plan, &splits)?;
-
-    let run = RunDir::create(&dir, options.force, &plan.resolved_toml())?;
-    let train_device = opened.device.clone().autodiff();
-    let model = plan.init_model(&train_device);
+    let session = Session::open(plan, Weights::Initial)?;
+    let run = RunDir::create(&dir, options.force, &session.plan.resolved_toml())?;
+    let plan = &session.plan;
     let info = RunInfo {
         name: plan.name.clone(),
         crate_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: env!("BUILD_GIT_REVISION").into(),
         backend: format!("{:?}", plan.device.backend).to_lowercase(),
-        device: opened.description.clone(),
+        device: session.device.description.clone(),
         float_dtype: match plan.device.precision {
             Precision::F32 => "f32".into(),
             p => format!("{p:?} compute, f32 weights").to_lowercase(),
         },
-        seed,
-        parameters: model.parameters(),
+        seed: plan.experiment.train.seed,
+        parameters: session.state.model.parameters(),
         started: results::now(),
         ended: None,
         status: Status::Running,
@@ -73,14 +67,9 @@ pub fn execute(plan: &Plan, options: &Options) -> Result<PathBuf> {
         error: None,
         overrides: plan.overrides.clone(),
         resumed: Vec::new(),
-        hardware: results::hardware(opened.gpu.as_deref()),
+        hardware: results::hardware(session.device.gpu.as_deref()),
     };
-    let start = Start {
-        model,
-        optimizer: optim::adam(),
-        position: Position::default(),
-    };
-    drive(plan, &splits, &train_device, run, info, start)
+    drive(session, run, info)
 }
 
 /// Continues the run in `dir` from its newest checkpoint (or from the start if it has none).
@@ -92,42 +81,18 @@ pub fn resume(dir: &Path) -> Result<PathBuf> {
             message: "this run has already completed; nothing to resume".into(),
         });
     }
-    let plan = crate::experiment::plan_file(&dir.join(results::EXPERIMENT_FILE), &[])?;
-    let plan = Plan {
-        name: info.name.clone(),
-        overrides: info.overrides.clone(),
-        ..plan
-    };
-    let seed = plan.experiment.train.seed;
-    let opened = device::open(&plan.device, seed);
-    let splits = data::load(&plan.data)?;
-    check_splits(&plan, &splits)?;
-
-    let train_device = opened.device.clone().autodiff();
-    let model = plan.init_model(&train_device);
-    let start = match checkpoint::latest(dir)? {
-        Some(ckpt) => {
-            let (model, optimizer, position) = checkpoint::load(&ckpt, model, optim::adam())?;
-            tracing::info!(checkpoint = %ckpt.display(), "resuming");
-            Start {
-                model,
-                optimizer,
-                position,
-            }
-        }
-        None => Start {
-            model,
-            optimizer: optim::adam(),
-            position: Position::default(),
-        },
-    };
-    let run = RunDir::reopen(dir, start.position.epochs_done)?;
+    let plan = session::recorded_plan(dir, &[], "pixel run --resume")?;
+    let session = Session::open(plan, Weights::Resume(dir))?;
+    if let Some(ckpt) = &session.checkpoint {
+        tracing::info!(checkpoint = %ckpt.display(), "resuming");
+    }
+    let run = RunDir::reopen(dir, session.position.epochs_done)?;
     info.status = Status::Running;
     info.error = None;
     info.ended = None;
-    info.epochs_completed = start.position.epochs_done;
+    info.epochs_completed = session.position.epochs_done;
     info.resumed.push(results::now());
-    drive(&plan, &splits, &train_device, run, info, start)
+    drive(session, run, info)
 }
 
 /// Why an existing results folder is not replaced.
@@ -143,36 +108,9 @@ fn refuse_existing(dir: &Path, plan: &Plan) -> Result<()> {
     }
 }
 
-fn check_splits(plan: &Plan, splits: &Splits) -> Result<()> {
-    for (name, images) in [("train", &splits.train), ("test", &splits.test)] {
-        if images.is_empty() {
-            return Err(Error::Invalid {
-                source_name: plan.name.clone(),
-                key: "data".into(),
-                value: format!("{} split of {}", name, plan.data.kind.name()),
-                expected: "at least one image".into(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Where training starts: fresh, or from a checkpoint.
-struct Start {
-    model: Model,
-    optimizer: ModuleOptimizer,
-    position: Position,
-}
-
 /// Runs the epochs and records how the run ended in `run.json`.
-fn drive(
-    plan: &Plan,
-    splits: &Splits,
-    device: &Device,
-    mut run: RunDir,
-    mut info: RunInfo,
-    start: Start,
-) -> Result<PathBuf> {
+fn drive(session: Session, mut run: RunDir, mut info: RunInfo) -> Result<PathBuf> {
+    let (plan, splits) = (&session.plan, &session.splits);
     run.write_info(&info)?;
     tracing::info!(
         name = %plan.name,
@@ -183,7 +121,7 @@ fn drive(
         "training in {}",
         run.path.display()
     );
-    let outcome = epochs(plan, splits, device, &mut run, &mut info, start);
+    let outcome = epochs(session, &mut run, &mut info);
     info.ended = Some(results::now());
     info.status = match &outcome {
         Ok(()) => Status::Completed,
@@ -197,48 +135,39 @@ fn drive(
     outcome.map(|()| run.path.clone())
 }
 
-fn epochs(
-    plan: &Plan,
-    splits: &Splits,
-    device: &Device,
-    run: &mut RunDir,
-    info: &mut RunInfo,
-    start: Start,
-) -> Result<()> {
+fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> {
+    let device = &session.train_device();
+    let Session {
+        plan,
+        splits,
+        position,
+        mut state,
+        ..
+    } = session;
+    let plan = &plan;
     let t = &plan.experiment.train;
     let keep = t.keep_checkpoints;
-    let Start {
-        mut model,
-        mut optimizer,
-        position,
-    } = start;
-    let mut loss_scale = position.loss_scale.or_else(|| {
-        (plan.device.precision == crate::experiment::Precision::F16).then(train::LossScale::default)
-    });
     for epoch in position.epochs_done + 1..=t.epochs {
         let order = data::epoch_order(splits.train.len(), t.seed, epoch);
         let (start_step, so_far) = if epoch == position.epochs_done + 1 {
-            (position.steps_done, PassStats::from(position.partial))
+            (position.steps_done, position.partial)
         } else {
             (0, PassStats::default())
         };
         let bar = progress_bar(epoch, t.epochs, order.len());
-        let (next, train_stats, end) = train::train_epoch(
-            model,
-            &mut optimizer,
-            &splits.train,
-            &order,
-            train::Step::of(plan, epoch),
+        let work = train::Epoch {
+            images: &splits.train,
+            order: &order,
+            step: plan.step(epoch),
             device,
             start_step,
             so_far,
-            &mut loss_scale,
-            &stop_requested,
-            |done, bits| {
-                bar.set_position(done as u64);
-                bar.set_message(format!("{bits:.3} bits/dim"));
-            },
-        )
+            stop: &stop_requested,
+        };
+        let (next, train_stats, end) = train::train_epoch(state, work, |done, bits| {
+            bar.set_position(done as u64);
+            bar.set_message(format!("{bits:.3} bits/dim"));
+        })
         .map_err(|e| {
             let kept = checkpoint::latest(&run.path)
                 .ok()
@@ -248,18 +177,19 @@ fn epochs(
             Error::Run(format!("epoch {epoch}, {e}{kept}"))
         })?;
         bar.finish_and_clear();
-        model = next;
+        state = next;
         if let EpochEnd::Stopped { steps_done } = end {
             let at = Position {
                 epochs_done: epoch - 1,
                 steps_done,
-                partial: train_stats.into(),
-                loss_scale,
+                partial: train_stats,
+                loss_scale: state.loss_scale,
             };
-            checkpoint::save(&run.path, &model.valid(), &optimizer, &at, keep)?;
+            checkpoint::save(&run.path, &state.model.valid(), &state.optimizer, &at, keep)?;
             return Err(Error::Interrupted(run.path.clone()));
         }
-        let test_stats = train::evaluate(&model, &splits.test, t.eval_batch_size, t.seed, device);
+        let model = &state.model;
+        let test_stats = train::evaluate(model, &splits.test, t.eval_batch_size, t.seed, device);
         let row = MetricsRow {
             epoch,
             train_bits_per_dim: train_stats.bits_per_dim(),
@@ -293,7 +223,7 @@ fn epochs(
         if epoch == t.epochs || (every > 0 && epoch % every == 0) {
             write_grid(
                 plan,
-                &model,
+                model,
                 &splits.test,
                 epoch,
                 &run.sample_path(epoch),
@@ -302,10 +232,10 @@ fn epochs(
         }
         let at = Position {
             epochs_done: epoch,
-            loss_scale,
+            loss_scale: state.loss_scale,
             ..Position::default()
         };
-        checkpoint::save(&run.path, &model.valid(), &optimizer, &at, keep)?;
+        checkpoint::save(&run.path, &model.valid(), &state.optimizer, &at, keep)?;
         info.epochs_completed = epoch;
         run.write_info(info)?;
         if stop_requested() && epoch < t.epochs {
@@ -326,22 +256,6 @@ fn progress_bar(epoch: usize, epochs: usize, images: usize) -> ProgressBar {
     );
     bar.set_prefix(format!("{epoch}/{epochs}"));
     bar
-}
-
-/// Loads the weights of the newest checkpoint written at an epoch's end into a freshly built model
-/// of the planned shape; returns it with that epoch.
-pub fn load_latest_model(plan: &Plan, dir: &Path, device: &Device) -> Result<(Model, usize)> {
-    let Some((ckpt, epochs)) = checkpoint::latest_epoch_end(dir)? else {
-        return Err(Error::Checkpoint {
-            path: dir.join(checkpoint::DIR),
-            message: "no checkpoint at an epoch's end: the run has not finished an epoch yet"
-                .into(),
-        });
-    };
-    Ok((
-        checkpoint::load_model(&ckpt, plan.init_model(device))?,
-        epochs,
-    ))
 }
 
 /// Tiles `grid x grid` images like `test`'s into a PNG at `path` (written whole or not at all).

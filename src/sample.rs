@@ -280,7 +280,7 @@ pub fn reconstructions(
 mod tests {
     use super::*;
     use crate::data::synthetic;
-    use crate::experiment::Precision;
+    use crate::device::Precision;
     use crate::model::{GatedConfig, ModelConfig, SimpleConfig};
     use rand::SeedableRng;
 

@@ -296,7 +296,7 @@ fn schema_file_is_fresh() {
 #[test]
 fn sweep_schema_file_is_fresh() {
     let path = repo().join("schemas/sweep.schema.json");
-    let current = pixel_models::sweep::schema_json();
+    let current = pixel_models::experiment::sweep::schema_json();
     if std::env::var_os("UPDATE_SCHEMA").is_some() {
         std::fs::write(&path, &current).unwrap();
     }
@@ -488,10 +488,11 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
 
 /// The logits of a run's last epoch-end checkpoint on a fixed input.
 fn final_logits(dir: &Path) -> Vec<f32> {
-    use burn::tensor::{Device, Tensor, TensorData};
-    let plan = pixel_models::experiment::plan_file(&dir.join("experiment.toml"), &[]).unwrap();
-    let device = Device::flex();
-    let (model, _) = pixel_models::run::load_latest_model(&plan, dir, &device).unwrap();
+    use burn::tensor::{Tensor, TensorData};
+    use pixel_models::session::{Session, Weights, recorded_plan};
+    let plan = recorded_plan(dir, &[], "final_logits").unwrap();
+    let session = Session::open(plan, Weights::Trained(dir)).unwrap();
+    let (device, model) = (session.device.device, session.state.model);
     let x: Vec<f32> = (0..36).map(|i| (i * 37 % 256) as f32).collect();
     let x = Tensor::<4>::from_data(TensorData::new(x, [1, 1, 6, 6]), &device);
     let ctx = pixel_models::model::Context::from_labels(&[3], &device);
@@ -892,8 +893,8 @@ fn figures_copies_grids_and_curves_and_rewrites_the_readme_table() {
     std::fs::write(d.join("experiments/absent.toml"), TINY).unwrap();
     let readme = format!(
         "# Title\n\n{}\nstale\n{}\n\nrest\n",
-        pixel_models::figures::START,
-        pixel_models::figures::END
+        pixel_models::cmd::figures::START,
+        pixel_models::cmd::figures::END
     );
     std::fs::write(d.join("README.md"), readme).unwrap();
     let out = pixel(d, &["run", "experiments/tiny.toml"]);

@@ -1,8 +1,8 @@
 //! Fetching MNIST and CIFAR-10 from their usual public mirrors, with SHA-256 checks.
 //! Files are written to a temporary name and renamed only once their checksum matches.
 
+use super::DatasetKind;
 use super::{DataError, cifar10, mnist};
-use crate::experiment::DatasetKind;
 use sha2::{Digest, Sha256};
 use std::path::Path;
 

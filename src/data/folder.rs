@@ -96,7 +96,7 @@ pub fn read_png_rgb(path: &Path) -> Result<(usize, usize, Vec<u8>), DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::png::write_rgb_or_grey;
+    use crate::data::png::write_rgb_or_grey;
 
     #[test]
     fn reads_the_imagenet64_layout() {

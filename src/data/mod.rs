@@ -5,13 +5,40 @@ pub mod cifar10;
 pub mod download;
 pub mod folder;
 pub mod mnist;
+pub mod png;
 pub mod synthetic;
 
-use crate::experiment::DatasetKind;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// Dataset kinds.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    /// MNIST, 28x28 grey, IDX files (gzipped or not).
+    Mnist,
+    /// CIFAR-10, 32x32 RGB, the official binary batches.
+    Cifar10,
+    /// An image folder in the imagenet64 layout: `DIR/train/<any>/*.png`, `DIR/valid/<any>/*.png`.
+    Folder,
+    /// Small generated images for tests (no files needed).
+    Synthetic,
+}
+
+impl DatasetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Mnist => "mnist",
+            DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::Folder => "folder",
+            DatasetKind::Synthetic => "synthetic",
+        }
+    }
+}
 
 /// Errors about dataset files. Each names the file and what was expected of it.
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +157,7 @@ pub struct Splits {
 }
 
 /// How a dataset is loaded (decided by the plan, before any file is read).
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DataSpec {
     pub kind: DatasetKind,
     /// Where the files are; `None` for synthetic data.

@@ -2,14 +2,20 @@
 //!
 //! Serde types own the format (unknown keys are rejected, every field has a default), the JSON
 //! Schema is generated from them, and [`load`] layers defaults <- file <- `PIXEL_*` environment <-
-//! `--set key=value`. Cross-field checks live in [`plan`].
+//! `--set key=value`. Cross-field checks live in [`plan`], which maps what the user wrote onto the
+//! types of the layers below (`model`, `data`, `device`, `train`); sweeps over experiments in
+//! [`sweep`]. Imports those layers and `error`; nothing here creates a tensor or writes a file.
 
 mod load;
 pub mod plan;
+pub mod sweep;
 
 pub(crate) use load::line_column;
 pub use load::{Override, load, parse, parse_set};
 pub use plan::Plan;
+// The kinds the format names live with the layers that use them; the format re-exports them.
+pub use crate::data::DatasetKind;
+pub use crate::device::{BackendKind, Precision};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -190,31 +196,6 @@ impl Default for DataSection {
     }
 }
 
-/// Dataset kinds.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum DatasetKind {
-    /// MNIST, 28x28 grey, IDX files (gzipped or not).
-    Mnist,
-    /// CIFAR-10, 32x32 RGB, the official binary batches.
-    Cifar10,
-    /// An image folder in the imagenet64 layout: `DIR/train/<any>/*.png`, `DIR/valid/<any>/*.png`.
-    Folder,
-    /// Small generated images for tests (no files needed).
-    Synthetic,
-}
-
-impl DatasetKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            DatasetKind::Mnist => "mnist",
-            DatasetKind::Cifar10 => "cifar10",
-            DatasetKind::Folder => "folder",
-            DatasetKind::Synthetic => "synthetic",
-        }
-    }
-}
-
 /// Optimisation.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -295,28 +276,6 @@ impl Default for RuntimeSection {
             precision: Precision::F32,
         }
     }
-}
-
-/// Burn backends.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    /// burn-flex: pure Rust, CPU.
-    Flex,
-    /// burn-tch: libtorch, CPU or CUDA.
-    Libtorch,
-}
-
-/// Float precisions of the convolutions. Weights, optimizer state, softmax and loss stay f32.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Everything in f32.
-    F32,
-    /// Convolutions in bf16 (f32's range: no loss scaling needed).
-    Bf16,
-    /// Convolutions in f16, with dynamic loss scaling against gradient underflow and overflow.
-    F16,
 }
 
 /// Loads and plans one experiment file, with data searched in `$PIXEL_DATA` too.

@@ -6,6 +6,7 @@ use crate::data::{self, DataError, DataSpec, synthetic};
 use crate::device::{self, DeviceChoice, Target};
 use crate::error::{Error, Result};
 use crate::model::{GatedConfig, ModelConfig, SimpleConfig, VaeConditioning, VaeConfig};
+use crate::train::Step;
 use std::path::{Path, PathBuf};
 
 /// What will run.
@@ -312,6 +313,19 @@ impl Plan {
                 precision: r.precision,
             },
         })
+    }
+
+    /// How each optimisation step of `epoch` (from 1) is taken.
+    pub fn step(&self, epoch: usize) -> Step {
+        let e = &self.experiment;
+        Step {
+            batch_size: e.train.batch_size,
+            learning_rate: e.train.learning_rate,
+            seed: e.train.seed,
+            epoch,
+            kl_warmup_steps: e.model.vae.kl_warmup_steps,
+            free_bits: e.model.vae.free_bits,
+        }
     }
 
     /// The planned model with its initial weights (seeded) and compute precision.

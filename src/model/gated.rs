@@ -7,13 +7,13 @@
 //! is never shifted). The horizontal stack sees the current row to the left, with the R -> G -> B
 //! masks at the current pixel; every 1x1 on it keeps the colour groups.
 
+use super::cache::{self, RowInputs, RowsAbove};
 use super::masked_conv::{Frozen, MaskKind, MaskedConv2d, Shape, gate_groups, groups, uniform};
 use super::native;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{relu, sigmoid, tanh};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
-use std::collections::VecDeque;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct GatedConfig {
@@ -256,18 +256,13 @@ struct LayerCache {
     class_h: Option<Tensor<4>>,
     residual: bool,
     gates: bool,
-    /// The last `k/2 + 1` rows of the vertical input, each `[batch, in, 1, width + k - 1]`.
-    v_rows: VecDeque<Tensor<4>>,
-    zero_row: Tensor<4>,
-    zero_col: Tensor<4>,
+    /// The last `k/2 + 1` rows of the vertical input.
+    v_rows: RowsAbove,
     /// The horizontal gate's terms from outside the current row for every pixel of it:
     /// link(vertical stack of the row above) + class bias + maps, `[batch, 2ch, 1, width]`.
     row_terms: Tensor<4>,
-    /// Horizontal inputs of the current row, one `[batch, in]` per finished pixel.
-    h_cols: Vec<Tensor<2>>,
-    zero_input: Tensor<2>,
-    /// Horizontal input at the pixel being generated (kept when the pixel is committed).
-    current: Option<Tensor<2>>,
+    /// Horizontal inputs along the current row.
+    h_row: RowInputs,
 }
 
 /// Cached sampling state of a gated PixelCNN: per sub-pixel it computes every layer at one
@@ -327,13 +322,9 @@ impl GatedPixelCnn {
                     concat: l.concat_v.is_some(),
                     residual: l.residual,
                     gates: l.gates,
-                    v_rows: VecDeque::new(),
-                    zero_row: zeros(inputs, 1, width + 2 * half),
-                    zero_col: zeros(inputs, 1, 1),
+                    v_rows: RowsAbove::new(batch, inputs, width, (half + 1, half), dtype, &device),
                     row_terms: zeros(gate_channels, 1, width),
-                    h_cols: Vec::with_capacity(width),
-                    zero_input: zeros(inputs, 1, 1).reshape([batch, inputs]),
-                    current: None,
+                    h_row: RowInputs::new(batch, inputs, width, dtype, &device),
                     vertical,
                 };
                 // Above row 0 the shifted vertical stack holds zeros.
@@ -398,13 +389,7 @@ impl GatedCache {
         let mut h = pixel;
         let mut skips: Option<Tensor<2>> = None;
         for layer in &mut self.layers {
-            let mut window = Vec::with_capacity(half + 1);
-            for col in x as isize - half as isize..x as isize {
-                window.push(match usize::try_from(col) {
-                    Ok(c) => layer.h_cols[c].clone(),
-                    Err(_) => layer.zero_input.clone(),
-                });
-            }
+            let mut window = layer.h_row.left_of(x, half);
             window.push(h.clone());
             let window = Tensor::stack::<3>(window, 2); // [b, in, k/2 + 1]
             let n = window.dims()[1] * (half + 1);
@@ -422,7 +407,7 @@ impl GatedCache {
             if layer.residual {
                 out = out + h.clone();
             }
-            layer.current = Some(h);
+            layer.h_row.hold(h);
             h = out;
         }
         let skips = skips.expect("at least one layer");
@@ -430,15 +415,9 @@ impl GatedCache {
             .dense(relu(self.head_hidden.dense(relu(skips))))
     }
 
-    /// The pixel last passed to `step` is final, with these values (`[batch, colours]`, scaled):
-    /// keep each layer's input at it. The first layer's input is the pixel itself, which `step`
-    /// saw before its last sub-pixel was drawn; deeper layers never see that sub-pixel.
+    /// The pixel last passed to `step` is final, with these values (`[batch, colours]`, scaled).
     pub fn commit(&mut self, pixel: Tensor<2>) {
-        self.layers[0].current = Some(pixel);
-        for layer in &mut self.layers {
-            let current = layer.current.take().expect("commit after step");
-            layer.h_cols.push(current);
-        }
+        cache::commit(self.layers.iter_mut().map(|l| &mut l.h_row), pixel);
     }
 
     /// Row `y` is final: run the vertical stack over it (what the row below sees).
@@ -446,20 +425,11 @@ impl GatedCache {
     /// # Shapes
     /// - row: `[batch, colours, 1, width]`, scaled inputs in the compute type
     pub fn end_row(&mut self, y: usize, row: Tensor<4>) {
-        let half = self.half;
         let at = |m: &Tensor<4>| m.clone().narrow(2, y, 1);
         let mut v = row;
         for layer in &mut self.layers {
-            let padded = pad_columns(v, half, &layer.zero_col);
-            layer.v_rows.push_back(padded);
-            if layer.v_rows.len() > half + 1 {
-                layer.v_rows.pop_front();
-            }
-            let missing = half + 1 - layer.v_rows.len();
-            let rows: Vec<Tensor<4>> = std::iter::repeat_n(layer.zero_row.clone(), missing)
-                .chain(layer.v_rows.iter().cloned())
-                .collect();
-            let mut vraw = layer.vertical.valid(Tensor::cat(rows, 2)); // [b, 2ch, 1, width]
+            layer.v_rows.push(v);
+            let mut vraw = layer.vertical.valid(layer.v_rows.stacked().clone()); // [b, 2ch, 1, width]
             if let (true, Some(m)) = (layer.concat, &layer.maps_v) {
                 vraw = vraw + at(m);
             }
@@ -474,17 +444,8 @@ impl GatedCache {
                 vc = vc + at(m);
             }
             v = layer.activate(vc);
-            layer.h_cols.clear();
+            layer.h_row.take_row();
         }
         debug_assert_eq!(v.dims()[3], self.width);
     }
-}
-
-/// `[b, c, 1, w]` -> `[b, c, 1, w + 2 * half]` with zero columns on both sides.
-fn pad_columns(row: Tensor<4>, half: usize, zero_col: &Tensor<4>) -> Tensor<4> {
-    if half == 0 {
-        return row;
-    }
-    let side = |n| std::iter::repeat_n(zero_col.clone(), n);
-    Tensor::cat(side(half).chain([row]).chain(side(half)).collect(), 3)
 }

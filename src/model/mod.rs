@@ -1,6 +1,7 @@
 //! Architectures. A config enum paired with a module enum and one `match` each (as Burn's
 //! `activation_wrapper.rs` does): every variant is trained, evaluated and sampled by the same code.
 
+mod cache;
 pub mod causality;
 pub mod gated;
 pub mod masked_conv;
@@ -192,8 +193,8 @@ pub fn scale_input(pixels: Tensor<4>) -> Tensor<4> {
 
 impl Model {
     /// Computes in `precision` from now on (f32 weights either way).
-    pub fn with_precision(mut self, precision: crate::experiment::Precision) -> Self {
-        use crate::experiment::Precision;
+    pub fn with_precision(mut self, precision: crate::device::Precision) -> Self {
+        use crate::device::Precision;
         self.compute = match precision {
             Precision::F32 => None,
             Precision::Bf16 => Some(FloatDType::BF16),

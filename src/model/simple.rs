@@ -1,6 +1,7 @@
 //! The simple PixelCNN: masked convolutions and ReLUs, no gates or residuals. The seed README's
 //! "simple" model: one k x k convolution of type A, then type B ones, then a 1x1 head.
 
+use super::cache::{self, RowInputs, RowsAbove};
 use super::masked_conv::{Frozen, MaskKind, MaskedConv2d};
 use burn::module::Module;
 use burn::tensor::activation::relu;
@@ -72,19 +73,15 @@ impl SimplePixelCnn {
     }
 }
 
-/// One layer's state for cached sampling: the rows above that its kernel reaches and its inputs
-/// so far along the current row (per-pixel values as `[batch, channels]` matrices).
+/// One layer's state for cached sampling: its input rows above that its kernel reaches and its
+/// inputs so far along the current row.
 struct LayerCache {
     conv: Frozen,
-    /// The last `k/2` rows of this layer's input, `[batch, in, k/2, width + k - 1]`
-    /// (zero columns on both sides; zero rows above the image).
-    above: Tensor<4>,
-    /// Inputs along the current row, one `[batch, in]` per finished pixel.
-    cols: Vec<Tensor<2>>,
-    zero_input: Tensor<2>,
+    /// The last `k/2` rows of this layer's input.
+    above: RowsAbove,
+    row: RowInputs,
     /// `[batch, in, k/2, k]`: the kernel rows below the centre, all masked.
     below: Tensor<4>,
-    current: Option<Tensor<2>>,
 }
 
 /// Cached sampling state of the simple PixelCNN: per sub-pixel every layer is computed at one
@@ -105,14 +102,10 @@ impl SimplePixelCnn {
             .map(|c| {
                 let conv = c.frozen(dtype);
                 let n = conv.inputs();
-                let zeros =
-                    |h: usize, w: usize| Tensor::<4>::zeros([batch, n, h, w], device).cast(dtype);
                 LayerCache {
-                    above: zeros(half, width + 2 * half),
-                    cols: Vec::with_capacity(width),
-                    zero_input: zeros(1, 1).reshape([batch, n]),
-                    below: zeros(half, 2 * half + 1),
-                    current: None,
+                    above: RowsAbove::new(batch, n, width, (half, half), dtype, device),
+                    row: RowInputs::new(batch, n, width, dtype, device),
+                    below: Tensor::<4>::zeros([batch, n, half, 2 * half + 1], device).cast(dtype),
                     conv,
                 }
             })
@@ -137,23 +130,17 @@ impl SimpleCache {
         let [batch, _] = pixel.dims();
         let mut a = pixel;
         for layer in &mut self.layers {
-            let n = layer.zero_input.dims()[1];
+            let n = layer.row.zero().dims()[1];
             let window = if half == 0 {
                 a.clone()
             } else {
-                let mut row = Vec::with_capacity(k);
-                for col in x as isize - half as isize..x as isize {
-                    row.push(match usize::try_from(col) {
-                        Ok(c) => layer.cols[c].clone(),
-                        Err(_) => layer.zero_input.clone(),
-                    });
-                }
+                let mut row = layer.row.left_of(x, half);
                 row.push(a.clone());
-                row.extend(std::iter::repeat_n(layer.zero_input.clone(), half));
+                row.extend(std::iter::repeat_n(layer.row.zero().clone(), half));
                 let row = Tensor::stack::<3>(row, 2).reshape([batch, n, 1, k]);
                 Tensor::cat(
                     vec![
-                        layer.above.clone().narrow(3, x, k),
+                        layer.above.stacked().clone().narrow(3, x, k),
                         row,
                         layer.below.clone(),
                     ],
@@ -161,46 +148,24 @@ impl SimpleCache {
                 ) // [b, in, k, k]
                 .reshape([batch, n * k * k])
             };
-            layer.current = Some(a);
+            layer.row.hold(a);
             a = relu(layer.conv.dense(window));
         }
         self.head.dense(a)
     }
 
-    /// The pixel last passed to `step` is final, with these values (`[batch, colours]`, scaled):
-    /// keep each layer's input at it. The first layer's input is the pixel itself, which `step`
-    /// saw before its last sub-pixel was drawn; deeper layers never see that sub-pixel.
+    /// The pixel last passed to `step` is final, with these values (`[batch, colours]`, scaled).
     pub fn commit(&mut self, pixel: Tensor<2>) {
-        self.layers[0].current = Some(pixel);
-        for layer in &mut self.layers {
-            let current = layer.current.take().expect("commit after step");
-            layer.cols.push(current);
-        }
+        cache::commit(self.layers.iter_mut().map(|l| &mut l.row), pixel);
     }
 
     /// The current row is final: it becomes the bottom row of what the next row sees above.
     pub fn end_row(&mut self) {
-        let half = self.half;
         for layer in &mut self.layers {
-            if half == 0 {
-                layer.cols.clear();
-                continue;
+            let cols = layer.row.take_row();
+            if self.half > 0 {
+                layer.above.push(cache::row_of(cols));
             }
-            let side = std::iter::repeat_n(layer.zero_input.clone(), half);
-            let cols: Vec<Tensor<2>> = side
-                .clone()
-                .chain(layer.cols.drain(..))
-                .chain(side)
-                .collect();
-            let [batch, n] = layer.zero_input.dims();
-            let width = cols.len();
-            let row = Tensor::stack::<3>(cols, 2).reshape([batch, n, 1, width]);
-            layer.above = if half == 1 {
-                row
-            } else {
-                let kept = layer.above.clone().narrow(2, 1, half - 1);
-                Tensor::cat(vec![kept, row], 2)
-            };
         }
     }
 }

@@ -14,6 +14,8 @@ pub const RUN_FILE: &str = "run.json";
 pub const METRICS_FILE: &str = "metrics.csv";
 pub const SAMPLES_DIR: &str = "samples";
 pub const CURVE_FILE: &str = "learning-curve.png";
+/// What `pixel eval` writes.
+pub const EVAL_FILE: &str = "eval.json";
 
 /// How far a run got.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

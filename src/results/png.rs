@@ -1,38 +1,6 @@
-//! PNG files and sample grids, from bytes only.
+//! Sample grids as PNG files, from bytes only.
 
-use std::io::BufWriter;
-use std::path::Path;
-
-/// Writes `[colours, h, w]` planes (1 = grey, 3 = RGB) as an 8-bit PNG.
-pub fn write_rgb_or_grey(
-    path: &Path,
-    planes: &[u8],
-    colours: usize,
-    height: usize,
-    width: usize,
-) -> std::io::Result<()> {
-    assert!(colours == 1 || colours == 3, "1 or 3 colours");
-    assert_eq!(planes.len(), colours * height * width);
-    let mut interleaved = Vec::with_capacity(planes.len());
-    for p in 0..height * width {
-        for c in 0..colours {
-            interleaved.push(planes[c * height * width + p]);
-        }
-    }
-    let file = std::fs::File::create(path)?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), width as u32, height as u32);
-    encoder.set_color(if colours == 1 {
-        png::ColorType::Grayscale
-    } else {
-        png::ColorType::Rgb
-    });
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
-    writer
-        .write_image_data(&interleaved)
-        .map_err(std::io::Error::other)?;
-    writer.finish().map_err(std::io::Error::other)
-}
+pub use crate::data::png::write_rgb_or_grey;
 
 /// Padding between grid cells, in pixels, and its grey level.
 pub const PAD: usize = 2;

@@ -76,7 +76,7 @@ fn latest_grid(dir: &Path, prefix: &str) -> Option<PathBuf> {
 /// `pixel eval`'s test NLL of a run, as a table cell: bits/dim, K for importance sampling, a
 /// PixelVAE's active latent dimensions, and the epoch evaluated when it is not the row's `epochs`.
 fn eval_cell(dir: &Path, epochs: usize) -> String {
-    let Ok(text) = std::fs::read_to_string(dir.join(crate::eval::EVAL_FILE)) else {
+    let Ok(text) = std::fs::read_to_string(dir.join(crate::results::EVAL_FILE)) else {
         return "-".into();
     };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
@@ -111,7 +111,7 @@ pub const ARCHIVE_DIR: &str = "runs";
 const ARCHIVED: [&str; 3] = [
     results::RUN_FILE,
     results::METRICS_FILE,
-    crate::eval::EVAL_FILE,
+    crate::results::EVAL_FILE,
 ];
 
 /// A run's records with at least one finished epoch.
@@ -305,7 +305,7 @@ mod tests {
     fn eval_cells_say_what_was_measured() {
         let dir = tempfile::tempdir().unwrap();
         let cell = |json: &str| {
-            std::fs::write(dir.path().join(crate::eval::EVAL_FILE), json).unwrap();
+            std::fs::write(dir.path().join(crate::results::EVAL_FILE), json).unwrap();
             eval_cell(dir.path(), 15)
         };
         assert_eq!(cell(r#"{"test_bits_per_dim": 1.23456}"#), "1.2346");

@@ -1,11 +1,11 @@
 //! `pixel sweep`: run, plan or summarise the runs of a sweep.
 
 use crate::error::{Error, Result};
-use crate::experiment::Plan;
+use crate::experiment::{Plan, sweep};
 use crate::results::plot;
 use crate::results::summary::{self, RunSummary};
 use crate::results::{self, Status};
-use crate::{run, sweep};
+use crate::run;
 use std::path::Path;
 
 /// What `pixel sweep` was asked to do.
@@ -97,7 +97,7 @@ fn run_one(plan: &Plan, root: &Path) -> Result<()> {
         results_root: root.to_path_buf(),
         force: dir.exists(),
     };
-    run::execute(plan, &options)?;
+    run::execute(plan.clone(), &options)?;
     Ok(())
 }
 

@@ -1,14 +1,16 @@
 //! `pixel bench`: training throughput, forward latency, the time to sample a grid and peak memory
 //! for one experiment on its backend, measured the same way on every backend.
 
-use crate::error::Result;
-use crate::experiment::Plan;
+use crate::error::{Error, Result};
+use crate::experiment::{Override, Plan, plan_file};
+use crate::sample;
+use crate::session::{Session, Weights};
 use crate::train::{self, PassStats};
-use crate::{data, device, optim, sample};
 use burn::module::Module;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::Serialize;
+use std::path::Path;
 use std::time::Instant;
 
 #[derive(Serialize, Debug)]
@@ -44,45 +46,64 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// `pixel bench FILE`: measures the experiment and prints a Markdown row and the JSON report.
+pub fn bench(
+    experiment: &Path,
+    sets: &[Override],
+    steps: usize,
+    with_grid: bool,
+    with_naive: bool,
+) -> Result<()> {
+    let plan = plan_file(experiment, sets)?;
+    let report = run(plan, steps.max(1), with_grid, with_naive)?;
+    println!(
+        "| experiment | device | precision | batch | s/step | train images/s | forward ms | grid s | naive grid s | peak MiB |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|\n{}",
+        report.markdown_row()
+    );
+    println!(
+        "{}",
+        serde_json::to_string(&report).expect("a report serialises")
+    );
+    Ok(())
+}
+
 /// Runs `steps` timed training steps (after two for warm-up), as many forward passes, and
 /// optionally one sample grid with each sampler.
-pub fn run(plan: &Plan, steps: usize, with_grid: bool, with_naive: bool) -> Result<Report> {
+pub fn run(plan: Plan, steps: usize, with_grid: bool, with_naive: bool) -> Result<Report> {
+    let session = Session::open(plan, Weights::Initial)?;
+    let train_device = session.train_device();
+    let Session {
+        plan,
+        device: opened,
+        splits,
+        mut state,
+        ..
+    } = session;
     let t = &plan.experiment.train;
-    let opened = device::open(&plan.device, t.seed);
-    let splits = data::load(&plan.data)?;
-    let train_device = opened.device.clone().autodiff();
-    let mut model = plan.init_model(&train_device);
-    let mut optimizer = optim::adam();
     let batch = t.batch_size;
     let order: Vec<usize> = (0..batch).map(|i| i % splits.train.len()).collect();
-    let step = train::Step::of(plan, 1);
     let mut times = Vec::new();
-    let mut loss_scale = (plan.device.precision == crate::experiment::Precision::F16)
-        .then(train::LossScale::default);
     for i in 0..steps + 2 {
         let start = Instant::now();
-        let (next, _, _) = train::train_epoch(
-            model,
-            &mut optimizer,
-            &splits.train,
-            &order,
-            step,
-            &train_device,
-            0,
-            PassStats::default(),
-            &mut loss_scale,
-            &|| false,
-            |_, _| {},
-        )
-        .map_err(crate::error::Error::Run)?;
-        model = next;
+        let work = train::Epoch {
+            images: &splits.train,
+            order: &order,
+            step: plan.step(1),
+            device: &train_device,
+            start_step: 0,
+            so_far: PassStats::default(),
+            stop: &|| false,
+        };
+        let (next, _, _) = train::train_epoch(state, work, |_, _| {}).map_err(Error::Run)?;
+        state = next;
         if i >= 2 {
             times.push(start.elapsed().as_secs_f64());
         }
     }
     let seconds_per_step = median(times);
 
-    let valid = model.valid();
+    let valid = state.model.valid();
     let inference = opened.device.clone();
     let indices: Vec<usize> = (0..batch).map(|i| i % splits.test.len()).collect();
     let mut forward = Vec::new();

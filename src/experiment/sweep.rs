@@ -1,8 +1,8 @@
 //! Sweeps: a base experiment and a grid over dotted keys, expanded into runs with deterministic,
 //! readable names under `results/<sweep>/`, run one after another or as a Slurm job array.
 
+use super::{self as experiment, Override, Plan};
 use crate::error::{Error, Result};
-use crate::experiment::{self, Override, Plan};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,7 +81,7 @@ pub fn load(path: &Path) -> Result<(Sweep, Vec<Plan>)> {
 
 /// The plan of one run: the base experiment with the run's values, named after the run.
 pub fn plan(sweep: &Sweep, run: &SweepRun) -> Result<Plan> {
-    let plan = crate::experiment::plan_file(&sweep.base, &run.sets)?;
+    let plan = experiment::plan_file(&sweep.base, &run.sets)?;
     Ok(Plan {
         name: run.name.clone(),
         ..plan

@@ -1,25 +1,47 @@
-//! `pixel eval`: the test set's negative log-likelihood from a run's newest checkpoint. Exact for
-//! the PixelCNNs; for a PixelVAE an importance-sampled estimate (Burda et al. 2016) with K draws
-//! from q(z|x) per image, beside the ELBO from the same draws, which bounds it from above.
+//! Evaluation passes: the loss of a split in plain numbers, and for a PixelVAE the
+//! importance-sampled likelihood (Burda et al. 2016) with K draws from q(z|x) per image, beside
+//! the ELBO from the same draws, which bounds it from above.
 
+use super::{Batch, PassStats, noise_rng};
 use crate::data::Images;
-use crate::error::{Error, Result};
-use crate::experiment::{self, Plan};
-use crate::loss::bits_per_dim;
+use crate::loss::nll_nats;
 use crate::model::{Context, Model, vae};
-use crate::results::{EXPERIMENT_FILE, write_atomic};
-use crate::train::Batch;
-use crate::{data, device, run};
 use burn::module::Module;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
-use serde::Serialize;
-use std::path::Path;
+use std::time::Instant;
 
-/// The file `pixel eval` writes into the results folder.
-pub const EVAL_FILE: &str = "eval.json";
+/// Evaluates the model on every image of `images`, in order. A PixelVAE's negative ELBO uses one
+/// z per image, with noise from a generator seeded by `seed` alone: every epoch sees the same.
+pub fn evaluate(
+    model: &Model,
+    images: &Images,
+    batch_size: usize,
+    seed: u64,
+    device: &Device,
+) -> PassStats {
+    let start = Instant::now();
+    let model = model.valid();
+    let device = device.clone().without_autodiff();
+    let mut stats = PassStats::default();
+    let mut noise = noise_rng(seed, usize::MAX, 0);
+    let all: Vec<usize> = (0..images.len()).collect();
+    for indices in all.chunks(batch_size) {
+        let batch = Batch::gather(images, indices, &device);
+        let dims = batch.target.shape().num_elements() as u64;
+        let (logits, kl) = model.forward_with_kl(batch.input, &batch.context, &mut noise);
+        if let Some(kl) = kl {
+            *stats.kl_nats.get_or_insert(0.0) += f64::from(kl.sum().into_scalar::<f32>());
+        }
+        let nats = nll_nats(logits, batch.target);
+        stats.nats += f64::from(nats.into_scalar::<f32>());
+        stats.subpixels += dims;
+        stats.images += indices.len();
+    }
+    stats.seconds = start.elapsed().as_secs_f64();
+    stats
+}
 
 /// Negative log-likelihood of each image in nats.
 ///
@@ -153,133 +175,14 @@ pub fn importance_bounds(
     Some(bounds)
 }
 
-#[derive(Serialize, Debug)]
-pub struct Report {
-    /// The epoch after which the evaluated checkpoint was written.
-    pub epochs: usize,
-    pub images: usize,
-    /// Exact (PixelCNNs) or importance-sampled (PixelVAE) test NLL, bits per dimension.
-    pub test_bits_per_dim: f64,
-    /// PixelVAE: the negative ELBO with the same draws (at least `test_bits_per_dim`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub test_elbo_bits_per_dim: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub importance_samples: Option<usize>,
-    /// PixelVAE: latent dimensions whose posterior mean varies over the test images (variance
-    /// above 0.01, Burda et al. 2016); 0 when the latent has collapsed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub active_latent_dimensions: Option<usize>,
-    /// PixelVAE: latent dimensions in all (channels x positions).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub latent_dimensions: Option<usize>,
-    pub seconds: f64,
-}
-
-/// A finished epoch of a run, loaded for `pixel eval` and `pixel sample`.
-pub struct LoadedRun {
-    pub plan: Plan,
-    pub opened: device::Opened,
-    pub model: Model,
-    /// The epoch whose end the checkpoint was written at.
-    pub epochs: usize,
-}
-
-/// Loads the run in `dir`: its resolved experiment and the newest checkpoint written at an
-/// epoch's end (the model of the last `metrics.csv` row, not that of a later interrupt), for
-/// `command`'s errors.
-pub fn load_run(dir: &Path, sets: &[experiment::Override], command: &str) -> Result<LoadedRun> {
-    let exp_path = dir.join(EXPERIMENT_FILE);
-    if !exp_path.is_file() {
-        return Err(Error::Usage {
-            flag: format!("{command} {}", dir.display()),
-            message: format!("expected a results folder holding {EXPERIMENT_FILE}"),
-        });
-    }
-    let (exp, overrides) = experiment::load(&exp_path, sets)?;
-    let plan = Plan::new(exp, overrides, &exp_path, None)?;
-    let opened = device::open(&plan.device, plan.experiment.train.seed);
-    let (model, epochs) = run::load_latest_model(&plan, dir, &opened.device)?;
-    Ok(LoadedRun {
-        plan,
-        opened,
-        model,
-        epochs,
-    })
-}
-
-/// `pixel eval DIR`: evaluates on the run's test split and writes `DIR/eval.json`.
-pub fn eval_results(
-    dir: &Path,
-    importance_samples: usize,
-    batch_size: Option<usize>,
-) -> Result<Report> {
-    if importance_samples == 0 {
-        return Err(Error::Usage {
-            flag: "--importance-samples".into(),
-            message: "expected at least 1 draw per image, got 0".into(),
-        });
-    }
-    let LoadedRun {
-        plan,
-        opened,
-        model,
-        epochs,
-    } = load_run(dir, &[], "pixel eval")?;
-    let model = model.valid();
-    let device = opened.device.clone().without_autodiff();
-    let splits = data::load(&plan.data)?;
-    let batch = batch_size.unwrap_or(plan.experiment.train.eval_batch_size);
-    let started = std::time::Instant::now();
-    let mut rng = StdRng::seed_from_u64(plan.experiment.train.seed ^ 0x1_5A3E);
-    let report = match importance_bounds(
-        &model,
-        &splits.test,
-        importance_samples,
-        batch,
-        &mut rng,
-        &device,
-    ) {
-        Some(b) => Report {
-            epochs,
-            images: b.images,
-            test_bits_per_dim: bits_per_dim(b.importance_nats, b.subpixels),
-            test_elbo_bits_per_dim: Some(bits_per_dim(b.elbo_nats, b.subpixels)),
-            importance_samples: Some(importance_samples),
-            active_latent_dimensions: Some(b.latent_means.active()),
-            latent_dimensions: Some(b.latent_means.dimensions()),
-            seconds: started.elapsed().as_secs_f64(),
-        },
-        None => {
-            let stats = crate::train::evaluate(
-                &model,
-                &splits.test,
-                batch,
-                plan.experiment.train.seed,
-                &device,
-            );
-            Report {
-                epochs,
-                images: stats.images,
-                test_bits_per_dim: stats.bits_per_dim(),
-                test_elbo_bits_per_dim: None,
-                importance_samples: None,
-                active_latent_dimensions: None,
-                latent_dimensions: None,
-                seconds: started.elapsed().as_secs_f64(),
-            }
-        }
-    };
-    let json = serde_json::to_string_pretty(&report).expect("a report serialises");
-    write_atomic(&dir.join(EVAL_FILE), json.as_bytes())?;
-    Ok(report)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::data::synthetic;
     use crate::loss::nll_nats;
     use crate::model::{GatedConfig, ModelConfig, VaeConditioning, VaeConfig};
+    use burn::tensor::Device;
+    use rand::SeedableRng;
 
     fn tiny_vae() -> ModelConfig {
         ModelConfig::Vae(VaeConfig {

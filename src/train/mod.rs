@@ -1,10 +1,17 @@
-//! One epoch of optimisation and one pass of evaluation. Returns plain numbers; never prints or
-//! writes files.
+//! One epoch of optimisation and passes of evaluation. Returns plain numbers; never prints or
+//! writes files. Imports only the layers below it: `data`, `model`, `loss`.
+
+mod evaluate;
+mod loss_scale;
+
+pub use evaluate::{
+    ACTIVE_VARIANCE, Bounds, LatentSpread, evaluate, importance_bounds, nll_per_image,
+};
+pub use loss_scale::LossScale;
 
 use crate::data::Images;
 use crate::loss::nll_nats;
 use crate::model::{Context, Model};
-use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
@@ -13,15 +20,18 @@ use std::time::Instant;
 
 /// Totals over one pass of a split. Bits per dimension are exact: total nats over every sub-pixel.
 /// For a PixelVAE `nats` is the reconstruction term and `kl_nats` the KL term of the negative
-/// ELBO; their sum is what `bits_per_dim` reports.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// ELBO; their sum is what `bits_per_dim` reports. A checkpoint keeps the totals of a part-done
+/// epoch in this form.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, Default, PartialEq)]
 pub struct PassStats {
     pub nats: f64,
     pub subpixels: u64,
     pub images: usize,
     pub seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl_nats: Option<f64>,
     /// The KL weight of the last step (warm-up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl_weight: Option<f64>,
 }
 
@@ -89,19 +99,6 @@ pub struct Step {
 }
 
 impl Step {
-    /// The settings of `plan` for `epoch` (from 1).
-    pub fn of(plan: &crate::experiment::Plan, epoch: usize) -> Step {
-        let e = &plan.experiment;
-        Step {
-            batch_size: e.train.batch_size,
-            learning_rate: e.train.learning_rate,
-            seed: e.train.seed,
-            epoch,
-            kl_warmup_steps: e.model.vae.kl_warmup_steps,
-            free_bits: e.model.vae.free_bits,
-        }
-    }
-
     /// The KL weight at step `n` of the run (from 1).
     pub fn kl_weight(&self, n: usize) -> f64 {
         if self.kl_warmup_steps == 0 {
@@ -112,80 +109,8 @@ impl Step {
     }
 }
 
-/// Dynamic loss scaling for f16 training (Micikevicius et al. 2018, "Mixed Precision Training"):
-/// the loss is multiplied by `scale` before the backward pass so that small gradients survive in
-/// f16, and the gradients are divided by it before the optimizer sees them. A step whose gradients
-/// overflow is skipped and the scale halved; after `GROWTH_INTERVAL` good steps in a row it doubles.
-#[derive(serde::Serialize, serde::Deserialize, Clone, Copy, Debug, PartialEq)]
-pub struct LossScale {
-    pub scale: f64,
-    pub good_steps: usize,
-    /// Steps skipped so far because of overflow.
-    pub skipped: usize,
-}
-
-impl Default for LossScale {
-    fn default() -> Self {
-        LossScale {
-            scale: 65536.0,
-            good_steps: 0,
-            skipped: 0,
-        }
-    }
-}
-
-impl LossScale {
-    pub const GROWTH_INTERVAL: usize = 2000;
-
-    /// Records whether the last step's gradients were finite.
-    pub fn update(&mut self, finite: bool) {
-        if finite {
-            self.good_steps += 1;
-            if self.good_steps == Self::GROWTH_INTERVAL {
-                self.scale = (self.scale * 2.0).min(f64::from(f32::MAX) / 2.0);
-                self.good_steps = 0;
-            }
-        } else {
-            self.scale = (self.scale / 2.0).max(1.0);
-            self.good_steps = 0;
-            self.skipped += 1;
-        }
-    }
-}
-
-/// Multiplies every gradient of `model` by `factor`, and says whether all are finite.
-fn rescale_gradients(model: &Model, grads: &mut GradientsParams, factor: f64) -> bool {
-    struct Rescale<'a> {
-        grads: &'a mut GradientsParams,
-        factor: f64,
-        total: Option<Tensor<1>>,
-    }
-    impl ModuleVisitor for Rescale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.grads.remove::<D>(param.id) {
-                let g = g * self.factor;
-                let size = g.clone().abs().sum();
-                self.total = Some(match self.total.take() {
-                    None => size,
-                    Some(t) => t + size,
-                });
-                self.grads.register(param.id, g);
-            }
-        }
-    }
-    let mut visitor = Rescale {
-        grads,
-        factor,
-        total: None,
-    };
-    model.visit(&mut visitor);
-    visitor
-        .total
-        .is_none_or(|t| t.into_scalar::<f32>().is_finite())
-}
-
 /// The generator of the noise of step `i` (from 0) of `epoch`.
-fn noise_rng(seed: u64, epoch: usize, i: usize) -> StdRng {
+pub(crate) fn noise_rng(seed: u64, epoch: usize, i: usize) -> StdRng {
     let mix = seed
         ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ (i as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
@@ -236,25 +161,54 @@ pub enum EpochEnd {
     Stopped { steps_done: usize },
 }
 
-/// Trains over `order` (one epoch's image order), starting after `start_step` steps whose totals
-/// are `stats`, and stopping early when `stop()` says so after a step. With a `loss_scale` (f16),
-/// steps are loss-scaled and those whose gradients overflow are skipped. Calls
-/// `progress(images_done, batch_bits_per_dim)` after each step. Returns the updated model, the
-/// totals so far and how the epoch ended; a loss that is not finite is an error naming the step.
-#[allow(clippy::too_many_arguments)]
+/// What training changes from step to step: the weights, the optimizer's state and, for f16, the
+/// dynamic loss scale.
+pub struct TrainState {
+    pub model: Model,
+    pub optimizer: ModuleOptimizer,
+    pub loss_scale: Option<LossScale>,
+}
+
+/// One epoch's work: the images, the order they are visited in, how each step is taken, and
+/// where the epoch starts.
+pub struct Epoch<'a> {
+    pub images: &'a Images,
+    /// The epoch's image order; steps take it in chunks of `step.batch_size`.
+    pub order: &'a [usize],
+    pub step: Step,
+    pub device: &'a Device,
+    /// Steps of this epoch already taken (a run resumed after an interrupt), whose totals are
+    /// `so_far`.
+    pub start_step: usize,
+    pub so_far: PassStats,
+    /// Asked after every step: true stops the epoch there.
+    pub stop: &'a dyn Fn() -> bool,
+}
+
+/// Trains over `epoch.order`, starting after `epoch.start_step` steps, and stopping early when
+/// `epoch.stop()` says so after a step. With a loss scale (f16), steps are loss-scaled and those
+/// whose gradients overflow are skipped. Calls `progress(images_done, batch_bits_per_dim)` after
+/// each step. Returns the updated state, the totals so far and how the epoch ended; a loss that
+/// is not finite is an error naming the step.
 pub fn train_epoch(
-    mut model: Model,
-    optimizer: &mut ModuleOptimizer,
-    images: &Images,
-    order: &[usize],
-    step: Step,
-    device: &Device,
-    start_step: usize,
-    mut stats: PassStats,
-    loss_scale: &mut Option<LossScale>,
-    stop: &dyn Fn() -> bool,
+    state: TrainState,
+    epoch: Epoch,
     mut progress: impl FnMut(usize, f64),
-) -> Result<(Model, PassStats, EpochEnd), String> {
+) -> Result<(TrainState, PassStats, EpochEnd), String> {
+    let TrainState {
+        mut model,
+        mut optimizer,
+        mut loss_scale,
+    } = state;
+    let Epoch {
+        images,
+        order,
+        step,
+        device,
+        start_step,
+        so_far: mut stats,
+        stop,
+    } = epoch;
     let start = Instant::now();
     let before = stats.seconds;
     let mut end = EpochEnd::Finished;
@@ -290,7 +244,7 @@ pub fn train_epoch(
         let finite = match loss_scale.as_mut() {
             None => true,
             Some(ls) => {
-                let finite = rescale_gradients(&model, &mut grads, 1.0 / ls.scale);
+                let finite = loss_scale::rescale_gradients(&model, &mut grads, 1.0 / ls.scale);
                 ls.update(finite);
                 finite
             }
@@ -311,46 +265,38 @@ pub fn train_epoch(
         }
     }
     stats.seconds = before + start.elapsed().as_secs_f64();
-    Ok((model, stats, end))
-}
-
-/// Evaluates the model on every image of `images`, in order. A PixelVAE's negative ELBO uses one
-/// z per image, with noise from a generator seeded by `seed` alone: every epoch sees the same.
-pub fn evaluate(
-    model: &Model,
-    images: &Images,
-    batch_size: usize,
-    seed: u64,
-    device: &Device,
-) -> PassStats {
-    let start = Instant::now();
-    let model = model.valid();
-    let device = device.clone().without_autodiff();
-    let mut stats = PassStats::default();
-    let mut noise = noise_rng(seed, usize::MAX, 0);
-    let all: Vec<usize> = (0..images.len()).collect();
-    for indices in all.chunks(batch_size) {
-        let batch = Batch::gather(images, indices, &device);
-        let dims = batch.target.shape().num_elements() as u64;
-        let (logits, kl) = model.forward_with_kl(batch.input, &batch.context, &mut noise);
-        if let Some(kl) = kl {
-            *stats.kl_nats.get_or_insert(0.0) += f64::from(kl.sum().into_scalar::<f32>());
-        }
-        let nats = nll_nats(logits, batch.target);
-        stats.nats += f64::from(nats.into_scalar::<f32>());
-        stats.subpixels += dims;
-        stats.images += indices.len();
-    }
-    stats.seconds = start.elapsed().as_secs_f64();
-    stats
+    let state = TrainState {
+        model,
+        optimizer,
+        loss_scale,
+    };
+    Ok((state, stats, end))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::data::synthetic;
-    use crate::experiment::Precision;
+    use crate::device::Precision;
     use crate::model::{GatedConfig, ModelConfig};
+
+    /// A whole epoch from its first step, never stopped.
+    fn epoch<'a>(
+        images: &'a Images,
+        order: &'a [usize],
+        step: Step,
+        device: &'a Device,
+    ) -> Epoch<'a> {
+        Epoch {
+            images,
+            order,
+            step,
+            device,
+            start_step: 0,
+            so_far: PassStats::default(),
+            stop: &|| false,
+        }
+    }
 
     /// A few steps computed in bf16 or in f16 with dynamic loss scaling (f32 weights and Adam
     /// state) track the same steps in f32.
@@ -389,8 +335,6 @@ mod tests {
         let order: Vec<usize> = (0..64).collect();
         let losses = |precision| {
             let model = cfg.init(2, &device).with_precision(precision);
-            let mut loss_scale = (precision == Precision::F16).then(LossScale::default);
-            let mut optimizer = crate::optim::adam();
             let step = Step {
                 batch_size: 16,
                 learning_rate: 1e-3,
@@ -400,23 +344,15 @@ mod tests {
                 free_bits: 0.0,
             };
             let mut per_epoch = Vec::new();
-            let mut model = model;
+            let mut state = TrainState {
+                model,
+                optimizer: crate::optim::adam(),
+                loss_scale: (precision == Precision::F16).then(LossScale::default),
+            };
             for _ in 0..3 {
-                let (m, stats, _) = train_epoch(
-                    model,
-                    &mut optimizer,
-                    &data,
-                    &order,
-                    step,
-                    &device,
-                    0,
-                    PassStats::default(),
-                    &mut loss_scale,
-                    &|| false,
-                    |_, _| {},
-                )
-                .unwrap();
-                model = m;
+                let (next, stats, _) =
+                    train_epoch(state, epoch(&data, &order, step, &device), |_, _| {}).unwrap();
+                state = next;
                 per_epoch.push(stats.bits_per_dim());
             }
             per_epoch
@@ -452,23 +388,6 @@ mod tests {
         assert!((floored - 2.6).abs() < 1e-6, "{floored}");
     }
 
-    #[test]
-    fn loss_scale_halves_on_overflow_and_grows_after_good_steps() {
-        let mut ls = LossScale::default();
-        ls.update(false);
-        assert_eq!((ls.scale, ls.skipped), (32768.0, 1));
-        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
-            ls.update(true);
-        }
-        assert_eq!(ls.scale, 32768.0);
-        ls.update(true);
-        assert_eq!((ls.scale, ls.good_steps), (65536.0, 0));
-        for _ in 0..40 {
-            ls.update(false);
-        }
-        assert_eq!(ls.scale, 1.0, "never below 1");
-    }
-
     /// An overflowing f16 step is skipped (the weights stay as they were) and the scale halves.
     #[test]
     fn overflowing_f16_step_is_skipped() {
@@ -494,7 +413,7 @@ mod tests {
             .sum()
             .into_scalar();
         // A scale that overflows f16 (and even f32) in the backward pass.
-        let mut loss_scale = Some(LossScale {
+        let loss_scale = Some(LossScale {
             scale: 1e38,
             ..LossScale::default()
         });
@@ -507,21 +426,18 @@ mod tests {
             free_bits: 0.0,
         };
         let order: Vec<usize> = (0..16).collect();
-        let mut optimizer = crate::optim::adam();
-        let (model, _, _) = train_epoch(
+        let state = TrainState {
             model,
-            &mut optimizer,
-            &data,
-            &order,
-            step,
-            &device,
-            0,
-            PassStats::default(),
-            &mut loss_scale,
-            &|| false,
-            |_, _| {},
-        )
-        .unwrap();
+            optimizer: crate::optim::adam(),
+            loss_scale,
+        };
+        let (
+            TrainState {
+                model, loss_scale, ..
+            },
+            _,
+            _,
+        ) = train_epoch(state, epoch(&data, &order, step, &device), |_, _| {}).unwrap();
         let ls = loss_scale.unwrap();
         assert_eq!((ls.scale, ls.skipped), (5e37, 1), "{ls:?}");
         let after: f32 = model

@@ -1,11 +1,14 @@
 //! `pixel sample`: a grid from a finished (or interrupted) run's checkpoint.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::experiment;
 use crate::results::SAMPLES_DIR;
-use crate::{data, run};
+use crate::run;
+use crate::session::{self, Session, Weights};
 use std::path::{Path, PathBuf};
 
+/// Writes a grid sampled from the run in `dir` to `out` (default `dir/samples/sample.png`), with
+/// the experiment's temperature and seed unless given.
 pub fn sample_results(
     dir: &Path,
     out: Option<PathBuf>,
@@ -19,18 +22,20 @@ pub fn sample_results(
     if let Some(s) = seed {
         sets.push(experiment::parse_set(&format!("train.seed={s}"))?);
     }
-    let crate::eval::LoadedRun {
-        plan,
-        opened,
-        model,
-        ..
-    } = crate::eval::load_run(dir, &sets, "pixel sample")?;
-    let splits = data::load(&plan.data)?;
+    let plan = session::recorded_plan(dir, &sets, "pixel sample")?;
+    let session = Session::open(plan, Weights::Trained(dir))?;
     let out = out.unwrap_or_else(|| dir.join(SAMPLES_DIR).join("sample.png"));
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(crate::error::Error::io(parent))?;
+        std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
     }
-    run::write_grid(&plan, &model, &splits.test, 0, &out, &opened.device)?;
+    let Session {
+        plan,
+        splits,
+        state,
+        device,
+        ..
+    } = &session;
+    run::write_grid(plan, &state.model, &splits.test, 0, &out, &device.device)?;
     println!("wrote {}", out.display());
     Ok(())
 }

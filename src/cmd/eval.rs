@@ -1,0 +1,130 @@
+//! `pixel eval`: the test set's negative log-likelihood from a run's newest checkpoint. Exact for
+//! the PixelCNNs; for a PixelVAE an importance-sampled estimate (Burda et al. 2016) with K draws
+//! from q(z|x) per image, beside the ELBO from the same draws, which bounds it from above.
+
+use crate::error::{Error, Result};
+use crate::loss::bits_per_dim;
+use crate::results::{EVAL_FILE, write_atomic};
+use crate::session::{self, Session, Weights};
+use crate::train::{evaluate, importance_bounds};
+use burn::module::Module;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Serialize, Debug)]
+pub struct Report {
+    /// The epoch after which the evaluated checkpoint was written.
+    pub epochs: usize,
+    pub images: usize,
+    /// Exact (PixelCNNs) or importance-sampled (PixelVAE) test NLL, bits per dimension.
+    pub test_bits_per_dim: f64,
+    /// PixelVAE: the negative ELBO with the same draws (at least `test_bits_per_dim`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_elbo_bits_per_dim: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub importance_samples: Option<usize>,
+    /// PixelVAE: latent dimensions whose posterior mean varies over the test images (variance
+    /// above 0.01, Burda et al. 2016); 0 when the latent has collapsed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_latent_dimensions: Option<usize>,
+    /// PixelVAE: latent dimensions in all (channels x positions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latent_dimensions: Option<usize>,
+    pub seconds: f64,
+}
+
+/// `pixel eval DIR`: evaluates, writes `DIR/eval.json` and prints what it found.
+pub fn eval(dir: &Path, importance_samples: usize, batch_size: Option<usize>) -> Result<()> {
+    let r = eval_results(dir, importance_samples, batch_size)?;
+    match (r.test_elbo_bits_per_dim, r.importance_samples) {
+        (Some(elbo), Some(k)) => println!(
+            "test NLL {:.4} bits/dim (importance sampled, K = {k}), ELBO {:.4} bits/dim, \
+             {} of {} latent dimensions active, {} images, after epoch {}, {:.1} s",
+            r.test_bits_per_dim,
+            elbo,
+            r.active_latent_dimensions.unwrap_or(0),
+            r.latent_dimensions.unwrap_or(0),
+            r.images,
+            r.epochs,
+            r.seconds
+        ),
+        _ => println!(
+            "test NLL {:.4} bits/dim (exact), {} images, after epoch {}, {:.1} s",
+            r.test_bits_per_dim, r.images, r.epochs, r.seconds
+        ),
+    }
+    println!("wrote {}", dir.join(EVAL_FILE).display());
+    Ok(())
+}
+
+/// `pixel eval DIR`: evaluates on the run's test split and writes `DIR/eval.json`.
+pub fn eval_results(
+    dir: &Path,
+    importance_samples: usize,
+    batch_size: Option<usize>,
+) -> Result<Report> {
+    if importance_samples == 0 {
+        return Err(Error::Usage {
+            flag: "--importance-samples".into(),
+            message: "expected at least 1 draw per image, got 0".into(),
+        });
+    }
+    let plan = session::recorded_plan(dir, &[], "pixel eval")?;
+    let Session {
+        plan,
+        device: opened,
+        splits,
+        state,
+        position,
+        ..
+    } = Session::open(plan, Weights::Trained(dir))?;
+    let epochs = position.epochs_done;
+    let model = state.model.valid();
+    let device = opened.device.clone().without_autodiff();
+    let batch = batch_size.unwrap_or(plan.experiment.train.eval_batch_size);
+    let started = std::time::Instant::now();
+    let mut rng = StdRng::seed_from_u64(plan.experiment.train.seed ^ 0x1_5A3E);
+    let report = match importance_bounds(
+        &model,
+        &splits.test,
+        importance_samples,
+        batch,
+        &mut rng,
+        &device,
+    ) {
+        Some(b) => Report {
+            epochs,
+            images: b.images,
+            test_bits_per_dim: bits_per_dim(b.importance_nats, b.subpixels),
+            test_elbo_bits_per_dim: Some(bits_per_dim(b.elbo_nats, b.subpixels)),
+            importance_samples: Some(importance_samples),
+            active_latent_dimensions: Some(b.latent_means.active()),
+            latent_dimensions: Some(b.latent_means.dimensions()),
+            seconds: started.elapsed().as_secs_f64(),
+        },
+        None => {
+            let stats = evaluate(
+                &model,
+                &splits.test,
+                batch,
+                plan.experiment.train.seed,
+                &device,
+            );
+            Report {
+                epochs,
+                images: stats.images,
+                test_bits_per_dim: stats.bits_per_dim(),
+                test_elbo_bits_per_dim: None,
+                importance_samples: None,
+                active_latent_dimensions: None,
+                latent_dimensions: None,
+                seconds: started.elapsed().as_secs_f64(),
+            }
+        }
+    };
+    let json = serde_json::to_string_pretty(&report).expect("a report serialises");
+    write_atomic(&dir.join(EVAL_FILE), json.as_bytes())?;
+    Ok(report)
+}

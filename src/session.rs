@@ -1,0 +1,150 @@
+//! Opening a run: the one place that knows the order of the setup, plan -> device -> data ->
+//! checks -> model -> checkpoint. A new run, a resumed one, `pixel eval`, `pixel sample` and
+//! `pixel bench` all start from [`Session::open`]; what differs is where the plan comes from and
+//! which weights they want. A data-parallel run learns its rank here too.
+
+use crate::checkpoint::{self, Position};
+use crate::data::{self, Splits};
+use crate::device::{self, Precision};
+use crate::error::{Error, Result};
+use crate::experiment::{self, Override, Plan};
+use crate::results;
+use crate::train::{LossScale, TrainState};
+use burn::tensor::Device;
+use std::path::{Path, PathBuf};
+
+/// Which weights a session starts from.
+#[derive(Clone, Copy, Debug)]
+pub enum Weights<'a> {
+    /// Drawn from the seed: a new run, a benchmark.
+    Initial,
+    /// The newest checkpoint in this results folder with its optimizer state and position, to
+    /// continue training (the initial weights if the run never wrote one).
+    Resume(&'a Path),
+    /// The newest checkpoint written at an epoch's end in this results folder (the model of the
+    /// last `metrics.csv` row, not that of a later interrupt), for evaluation and sampling.
+    Trained(&'a Path),
+}
+
+/// A run, opened: what it will do, where, on which images, and the state it starts from.
+pub struct Session {
+    pub plan: Plan,
+    pub device: device::Opened,
+    pub splits: Splits,
+    /// The model (on the autodiff device unless opened for `Weights::Trained`), its optimizer
+    /// and the f16 loss scale.
+    pub state: TrainState,
+    /// Where training stands: the start for a new run, the checkpoint's position otherwise.
+    pub position: Position,
+    /// The checkpoint the weights were read from, if any.
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl Session {
+    /// Opens the device, reads and checks the data, builds the model and loads `weights` into it.
+    pub fn open(plan: Plan, weights: Weights) -> Result<Session> {
+        let seed = plan.experiment.train.seed;
+        let opened = device::open(&plan.device, seed);
+        let splits = data::load(&plan.data)?;
+        check_splits(&plan, &splits)?;
+
+        let training = !matches!(weights, Weights::Trained(_));
+        let model_device = if training {
+            opened.device.clone().autodiff()
+        } else {
+            opened.device.clone()
+        };
+        let model = plan.init_model(&model_device);
+        let fresh = TrainState {
+            model,
+            optimizer: crate::optim::adam(),
+            loss_scale: (plan.device.precision == Precision::F16).then(LossScale::default),
+        };
+        let (state, position, checkpoint) = match weights {
+            Weights::Initial => (fresh, Position::default(), None),
+            Weights::Resume(dir) => match checkpoint::latest(dir)? {
+                None => (fresh, Position::default(), None),
+                Some(ckpt) => {
+                    let (model, optimizer, position) =
+                        checkpoint::load(&ckpt, fresh.model, fresh.optimizer)?;
+                    let state = TrainState {
+                        model,
+                        optimizer,
+                        loss_scale: position.loss_scale.or(fresh.loss_scale),
+                    };
+                    (state, position, Some(ckpt))
+                }
+            },
+            Weights::Trained(dir) => {
+                let Some((ckpt, epochs)) = checkpoint::latest_epoch_end(dir)? else {
+                    return Err(Error::Checkpoint {
+                        path: dir.join(checkpoint::DIR),
+                        message: "no checkpoint at an epoch's end: the run has not finished an \
+                                  epoch yet"
+                            .into(),
+                    });
+                };
+                let state = TrainState {
+                    model: checkpoint::load_model(&ckpt, fresh.model)?,
+                    ..fresh
+                };
+                let position = Position {
+                    epochs_done: epochs,
+                    ..Position::default()
+                };
+                (state, position, Some(ckpt))
+            }
+        };
+        Ok(Session {
+            plan,
+            device: opened,
+            splits,
+            state,
+            position,
+            checkpoint,
+        })
+    }
+
+    /// The device training runs on (with autodiff).
+    pub fn train_device(&self) -> Device {
+        self.device.device.clone().autodiff()
+    }
+}
+
+/// The plan recorded in the results folder `dir` (its resolved `experiment.toml`, the name and
+/// overrides of its `run.json`), with `sets` applied on top, for `command`'s errors.
+pub fn recorded_plan(dir: &Path, sets: &[Override], command: &str) -> Result<Plan> {
+    let exp_path = dir.join(results::EXPERIMENT_FILE);
+    if !exp_path.is_file() {
+        return Err(Error::Usage {
+            flag: format!("{command} {}", dir.display()),
+            message: format!(
+                "expected a results folder holding {}",
+                results::EXPERIMENT_FILE
+            ),
+        });
+    }
+    let plan = experiment::plan_file(&exp_path, sets)?;
+    Ok(match results::read_info(dir) {
+        Ok(info) => Plan {
+            name: info.name,
+            overrides: info.overrides,
+            ..plan
+        },
+        Err(_) => plan,
+    })
+}
+
+fn check_splits(plan: &Plan, splits: &Splits) -> Result<()> {
+    for (name, images) in [("train", &splits.train), ("test", &splits.test)] {
+        if images.is_empty() {
+            return Err(Error::Invalid {
+                source_name: plan.name.clone(),
+                key: "data".into(),
+                value: format!("{} split of {}", name, plan.data.kind.name()),
+                expected: "at least one image".into(),
+            });
+        }
+    }
+    Ok(())
+}
