@@ -1,8 +1,9 @@
 //! Checkpoints: the model, the optimizer state and where training stood, written atomically into
 //! `results/<name>/checkpoints/<epochs done>-<steps into the next epoch>/`, keeping the last few.
 //!
-//! No random-generator state is saved because none is carried: shuffling is seeded by (seed, epoch),
-//! weights by the seed, and each sample grid by (seed, epoch), so a resumed run draws the same numbers.
+//! No random-generator state is saved because none is carried: every stream (weights, each epoch's
+//! shuffle, each step's noise, each sample grid) is derived afresh from the seed by `rng`, so a
+//! resumed run draws the same numbers.
 
 use crate::error::{Error, Result};
 use crate::model::Model;

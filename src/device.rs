@@ -1,4 +1,5 @@
-//! Choosing and configuring the Burn device. The only module with backend `cfg(feature)`s.
+//! Choosing and configuring the Burn device, and the backend and precision kinds the format names.
+//! The only module with backend `cfg(feature)`s; imports only `rng`.
 
 use burn::tensor::Device;
 use schemars::JsonSchema;
@@ -89,7 +90,7 @@ pub fn open(choice: &DeviceChoice, seed: u64) -> Opened {
         BackendKind::Flex => (Device::flex(), "flex:cpu".to_string()),
         BackendKind::Libtorch => libtorch(choice.target),
     };
-    device.seed(seed);
+    device.seed(crate::rng::derive(seed, crate::rng::Purpose::Backend, 0, 0));
     let gpu = description
         .strip_prefix("libtorch:cuda:")
         .and_then(|i| gpu_name(i.parse().ok()?));

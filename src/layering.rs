@@ -7,7 +7,8 @@ use std::path::Path;
 
 /// Top-level modules from the bottom layer up. A module may import modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
-    &["device", "optim", "rng"],
+    &["rng"],
+    &["device", "optim"],
     &["data", "model"],
     &["loss"],
     &["train", "sample"],

@@ -9,7 +9,7 @@
 //! - `experiment` is the file format and the plan: what the user wrote, checked and mapped onto
 //!   the types of the layers below. `error` is the vocabulary of every layer above the core.
 //! - `train` and `sample` (the core) run models on data and return plain values.
-//! - `model`, `data`, `loss`, `device`, `optim` know nothing of the file format, the commands
+//! - `model`, `data`, `loss`, `device`, `optim`, `rng` know nothing of the file format, the commands
 //!   or the run.
 
 pub mod checkpoint;
@@ -23,6 +23,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod results;
+pub mod rng;
 pub mod run;
 pub mod sample;
 pub mod session;

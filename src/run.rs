@@ -8,14 +8,13 @@ use crate::error::{Error, Result};
 use crate::experiment::Plan;
 use crate::model::Model;
 use crate::results::{self, MetricsRow, RunDir, RunInfo, Status};
+use crate::rng::{self, Purpose};
 use crate::sample;
 use crate::session::{self, Session, Weights};
 use crate::train::{self, EpochEnd, PassStats};
 use burn::module::Module;
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -278,7 +277,12 @@ pub fn write_grid(
     device: &Device,
 ) -> Result<()> {
     let s = &plan.experiment.sample;
-    let mut rng = StdRng::seed_from_u64(plan.experiment.train.seed.wrapping_add(epoch as u64));
+    let mut rng = rng::stream(
+        plan.experiment.train.seed,
+        Purpose::Sampling,
+        epoch as u64,
+        0,
+    );
     let started = std::time::Instant::now();
     let (model, device) = (model.valid(), device.clone().without_autodiff());
     let cells = sample::grid(

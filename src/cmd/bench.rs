@@ -3,12 +3,11 @@
 
 use crate::error::{Error, Result};
 use crate::experiment::{Override, Plan, plan_file};
+use crate::rng::{self, Purpose};
 use crate::sample;
 use crate::session::{Session, Weights};
 use crate::train::{self, PassStats};
 use burn::module::Module;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -111,7 +110,7 @@ pub fn run(plan: Plan, steps: usize, with_grid: bool, with_naive: bool) -> Resul
         let b = train::Batch::gather(&splits.test, &indices, &inference);
         let start = Instant::now();
         // A PixelVAE encodes, then decodes: what evaluating a batch costs.
-        let mut rng = StdRng::seed_from_u64(t.seed);
+        let mut rng = rng::stream(t.seed, Purpose::EvalNoise, 0, 0);
         let (logits, _) = valid.forward_with_kl(b.input, &b.context, &mut rng);
         let sum: f32 = logits.sum().into_scalar();
         std::hint::black_box(sum);
@@ -121,7 +120,7 @@ pub fn run(plan: Plan, steps: usize, with_grid: bool, with_naive: bool) -> Resul
     }
 
     let time_grid = |method| {
-        let mut rng = StdRng::seed_from_u64(t.seed);
+        let mut rng = rng::stream(t.seed, Purpose::Sampling, 0, 0);
         let start = Instant::now();
         sample::grid(
             &valid,

@@ -5,11 +5,10 @@
 use crate::error::{Error, Result};
 use crate::loss::bits_per_dim;
 use crate::results::{EVAL_FILE, write_atomic};
+use crate::rng::{self, Purpose};
 use crate::session::{self, Session, Weights};
 use crate::train::{evaluate, importance_bounds};
 use burn::module::Module;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use serde::Serialize;
 use std::path::Path;
 
@@ -85,7 +84,12 @@ pub fn eval_results(
     let device = opened.device.clone().without_autodiff();
     let batch = batch_size.unwrap_or(plan.experiment.train.eval_batch_size);
     let started = std::time::Instant::now();
-    let mut rng = StdRng::seed_from_u64(plan.experiment.train.seed ^ 0x1_5A3E);
+    let mut rng = rng::stream(
+        plan.experiment.train.seed,
+        Purpose::ImportanceSampling,
+        0,
+        0,
+    );
     let report = match importance_bounds(
         &model,
         &splits.test,

@@ -1,5 +1,5 @@
 //! Datasets as exact 0..255 bytes: reading (IDX, CIFAR-10 binary, image folders), locating,
-//! downloading, and seeded batching. Nothing here prints or knows about models.
+//! downloading, and seeded batching. Nothing here prints or knows about models; imports only `rng`.
 
 pub mod cifar10;
 pub mod download;
@@ -8,8 +8,7 @@ pub mod mnist;
 pub mod png;
 pub mod synthetic;
 
-use rand::SeedableRng;
-use rand::rngs::StdRng;
+use crate::rng::{self, Purpose};
 use rand::seq::SliceRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -260,7 +259,7 @@ pub fn load(spec: &DataSpec) -> Result<Splits, DataError> {
 /// and the same for the same seed and epoch on every backend.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = rng::stream(seed, Purpose::Shuffle, epoch as u64, 0);
     order.shuffle(&mut rng);
     order
 }

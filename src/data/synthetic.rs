@@ -2,8 +2,9 @@
 //! with a few grey levels, so that a model has something to learn in a few steps.
 
 use super::{Images, Splits};
+use crate::rng::{self, Purpose};
+use rand::Rng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -16,13 +17,16 @@ pub struct Spec {
 pub fn generate(spec: &Spec, seed: u64) -> Splits {
     let test = (spec.train_images / 4).max(1);
     Splits {
-        train: images(spec, spec.train_images, seed),
-        test: images(spec, test, seed.wrapping_add(0x5EED)),
+        train: images(
+            spec,
+            spec.train_images,
+            rng::stream(seed, Purpose::Synthetic, 0, 0),
+        ),
+        test: images(spec, test, rng::stream(seed, Purpose::Synthetic, 0, 1)),
     }
 }
 
-fn images(spec: &Spec, n: usize, seed: u64) -> Images {
-    let mut rng = StdRng::seed_from_u64(seed);
+fn images(spec: &Spec, n: usize, mut rng: StdRng) -> Images {
     let s = spec.size;
     let mut pixels = vec![0u8; n * spec.colours * s * s];
     let mut labels = Vec::with_capacity(n);

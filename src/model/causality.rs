@@ -10,9 +10,13 @@ pub fn raster_index(colour: usize, y: usize, x: usize, colours: usize, width: us
     (y * width + x) * colours + colour
 }
 
+/// Random inputs the dependencies are measured at. A ReLU that is inactive at one input hides
+/// what lies behind it there, so a dependency counts when the gradient is nonzero at any of them.
+const INPUTS: u64 = 3;
+
 /// For every output sub-pixel (in raster order), the raster indices of the input sub-pixels whose
-/// gradient is nonzero. `forward` maps `[1, c, h, w]` inputs (0..255) to `[1, c, 256, h, w]`
-/// logits on an autodiff `device`.
+/// gradient is nonzero at one of `INPUTS` random images. `forward` maps `[1, c, h, w]` inputs
+/// (0..255) to `[1, c, 256, h, w]` logits on an autodiff `device`.
 pub fn dependencies(
     forward: impl Fn(Tensor<4>) -> Tensor<5>,
     colours: usize,
@@ -20,7 +24,28 @@ pub fn dependencies(
     width: usize,
     device: &Device,
 ) -> Vec<Vec<usize>> {
-    let mut rng = StdRng::seed_from_u64(11);
+    let mut out = vec![Vec::new(); colours * height * width];
+    for seed in 11..11 + INPUTS {
+        let at = dependencies_at(&forward, seed, colours, height, width, device);
+        for (all, some) in out.iter_mut().zip(at) {
+            all.extend(some);
+            all.sort_unstable();
+            all.dedup();
+        }
+    }
+    out
+}
+
+/// `dependencies` at one random input, drawn from `seed`.
+fn dependencies_at(
+    forward: &impl Fn(Tensor<4>) -> Tensor<5>,
+    seed: u64,
+    colours: usize,
+    height: usize,
+    width: usize,
+    device: &Device,
+) -> Vec<Vec<usize>> {
+    let mut rng = StdRng::seed_from_u64(seed);
     let input: Vec<f32> = (0..colours * height * width)
         .map(|_| f32::from(rng.random::<u8>()))
         .collect();
@@ -281,11 +306,22 @@ mod tests {
             let layers = (side - 1).div_ceil(kernel / 2).max(1) + extra;
             let cfg = gated(colours, layers, kernel, None);
             let dev = device();
-            let model = cfg.init(side as u64, &dev);
             let ctx = Context::from_labels(&[0], &dev);
-            let deps = dependencies(|x| model.forward(x, &ctx), colours, side, side, &dev);
-            proptest::prop_assert_eq!(leaks(&deps), vec![]);
-            proptest::prop_assert_eq!(blind_spot(&deps), vec![]);
+            // No leak for any weights; no blind spot in the architecture: a dependency is one that
+            // some initialisation has (with few channels, every unit of the head can be inactive
+            // at a pixel of the first row for one set of weights, whatever the earlier pixels).
+            let mut union = vec![Vec::new(); colours * side * side];
+            for seed in [side as u64, side as u64 + 1000] {
+                let model = cfg.init(seed, &dev);
+                let deps = dependencies(|x| model.forward(x, &ctx), colours, side, side, &dev);
+                proptest::prop_assert_eq!(leaks(&deps), vec![]);
+                for (all, some) in union.iter_mut().zip(deps) {
+                    all.extend(some);
+                    all.sort_unstable();
+                    all.dedup();
+                }
+            }
+            proptest::prop_assert_eq!(blind_spot(&union), vec![]);
         }
     }
 

@@ -1,5 +1,7 @@
 //! Architectures. A config enum paired with a module enum and one `match` each (as Burn's
 //! `activation_wrapper.rs` does): every variant is trained, evaluated and sampled by the same code.
+//! Imports only `device` (precisions, test devices) and `rng` (the weight stream); the plan builds
+//! the configs.
 
 mod cache;
 pub mod causality;
@@ -9,9 +11,9 @@ pub mod native;
 pub mod simple;
 pub mod vae;
 
+use crate::rng::Purpose;
 use burn::module::Module;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::Serialize;
 
@@ -71,9 +73,9 @@ impl Context {
 }
 
 impl ModelConfig {
-    /// Builds the model with weights drawn from a generator seeded by `seed`.
+    /// Builds the model with weights drawn from the run's weight stream for `seed`.
     pub fn init(&self, seed: u64, device: &Device) -> Model {
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = crate::rng::stream(seed, Purpose::Weights, 0, 0);
         let net = match self {
             ModelConfig::Simple(c) => Net::Simple(c.init(&mut rng, device)),
             ModelConfig::Gated(c) => Net::Gated(c.init(&mut rng, device)),

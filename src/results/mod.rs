@@ -1,5 +1,6 @@
 //! Everything under `results/<name>/`: the resolved experiment, `run.json`, `metrics.csv`, sample
-//! grids and the checkpoint. Plain values only; never a tensor.
+//! grids and the checkpoint. Plain values only; never a tensor. Imports `error` and the format's
+//! `Override` (recorded in `run.json`), nothing above.
 
 pub mod plot;
 pub mod png;

@@ -2,10 +2,11 @@
 //! importance-sampled likelihood (Burda et al. 2016) with K draws from q(z|x) per image, beside
 //! the ELBO from the same draws, which bounds it from above.
 
-use super::{Batch, PassStats, noise_rng};
+use super::{Batch, PassStats};
 use crate::data::Images;
 use crate::loss::nll_nats;
 use crate::model::{Context, Model, vae};
+use crate::rng::{self, Purpose};
 use burn::module::Module;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
@@ -25,7 +26,7 @@ pub fn evaluate(
     let model = model.valid();
     let device = device.clone().without_autodiff();
     let mut stats = PassStats::default();
-    let mut noise = noise_rng(seed, usize::MAX, 0);
+    let mut noise = rng::stream(seed, Purpose::EvalNoise, 0, 0);
     let all: Vec<usize> = (0..images.len()).collect();
     for indices in all.chunks(batch_size) {
         let batch = Batch::gather(images, indices, &device);

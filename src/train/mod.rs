@@ -1,5 +1,5 @@
 //! One epoch of optimisation and passes of evaluation. Returns plain numbers; never prints or
-//! writes files. Imports only the layers below it: `data`, `model`, `loss`.
+//! writes files. Imports only the layers below it: `data`, `model`, `loss`, `rng`.
 
 mod evaluate;
 mod loss_scale;
@@ -12,9 +12,9 @@ pub use loss_scale::LossScale;
 use crate::data::Images;
 use crate::loss::nll_nats;
 use crate::model::{Context, Model};
+use crate::rng::Purpose;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::time::Instant;
 
@@ -111,10 +111,7 @@ impl Step {
 
 /// The generator of the noise of step `i` (from 0) of `epoch`.
 pub(crate) fn noise_rng(seed: u64, epoch: usize, i: usize) -> StdRng {
-    let mix = seed
-        ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (i as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    StdRng::seed_from_u64(mix)
+    crate::rng::stream(seed, Purpose::TrainNoise, epoch as u64, i as u64)
 }
 
 /// Below this test KL (bits per dimension) at full KL weight, a PixelVAE's latent carries next
