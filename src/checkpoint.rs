@@ -69,21 +69,28 @@ pub fn save(
         std::fs::remove_dir_all(&final_dir).map_err(Error::io(&final_dir))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(Error::io(&final_dir))?;
-    // `keep` checkpoints stay, the newest epoch-end one always among them: `pixel eval` and
-    // `pixel sample` read it, and interrupts (each writes a mid-epoch one) must not push it out.
+    prune(run_dir, &final_dir, keep)?;
+    Ok(final_dir)
+}
+
+/// Keeps the newest `keep` checkpoints, and whatever `keep` says the one just written (what a
+/// resume reads) and the newest written at an epoch's end (what `pixel eval` and `pixel sample`
+/// read; interrupts, each writing a mid-epoch one, must not push it out).
+fn prune(run_dir: &Path, written: &Path, keep: usize) -> Result<()> {
     let epoch_end = latest_epoch_end(run_dir)?.map(|(dir, _)| dir);
-    let mut others = keep.max(1) - usize::from(epoch_end.is_some());
-    for dir in list(run_dir)?.iter().rev() {
-        if Some(dir) == epoch_end.as_ref() {
-            continue;
-        }
+    let pinned = |dir: &Path| dir == written || epoch_end.as_deref() == Some(dir);
+    let all = list(run_dir)?;
+    let mut others = keep
+        .max(1)
+        .saturating_sub(all.iter().filter(|d| pinned(d)).count());
+    for dir in all.iter().rev().filter(|d| !pinned(d)) {
         if others > 0 {
             others -= 1;
         } else {
             std::fs::remove_dir_all(dir).map_err(Error::io(dir))?;
         }
     }
-    Ok(final_dir)
+    Ok(())
 }
 
 /// Where training stood when the checkpoint folder `dir` was written.
@@ -108,6 +115,20 @@ pub fn latest_epoch_end(run_dir: &Path) -> Result<Option<(PathBuf, usize)>> {
     Ok(None)
 }
 
+/// Where training stood, from a checkpoint folder's name (`<epochs>-<steps>`, any number of
+/// digits), for ordering: names sort as numbers, not as strings.
+fn order_key(dir: &Path) -> (u64, u64, String) {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parsed = name
+        .split_once('-')
+        .and_then(|(e, s)| Some((e.parse().ok()?, s.parse().ok()?)));
+    let (epochs, steps) = parsed.unwrap_or((0, 0));
+    (epochs, steps, name)
+}
+
 /// Finished checkpoint folders, oldest first.
 pub fn list(run_dir: &Path) -> Result<Vec<PathBuf>> {
     let root = run_dir.join(DIR);
@@ -125,7 +146,7 @@ pub fn list(run_dir: &Path) -> Result<Vec<PathBuf>> {
                     .is_some_and(|n| n.to_string_lossy().starts_with('.'))
         })
         .collect();
-    dirs.sort();
+    dirs.sort_by_cached_key(|d| order_key(d));
     Ok(dirs)
 }
 
@@ -211,6 +232,46 @@ mod tests {
         save_at(2, 0);
         assert_eq!(names(), ["0001-000009", "0002-000000"]);
         assert_eq!(latest_epoch_end(dir.path()).unwrap().unwrap().1, 2);
+    }
+
+    /// With `keep = 1`, an interrupt's checkpoint is kept beside the epoch-end one (the resume
+    /// needs the first, `pixel eval` the second); past 999,999 steps, names still order as numbers.
+    #[test]
+    fn keep_one_keeps_the_interrupt_and_names_order_as_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = burn::tensor::Device::flex();
+        let model = crate::model::ModelConfig::Simple(crate::model::SimpleConfig {
+            colours: 1,
+            layers: 1,
+            kernel: 3,
+            channels: 2,
+        })
+        .init(1, &device);
+        let optimizer = crate::optim::adam();
+        let save_at = |epochs_done, steps_done| {
+            let at = Position {
+                epochs_done,
+                steps_done,
+                ..Position::default()
+            };
+            save(dir.path(), &model, &optimizer, &at, 1).unwrap()
+        };
+        save_at(3, 0);
+        let interrupt = save_at(3, 999_999);
+        assert!(interrupt.is_dir(), "the checkpoint just written was pruned");
+        assert_eq!(latest(dir.path()).unwrap().unwrap(), interrupt);
+        assert_eq!(latest_epoch_end(dir.path()).unwrap().unwrap().1, 3);
+        // "0003-1000000" sorts before "0003-999999" as a string.
+        let later = save_at(3, 1_000_000);
+        assert_eq!(latest(dir.path()).unwrap().unwrap(), later);
+        assert_eq!(
+            list(dir.path()).unwrap().len(),
+            2,
+            "the older interrupt goes"
+        );
+        let last = save_at(10_000, 0);
+        assert_eq!(latest(dir.path()).unwrap().unwrap(), last);
+        assert_eq!(latest_epoch_end(dir.path()).unwrap().unwrap().1, 10_000);
     }
 
     /// The loss scale of an f16 run survives a checkpoint; checkpoints without one (f32, bf16,

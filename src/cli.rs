@@ -48,7 +48,7 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
         /// Softmax temperature (default: the experiment's).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         temperature: Option<f64>,
         /// Seed of the sampler (default: the experiment's).
         #[arg(long)]

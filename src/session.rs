@@ -112,7 +112,8 @@ impl Session {
 }
 
 /// The plan recorded in the results folder `dir` (its resolved `experiment.toml`, the name and
-/// overrides of its `run.json`), with `sets` applied on top, for `command`'s errors.
+/// overrides of its `run.json`), with `sets` applied on top, for `command`'s errors. `PIXEL_*`
+/// overrides in the environment are refused: they would change the run without a record.
 pub fn recorded_plan(dir: &Path, sets: &[Override], command: &str) -> Result<Plan> {
     let exp_path = dir.join(results::EXPERIMENT_FILE);
     if !exp_path.is_file() {
@@ -124,7 +125,18 @@ pub fn recorded_plan(dir: &Path, sets: &[Override], command: &str) -> Result<Pla
             ),
         });
     }
-    let plan = experiment::plan_file(&exp_path, sets)?;
+    if let Some(env) = experiment::environment_overrides().first() {
+        return Err(Error::Usage {
+            flag: format!("{}={}", env.origin, env.value),
+            message: format!(
+                "{command} uses exactly the experiment recorded in {}; an environment override \
+                 would change it without a record. Unset it (or start a new run with it)",
+                exp_path.display()
+            ),
+        });
+    }
+    let (exp, overrides) = experiment::load_recorded(&exp_path, sets)?;
+    let plan = Plan::new(exp, overrides, &exp_path, None)?;
     Ok(match results::read_info(dir) {
         Ok(info) => Plan {
             name: info.name,

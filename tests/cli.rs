@@ -521,6 +521,67 @@ fn a_diverging_run_stops_with_the_epoch_and_step() {
 }
 
 #[test]
+fn commands_on_a_finished_run_check_their_flags_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    let out = pixel(d, &["run", "tiny.toml", "--set", "train.epochs=1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let run = "results/tiny";
+    for (args, expected) in [
+        (
+            vec!["eval", run, "--batch-size", "0"],
+            vec!["--batch-size 0", "at least 1"],
+        ),
+        (
+            vec!["sample", run, "--temperature", "-1"],
+            vec!["--temperature", "`sample.temperature` = -1", "positive"],
+        ),
+        (
+            vec!["sample", run, "--temperature", "0"],
+            vec!["`sample.temperature` = 0"],
+        ),
+    ] {
+        let out = pixel(d, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        for e in expected {
+            assert!(text(&out).contains(e), "{args:?}: {e:?} in {}", text(&out));
+        }
+    }
+    // An environment override would change the recorded run without a record: refused.
+    let info = d.join(run).join("run.json");
+    let json = std::fs::read_to_string(&info).unwrap();
+    std::fs::write(&info, json.replace("\"completed\"", "\"interrupted\"")).unwrap();
+    for args in [
+        vec!["run", "--resume", run],
+        vec!["sample", run],
+        vec!["eval", run],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pixel"))
+            .args(&args)
+            .current_dir(d)
+            .env("PIXEL_TRAIN__EPOCHS", "2")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains("PIXEL_TRAIN__EPOCHS=2"),
+            "{}",
+            text(&out)
+        );
+    }
+    // Without it, the resume continues exactly the recorded experiment (one epoch, done).
+    let out = pixel(d, &["run", "--resume", run]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        metrics_without_times(&d.join(run)).len(),
+        2,
+        "header and one epoch"
+    );
+}
+
+#[test]
 fn conflicting_flags_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
     for args in [
@@ -591,6 +652,29 @@ fn bad_inputs_each_get_a_clear_error() {
         }
     }
     std::fs::write(d.join("not-a-folder"), "x").unwrap();
+    // Degenerate and mismatched files: train images of height 0; a 20x20 test set beside a 28x28
+    // train set; a folder of 4x8 images cropped to 6.
+    for (name, train_height, test_side) in [("mnist-height0", 0, 28), ("mnist-mismatch", 28, 20)] {
+        let m = d.join(name);
+        std::fs::create_dir(&m).unwrap();
+        let split = |height: usize, width: usize| pixel_models::data::Images {
+            pixels: vec![7; 3 * height * width],
+            labels: vec![1, 2, 3],
+            colours: 1,
+            height,
+            width,
+        };
+        let (i, l) = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte");
+        mnist::write_idx(&split(train_height, 28), &m.join(i), &m.join(l)).unwrap();
+        let (i, l) = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte");
+        mnist::write_idx(&split(test_side, test_side), &m.join(i), &m.join(l)).unwrap();
+    }
+    for split in ["train/x", "valid/x"] {
+        let sub = d.join("folder-wide").join(split);
+        std::fs::create_dir_all(&sub).unwrap();
+        pixel_models::results::png::write_rgb_or_grey(&sub.join("a.png"), &[9; 96], 3, 4, 8)
+            .unwrap();
+    }
 
     let syn = "[data]\ndataset = \"synthetic\"\n";
     let rgb = "[data]\ndataset = \"synthetic\"\nsynthetic_colours = 3\n";
@@ -655,6 +739,9 @@ fn bad_inputs_each_get_a_clear_error() {
         ("[data]\ndataset = \"cifar10\"\npath = \"cifar-truncated\"\n".into(), vec![], vec!["data_batch_1.bin", "truncated"]),
         ("[data]\ndataset = \"folder\"\npath = \"folder-sizes\"\n".into(), vec![], vec!["b.png", "expected 4x4"]),
         ("[data]\ndataset = \"folder\"\npath = \"folder-broken\"\n".into(), vec![], vec!["b.png", "unreadable PNG"]),
+        ("[data]\npath = \"mnist-height0\"\n".into(), vec![], vec!["train-images-idx3-ubyte", "0x28 pixels", "at least 2x2"]),
+        ("[data]\npath = \"mnist-mismatch\"\n".into(), vec![], vec!["mnist-mismatch", "1x28x28", "1x20x20"]),
+        ("[data]\ndataset = \"folder\"\npath = \"folder-wide\"\ncrop = 6\n".into(), vec![], vec!["`data.crop` = 6", "4x8", "at most 4"]),
         (syn.into(), vec!["--set", "train.epochs"], vec!["--set train.epochs", "KEY=VALUE"]),
         (syn.into(), vec!["--set", "=3"], vec!["--set =3", "dotted key"]),
         (syn.into(), vec!["--set", "train.epoch=3"], vec!["--set", "did you mean `epochs`"]),
@@ -859,6 +946,76 @@ fn sweep_emits_a_slurm_array_and_runs_one_task() {
     let out = pixel(d, &["sweep", "sw.toml", "--only", "4"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("--only 4"), "{}", text(&out));
+}
+
+/// What Slurm does near a task's time limit (`--signal=B:TERM@120`): SIGTERM to the batch script.
+/// The script passes it on, pixel checkpoints and exits with 130, and the task requeues itself
+/// (here a stand-in `scontrol` records the call); the requeued task resumes the run.
+#[test]
+fn slurm_task_checkpoints_and_requeues_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("base.toml"), TINY).unwrap();
+    std::fs::write(
+        d.join("long.toml"),
+        "base = \"base.toml\"\n[grid]\n\"train.epochs\" = [100000]\n",
+    )
+    .unwrap();
+    let out = pixel(d, &["sweep", "long.toml", "--emit", "slurm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let script = d.join("results/long/slurm.sh");
+    let body = std::fs::read_to_string(&script).unwrap();
+    assert!(body.contains("#SBATCH --signal=B:TERM@120"), "{body}");
+    assert!(body.contains("#SBATCH --requeue"), "{body}");
+    let bin = d.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::write(
+        bin.join("scontrol"),
+        "#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/../requeued\"\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["+x", "bin/scontrol"])
+        .current_dir(d)
+        .status()
+        .unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let child = Command::new("bash")
+        .arg(&script)
+        .current_dir(d)
+        .env("PATH", path)
+        .env("PIXEL", env!("CARGO_BIN_EXE_pixel"))
+        .env("SLURM_ARRAY_JOB_ID", "77")
+        .env("SLURM_ARRAY_TASK_ID", "0")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = d.join("results/long/epochs=100000");
+    let t0 = std::time::Instant::now();
+    while !run.join("checkpoints").exists() {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "the task never finished an epoch"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "requeued, not failed: {}",
+        text(&out)
+    );
+    let requeued = std::fs::read_to_string(d.join("requeued")).unwrap();
+    assert_eq!(requeued.trim(), "requeue 77_0");
+    let info = std::fs::read_to_string(run.join("run.json")).unwrap();
+    assert!(info.contains("\"status\": \"interrupted\""), "{info}");
 }
 
 #[test]

@@ -5,7 +5,6 @@
 use crate::error::{Error, Result};
 use crate::loss::bits_per_dim;
 use crate::results::{EVAL_FILE, write_atomic};
-use crate::rng::{self, Purpose};
 use crate::session::{self, Session, Weights};
 use crate::train::{evaluate, importance_bounds};
 use burn::module::Module;
@@ -70,6 +69,12 @@ pub fn eval_results(
             message: "expected at least 1 draw per image, got 0".into(),
         });
     }
+    if batch_size == Some(0) {
+        return Err(Error::Usage {
+            flag: "--batch-size 0".into(),
+            message: "expected at least 1 image per forward pass".into(),
+        });
+    }
     let plan = session::recorded_plan(dir, &[], "pixel eval")?;
     let Session {
         plan,
@@ -84,18 +89,12 @@ pub fn eval_results(
     let device = opened.device.clone().without_autodiff();
     let batch = batch_size.unwrap_or(plan.experiment.train.eval_batch_size);
     let started = std::time::Instant::now();
-    let mut rng = rng::stream(
-        plan.experiment.train.seed,
-        Purpose::ImportanceSampling,
-        0,
-        0,
-    );
     let report = match importance_bounds(
         &model,
         &splits.test,
         importance_samples,
         batch,
-        &mut rng,
+        plan.experiment.train.seed,
         &device,
     ) {
         Some(b) => Report {

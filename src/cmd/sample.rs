@@ -15,12 +15,22 @@ pub fn sample_results(
     temperature: Option<f64>,
     seed: Option<u64>,
 ) -> Result<()> {
+    // Each flag is named as the source of its value in the plan's errors.
+    let flag = |key: &str, value: String, origin: &str| experiment::Override {
+        key: key.into(),
+        value,
+        origin: origin.into(),
+    };
     let mut sets = Vec::new();
     if let Some(t) = temperature {
-        sets.push(experiment::parse_set(&format!("sample.temperature={t}"))?);
+        sets.push(flag(
+            "sample.temperature",
+            toml::Value::Float(t).to_string(),
+            "--temperature",
+        ));
     }
     if let Some(s) = seed {
-        sets.push(experiment::parse_set(&format!("train.seed={s}"))?);
+        sets.push(flag("train.seed", s.to_string(), "--seed"));
     }
     let plan = session::recorded_plan(dir, &sets, "pixel sample")?;
     let session = Session::open(plan, Weights::Trained(dir))?;

@@ -96,6 +96,15 @@ pub fn read_pair(images: &Path, labels: &Path) -> Result<Images, DataError> {
             ),
         ));
     }
+    if dims[1] < 2 || dims[2] < 2 {
+        return Err(DataError::format(
+            images,
+            format!(
+                "images of {}x{} pixels: expected at least 2x2",
+                dims[1], dims[2]
+            ),
+        ));
+    }
     if let Some(bad) = labels_data.iter().find(|&&l| l > 9) {
         return Err(DataError::format(
             labels,

@@ -115,25 +115,32 @@ impl Images {
         }
     }
 
-    /// Centre-crops every image to `size` x `size` (0 or the full size leaves them as they are).
+    /// Centre-crops every image to `size` x `size` (0 leaves them as they are); a side shorter
+    /// than `size` is kept whole (`load` refuses such a crop before it gets here).
     pub fn centre_crop(&mut self, size: usize) {
         if size == 0 || (size >= self.height && size >= self.width) {
             return;
         }
-        let (top, left) = ((self.height - size) / 2, (self.width - size) / 2);
-        let mut out = Vec::with_capacity(self.len() * self.colours * size * size);
+        let (h, w) = (size.min(self.height), size.min(self.width));
+        let (top, left) = ((self.height - h) / 2, (self.width - w) / 2);
+        let mut out = Vec::with_capacity(self.len() * self.colours * h * w);
         for i in 0..self.len() {
             let img = self.image(i);
             for c in 0..self.colours {
-                for y in top..top + size {
+                for y in top..top + h {
                     let row = (c * self.height + y) * self.width;
-                    out.extend_from_slice(&img[row + left..row + left + size]);
+                    out.extend_from_slice(&img[row + left..row + left + w]);
                 }
             }
         }
         self.pixels = out;
-        self.height = size;
-        self.width = size;
+        self.height = h;
+        self.width = w;
+    }
+
+    /// `colours x height x width`, for messages.
+    pub fn shape_text(&self) -> String {
+        format!("{}x{}x{}", self.colours, self.height, self.width)
     }
 
     /// Gathers images by index into one contiguous buffer `[indices.len(), c, h, w]`.
@@ -245,6 +252,34 @@ pub fn load(spec: &DataSpec) -> Result<Splits, DataError> {
             }
         }
     };
+    let dir = spec
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("synthetic"));
+    let (train, test) = (&splits.train, &splits.test);
+    if (train.colours, train.height, train.width) != (test.colours, test.height, test.width) {
+        return Err(DataError::format(
+            &dir,
+            format!(
+                "the train images are {} and the test images {} (colours x height x width): \
+                 both splits must have one shape",
+                train.shape_text(),
+                test.shape_text()
+            ),
+        ));
+    }
+    if spec.crop > train.height.min(train.width) {
+        return Err(DataError::format(
+            &dir,
+            format!(
+                "`data.crop` = {} does not fit images of {}x{} pixels: expected at most {}",
+                spec.crop,
+                train.height,
+                train.width,
+                train.height.min(train.width)
+            ),
+        ));
+    }
     for (images, limit) in [
         (&mut splits.train, spec.train_limit),
         (&mut splits.test, spec.test_limit),

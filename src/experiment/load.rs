@@ -60,25 +60,50 @@ pub fn load(path: &Path, sets: &[Override]) -> Result<(Experiment, Vec<Override>
 
 /// [`load`] for text already read from `path` (which names the file in errors).
 pub fn parse(text: &str, path: &Path, sets: &[Override]) -> Result<(Experiment, Vec<Override>)> {
-    check_file(path, text)?;
+    layer(text, path, true, sets)
+}
 
-    // Only PIXEL_<SECTION>__<KEY> variables are overrides: PIXEL_DATA (the data folder) and other
-    // PIXEL_* variables are not.
-    let env = Env::prefixed("PIXEL_")
+/// Loads an experiment recorded in a results folder as it is, with `sets` but without the
+/// environment layer: what resumes, evaluates and samples a run is what the run recorded.
+pub fn load_recorded(path: &Path, sets: &[Override]) -> Result<(Experiment, Vec<Override>)> {
+    let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+    layer(&text, path, false, sets)
+}
+
+/// Only PIXEL_<SECTION>__<KEY> variables are overrides: PIXEL_DATA (the data folder) and other
+/// PIXEL_* variables are not.
+fn environment() -> Env {
+    Env::prefixed("PIXEL_")
         .filter(|k| k.as_str().contains("__"))
-        .split("__");
-    let mut overrides: Vec<Override> = env
+        .split("__")
+}
+
+/// The overrides the environment sets now (`PIXEL_TRAIN__EPOCHS=3` and the like).
+pub fn environment_overrides() -> Vec<Override> {
+    environment()
         .iter()
         .map(|(key, value)| Override {
             key: key.to_string(),
             value: value.to_string(),
             origin: format!("PIXEL_{}", key.as_str().to_uppercase().replace('.', "__")),
         })
-        .collect();
+        .collect()
+}
 
-    let mut figment = Figment::from(Serialized::defaults(Experiment::default()))
-        .merge(Toml::string(text))
-        .merge(env);
+fn layer(
+    text: &str,
+    path: &Path,
+    with_environment: bool,
+    sets: &[Override],
+) -> Result<(Experiment, Vec<Override>)> {
+    check_file(path, text)?;
+    let mut figment =
+        Figment::from(Serialized::defaults(Experiment::default())).merge(Toml::string(text));
+    let mut overrides = Vec::new();
+    if with_environment {
+        overrides = environment_overrides();
+        figment = figment.merge(environment());
+    }
     for set in sets {
         let value = toml_value(&set.value).expect("parse_set produced valid TOML");
         figment = figment.merge(Serialized::default(&set.key, value));

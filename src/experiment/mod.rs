@@ -11,7 +11,7 @@ pub mod plan;
 pub mod sweep;
 
 pub(crate) use load::line_column;
-pub use load::{Override, load, parse, parse_set};
+pub use load::{Override, environment_overrides, load, load_recorded, parse, parse_set};
 pub use plan::Plan;
 // The kinds the format names live with the layers that use them; the format re-exports them.
 pub use crate::data::DatasetKind;

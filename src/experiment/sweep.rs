@@ -146,6 +146,28 @@ pub fn expand(
         } else {
             parts.join("_")
         };
+        if let Some(first) = runs.iter().find(|r: &&SweepRun| r.name == name) {
+            let show = |sets: &[Override]| {
+                sets.iter()
+                    .map(|s| format!("{}={}", s.key, s.value))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(Error::Invalid {
+                source_name: origin,
+                key: "grid".into(),
+                value: format!(
+                    "runs {} ({}) and {index} ({})",
+                    first.index,
+                    show(&first.sets),
+                    show(&sets)
+                ),
+                expected: format!(
+                    "values that give every run its own results folder; both are named `{name}` \
+                     (a value repeated, or values that differ only in characters a name drops)"
+                ),
+            });
+        }
         runs.push(SweepRun { index, name, sets });
     }
     Ok(Sweep {
@@ -192,13 +214,31 @@ pub fn slurm_script(sweep: &Sweep, results_root: &Path) -> String {
         "#!/usr/bin/env bash\n\
          # Slurm job array for the sweep {file}: {n} runs, one per array task (see runs.txt).\n\
          # Submit from the repository root: sbatch {script}\n\
+         # Two minutes before a task's time limit Slurm sends SIGTERM: pixel finishes its step,\n\
+         # writes a checkpoint and exits with 130, and the task requeues itself; the requeued\n\
+         # task resumes the run from that checkpoint.\n\
          #SBATCH --job-name={name}\n\
          #SBATCH --array=0-{last}\n\
          #SBATCH --output={out}/slurm-%A_%a.out\n\
+         #SBATCH --open-mode=append\n\
+         #SBATCH --signal=B:TERM@120\n\
+         #SBATCH --requeue\n\
          set -euo pipefail\n\
          cd \"${{SLURM_SUBMIT_DIR:-.}}\"\n\
          PIXEL=${{PIXEL:-target/release/pixel}}\n\
-         \"$PIXEL\" sweep {file} --results {root} --only \"$SLURM_ARRAY_TASK_ID\"\n",
+         \"$PIXEL\" sweep {file} --results {root} --only \"$SLURM_ARRAY_TASK_ID\" &\n\
+         pid=$!\n\
+         term=0\n\
+         trap 'term=1; kill -TERM \"$pid\" 2>/dev/null || true' TERM\n\
+         status=0\n\
+         wait \"$pid\" || status=$?\n\
+         # A trapped signal interrupts `wait`; wait again for pixel's own exit status.\n\
+         if [ \"$term\" = 1 ]; then status=0; wait \"$pid\" || status=$?; fi\n\
+         if [ \"$status\" = 130 ]; then\n\
+         \x20 scontrol requeue \"${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}\"\n\
+         \x20 exit 0\n\
+         fi\n\
+         exit \"$status\"\n",
         file = sweep.file.display(),
         n = sweep.runs.len(),
         script = out.join("slurm.sh").display(),
@@ -234,6 +274,20 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), serde_json::from_str(v).unwrap()))
             .collect()
+    }
+
+    /// Two runs that would share a results folder (the second would be skipped as "already
+    /// completed") are refused before anything runs, naming both.
+    #[test]
+    fn colliding_run_names_are_refused() {
+        for values in [r#"["a/b", "a-b"]"#, "[0.001, 0.001]"] {
+            let g = grid(&[("data.path", values), ("train.seed", "[1]")]);
+            let err = expand(Path::new("s.toml"), PathBuf::from("b.toml"), &g)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("runs 0 (") && err.contains("and 1 ("), "{err}");
+            assert!(err.contains("both are named `path="), "{err}");
+        }
     }
 
     #[test]

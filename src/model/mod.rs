@@ -277,10 +277,23 @@ impl Model {
         context: &Context,
         rng: &mut StdRng,
     ) -> (Tensor<5>, Option<Tensor<4>>) {
+        self.forward_with_noise(x, context, |shape, device| {
+            vae::normal_tensor(rng, shape, device)
+        })
+    }
+
+    /// [`Model::forward_with_kl`] with the standard normal noise of z from `noise(shape, device)`.
+    pub fn forward_with_noise(
+        &self,
+        x: Tensor<4>,
+        context: &Context,
+        noise: impl FnOnce([usize; 4], &Device) -> Tensor<4>,
+    ) -> (Tensor<5>, Option<Tensor<4>>) {
         let Some((mean, log_var)) = self.encode(x.clone()) else {
             return (self.forward(x, context), None);
         };
-        let z = vae::reparameterise(mean.clone(), log_var.clone(), rng);
+        let eps = noise(mean.dims(), &mean.device());
+        let z = mean.clone() + (log_var.clone() * 0.5).exp() * eps;
         let context = Context {
             latent: Some(z),
             ..context.clone()
