@@ -120,7 +120,12 @@ fn drive(session: Session, mut run: RunDir, mut info: RunInfo) -> Result<PathBuf
         "training in {}",
         run.path.display()
     );
-    let outcome = epochs(session, &mut run, &mut info);
+    // Once training has started, any failure (a full disk, say) is the run's: exit code 1, with
+    // run.json saying how far it got.
+    let outcome = epochs(session, &mut run, &mut info).map_err(|e| match e {
+        Error::Interrupted(_) | Error::Run(_) => e,
+        other => Error::Run(other.to_string()),
+    });
     info.ended = Some(results::now());
     info.status = match &outcome {
         Ok(()) => Status::Completed,
@@ -130,7 +135,8 @@ fn drive(session: Session, mut run: RunDir, mut info: RunInfo) -> Result<PathBuf
     if let Err(e) = &outcome {
         info.error = Some(e.to_string());
     }
-    run.write_info(&info)?;
+    run.write_info(&info)
+        .map_err(|e| Error::Run(e.to_string()))?;
     outcome.map(|()| run.path.clone())
 }
 

@@ -581,6 +581,37 @@ fn commands_on_a_finished_run_check_their_flags_and_the_environment() {
     );
 }
 
+/// A file that cannot be written once training has started fails the run (exit code 1, not the 2
+/// of bad input), and run.json says so.
+#[test]
+fn a_write_failing_during_the_run_exits_with_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("long.toml"), TINY).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pixel"))
+        .args(["run", "long.toml", "--set", "train.epochs=100000"])
+        .current_dir(d)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let samples = d.join("results/long/samples");
+    let t0 = std::time::Instant::now();
+    while !samples.is_dir() {
+        assert!(t0.elapsed().as_secs() < 60, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The next epoch's grid has nowhere to go.
+    std::fs::remove_dir_all(&samples).unwrap();
+    std::fs::write(&samples, "not a folder").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("samples"), "{}", text(&out));
+    let info = std::fs::read_to_string(d.join("results/long/run.json")).unwrap();
+    assert!(info.contains("\"status\": \"failed\""), "{info}");
+}
+
 #[test]
 fn conflicting_flags_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
