@@ -101,6 +101,14 @@ pub fn open(choice: &DeviceChoice, seed: u64) -> Opened {
     }
 }
 
+/// This machine's memory in bytes (`MemTotal` of /proc/meminfo), where the system says.
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The name of GPU `index` as `nvidia-smi` reports it, if it is there and answers.
 fn gpu_name(index: usize) -> Option<String> {
     let out = std::process::Command::new("nvidia-smi")

@@ -266,6 +266,10 @@ pub struct RuntimeSection {
     /// Float precision of the convolutions: "f32", "bf16", or "f16" (with dynamic loss scaling);
     /// weights, Adam state, softmax and loss stay f32. Default: "f32".
     pub precision: Precision,
+    /// Train a model whose estimated training memory (weights, gradients, Adam's moments and the
+    /// activations of a batch) exceeds this machine's memory; without it such a plan is refused
+    /// before any data is read. Default: false.
+    pub allow_large: bool,
 }
 
 impl Default for RuntimeSection {
@@ -274,6 +278,7 @@ impl Default for RuntimeSection {
             backend: BackendKind::Flex,
             device: "auto".into(),
             precision: Precision::F32,
+            allow_large: false,
         }
     }
 }

@@ -133,10 +133,10 @@ impl Plan {
             "a positive number (1.0 samples the model's own distribution)",
         )?;
         ctx.require(
-            s.grid >= 2 && s.grid.is_multiple_of(2),
+            s.grid >= 2 && s.grid.is_multiple_of(2) && s.grid <= MAX_GRID,
             "sample.grid",
             s.grid,
-            "an even number of images per side, at least 2",
+            &format!("an even number of images per side, from 2 to {MAX_GRID}"),
         )?;
 
         let r = &e.runtime;
@@ -280,6 +280,12 @@ impl Plan {
             }
         };
 
+        let image_side = match (e.data.crop, side) {
+            (0, side) => side,
+            (crop, _) => Some(crop),
+        };
+        check_size(&ctx, e, &model, image_side, &target)?;
+
         let dir = match e.data.dataset {
             DatasetKind::Synthetic => None,
             kind => Some(locate(&ctx, e, kind, source, pixel_data)?),
@@ -358,6 +364,56 @@ impl Plan {
         out.push_str(&body);
         out
     }
+}
+
+/// The largest sample grid side: 64 x 64 images, each drawn sub-pixel by sub-pixel.
+pub const MAX_GRID: usize = 64;
+
+/// Refuses a model whose training step cannot fit in this machine's memory (CPU targets; a GPU's
+/// memory is not known before the device opens): the weights with their gradients and Adam's two
+/// moments (16 bytes a parameter), and the activations of a batch where the image size is known.
+fn check_size(
+    ctx: &Checker,
+    e: &Experiment,
+    model: &ModelConfig,
+    side: Option<usize>,
+    target: &Target,
+) -> Result<()> {
+    if e.runtime.allow_large || matches!(target, Target::Cuda(_)) {
+        return Ok(());
+    }
+    let Some(memory) = device::host_memory_bytes() else {
+        return Ok(());
+    };
+    let parameters = model.estimated_parameters();
+    let pixels = side.map_or(0, |s| (s * s) as u64);
+    let activations = (e.train.batch_size as u64)
+        .saturating_mul(pixels)
+        .saturating_mul(model.activation_floats_per_pixel())
+        .saturating_mul(4);
+    let needed = parameters.saturating_mul(16).saturating_add(activations);
+    if needed <= memory {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    let m = &e.model;
+    Err(ctx.invalid(
+        "model",
+        format!(
+            "{{ layers = {}, kernel = {}, channels = {} }} at train.batch_size = {}",
+            m.layers, m.kernel, m.channels, e.train.batch_size
+        ),
+        &format!(
+            "a model that fits: it has about {parameters} parameters and a training step needs \
+             about {:.1} GiB ({:.1} GiB of weights, gradients and Adam state, {:.1} GiB of \
+             activations), more than this machine's {:.1} GiB; make it smaller, or set \
+             runtime.allow_large = true to try anyway",
+            gib(needed),
+            gib(parameters.saturating_mul(16)),
+            gib(activations),
+            gib(memory)
+        ),
+    ))
 }
 
 /// The results folder's name: the experiment file's stem.
@@ -515,6 +571,22 @@ mod tests {
         let mut e = synthetic();
         e.runtime.device = "gpu".into();
         assert!(err(e).contains("`runtime.device` = \"gpu\""));
+    }
+
+    /// Sizes that cannot fit are refused from the config alone, with the estimate; the key
+    /// `runtime.allow_large` lets them through knowingly. (Assumes a machine with less than
+    /// 1000 TiB of memory.)
+    #[test]
+    fn sizes_that_cannot_fit_are_refused_before_anything_is_built() {
+        let mut e = synthetic();
+        e.model.channels = 1_000_000_000;
+        let msg = err(e.clone());
+        assert!(msg.contains("channels = 1000000000"), "{msg}");
+        assert!(msg.contains("parameters") && msg.contains("GiB"), "{msg}");
+        e.runtime.allow_large = true;
+        assert!(plan(e).is_ok());
+        // The default model at the default batch fits anywhere this runs.
+        assert!(plan(synthetic()).is_ok());
     }
 
     #[test]

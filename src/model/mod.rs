@@ -5,6 +5,7 @@
 
 mod cache;
 pub mod causality;
+mod estimate;
 pub mod gated;
 pub mod masked_conv;
 pub mod native;
