@@ -67,6 +67,7 @@ pub fn execute(plan: Plan, options: &Options) -> Result<PathBuf> {
         overrides: plan.overrides.clone(),
         resumed: Vec::new(),
         hardware: results::hardware(session.device.gpu.as_deref()),
+        validation_images: session.splits.validation.as_ref().map_or(0, |v| v.len()),
     };
     drive(session, run, info)
 }
@@ -195,6 +196,10 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
         }
         let model = &state.model;
         let test_stats = train::evaluate(model, &splits.test, t.eval_batch_size, t.seed, device);
+        let validation = splits
+            .validation
+            .as_ref()
+            .map(|v| train::evaluate(model, v, t.eval_batch_size, t.seed, device));
         let row = MetricsRow {
             epoch,
             train_bits_per_dim: train_stats.bits_per_dim(),
@@ -207,6 +212,7 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
             test_recon_bits_per_dim: test_stats.recon_bits_per_dim(),
             test_kl_bits_per_dim: test_stats.kl_bits_per_dim(),
             kl_weight: train_stats.kl_weight,
+            validation_bits_per_dim: validation.map(|v| v.bits_per_dim()),
         };
         tracing::info!(
             epoch,

@@ -104,13 +104,13 @@ fn run_writes_every_result_file_and_refuses_to_overwrite() {
         lines.next().unwrap(),
         "epoch,train_bits_per_dim,test_bits_per_dim,train_seconds,test_seconds,\
          train_images_per_second,train_recon_bits_per_dim,train_kl_bits_per_dim,\
-         test_recon_bits_per_dim,test_kl_bits_per_dim,kl_weight"
+         test_recon_bits_per_dim,test_kl_bits_per_dim,kl_weight,validation_bits_per_dim"
     );
     let rows: Vec<Vec<f64>> = lines
         .map(|l| {
             let fields: Vec<&str> = l.split(',').collect();
-            // The PixelVAE columns stay empty for a PixelCNN.
-            assert_eq!(fields[6..], ["", "", "", "", ""], "{l}");
+            // The PixelVAE columns stay empty for a PixelCNN, validation without a split.
+            assert_eq!(fields[6..], ["", "", "", "", "", ""], "{l}");
             fields[..6].iter().map(|v| v.parse().unwrap()).collect()
         })
         .collect();
@@ -612,6 +612,38 @@ fn a_write_failing_during_the_run_exits_with_1() {
     assert!(info.contains("\"status\": \"failed\""), "{info}");
 }
 
+/// `data.validation` holds out training images chosen by the seed, evaluates them every epoch and
+/// records how many; asking for all of them is refused before training.
+#[test]
+fn a_validation_split_is_held_out_evaluated_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    let out = pixel(d, &["run", "tiny.toml", "--set", "data.validation=8"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let rows = read_csv(&d.join("results/tiny/metrics.csv"));
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let v: f64 = row["validation_bits_per_dim"].parse().unwrap();
+        let t: f64 = row["test_bits_per_dim"].parse().unwrap();
+        assert!(v > 0.0 && v < 9.0 && v != t, "{row:?}");
+    }
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("results/tiny/run.json")).unwrap())
+            .unwrap();
+    assert_eq!(info["validation_images"], 8);
+    let out = pixel(
+        d,
+        &["run", "tiny.toml", "--set", "data.validation=40", "--force"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("`data.validation` = 40"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn conflicting_flags_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -916,7 +948,8 @@ fn sweep_runs_skips_finished_runs_and_summarises() {
     let csv = std::fs::read_to_string(d.join("results/sw/summary.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5);
     assert!(csv.starts_with(
-        "run,status,epochs,final_test_bits_per_dim,best_test_bits_per_dim,best_epoch"
+        "run,status,epochs,final_test_bits_per_dim,best_epoch,best_validation_bits_per_dim,\
+         test_bits_per_dim_at_best"
     ));
 
     // Again: everything is skipped, nothing changes.

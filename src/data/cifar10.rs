@@ -84,6 +84,7 @@ pub fn load(dir: &Path) -> Result<Splits, DataError> {
     Ok(Splits {
         train: train.expect("five batches"),
         test: read_batch(&dir.join(FILES[5]))?,
+        validation: None,
     })
 }
 

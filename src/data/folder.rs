@@ -11,6 +11,7 @@ pub fn load(dir: &Path) -> Result<Splits, DataError> {
     Ok(Splits {
         test: read_split(&dir.join("valid"), Some(shape))?,
         train,
+        validation: None,
     })
 }
 

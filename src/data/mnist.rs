@@ -126,6 +126,7 @@ pub fn load(dir: &Path) -> Result<Splits, DataError> {
     Ok(Splits {
         train: read_pair(&path(FILES[0]), &path(FILES[1]))?,
         test: read_pair(&path(FILES[2]), &path(FILES[3]))?,
+        validation: None,
     })
 }
 

@@ -155,11 +155,13 @@ impl Images {
     }
 }
 
-/// A train and a test split of the same shape.
+/// A train and a test split of the same shape, and the validation images held out of train.
 #[derive(Clone, Debug)]
 pub struct Splits {
     pub train: Images,
     pub test: Images,
+    /// `data.validation` training images, chosen by the seed (None when none are held out).
+    pub validation: Option<Images>,
 }
 
 /// How a dataset is loaded (decided by the plan, before any file is read).
@@ -172,6 +174,8 @@ pub struct DataSpec {
     pub download: bool,
     pub train_limit: usize,
     pub test_limit: usize,
+    /// Training images held out for validation (after `train_limit`).
+    pub validation: usize,
     pub crop: usize,
     pub synthetic: synthetic::Spec,
     pub seed: u64,
@@ -280,14 +284,50 @@ pub fn load(spec: &DataSpec) -> Result<Splits, DataError> {
             ),
         ));
     }
-    for (images, limit) in [
-        (&mut splits.train, spec.train_limit),
-        (&mut splits.test, spec.test_limit),
-    ] {
-        images.truncate(limit);
+    splits.train.truncate(spec.train_limit);
+    splits.test.truncate(spec.test_limit);
+    if spec.validation > 0 {
+        let n = splits.train.len();
+        if spec.validation >= n {
+            return Err(DataError::format(
+                &dir,
+                format!(
+                    "`data.validation` = {} holds out every one of the {n} training images: \
+                     expected fewer",
+                    spec.validation
+                ),
+            ));
+        }
+        let (train, validation) = hold_out(&splits.train, spec.validation, spec.seed);
+        splits.train = train;
+        splits.validation = Some(validation);
+    }
+    for images in [&mut splits.train, &mut splits.test]
+        .into_iter()
+        .chain(splits.validation.as_mut())
+    {
         images.centre_crop(spec.crop);
     }
     Ok(splits)
+}
+
+/// Splits `images` into the rest and `n` of them chosen by the seed's validation stream, each in
+/// the order of the file.
+pub fn hold_out(images: &Images, n: usize, seed: u64) -> (Images, Images) {
+    let mut order: Vec<usize> = (0..images.len()).collect();
+    order.shuffle(&mut rng::stream(seed, Purpose::Validation, 0, 0));
+    let (rest, held) = order.split_at_mut(images.len() - n);
+    rest.sort_unstable();
+    held.sort_unstable();
+    let pick = |indices: &[usize]| {
+        let (pixels, labels) = images.gather(indices);
+        Images {
+            pixels,
+            labels,
+            ..*images
+        }
+    };
+    (pick(rest), pick(held))
 }
 
 /// The order in which an epoch visits the training images: a seeded shuffle, different each epoch
@@ -333,6 +373,32 @@ mod tests {
         im.truncate(1);
         assert_eq!(im.len(), 1);
         assert_eq!(im.pixels.len(), 32);
+    }
+
+    /// The validation images are a seeded subset: together with the rest they are the training
+    /// set, each image once, both in file order; another seed holds out others.
+    #[test]
+    fn hold_out_is_a_seeded_disjoint_subset() {
+        let images = Images {
+            pixels: (0..50u8).collect(),
+            labels: (0..50u8).map(|l| l % 10).collect(),
+            colours: 1,
+            height: 1,
+            width: 1,
+        };
+        let (rest, held) = hold_out(&images, 10, 3);
+        assert_eq!((rest.len(), held.len()), (40, 10));
+        let mut all: Vec<u8> = rest.pixels.iter().chain(&held.pixels).copied().collect();
+        assert!(rest.pixels.is_sorted() && held.pixels.is_sorted());
+        all.sort_unstable();
+        assert_eq!(all, (0..50u8).collect::<Vec<_>>());
+        assert_eq!(hold_out(&images, 10, 3).1, held);
+        assert_ne!(hold_out(&images, 10, 4).1, held);
+        assert_ne!(
+            held.pixels,
+            (40..50u8).collect::<Vec<_>>(),
+            "not simply the last ten"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub fn generate(spec: &Spec, seed: u64) -> Splits {
             rng::stream(seed, Purpose::Synthetic, 0, 0),
         ),
         test: images(spec, test, rng::stream(seed, Purpose::Synthetic, 0, 1)),
+        validation: None,
     }
 }
 

@@ -296,6 +296,7 @@ impl Plan {
             download: e.data.download,
             train_limit: e.data.train_limit,
             test_limit: e.data.test_limit,
+            validation: e.data.validation,
             crop: e.data.crop,
             synthetic: synthetic::Spec {
                 size: e.data.synthetic_size,

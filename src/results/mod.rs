@@ -53,6 +53,9 @@ pub struct RunInfo {
     /// The CPU the run started on, and how many threads it could use.
     #[serde(default)]
     pub hardware: String,
+    /// Training images held out for validation (`data.validation`, chosen by the seed).
+    #[serde(default)]
+    pub validation_images: usize,
 }
 
 impl RunInfo {
@@ -80,7 +83,7 @@ pub fn hardware(gpu: Option<&str>) -> String {
 }
 
 /// The header of `metrics.csv`, in the order of [`MetricsRow`]'s fields.
-pub const METRICS_COLUMNS: [&str; 11] = [
+pub const METRICS_COLUMNS: [&str; 12] = [
     "epoch",
     "train_bits_per_dim",
     "test_bits_per_dim",
@@ -92,6 +95,7 @@ pub const METRICS_COLUMNS: [&str; 11] = [
     "test_recon_bits_per_dim",
     "test_kl_bits_per_dim",
     "kl_weight",
+    "validation_bits_per_dim",
 ];
 
 /// One row of `metrics.csv`.
@@ -116,6 +120,10 @@ pub struct MetricsRow {
     pub test_kl_bits_per_dim: Option<f64>,
     #[serde(default)]
     pub kl_weight: Option<f64>,
+    /// With `data.validation`: the held-out training images, as `test_bits_per_dim` (empty
+    /// otherwise). What model selection uses.
+    #[serde(default)]
+    pub validation_bits_per_dim: Option<f64>,
 }
 
 /// The current time as RFC 3339, UTC, whole seconds.

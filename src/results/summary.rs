@@ -10,8 +10,12 @@ pub struct RunSummary {
     pub status: String,
     pub epochs: usize,
     pub final_test_bits_per_dim: f64,
-    pub best_test_bits_per_dim: f64,
-    pub best_epoch: usize,
+    /// The epoch with the lowest validation bits/dim: model selection on the held-out training
+    /// images, never on test. Empty without a validation split.
+    pub best_epoch: Option<usize>,
+    pub best_validation_bits_per_dim: Option<f64>,
+    /// The test bits/dim of the epoch chosen on validation.
+    pub test_bits_per_dim_at_best: Option<f64>,
     pub parameters: usize,
     pub wall_seconds: f64,
     pub train_images_per_second: f64,
@@ -23,14 +27,16 @@ impl RunSummary {
         let last = metrics.last()?;
         let best = metrics
             .iter()
-            .min_by(|a, b| a.test_bits_per_dim.total_cmp(&b.test_bits_per_dim))?;
+            .filter_map(|m| Some((m.validation_bits_per_dim?, m)))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
         Some(RunSummary {
             run: run.into(),
             status: info.status_word(),
             epochs: last.epoch,
             final_test_bits_per_dim: last.test_bits_per_dim,
-            best_test_bits_per_dim: best.test_bits_per_dim,
-            best_epoch: best.epoch,
+            best_epoch: best.map(|(_, m)| m.epoch),
+            best_validation_bits_per_dim: best.map(|(v, _)| v),
+            test_bits_per_dim_at_best: best.map(|(_, m)| m.test_bits_per_dim),
             parameters: info.parameters,
             wall_seconds: metrics
                 .iter()
@@ -106,25 +112,27 @@ pub fn to_csv(runs: &[RunSummary]) -> String {
 /// The summary as a Markdown table, plus a table over seeds when some configuration has several.
 pub fn to_markdown(runs: &[RunSummary], missing: &[String]) -> String {
     let mut out = String::from(
-        "| run | status | epochs | final test bits/dim | best test bits/dim | best epoch | parameters | wall time | train images/s |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| run | status | epochs | final test bits/dim | best epoch (on validation) | validation bits/dim there | test bits/dim there | parameters | wall time | train images/s |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
+    let or_dash = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
     for r in runs {
         out.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.4} | {} | {} | {} | {:.1} |\n",
+            "| {} | {} | {} | {:.4} | {} | {} | {} | {} | {} | {:.1} |\n",
             r.run,
             r.status,
             r.epochs,
             r.final_test_bits_per_dim,
-            r.best_test_bits_per_dim,
-            r.best_epoch,
+            r.best_epoch.map_or("-".into(), |e| e.to_string()),
+            or_dash(r.best_validation_bits_per_dim),
+            or_dash(r.test_bits_per_dim_at_best),
             r.parameters,
             duration(r.wall_seconds),
             r.train_images_per_second
         ));
     }
     for m in missing {
-        out.push_str(&format!("| {m} | not run | | | | | | | |\n"));
+        out.push_str(&format!("| {m} | not run | | | | | | | | |\n"));
     }
     let groups = seed_groups(runs);
     if groups.iter().any(|g| g.seeds > 1) {
@@ -175,16 +183,20 @@ mod tests {
             overrides: vec![],
             resumed: vec![],
             hardware: String::new(),
+            validation_images: 0,
         }
     }
 
-    fn rows(test: &[f64]) -> Vec<MetricsRow> {
+    /// Epochs with these test bits/dim and, with `validation`, validation bits/dim 0.05 above
+    /// test except at epoch 3, where validation is lowest although test is not.
+    fn rows(test: &[f64], validation: bool) -> Vec<MetricsRow> {
         test.iter()
             .enumerate()
             .map(|(i, &t)| MetricsRow {
                 epoch: i + 1,
                 train_bits_per_dim: t + 0.1,
                 test_bits_per_dim: t,
+                validation_bits_per_dim: validation.then_some(if i == 2 { 0.5 } else { t + 0.05 }),
                 train_seconds: 30.0,
                 test_seconds: 5.0,
                 train_images_per_second: 100.0 + i as f64,
@@ -195,19 +207,27 @@ mod tests {
 
     #[test]
     fn best_final_and_seed_spread() {
-        let a = RunSummary::new("layers=5_seed=1", &info(), &rows(&[2.0, 1.5, 1.6])).unwrap();
+        // Without a validation split nothing is selected (never on test, whose best is epoch 2).
+        let a =
+            RunSummary::new("layers=5_seed=1", &info(), &rows(&[2.0, 1.5, 1.6], false)).unwrap();
+        assert_eq!((a.best_epoch, a.final_test_bits_per_dim), (None, 1.6));
+        // With one, the epoch of the lowest validation value, whatever test says.
+        let v = RunSummary::new("v", &info(), &rows(&[2.0, 1.5, 1.6, 1.55], true)).unwrap();
         assert_eq!(
             (
-                a.best_epoch,
-                a.best_test_bits_per_dim,
-                a.final_test_bits_per_dim
+                v.best_epoch,
+                v.best_validation_bits_per_dim,
+                v.test_bits_per_dim_at_best
             ),
-            (2, 1.5, 1.6)
+            (Some(3), Some(0.5), Some(1.6))
+        );
+        assert!(
+            to_markdown(&[v], &[]).contains("| v | completed | 4 | 1.5500 | 3 | 0.5000 | 1.6000 |")
         );
         assert_eq!(a.wall_seconds, 105.0);
         assert_eq!(a.train_images_per_second, 101.0);
-        let b = RunSummary::new("layers=5_seed=2", &info(), &rows(&[1.8])).unwrap();
-        let c = RunSummary::new("layers=9_seed=1", &info(), &rows(&[1.2])).unwrap();
+        let b = RunSummary::new("layers=5_seed=2", &info(), &rows(&[1.8], false)).unwrap();
+        let c = RunSummary::new("layers=9_seed=1", &info(), &rows(&[1.2], false)).unwrap();
         let g = seed_groups(&[a.clone(), b.clone(), c.clone()]);
         assert_eq!(g.len(), 2);
         assert_eq!((g[0].config.as_str(), g[0].seeds), ("layers=5", 2));
@@ -216,7 +236,7 @@ mod tests {
         let md = to_markdown(&[a, b, c], &["layers=9_seed=2".into()]);
         assert!(
             md.contains(
-                "| layers=5_seed=1 | completed | 3 | 1.6000 | 1.5000 | 2 | 1234 | 1m45s | 101.0 |"
+                "| layers=5_seed=1 | completed | 3 | 1.6000 | - | - | - | 1234 | 1m45s | 101.0 |"
             ),
             "{md}"
         );
