@@ -317,6 +317,8 @@ mod tests {
             (ModelConfig::Gated(gated(1, 3, None)), Precision::F32),
             (ModelConfig::Gated(gated(3, 5, Some(10))), Precision::F32),
             (ModelConfig::Gated(gated(3, 3, Some(10))), Precision::Bf16),
+            (ModelConfig::Gated(gated(3, 3, Some(10))), Precision::F16),
+            (simple(3, 3), Precision::F16),
         ];
         for ablation in 0..3 {
             let mut cfg = gated(3, 3, None);

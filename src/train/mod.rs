@@ -330,11 +330,14 @@ mod tests {
         });
         let device = Device::flex().autodiff();
         let order: Vec<usize> = (0..64).collect();
-        let losses = |precision| {
+        // Adam, as runs train, and plain SGD, whose steps scale with the gradients: a loss scale
+        // left in the gradients (65536 for f16) would throw SGD far off the f32 trajectory, where
+        // Adam, nearly invariant to the gradients' scale, would hide it.
+        let losses = |precision, sgd: bool| {
             let model = cfg.init(2, &device).with_precision(precision);
             let step = Step {
                 batch_size: 16,
-                learning_rate: 1e-3,
+                learning_rate: if sgd { 0.5 } else { 1e-3 },
                 seed: 2,
                 epoch: 1,
                 kl_warmup_steps: 0,
@@ -343,7 +346,11 @@ mod tests {
             let mut per_epoch = Vec::new();
             let mut state = TrainState {
                 model,
-                optimizer: crate::optim::adam(),
+                optimizer: if sgd {
+                    burn::optim::SgdConfig::new().init()
+                } else {
+                    crate::optim::adam()
+                },
                 loss_scale: (precision == Precision::F16).then(LossScale::default),
             };
             for _ in 0..3 {
@@ -354,18 +361,20 @@ mod tests {
             }
             per_epoch
         };
-        let full = losses(Precision::F32);
-        assert!(full[2] < full[0], "f32 learns: {full:?}");
-        for precision in [Precision::Bf16, Precision::F16] {
-            let half = losses(precision);
-            assert!(half[2] < half[0], "{precision:?} learns: {half:?}");
-            for (f, h) in full.iter().zip(&half) {
-                assert!(
-                    (f - h).abs() / f < 0.02,
-                    "{precision:?} {half:?} vs f32 {full:?}"
-                );
+        for sgd in [false, true] {
+            let full = losses(Precision::F32, sgd);
+            assert!(full[2] < full[0], "f32 learns (sgd: {sgd}): {full:?}");
+            for precision in [Precision::Bf16, Precision::F16] {
+                let half = losses(precision, sgd);
+                assert!(half[2] < half[0], "{precision:?} learns: {half:?}");
+                for (f, h) in full.iter().zip(&half) {
+                    assert!(
+                        (f - h).abs() / f < 0.02,
+                        "{precision:?} (sgd: {sgd}) {half:?} vs f32 {full:?}"
+                    );
+                }
+                assert_ne!(full, half, "{precision:?} really computed in low precision");
             }
-            assert_ne!(full, half, "{precision:?} really computed in low precision");
         }
     }
 
@@ -409,9 +418,10 @@ mod tests {
             )
             .sum()
             .into_scalar();
-        // A scale that overflows f16 (and even f32) in the backward pass.
+        // A scale at which the loss stays finite in f32 (a few bits per sub-pixel times 1e9) but
+        // the gradients overflow f16 (largest value 65504) in the backward pass.
         let loss_scale = Some(LossScale {
-            scale: 1e38,
+            scale: 1e9,
             ..LossScale::default()
         });
         let step = Step {
@@ -436,7 +446,7 @@ mod tests {
             _,
         ) = train_epoch(state, epoch(&data, &order, step, &device), |_, _| {}).unwrap();
         let ls = loss_scale.unwrap();
-        assert_eq!((ls.scale, ls.skipped), (5e37, 1), "{ls:?}");
+        assert_eq!((ls.scale, ls.skipped), (5e8, 1), "{ls:?}");
         let after: f32 = model
             .forward(
                 Batch::gather(&data, &[0], &device).input,
