@@ -13,6 +13,19 @@ pub enum BackendKind {
     Flex,
     /// burn-tch: libtorch, CPU or CUDA.
     Libtorch,
+    /// The fastest compiled in: libtorch on CUDA when a GPU is visible, libtorch CPU when
+    /// libtorch is compiled in, else flex. `run.json` records the choice and why.
+    Auto,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Flex => "flex",
+            BackendKind::Libtorch => "libtorch",
+            BackendKind::Auto => "auto",
+        }
+    }
 }
 
 /// Float precisions of the convolutions. Weights, optimizer state, softmax and loss stay f32.
@@ -59,15 +72,50 @@ impl Target {
 /// Whether a backend was compiled into this binary.
 pub fn compiled_in(backend: BackendKind) -> bool {
     match backend {
-        BackendKind::Flex => true,
+        BackendKind::Flex | BackendKind::Auto => true,
         BackendKind::Libtorch => cfg!(feature = "tch"),
+    }
+}
+
+/// The backend and target that `choice` runs on, and why, given whether libtorch is compiled in
+/// and whether it sees a CUDA device (asked only where it matters).
+pub fn resolve(
+    choice: &DeviceChoice,
+    libtorch: bool,
+    cuda: impl FnOnce() -> bool,
+) -> (BackendKind, Target, String) {
+    let asked = format!("runtime.backend = \"{}\"", choice.backend.name());
+    match (choice.backend, choice.target) {
+        (BackendKind::Auto, Target::Cuda(i)) => (
+            BackendKind::Libtorch,
+            Target::Cuda(i),
+            "backend auto: libtorch, as runtime.device asks for CUDA".into(),
+        ),
+        (BackendKind::Auto, _) if !libtorch => (
+            BackendKind::Flex,
+            Target::Cpu,
+            "backend auto: flex, the only backend compiled into this binary".into(),
+        ),
+        (BackendKind::Auto, Target::Auto) if cuda() => (
+            BackendKind::Libtorch,
+            Target::Cuda(0),
+            "backend auto: libtorch on CUDA, compiled in and a GPU is visible".into(),
+        ),
+        (BackendKind::Auto, _) => (
+            BackendKind::Libtorch,
+            Target::Cpu,
+            "backend auto: libtorch on the CPU, compiled in (faster than flex there) and no GPU \
+             asked for or visible"
+                .into(),
+        ),
+        (backend, target) => (backend, target, asked),
     }
 }
 
 /// How to get a backend that is not compiled in.
 pub fn rebuild_hint(backend: BackendKind) -> &'static str {
     match backend {
-        BackendKind::Flex => "",
+        BackendKind::Flex | BackendKind::Auto => "",
         BackendKind::Libtorch => {
             "a binary built with libtorch: `cargo build --release --features tch` \
              (see the README's libtorch section)"
@@ -82,13 +130,17 @@ pub struct Opened {
     pub description: String,
     /// The GPU's name, for a CUDA device (from `nvidia-smi`, when it answers).
     pub gpu: Option<String>,
+    /// The backend it runs on (`auto` resolved), and why.
+    pub backend: BackendKind,
+    pub reason: String,
 }
 
 /// Opens the device (after the plan has checked the backend is compiled in).
 pub fn open(choice: &DeviceChoice, seed: u64) -> Opened {
-    let (device, description) = match choice.backend {
-        BackendKind::Flex => (Device::flex(), "flex:cpu".to_string()),
-        BackendKind::Libtorch => libtorch(choice.target),
+    let (backend, target, reason) = resolve(choice, cfg!(feature = "tch"), cuda_available);
+    let (device, description) = match backend {
+        BackendKind::Libtorch => libtorch(target),
+        _ => (Device::flex(), "flex:cpu".to_string()),
     };
     device.seed(crate::rng::derive(seed, crate::rng::Purpose::Backend, 0, 0));
     let gpu = description
@@ -98,6 +150,8 @@ pub fn open(choice: &DeviceChoice, seed: u64) -> Opened {
         device,
         description,
         gpu,
+        backend,
+        reason,
     }
 }
 
@@ -161,6 +215,43 @@ pub(crate) fn test_devices() -> Vec<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_picks_libtorch_cuda_then_libtorch_cpu_then_flex() {
+        let choice = |backend, target| DeviceChoice {
+            backend,
+            target,
+            precision: Precision::F32,
+        };
+        let auto = choice(BackendKind::Auto, Target::Auto);
+        let pick = |c: &DeviceChoice, tch, cuda| {
+            let (b, t, why) = resolve(c, tch, || cuda);
+            assert!(
+                why.contains("auto") || c.backend != BackendKind::Auto,
+                "{why}"
+            );
+            (b, t)
+        };
+        assert_eq!(
+            pick(&auto, true, true),
+            (BackendKind::Libtorch, Target::Cuda(0))
+        );
+        assert_eq!(
+            pick(&auto, true, false),
+            (BackendKind::Libtorch, Target::Cpu)
+        );
+        assert_eq!(pick(&auto, false, true), (BackendKind::Flex, Target::Cpu));
+        let cpu = choice(BackendKind::Auto, Target::Cpu);
+        assert_eq!(pick(&cpu, true, true), (BackendKind::Libtorch, Target::Cpu));
+        let cuda = choice(BackendKind::Auto, Target::Cuda(1));
+        assert_eq!(
+            pick(&cuda, true, false),
+            (BackendKind::Libtorch, Target::Cuda(1))
+        );
+        // An explicit backend is taken as written.
+        let flex = choice(BackendKind::Flex, Target::Auto);
+        assert_eq!(pick(&flex, true, true), (BackendKind::Flex, Target::Auto));
+    }
 
     #[test]
     fn parses_targets() {

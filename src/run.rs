@@ -51,7 +51,8 @@ pub fn execute(plan: Plan, options: &Options) -> Result<PathBuf> {
         name: plan.name.clone(),
         crate_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: env!("BUILD_GIT_REVISION").into(),
-        backend: format!("{:?}", plan.device.backend).to_lowercase(),
+        backend: session.device.backend.name().into(),
+        backend_choice: session.device.reason.clone(),
         device: session.device.description.clone(),
         float_dtype: match plan.device.precision {
             Precision::F32 => "f32".into(),

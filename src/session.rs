@@ -45,6 +45,7 @@ impl Session {
     pub fn open(plan: Plan, weights: Weights) -> Result<Session> {
         let seed = plan.experiment.train.seed;
         let opened = device::open(&plan.device, seed);
+        tracing::info!(device = %opened.description, "{}", opened.reason);
         let splits = data::load(&plan.data)?;
         check_splits(&plan, &splits)?;
 

@@ -666,6 +666,40 @@ fn a_validation_split_is_held_out_evaluated_and_recorded() {
     );
 }
 
+/// `backend = "auto"` runs on the fastest backend compiled in, and run.json says which and why.
+#[test]
+fn auto_backend_records_what_it_chose() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    let out = pixel(
+        d,
+        &[
+            "run",
+            "tiny.toml",
+            "--set",
+            "runtime.backend=auto",
+            "--set",
+            "train.epochs=1",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("results/tiny/run.json")).unwrap())
+            .unwrap();
+    let expected = if cfg!(feature = "tch") {
+        "libtorch"
+    } else {
+        "flex"
+    };
+    assert_eq!(info["backend"], expected, "{info}");
+    let why = info["backend_choice"].as_str().unwrap();
+    assert!(
+        why.starts_with("backend auto: ") && why.contains(expected),
+        "{why}"
+    );
+}
+
 #[test]
 fn conflicting_flags_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();

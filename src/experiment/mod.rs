@@ -263,7 +263,8 @@ impl Default for SampleSection {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeSection {
-    /// Burn backend: "flex" (pure Rust, always built) or "libtorch" (needs `--features tch`).
+    /// Burn backend: "flex" (pure Rust, always built), "libtorch" (needs `--features tch`), or
+    /// "auto" (libtorch on CUDA when a GPU is visible, libtorch CPU when compiled in, else flex).
     /// Default: "flex".
     pub backend: BackendKind,
     /// "auto", "cpu", "cuda" or "cuda:N". "auto" picks CUDA on libtorch when it is available.

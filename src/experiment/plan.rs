@@ -147,25 +147,27 @@ impl Plan {
                 "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"",
             ));
         };
-        let backend_name = match r.backend {
-            BackendKind::Flex => "\"flex\"",
-            BackendKind::Libtorch => "\"libtorch\"",
-        };
+        let backend_name = format!("\"{}\"", r.backend.name());
         if !device::compiled_in(r.backend) {
             return Err(ctx.invalid(
                 "runtime.backend",
-                backend_name.into(),
+                backend_name.clone(),
                 &format!(
                     "a backend compiled into this binary; for {backend_name} use {}",
                     device::rebuild_hint(r.backend)
                 ),
             ));
         }
+        let flex_only = r.backend == BackendKind::Flex
+            || (r.backend == BackendKind::Auto && !device::compiled_in(BackendKind::Libtorch));
         ctx.require(
-            !(matches!(target, Target::Cuda(_)) && r.backend == BackendKind::Flex),
+            !(matches!(target, Target::Cuda(_)) && flex_only),
             "runtime.device",
             format!("{:?}", r.device),
-            "\"cpu\" or \"auto\" with the flex backend (CUDA needs backend = \"libtorch\")",
+            &format!(
+                "\"cpu\" or \"auto\" with the flex backend (CUDA needs libtorch: {})",
+                device::rebuild_hint(BackendKind::Libtorch)
+            ),
         )?;
 
         let classes = match m.conditional {
@@ -629,6 +631,19 @@ mod tests {
         let msg = err(e);
         assert!(msg.contains("no/such/folder"), "{msg}");
         assert!(msg.contains("train-images-idx3-ubyte"), "{msg}");
+    }
+
+    /// `auto` plans everywhere, but CUDA needs libtorch compiled in.
+    #[cfg(not(feature = "tch"))]
+    #[test]
+    fn auto_backend_needs_libtorch_only_for_cuda() {
+        let mut e = synthetic();
+        e.runtime.backend = BackendKind::Auto;
+        assert!(plan(e.clone()).is_ok());
+        e.runtime.device = "cuda:1".into();
+        let msg = err(e);
+        assert!(msg.contains("`runtime.device` = \"cuda:1\""), "{msg}");
+        assert!(msg.contains("--features tch"), "{msg}");
     }
 
     #[cfg(not(feature = "tch"))]

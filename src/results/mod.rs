@@ -53,6 +53,9 @@ pub struct RunInfo {
     /// The CPU the run started on, and how many threads it could use.
     #[serde(default)]
     pub hardware: String,
+    /// Why this backend: as written, or what `backend = "auto"` found.
+    #[serde(default)]
+    pub backend_choice: String,
     /// Training images held out for validation (`data.validation`, chosen by the seed).
     #[serde(default)]
     pub validation_images: usize,

@@ -184,6 +184,7 @@ mod tests {
             resumed: vec![],
             hardware: String::new(),
             validation_images: 0,
+            backend_choice: String::new(),
         }
     }
 
