@@ -44,8 +44,9 @@ pub enum Command {
     Sample {
         /// A results folder written by `pixel run`.
         results_dir: PathBuf,
-        /// Where to write the PNG (default: RESULTS_DIR/samples/sample.png).
-        #[arg(long, value_name = "FILE")]
+        /// Where to write: the grid's PNG (default: RESULTS_DIR/samples/sample.png), or with
+        /// --count the folder of images (default: RESULTS_DIR/samples/draws/).
+        #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
         /// Softmax temperature (default: the experiment's).
         #[arg(long, allow_negative_numbers = true)]
@@ -53,6 +54,19 @@ pub enum Command {
         /// Seed of the sampler (default: the experiment's).
         #[arg(long)]
         seed: Option<u64>,
+        /// Draw N single images from scratch instead of a grid: OUT/sample-00000.png ...
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        count: Option<usize>,
+        /// With --count, for a class-conditional model: the class of every image (default: image i
+        /// gets class i mod 10).
+        #[arg(long, value_name = "K", requires = "count")]
+        class: Option<u8>,
+        /// With --count: also write OUT/samples.npy, shape [N, colours, height, width], uint8.
+        #[arg(long, requires = "count")]
+        npy: bool,
+        /// With --count: images sampled at once.
+        #[arg(long, value_name = "N", default_value_t = 64, requires = "count")]
+        batch_size: usize,
     },
     /// Evaluate a run's last finished epoch on its test split and write RESULTS_DIR/eval.json:
     /// the exact NLL of a PixelCNN, or for a PixelVAE an importance-sampled NLL beside the ELBO.
@@ -151,7 +165,19 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             out,
             temperature,
             seed,
-        } => cmd::sample::sample_results(&results_dir, out, temperature, seed),
+            count,
+            class,
+            npy,
+            batch_size,
+        } => {
+            let draws = count.map(|count| cmd::sample::Draws {
+                count,
+                class,
+                npy,
+                batch_size,
+            });
+            cmd::sample::sample_results(&results_dir, out, temperature, seed, draws)
+        }
         Command::Eval {
             results_dir,
             importance_samples,

@@ -30,6 +30,8 @@ pub enum Purpose {
     Backend = 8,
     /// Which training images are held out for validation.
     Validation = 9,
+    /// `pixel sample --count`'s images (per batch).
+    Draws = 10,
 }
 
 /// SplitMix64's finaliser (Steele et al. 2014): a bijection of u64 whose outputs for nearby
@@ -86,6 +88,7 @@ mod tests {
             Purpose::ImportanceSampling,
             Purpose::Backend,
             Purpose::Validation,
+            Purpose::Draws,
         ];
         let mut seen = HashSet::new();
         for seed in 0..4 {

@@ -192,6 +192,40 @@ pub fn grid(
     cells
 }
 
+/// Images drawn from scratch, one per label (`[labels.len(), colours, height, width]` bytes): the
+/// top half of a grid without the grid, for `pixel sample --count`. A PixelVAE draws z from the
+/// prior.
+#[allow(clippy::too_many_arguments)]
+pub fn from_scratch(
+    model: &Model,
+    labels: &[u8],
+    (colours, height, width): (usize, usize, usize),
+    method: Method,
+    temperature: f64,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Vec<u8> {
+    let mut canvas = Images {
+        pixels: vec![0; labels.len() * colours * height * width],
+        labels: labels.to_vec(),
+        colours,
+        height,
+        width,
+    };
+    let context = sampling_context(model, &canvas, Latent::Prior, rng, device);
+    fill(
+        model,
+        &mut canvas,
+        0,
+        &context,
+        method,
+        temperature,
+        rng,
+        device,
+    );
+    canvas.pixels
+}
+
 /// Where a PixelVAE's latents come from when sampling.
 #[derive(Clone, Copy, Debug)]
 pub enum Latent {

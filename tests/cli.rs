@@ -700,6 +700,73 @@ fn auto_backend_records_what_it_chose() {
     );
 }
 
+/// `pixel sample --count N` writes N single images and, with --npy, one array of the same bytes;
+/// `--class` needs a class-conditional model.
+#[test]
+fn sample_count_writes_single_images_and_an_npy_array() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let conditional = TINY.replace(
+        "[model]\n",
+        "[model]\nvariant = \"gated\"\nconditional = \"class\"\n",
+    );
+    std::fs::write(d.join("cond.toml"), conditional).unwrap();
+    let out = pixel(d, &["run", "cond.toml", "--set", "train.epochs=1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let args = [
+        "sample",
+        "results/cond",
+        "--count",
+        "5",
+        "--npy",
+        "--class",
+        "3",
+    ];
+    let out = pixel(
+        d,
+        &[&args[..], &["--batch-size", "2", "--out", "draws"]].concat(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let npy = std::fs::read(d.join("draws/samples.npy")).unwrap();
+    let len = u16::from_le_bytes([npy[8], npy[9]]) as usize;
+    let header = std::str::from_utf8(&npy[10..10 + len]).unwrap();
+    assert!(header.contains("'shape': (5, 1, 6, 6)"), "{header}");
+    let data = &npy[10 + len..];
+    assert_eq!(data.len(), 5 * 36);
+    for i in 0..5 {
+        let png = d.join(format!("draws/sample-{i:05}.png"));
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        assert_eq!(&buf[..36], &data[i * 36..(i + 1) * 36], "image {i}");
+    }
+    assert!(!d.join("draws/sample-00005.png").exists());
+    // The same seed and batch size draw the same images.
+    let again = pixel(
+        d,
+        &[&args[..], &["--batch-size", "2", "--out", "again"]].concat(),
+    );
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(std::fs::read(d.join("again/samples.npy")).unwrap(), npy);
+
+    std::fs::write(d.join("plain.toml"), TINY).unwrap();
+    let out = pixel(d, &["run", "plain.toml", "--set", "train.epochs=1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pixel(
+        d,
+        &["sample", "results/plain", "--count", "2", "--class", "3"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--class 3") && text(&out).contains("not class-conditional"));
+    let out = pixel(
+        d,
+        &["sample", "results/plain", "--count", "2", "--class", "12"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
 #[test]
 fn conflicting_flags_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,20 +1,45 @@
-//! `pixel sample`: a grid from a finished (or interrupted) run's checkpoint.
+//! `pixel sample`: a grid from a finished (or interrupted) run's checkpoint, or N single images
+//! (PNGs and optionally one `.npy` array) for FID and other tools.
 
 use crate::error::{Error, Result};
-use crate::experiment;
-use crate::results::SAMPLES_DIR;
+use crate::experiment::{self, Conditional};
+use crate::results::{self, SAMPLES_DIR};
+use crate::rng::{self, Purpose};
 use crate::run;
+use crate::sample::{self, Method};
 use crate::session::{self, Session, Weights};
+use burn::module::Module;
+use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
-/// Writes a grid sampled from the run in `dir` to `out` (default `dir/samples/sample.png`), with
-/// the experiment's temperature and seed unless given.
+/// `pixel sample --count N`: single images instead of a grid.
+#[derive(Clone, Copy, Debug)]
+pub struct Draws {
+    pub count: usize,
+    /// Class-conditional models: the class of every image (default: image i gets class i mod 10).
+    pub class: Option<u8>,
+    /// Also write `samples.npy`, `[count, colours, height, width]` uint8.
+    pub npy: bool,
+    /// Images sampled at once.
+    pub batch_size: usize,
+}
+
+/// The classes a conditional model is asked for (10: MNIST digits, CIFAR-10 classes).
+const CLASSES: u8 = 10;
+
+/// Writes a grid sampled from the run in `dir` to `out` (default `dir/samples/sample.png`), or
+/// with `draws` that many single images into the folder `out` (default `dir/samples/draws/`),
+/// with the experiment's temperature and seed unless given.
 pub fn sample_results(
     dir: &Path,
     out: Option<PathBuf>,
     temperature: Option<f64>,
     seed: Option<u64>,
+    draws: Option<Draws>,
 ) -> Result<()> {
+    if let Some(d) = draws {
+        check_draws(&d)?;
+    }
     // Each flag is named as the source of its value in the plan's errors.
     let flag = |key: &str, value: String, origin: &str| experiment::Override {
         key: key.into(),
@@ -33,7 +58,22 @@ pub fn sample_results(
         sets.push(flag("train.seed", s.to_string(), "--seed"));
     }
     let plan = session::recorded_plan(dir, &sets, "pixel sample")?;
+    if let Some(Draws { class: Some(k), .. }) = draws
+        && plan.experiment.model.conditional != Conditional::Class
+    {
+        return Err(Error::Usage {
+            flag: format!("--class {k}"),
+            message: format!(
+                "{} is not class-conditional (model.conditional = \"none\"): it draws no class",
+                dir.display()
+            ),
+        });
+    }
     let session = Session::open(plan, Weights::Trained(dir))?;
+    if let Some(d) = draws {
+        let out = out.unwrap_or_else(|| dir.join(SAMPLES_DIR).join("draws"));
+        return write_draws(&session, &d, &out);
+    }
     let out = out.unwrap_or_else(|| dir.join(SAMPLES_DIR).join("sample.png"));
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
@@ -47,5 +87,91 @@ pub fn sample_results(
     } = &session;
     run::write_grid(plan, &state.model, &splits.test, 0, &out, &device.device)?;
     println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn check_draws(d: &Draws) -> Result<()> {
+    let usage = |flag: String, message: &str| {
+        Err(Error::Usage {
+            flag,
+            message: message.into(),
+        })
+    };
+    if d.count == 0 {
+        return usage("--count 0".into(), "expected at least 1 image");
+    }
+    if d.batch_size == 0 {
+        return usage(
+            "--batch-size 0".into(),
+            "expected at least 1 image per batch",
+        );
+    }
+    if let Some(k) = d.class.filter(|&k| k >= CLASSES) {
+        return usage(format!("--class {k}"), "expected a class from 0 to 9");
+    }
+    Ok(())
+}
+
+/// Samples `d.count` images in batches, writing `sample-NNNNN.png` each (whole or not at all) and
+/// at the end `samples.npy`. Batch b draws from the sampling stream of (seed, b): the same seed
+/// and batch size give the same images.
+fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(Error::io(out))?;
+    let test = &session.splits.test;
+    let shape = (test.colours, test.height, test.width);
+    let model = session.state.model.valid();
+    let device = session.device.device.clone();
+    let s = &session.plan.experiment;
+    let bar = ProgressBar::new(d.count as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "sampling [{bar:30}] {pos}/{len} images, {per_sec}, {eta} left",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let mut all = Vec::with_capacity(d.count * shape.0 * shape.1 * shape.2);
+    let indices: Vec<usize> = (0..d.count).collect();
+    for (b, batch) in indices.chunks(d.batch_size).enumerate() {
+        let labels: Vec<u8> = batch
+            .iter()
+            .map(|&i| d.class.unwrap_or((i % usize::from(CLASSES)) as u8))
+            .collect();
+        let mut rng = rng::stream(s.train.seed, Purpose::Draws, 0, b as u64);
+        let pixels = sample::from_scratch(
+            &model,
+            &labels,
+            shape,
+            Method::Cached,
+            s.sample.temperature,
+            &mut rng,
+            &device,
+        );
+        let dims = shape.0 * shape.1 * shape.2;
+        for (&i, image) in batch.iter().zip(pixels.chunks(dims)) {
+            let path = out.join(format!("sample-{i:05}.png"));
+            let tmp = path.with_extension("png.tmp");
+            results::png::write_rgb_or_grey(&tmp, image, shape.0, shape.1, shape.2)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(Error::io(&path))?;
+        }
+        all.extend(pixels);
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    if d.npy {
+        let path = out.join("samples.npy");
+        let bytes = results::npy::u8_array(&[d.count, shape.0, shape.1, shape.2], &all);
+        results::write_atomic(&path, &bytes)?;
+    }
+    println!(
+        "wrote {} images into {} ({:.1} images/s){}",
+        d.count,
+        out.display(),
+        d.count as f64 / seconds.max(1e-9),
+        if d.npy { ", and samples.npy" } else { "" }
+    );
     Ok(())
 }

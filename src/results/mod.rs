@@ -2,6 +2,7 @@
 //! grids and the checkpoint. Plain values only; never a tensor. Imports `error` and the format's
 //! `Override` (recorded in `run.json`), nothing above.
 
+pub mod npy;
 pub mod plot;
 pub mod png;
 pub mod summary;

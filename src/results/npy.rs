@@ -1,0 +1,59 @@
+//! NumPy's `.npy` format (version 1.0) for uint8 arrays: what FID and other downstream tools
+//! read samples from (`numpy.load`).
+
+/// The bytes of a `.npy` file holding `data` as a C-ordered uint8 array of `shape`.
+pub fn u8_array(shape: &[usize], data: &[u8]) -> Vec<u8> {
+    assert_eq!(
+        shape.iter().product::<usize>(),
+        data.len(),
+        "shape and data agree"
+    );
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let shape_text = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': {shape_text}, }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64 bytes.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_aligned_and_describes_the_array() {
+        let bytes = u8_array(
+            &[2, 1, 2, 3],
+            &[0, 1, 2, 3, 4, 5, 250, 251, 252, 253, 254, 255],
+        );
+        assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+        let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        assert_eq!((10 + len) % 64, 0);
+        let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
+        assert!(
+            header.starts_with("{'descr': '|u1', 'fortran_order': False, 'shape': (2, 1, 2, 3), }")
+        );
+        assert!(header.ends_with('\n'));
+        assert_eq!(
+            &bytes[10 + len..],
+            &[0, 1, 2, 3, 4, 5, 250, 251, 252, 253, 254, 255]
+        );
+        let one = u8_array(&[3], &[1, 2, 3]);
+        assert!(
+            std::str::from_utf8(&one[10..])
+                .unwrap()
+                .contains("'shape': (3,)")
+        );
+    }
+}
