@@ -7,6 +7,7 @@ use crate::device::Precision;
 use crate::error::{Error, Result};
 use crate::experiment::Plan;
 use crate::model::Model;
+use crate::results::tensorboard::Board;
 use crate::results::{self, MetricsRow, RunDir, RunInfo, Status};
 use crate::rng::{self, Purpose};
 use crate::sample;
@@ -154,6 +155,14 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
     let plan = &plan;
     let t = &plan.experiment.train;
     let keep = t.keep_checkpoints;
+    let steps_per_epoch = splits.train.len().div_ceil(t.batch_size);
+    let steps_done = (position.epochs_done * steps_per_epoch + position.steps_done) as u64;
+    let mut board = Board::open(
+        &run.path,
+        steps_per_epoch,
+        steps_done,
+        &plan.resolved_toml(),
+    )?;
     for epoch in position.epochs_done + 1..=t.epochs {
         let order = data::epoch_order(splits.train.len(), t.seed, epoch);
         let (start_step, so_far) = if epoch == position.epochs_done + 1 {
@@ -171,9 +180,10 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
             so_far,
             stop: &stop_requested,
         };
-        let (next, train_stats, end) = train::train_epoch(state, work, |done, bits| {
-            bar.set_position(done as u64);
-            bar.set_message(format!("{bits:.3} bits/dim"));
+        let (next, train_stats, end) = train::train_epoch(state, work, |report| {
+            bar.set_position(report.images_done as u64);
+            bar.set_message(format!("{:.3} bits/dim", report.bits_per_dim));
+            board.step(epoch, report, t.learning_rate);
         })
         .map_err(|e| {
             let kept = checkpoint::latest(&run.path)
@@ -193,6 +203,7 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
                 loss_scale: state.loss_scale,
             };
             checkpoint::save(&run.path, &state.model.valid(), &state.optimizer, &at, keep)?;
+            board.flush()?;
             return Err(Error::Interrupted(run.path.clone()));
         }
         let model = &state.model;
@@ -230,17 +241,17 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
             tracing::warn!(epoch, "{warning}");
         }
         run.append_metrics(&row)?;
+        board.epoch(&row)?;
         run.write_curve(&plan.name)?;
         let every = plan.experiment.sample.every;
         if epoch == t.epochs || (every > 0 && epoch % every == 0) {
-            write_grid(
-                plan,
-                model,
-                &splits.test,
-                epoch,
-                &run.sample_path(epoch),
-                device,
-            )?;
+            let path = run.sample_path(epoch);
+            write_grid(plan, model, &splits.test, epoch, &path, device)?;
+            board.image("samples/grid", epoch, &path)?;
+            let recon = reconstructions_path(&path);
+            if recon.is_file() {
+                board.image("samples/reconstructions", epoch, &recon)?;
+            }
         }
         let at = Position {
             epochs_done: epoch,
@@ -268,6 +279,15 @@ fn progress_bar(epoch: usize, epochs: usize, images: usize) -> ProgressBar {
     );
     bar.set_prefix(format!("{epoch}/{epochs}"));
     bar
+}
+
+/// Where a PixelVAE's reconstructions go beside the grid at `grid`: `reconstructions-<name>`.
+fn reconstructions_path(grid: &Path) -> PathBuf {
+    let name = grid
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("grid.png");
+    grid.with_file_name(format!("reconstructions-{name}"))
 }
 
 /// Tiles `grid x grid` images like `test`'s into a PNG at `path` (written whole or not at all).
@@ -323,11 +343,7 @@ pub fn write_grid(
         &mut rng,
         &device,
     ) {
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("grid.png");
-        let path = path.with_file_name(format!("reconstructions-{name}"));
+        let path = reconstructions_path(path);
         write_cells(&cells, test, s.grid, &path)?;
         tracing::info!(path = %path.display(), "wrote reconstructions");
     }

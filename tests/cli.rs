@@ -67,6 +67,26 @@ fn run_writes_every_result_file_and_refuses_to_overwrite() {
     ] {
         assert!(res.join(f).is_file(), "missing {f}");
     }
+    // One TensorBoard event file of TFRecords: each record's length, checksummed, and its data,
+    // end to end (CI reads it with TensorBoard's own loader).
+    let events: Vec<_> = std::fs::read_dir(res.join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].to_string_lossy().contains("tfevents"));
+    let bytes = std::fs::read(&events[0]).unwrap();
+    let (mut at, mut records) = (0, 0);
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        at += 12 + len + 4;
+        records += 1;
+    }
+    assert_eq!(at, bytes.len(), "records tile the file");
+    // Version, experiment text, 4 scalars per step after the first (2 epochs of 2 steps: 3 per
+    // step at least), the epoch scalars and grids.
+    assert!(records > 20, "{records} records");
+
     // One checkpoint per epoch, the newest two kept.
     let ckpts: Vec<_> = std::fs::read_dir(res.join("checkpoints"))
         .unwrap()

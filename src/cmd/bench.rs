@@ -94,7 +94,7 @@ pub fn run(plan: Plan, steps: usize, with_grid: bool, with_naive: bool) -> Resul
             so_far: PassStats::default(),
             stop: &|| false,
         };
-        let (next, _, _) = train::train_epoch(state, work, |_, _| {}).map_err(Error::Run)?;
+        let (next, _, _) = train::train_epoch(state, work, |_| {}).map_err(Error::Run)?;
         state = next;
         if i >= 2 {
             times.push(start.elapsed().as_secs_f64());

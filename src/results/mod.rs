@@ -6,6 +6,7 @@ pub mod npy;
 pub mod plot;
 pub mod png;
 pub mod summary;
+pub mod tensorboard;
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,8 @@ pub const RUN_FILE: &str = "run.json";
 pub const METRICS_FILE: &str = "metrics.csv";
 pub const SAMPLES_DIR: &str = "samples";
 pub const CURVE_FILE: &str = "learning-curve.png";
+/// TensorBoard's event files.
+pub const TENSORBOARD_DIR: &str = "tensorboard";
 /// What `pixel eval` writes.
 pub const EVAL_FILE: &str = "eval.json";
 

@@ -150,6 +150,18 @@ fn kl_penalty(kl: Tensor<4>, free_bits: f64) -> Tensor<1> {
     per_dimension.clamp_min(free_bits).sum() * b as f64
 }
 
+/// What `train_epoch` reports after each step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    /// Steps of this epoch taken so far, this one included.
+    pub step: usize,
+    pub images_done: usize,
+    /// The step's batch, in bits per dimension (negative ELBO for a PixelVAE).
+    pub bits_per_dim: f64,
+    /// f16: the loss scale after the step.
+    pub loss_scale: Option<f64>,
+}
+
 /// How an epoch ended.
 pub enum EpochEnd {
     /// Every step was taken.
@@ -184,13 +196,12 @@ pub struct Epoch<'a> {
 
 /// Trains over `epoch.order`, starting after `epoch.start_step` steps, and stopping early when
 /// `epoch.stop()` says so after a step. With a loss scale (f16), steps are loss-scaled and those
-/// whose gradients overflow are skipped. Calls `progress(images_done, batch_bits_per_dim)` after
-/// each step. Returns the updated state, the totals so far and how the epoch ended; a loss that
+/// whose gradients overflow are skipped. Calls `progress` with a [`StepReport`] after each step. Returns the updated state, the totals so far and how the epoch ended; a loss that
 /// is not finite is an error naming the step.
 pub fn train_epoch(
     state: TrainState,
     epoch: Epoch,
-    mut progress: impl FnMut(usize, f64),
+    mut progress: impl FnMut(&StepReport),
 ) -> Result<(TrainState, PassStats, EpochEnd), String> {
     let TrainState {
         mut model,
@@ -252,10 +263,12 @@ pub fn train_epoch(
         stats.nats += batch_nats;
         stats.subpixels += dims;
         stats.images += indices.len();
-        progress(
-            stats.images,
-            crate::loss::bits_per_dim(batch_nats + batch_kl, dims),
-        );
+        progress(&StepReport {
+            step: i + 1,
+            images_done: stats.images,
+            bits_per_dim: crate::loss::bits_per_dim(batch_nats + batch_kl, dims),
+            loss_scale: loss_scale.map(|ls| ls.scale),
+        });
         if stop() && (i + 1) * step.batch_size < order.len() {
             end = EpochEnd::Stopped { steps_done: i + 1 };
             break;
@@ -355,7 +368,7 @@ mod tests {
             };
             for _ in 0..3 {
                 let (next, stats, _) =
-                    train_epoch(state, epoch(&data, &order, step, &device), |_, _| {}).unwrap();
+                    train_epoch(state, epoch(&data, &order, step, &device), |_| {}).unwrap();
                 state = next;
                 per_epoch.push(stats.bits_per_dim());
             }
@@ -444,7 +457,7 @@ mod tests {
             },
             _,
             _,
-        ) = train_epoch(state, epoch(&data, &order, step, &device), |_, _| {}).unwrap();
+        ) = train_epoch(state, epoch(&data, &order, step, &device), |_| {}).unwrap();
         let ls = loss_scale.unwrap();
         assert_eq!((ls.scale, ls.skipped), (5e8, 1), "{ls:?}");
         let after: f32 = model
