@@ -17,7 +17,8 @@ def check(run):
     tags = acc.Tags()
     with open(f"{run}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    for needed in ["train/batch_bits_per_dim", "train/learning_rate", "epoch/train_bits_per_dim"]:
+    for needed in ["train/batch_bits_per_dim", "train/learning_rate", "train/gradient_norm",
+                   "epoch/train_bits_per_dim"]:
         assert needed in tags["scalars"], (run, needed, tags["scalars"])
     for column in ["test_bits_per_dim", "train_bits_per_dim", "validation_bits_per_dim",
                    "test_kl_bits_per_dim"]:

@@ -227,8 +227,8 @@ impl Board {
         (epoch as u64 - 1) * self.steps_per_epoch + step as u64
     }
 
-    /// Per-step scalars: the batch's bits/dim, the learning rate, images per second since the
-    /// last step, and for f16 the loss scale.
+    /// Per-step scalars: the batch's bits/dim, the learning rate, the gradients' L2 norm, images
+    /// per second since the last step, and for f16 the loss scale.
     pub fn step(&mut self, epoch: usize, report: &crate::train::StepReport, learning_rate: f64) {
         let at = self.global_step(epoch, report.step);
         let now = std::time::Instant::now();
@@ -245,6 +245,9 @@ impl Board {
         }
         if let Some(scale) = report.loss_scale {
             scalars.push(("train/loss_scale", scale));
+        }
+        if report.gradient_norm.is_finite() {
+            scalars.push(("train/gradient_norm", report.gradient_norm));
         }
         self.last_step = Some((at, now, report.images_done));
         for (tag, value) in scalars {

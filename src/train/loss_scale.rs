@@ -46,8 +46,9 @@ impl LossScale {
     }
 }
 
-/// Multiplies every gradient of `model` by `factor`, and says whether all are finite.
-pub(super) fn rescale_gradients(model: &Model, grads: &mut GradientsParams, factor: f64) -> bool {
+/// Multiplies every gradient of `model` by `factor` (none for 1) and returns their global L2 norm
+/// after it: infinite or NaN when a gradient is not finite.
+pub(super) fn rescale_gradients(model: &Model, grads: &mut GradientsParams, factor: f64) -> f64 {
     struct Rescale<'a> {
         grads: &'a mut GradientsParams,
         factor: f64,
@@ -56,8 +57,12 @@ pub(super) fn rescale_gradients(model: &Model, grads: &mut GradientsParams, fact
     impl ModuleVisitor for Rescale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.remove::<D>(param.id) {
-                let g = g * self.factor;
-                let size = g.clone().abs().sum();
+                let g = if self.factor == 1.0 {
+                    g
+                } else {
+                    g * self.factor
+                };
+                let size = g.clone().powi_scalar(2).sum();
                 self.total = Some(match self.total.take() {
                     None => size,
                     Some(t) => t + size,
@@ -74,7 +79,7 @@ pub(super) fn rescale_gradients(model: &Model, grads: &mut GradientsParams, fact
     model.visit(&mut visitor);
     visitor
         .total
-        .is_none_or(|t| t.into_scalar::<f32>().is_finite())
+        .map_or(0.0, |t| f64::from(t.into_scalar::<f32>()).sqrt())
 }
 
 #[cfg(test)]

@@ -160,6 +160,8 @@ pub struct StepReport {
     pub bits_per_dim: f64,
     /// f16: the loss scale after the step.
     pub loss_scale: Option<f64>,
+    /// The global L2 norm of the (unscaled) gradients; not finite for a skipped f16 step.
+    pub gradient_norm: f64,
 }
 
 /// How an epoch ended.
@@ -249,14 +251,13 @@ pub fn train_epoch(
             loss = loss * ls.scale;
         }
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        let finite = match loss_scale.as_mut() {
-            None => true,
-            Some(ls) => {
-                let finite = loss_scale::rescale_gradients(&model, &mut grads, 1.0 / ls.scale);
-                ls.update(finite);
-                finite
-            }
-        };
+        // Unscaled (f16) and measured: the norm is what a step's update is made of.
+        let factor = loss_scale.as_ref().map_or(1.0, |ls| 1.0 / ls.scale);
+        let gradient_norm = loss_scale::rescale_gradients(&model, &mut grads, factor);
+        let finite = gradient_norm.is_finite();
+        if let Some(ls) = loss_scale.as_mut() {
+            ls.update(finite);
+        }
         if finite {
             model = optimizer.step(step.learning_rate, model, grads);
         }
@@ -268,6 +269,7 @@ pub fn train_epoch(
             images_done: stats.images,
             bits_per_dim: crate::loss::bits_per_dim(batch_nats + batch_kl, dims),
             loss_scale: loss_scale.map(|ls| ls.scale),
+            gradient_norm,
         });
         if stop() && (i + 1) * step.batch_size < order.len() {
             end = EpochEnd::Stopped { steps_done: i + 1 };
@@ -389,6 +391,79 @@ mod tests {
                 assert_ne!(full, half, "{precision:?} really computed in low precision");
             }
         }
+    }
+
+    /// Every float parameter of `model`, flattened in visiting order.
+    fn flat_parameters(model: &Model) -> Vec<f32> {
+        use burn::module::{Module, ModuleVisitor, Param};
+        struct Collect(Vec<f32>);
+        impl ModuleVisitor for Collect {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let v: Vec<f32> = param
+                    .val()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec()
+                    .unwrap();
+                self.0.extend(v);
+            }
+        }
+        let mut c = Collect(Vec::new());
+        model.visit(&mut c);
+        c.0
+    }
+
+    /// The reported gradient norm is the size of the step plain SGD takes: |w1 - w0| = lr |g|.
+    #[test]
+    fn reported_gradient_norm_is_the_sgd_step_over_the_learning_rate() {
+        let spec = synthetic::Spec {
+            size: 6,
+            colours: 1,
+            train_images: 8,
+        };
+        let data = synthetic::generate(&spec, 1).train;
+        let cfg = ModelConfig::Simple(crate::model::SimpleConfig {
+            colours: 1,
+            layers: 2,
+            kernel: 3,
+            channels: 4,
+        });
+        let device = Device::flex().autodiff();
+        let model = cfg.init(1, &device);
+        let before = flat_parameters(&model);
+        let step = Step {
+            batch_size: 8,
+            learning_rate: 0.01,
+            seed: 1,
+            epoch: 1,
+            kl_warmup_steps: 0,
+            free_bits: 0.0,
+        };
+        let state = TrainState {
+            model,
+            optimizer: burn::optim::SgdConfig::new().init(),
+            loss_scale: None,
+        };
+        let order: Vec<usize> = (0..8).collect();
+        let mut norms = Vec::new();
+        let (state, _, _) = train_epoch(state, epoch(&data, &order, step, &device), |r| {
+            norms.push(r.gradient_norm)
+        })
+        .unwrap();
+        let after = flat_parameters(&state.model);
+        let moved: f64 = before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert_eq!(norms.len(), 1);
+        let expected = 0.01 * norms[0];
+        assert!(norms[0] > 0.0);
+        assert!(
+            (moved - expected).abs() < 1e-3 * expected,
+            "{moved} vs {expected}"
+        );
     }
 
     /// Free bits floor each latent dimension's batch-mean KL; without them the penalty is the KL.
