@@ -174,8 +174,9 @@ pub struct DataSpec {
     pub download: bool,
     pub train_limit: usize,
     pub test_limit: usize,
-    /// Training images held out for validation (after `train_limit`).
-    pub validation: usize,
+    /// Training images held out for validation (after `train_limit`): a count, or below 1 a
+    /// fraction of them; 0 for none.
+    pub validation: f64,
     pub crop: usize,
     pub synthetic: synthetic::Spec,
     pub seed: u64,
@@ -286,19 +287,24 @@ pub fn load(spec: &DataSpec) -> Result<Splits, DataError> {
     }
     splits.train.truncate(spec.train_limit);
     splits.test.truncate(spec.test_limit);
-    if spec.validation > 0 {
+    if spec.validation > 0.0 {
         let n = splits.train.len();
-        if spec.validation >= n {
+        let held = if spec.validation < 1.0 {
+            (spec.validation * n as f64).round() as usize
+        } else {
+            spec.validation as usize
+        };
+        if held == 0 || held >= n {
             return Err(DataError::format(
                 &dir,
                 format!(
-                    "`data.validation` = {} holds out every one of the {n} training images: \
-                     expected fewer",
+                    "`data.validation` = {} holds out {held} of the {n} training images: expected \
+                     at least one and fewer than all",
                     spec.validation
                 ),
             ));
         }
-        let (train, validation) = hold_out(&splits.train, spec.validation, spec.seed);
+        let (train, validation) = hold_out(&splits.train, held, spec.seed);
         splits.train = train;
         splits.validation = Some(validation);
     }

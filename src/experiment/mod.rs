@@ -168,11 +168,12 @@ pub struct DataSection {
     pub train_limit: usize,
     /// Use only the first N test images (0 = all). Default: 0.
     pub test_limit: usize,
-    /// Training images held out as a validation split (0 = none): a subset of this size chosen by
-    /// `train.seed`, taken after `train_limit`. Evaluated every epoch (`validation_bits_per_dim` in
-    /// metrics.csv); the best epoch of a sweep is chosen on it, never on test. An image folder's
-    /// `valid/` stays its test split. Default: 0.
-    pub validation: usize,
+    /// Training images held out as a validation split: a count (5000), or a fraction of the
+    /// training images below 1 (0.1); 0 = none. Chosen by `train.seed`, taken after
+    /// `train_limit`, evaluated every epoch (`validation_bits_per_dim` in metrics.csv); the best
+    /// epoch of a sweep is chosen on it, never on test. An image folder's `valid/` stays its test
+    /// split. Default: 0.
+    pub validation: f64,
     /// Centre-crop every image to crop x crop pixels (0 = no crop). Default: 0.
     pub crop: usize,
     /// Download MNIST or CIFAR-10 into `data/` when no copy is found. Default: true.
@@ -192,7 +193,7 @@ impl Default for DataSection {
             path: None,
             train_limit: 0,
             test_limit: 0,
-            validation: 0,
+            validation: 0.0,
             crop: 0,
             download: true,
             synthetic_size: 8,

@@ -98,6 +98,13 @@ impl Plan {
             )?;
         }
 
+        let v = e.data.validation;
+        ctx.require(
+            v.is_finite() && v >= 0.0 && (v < 1.0 || v.fract() == 0.0),
+            "data.validation",
+            v,
+            "0 (none), a count of training images such as 5000, or a fraction below 1 such as 0.1",
+        )?;
         let t = &e.train;
         ctx.require(t.epochs >= 1, "train.epochs", t.epochs, "at least 1 epoch")?;
         ctx.require(
