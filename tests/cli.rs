@@ -674,6 +674,31 @@ fn a_validation_split_is_held_out_evaluated_and_recorded() {
         serde_json::from_str(&std::fs::read_to_string(d.join("results/tiny/run.json")).unwrap())
             .unwrap();
     assert_eq!(info["validation_images"], 8);
+    // A fraction: a quarter of the 40 training images.
+    let out = pixel(
+        d,
+        &[
+            "run",
+            "tiny.toml",
+            "--set",
+            "data.validation=0.25",
+            "--force",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let info = std::fs::read_to_string(d.join("results/tiny/run.json")).unwrap();
+    assert!(info.contains("\"validation_images\": 10"), "{info}");
+    let out = pixel(
+        d,
+        &[
+            "run",
+            "tiny.toml",
+            "--set",
+            "data.validation=2.5",
+            "--force",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let out = pixel(
         d,
         &["run", "tiny.toml", "--set", "data.validation=40", "--force"],
