@@ -193,11 +193,7 @@ pub fn load(
 mod tests {
     use super::*;
 
-    /// Pruning keeps the newest `keep` checkpoints and, whatever `keep` says, the newest one written
-    /// at an epoch's end, which is what `pixel eval` and `pixel sample` load.
-    #[test]
-    fn pruning_keeps_the_newest_epoch_end_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
+    fn tiny() -> (Model, ModuleOptimizer) {
         let device = burn::tensor::Device::flex();
         let model = crate::model::ModelConfig::Simple(crate::model::SimpleConfig {
             colours: 1,
@@ -206,7 +202,15 @@ mod tests {
             channels: 2,
         })
         .init(1, &device);
-        let optimizer = crate::optim::adam();
+        (model, crate::optim::adam())
+    }
+
+    /// Pruning keeps the newest `keep` checkpoints and, whatever `keep` says, the newest one written
+    /// at an epoch's end, which is what `pixel eval` and `pixel sample` load.
+    #[test]
+    fn pruning_keeps_the_newest_epoch_end_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, optimizer) = tiny();
         let names = || -> Vec<String> {
             list(dir.path())
                 .unwrap()
@@ -239,15 +243,7 @@ mod tests {
     #[test]
     fn keep_one_keeps_the_interrupt_and_names_order_as_numbers() {
         let dir = tempfile::tempdir().unwrap();
-        let device = burn::tensor::Device::flex();
-        let model = crate::model::ModelConfig::Simple(crate::model::SimpleConfig {
-            colours: 1,
-            layers: 1,
-            kernel: 3,
-            channels: 2,
-        })
-        .init(1, &device);
-        let optimizer = crate::optim::adam();
+        let (model, optimizer) = tiny();
         let save_at = |epochs_done, steps_done| {
             let at = Position {
                 epochs_done,

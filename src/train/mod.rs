@@ -413,13 +413,12 @@ mod tests {
         c.0
     }
 
-    /// The reported gradient norm is the size of the step plain SGD takes: |w1 - w0| = lr |g|.
-    #[test]
-    fn reported_gradient_norm_is_the_sgd_step_over_the_learning_rate() {
+    /// `n` grey 6x6 training images and a small simple PixelCNN for them, on the autodiff device.
+    fn tiny_simple(n: usize) -> (Images, Model, Device) {
         let spec = synthetic::Spec {
             size: 6,
             colours: 1,
-            train_images: 8,
+            train_images: n,
         };
         let data = synthetic::generate(&spec, 1).train;
         let cfg = ModelConfig::Simple(crate::model::SimpleConfig {
@@ -430,6 +429,13 @@ mod tests {
         });
         let device = Device::flex().autodiff();
         let model = cfg.init(1, &device);
+        (data, model, device)
+    }
+
+    /// The reported gradient norm is the size of the step plain SGD takes: |w1 - w0| = lr |g|.
+    #[test]
+    fn reported_gradient_norm_is_the_sgd_step_over_the_learning_rate() {
+        let (data, model, device) = tiny_simple(8);
         let before = flat_parameters(&model);
         let step = Step {
             batch_size: 8,
@@ -485,20 +491,8 @@ mod tests {
     /// An overflowing f16 step is skipped (the weights stay as they were) and the scale halves.
     #[test]
     fn overflowing_f16_step_is_skipped() {
-        let spec = synthetic::Spec {
-            size: 6,
-            colours: 1,
-            train_images: 16,
-        };
-        let data = synthetic::generate(&spec, 1).train;
-        let cfg = ModelConfig::Simple(crate::model::SimpleConfig {
-            colours: 1,
-            layers: 2,
-            kernel: 3,
-            channels: 4,
-        });
-        let device = Device::flex().autodiff();
-        let model = cfg.init(1, &device).with_precision(Precision::F16);
+        let (data, model, device) = tiny_simple(16);
+        let model = model.with_precision(Precision::F16);
         let before: f32 = model
             .forward(
                 Batch::gather(&data, &[0], &device).input,
