@@ -1,5 +1,7 @@
 //! Categorical negative log-likelihood per sub-pixel, and nats <-> bits per dimension.
 
+pub mod logistic;
+
 use crate::model::native::categorical_nll;
 use burn::tensor::{Int, Tensor};
 
