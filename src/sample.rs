@@ -143,25 +143,8 @@ pub fn grid(
 ) -> Vec<u8> {
     let (c, h, w) = (test.colours, test.height, test.width);
     let half = grid / 2;
-    let dims = c * h * w;
-    let mut scratch = Images {
-        pixels: vec![0; half * grid * dims],
-        labels: (0..half * grid).map(|i| ((i % grid) % 10) as u8).collect(),
-        colours: c,
-        height: h,
-        width: w,
-    };
-    let context = sampling_context(model, &scratch, Latent::Prior, rng, device);
-    fill(
-        model,
-        &mut scratch,
-        0,
-        &context,
-        method,
-        temperature,
-        rng,
-        device,
-    );
+    let labels: Vec<u8> = (0..half * grid).map(|i| ((i % grid) % 10) as u8).collect();
+    let scratch = from_scratch(model, &labels, (c, h, w), method, temperature, rng, device);
 
     // Completions, ordered as the grid's cells: row r of the bottom half, column q.
     let indices: Vec<usize> = (0..half * grid)
@@ -187,7 +170,7 @@ pub fn grid(
         device,
     );
 
-    let mut cells = scratch.pixels;
+    let mut cells = scratch;
     cells.extend(completions.pixels);
     cells
 }
