@@ -1,7 +1,8 @@
 //! Argument syntax, help and dispatch. No TOML parsing or tensors here.
 
+use crate::cluster::{self, World};
 use crate::cmd;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::experiment;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -97,6 +98,12 @@ pub enum Command {
         /// Only write summary.csv and summary.md over the runs so far.
         #[arg(long)]
         summarize: bool,
+        /// With --emit: MPI ranks (Slurm tasks) that train each run together (default 1).
+        #[arg(long, value_name = "R", requires = "emit", default_value_t = 1)]
+        ranks: usize,
+        /// With --emit: GPUs for each rank (Slurm's --gpus-per-task; default none).
+        #[arg(long, value_name = "G", requires = "emit")]
+        gpus_per_rank: Option<usize>,
         /// Folder holding the results folders.
         #[arg(long, default_value = "results", value_name = "DIR")]
         results: PathBuf,
@@ -144,11 +151,58 @@ pub enum Emit {
 }
 
 /// Runs the command. Each lives in `cmd/`; this only maps flags onto its arguments.
+///
+/// `pixel run`, `pixel sweep` and `pixel bench` join the ranks of an MPI job when a launcher
+/// started several; the other commands run in one process and refuse a launcher of several. In a
+/// job of several ranks the errors are handled here: each rank prints its own (prefixed with its
+/// rank) and exits with its code once every rank has; an error that only some ranks saw before
+/// they could agree on it ends the whole job (MPI_Abort) instead of leaving the others waiting.
 pub fn dispatch(cli: Cli) -> Result<()> {
+    let parallel = matches!(
+        cli.command,
+        Command::Run { .. } | Command::Sweep { .. } | Command::Bench { .. }
+    );
+    let world = match cluster::launch() {
+        Some(launch) if launch.size > 1 && !parallel => {
+            return Err(Error::Usage {
+                flag: launch.launcher.into(),
+                message: format!(
+                    "started as rank {} of {}: only `pixel run`, `pixel sweep` and `pixel bench` \
+                     train on several ranks; start this command as a single process",
+                    launch.rank, launch.size
+                ),
+            });
+        }
+        _ => World::join().map_err(|message| Error::Usage {
+            flag: cluster::launch().map_or("launcher", |l| l.launcher).into(),
+            message,
+        })?,
+    };
+    let outcome = route(cli, &world);
+    match outcome {
+        Err(e) if world.size() > 1 => {
+            let code = e.exit_code();
+            if world.is_root() || !matches!(e, Error::Peer { .. }) {
+                let prefix = format!("rank {}: ", world.rank());
+                crate::error::report(&e, &prefix);
+            }
+            let agreed =
+                world.failure_agreed() || matches!(e, Error::Interrupted(_) | Error::Peer { .. });
+            if !agreed {
+                world.abort(code);
+            }
+            drop(world);
+            std::process::exit(code)
+        }
+        outcome => outcome,
+    }
+}
+
+fn route(cli: Cli, world: &World) -> Result<()> {
     match cli.command {
         Command::Run {
             resume: Some(dir), ..
-        } => cmd::run::resume(&dir),
+        } => cmd::run::resume(&dir, world),
         Command::Run {
             experiment,
             sets,
@@ -157,7 +211,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             ..
         } => {
             let experiment = experiment.expect("clap requires an experiment without --resume");
-            cmd::run::run(&experiment, &parse_sets(&sets)?, &results, force)
+            cmd::run::run(&experiment, &parse_sets(&sets)?, &results, force, world)
         }
         Command::Check { paths } => cmd::check::check(&paths),
         Command::Sample {
@@ -190,18 +244,23 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             only,
             summarize,
             results,
+            ranks,
+            gpus_per_rank,
         } => {
             use cmd::sweep::Action;
             let action = if dry_run {
                 Action::DryRun
             } else if emit.is_some() {
-                Action::EmitSlurm
+                Action::EmitSlurm {
+                    ranks,
+                    gpus_per_rank,
+                }
             } else if summarize {
                 Action::Summarize
             } else {
                 Action::Run { only }
             };
-            cmd::sweep::sweep(&file, &results, action)
+            cmd::sweep::sweep(&file, &results, action, world)
         }
         Command::Figures {
             results,
@@ -221,6 +280,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             steps,
             !no_grid,
             naive_grid,
+            world,
         ),
         Command::Schema => {
             print!("{}", experiment::schema_json());

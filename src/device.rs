@@ -133,14 +133,41 @@ pub struct Opened {
     /// The backend it runs on (`auto` resolved), and why.
     pub backend: BackendKind,
     pub reason: String,
+    /// The backend's threads, where they were set (ranks sharing a node).
+    pub threads: Option<usize>,
 }
 
-/// Opens the device (after the plan has checked the backend is compiled in).
-pub fn open(choice: &DeviceChoice, seed: u64) -> Opened {
+/// Where in a job of several ranks this process runs: which GPU of the node an automatic choice
+/// takes, and how many threads the backend may use (None: its default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Place {
+    pub local_rank: usize,
+    pub threads: Option<usize>,
+}
+
+/// Opens the device (after the plan has checked the backend is compiled in). A device chosen
+/// automatically on a node with GPUs is `cuda:<local rank modulo the GPUs visible>`: one GPU per
+/// rank when a node runs as many ranks as it has GPUs (or each rank sees only its own).
+pub fn open(choice: &DeviceChoice, seed: u64, place: Place) -> Opened {
     let (backend, target, reason) = resolve(choice, cfg!(feature = "tch"), cuda_available);
+    let target = match (choice.target, target) {
+        (Target::Auto, Target::Cuda(_)) => Target::Cuda(place.local_rank % cuda_devices().max(1)),
+        (Target::Auto, Target::Auto) if backend == BackendKind::Libtorch && cuda_available() => {
+            Target::Cuda(place.local_rank % cuda_devices().max(1))
+        }
+        _ => target,
+    };
     let (device, description) = match backend {
-        BackendKind::Libtorch => libtorch(target),
-        _ => (Device::flex(), "flex:cpu".to_string()),
+        BackendKind::Libtorch => libtorch(target, place.threads),
+        _ => {
+            if let Some(n) = place.threads {
+                // The global pool flex computes on; only the first configuration takes effect.
+                let _ = rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build_global();
+            }
+            (Device::flex(), "flex:cpu".to_string())
+        }
     };
     device.seed(crate::rng::derive(seed, crate::rng::Purpose::Backend, 0, 0));
     let gpu = description
@@ -152,6 +179,7 @@ pub fn open(choice: &DeviceChoice, seed: u64) -> Opened {
         gpu,
         backend,
         reason,
+        threads: place.threads,
     }
 }
 
@@ -176,18 +204,30 @@ fn gpu_name(index: usize) -> Option<String> {
 
 #[cfg(feature = "tch")]
 #[allow(deprecated)] // burn-tch is deprecated upstream but is the fast path on CPU and CUDA here.
-fn libtorch(target: Target) -> (Device, String) {
+fn libtorch(target: Target, threads: Option<usize>) -> (Device, String) {
+    if let Some(n) = threads {
+        tch::set_num_threads(n as i32);
+    }
     match target {
-        Target::Cpu => (Device::libtorch(), "libtorch:cpu".into()),
+        Target::Cpu | Target::Auto => (Device::libtorch(), "libtorch:cpu".into()),
         Target::Cuda(i) => (Device::libtorch_cuda(i), format!("libtorch:cuda:{i}")),
-        Target::Auto if cuda_available() => (Device::libtorch_cuda(0), "libtorch:cuda:0".into()),
-        Target::Auto => (Device::libtorch(), "libtorch:cpu".into()),
     }
 }
 
 #[cfg(not(feature = "tch"))]
-fn libtorch(_: Target) -> (Device, String) {
+fn libtorch(_: Target, _: Option<usize>) -> (Device, String) {
     unreachable!("the plan rejects the libtorch backend when it is not compiled in")
+}
+
+/// How many CUDA devices libtorch sees.
+#[cfg(feature = "tch")]
+fn cuda_devices() -> usize {
+    usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+}
+
+#[cfg(not(feature = "tch"))]
+fn cuda_devices() -> usize {
+    0
 }
 
 /// Whether libtorch can see a CUDA device.

@@ -68,6 +68,9 @@ pub enum Error {
     /// Something failed while the run was going (the results folder says how far it got).
     #[error("run failed: {0}")]
     Run(String),
+    /// Another rank of a data-parallel run failed; it printed why.
+    #[error("rank {rank} failed (its message says why); this rank stops with it")]
+    Peer { rank: usize, code: i32 },
 }
 
 impl Error {
@@ -76,6 +79,7 @@ impl Error {
         match self {
             Error::Run(_) => 1,
             Error::Interrupted(_) => 130,
+            Error::Peer { code, .. } => *code,
             _ => 2,
         }
     }
@@ -83,6 +87,16 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |error| Error::Io { path, error }
+    }
+}
+
+/// Prints `e` and the chain of its causes to stderr, each line after `prefix`.
+pub fn report(e: &Error, prefix: &str) {
+    eprintln!("{prefix}error: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        eprintln!("{prefix}  caused by: {cause}");
+        source = cause.source();
     }
 }
 

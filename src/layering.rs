@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Top-level modules from the bottom layer up. A module may import modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
-    &["rng"],
+    &["rng", "cluster"],
     &["device", "optim"],
     &["data", "model"],
     &["loss"],

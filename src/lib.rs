@@ -10,10 +10,11 @@
 //!   the types of the layers below. `error` is the vocabulary of every layer above the core.
 //! - `train` and `sample` (the core) run models on data and return plain values.
 //! - `model`, `data`, `loss`, `device`, `optim`, `rng` know nothing of the file format, the commands
-//!   or the run.
+//!   or the run; `cluster` is the ranks of a data-parallel run (one process without MPI).
 
 pub mod checkpoint;
 pub mod cli;
+pub mod cluster;
 pub mod cmd;
 pub mod data;
 pub mod device;

@@ -5,8 +5,11 @@ use tracing_subscriber::EnvFilter;
 
 fn main() {
     keep_freed_memory();
+    // The ranks of a data-parallel run after the first say only what goes wrong.
+    let rank = pixel_models::cluster::launch().map_or(0, |l| l.rank);
+    let default = if rank == 0 { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -26,12 +29,7 @@ fn main() {
         tracing::warn!("Ctrl-C will not write a checkpoint: {e}");
     }
     if let Err(e) = dispatch(cli) {
-        eprintln!("error: {e}");
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            eprintln!("  caused by: {cause}");
-            source = cause.source();
-        }
+        pixel_models::error::report(&e, "");
         std::process::exit(e.exit_code());
     }
 }

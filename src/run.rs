@@ -2,13 +2,14 @@
 //! train / evaluate / sample / checkpoint for each epoch; and the same from a checkpoint.
 
 use crate::checkpoint::{self, Position};
+use crate::cluster::{self, World};
 use crate::data;
 use crate::device::Precision;
 use crate::error::{Error, Result};
 use crate::experiment::Plan;
 use crate::model::Model;
 use crate::results::tensorboard::Board;
-use crate::results::{self, MetricsRow, RunDir, RunInfo, Status};
+use crate::results::{self, MetricsRow, RankInfo, RunDir, RunInfo, Status};
 use crate::rng::{self, Purpose};
 use crate::sample;
 use crate::session::{self, Session, Weights};
@@ -39,14 +40,21 @@ fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
-/// Trains the planned experiment into a new results folder. Returns the folder.
-pub fn execute(plan: Plan, options: &Options) -> Result<PathBuf> {
+/// Trains the planned experiment into a new results folder, on the ranks of `world` (rank 0
+/// writes it). Returns the folder.
+pub fn execute(plan: Plan, options: &Options, world: &World) -> Result<PathBuf> {
     let dir = options.results_root.join(&plan.name);
-    if dir.exists() && !options.force {
-        refuse_existing(&dir, &plan)?;
-    }
-    let session = Session::open(plan, Weights::Initial)?;
-    let run = RunDir::create(&dir, options.force, &session.plan.resolved_toml())?;
+    let free = match world.is_root() && dir.exists() && !options.force {
+        true => refuse_existing(&dir, &plan),
+        false => Ok(()),
+    };
+    session::agree(world, free)?;
+    let session = Session::open(plan, Weights::Initial, world)?;
+    let run = match world.is_root() {
+        true => RunDir::create(&dir, options.force, &session.plan.resolved_toml()).map(Some),
+        false => Ok(None),
+    };
+    let run = session::agree(world, run)?;
     let plan = &session.plan;
     let info = RunInfo {
         name: plan.name.clone(),
@@ -70,31 +78,76 @@ pub fn execute(plan: Plan, options: &Options) -> Result<PathBuf> {
         resumed: Vec::new(),
         hardware: results::hardware(session.device.gpu.as_deref()),
         validation_images: session.splits.validation.as_ref().map_or(0, |v| v.len()),
+        world_size: world.size(),
+        ranks: ranks(world, &session),
     };
-    drive(session, run, info)
+    drive(session, dir, run, info, world)
 }
 
-/// Continues the run in `dir` from its newest checkpoint (or from the start if it has none).
-pub fn resume(dir: &Path) -> Result<PathBuf> {
-    let mut info = results::read_info(dir)?;
-    if info.status == Status::Completed {
-        return Err(Error::Usage {
+/// Continues the run in `dir` from its newest checkpoint (or from the start if it has none), on
+/// the ranks of `world`, however many the run had before.
+pub fn resume(dir: &Path, world: &World) -> Result<PathBuf> {
+    let info = results::read_info(dir).and_then(|info| match info.status {
+        Status::Completed => Err(Error::Usage {
             flag: format!("--resume {}", dir.display()),
             message: "this run has already completed; nothing to resume".into(),
-        });
-    }
-    let plan = session::recorded_plan(dir, &[], "pixel run --resume")?;
-    let session = Session::open(plan, Weights::Resume(dir))?;
+        }),
+        _ => Ok(info),
+    });
+    let mut info = session::agree(world, info)?;
+    let plan = session::agree(
+        world,
+        session::recorded_plan(dir, &[], "pixel run --resume"),
+    )?;
+    let session = Session::open(plan, Weights::Resume(dir), world)?;
     if let Some(ckpt) = &session.checkpoint {
         tracing::info!(checkpoint = %ckpt.display(), "resuming");
     }
-    let run = RunDir::reopen(dir, session.position.epochs_done)?;
+    let run = match world.is_root() {
+        true => RunDir::reopen(dir, session.position.epochs_done).map(Some),
+        false => Ok(None),
+    };
+    let run = session::agree(world, run)?;
     info.status = Status::Running;
     info.error = None;
     info.ended = None;
     info.epochs_completed = session.position.epochs_done;
     info.resumed.push(results::now());
-    drive(session, run, info)
+    info.world_size = world.size();
+    info.ranks = ranks(world, &session);
+    drive(session, dir.to_path_buf(), run, info, world)
+}
+
+/// Every rank's host and device, for a run of several ranks.
+fn ranks(world: &World, session: &Session) -> Vec<RankInfo> {
+    if world.size() == 1 {
+        return Vec::new();
+    }
+    let threads = session
+        .device
+        .threads
+        .map_or(String::new(), |t| t.to_string());
+    let mine = format!(
+        "{}\t{}\t{threads}",
+        cluster::host_name(),
+        session.device.description
+    );
+    world
+        .gather_text(&mine)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, text)| {
+            let mut parts = text.split('\t');
+            let mut next = || parts.next().unwrap_or_default().to_string();
+            RankInfo {
+                rank,
+                host: next(),
+                device: next(),
+                threads: next().parse().ok(),
+                weights_checksum: None,
+            }
+        })
+        .collect()
 }
 
 /// Why an existing results folder is not replaced.
@@ -110,40 +163,70 @@ fn refuse_existing(dir: &Path, plan: &Plan) -> Result<()> {
     }
 }
 
+/// What rank 0 writes as the run goes: the results folder, `run.json` and the TensorBoard
+/// events. The other ranks have none of it.
+struct Record {
+    run: RunDir,
+    info: RunInfo,
+    board: Option<Board>,
+}
+
 /// Runs the epochs and records how the run ended in `run.json`.
-fn drive(session: Session, mut run: RunDir, mut info: RunInfo) -> Result<PathBuf> {
+fn drive(
+    session: Session,
+    dir: PathBuf,
+    run: Option<RunDir>,
+    info: RunInfo,
+    world: &World,
+) -> Result<PathBuf> {
     let (plan, splits) = (&session.plan, &session.splits);
-    run.write_info(&info)?;
+    let mut record = run.map(|run| Record {
+        run,
+        info,
+        board: None,
+    });
+    let started = match &mut record {
+        Some(r) => r.run.write_info(&r.info),
+        None => Ok(()),
+    };
+    session::agree(world, started)?;
     tracing::info!(
         name = %plan.name,
-        device = %info.device,
-        parameters = info.parameters,
+        device = %session.device.description,
+        parameters = session.state.model.parameters(),
+        ranks = world.size(),
         train_images = splits.train.len(),
         test_images = splits.test.len(),
         "training in {}",
-        run.path.display()
+        dir.display()
     );
     // Once training has started, any failure (a full disk, say) is the run's: exit code 1, with
     // run.json saying how far it got.
-    let outcome = epochs(session, &mut run, &mut info).map_err(|e| match e {
-        Error::Interrupted(_) | Error::Run(_) => e,
+    let outcome = epochs(session, &dir, &mut record, world).map_err(|e| match e {
+        Error::Interrupted(_) | Error::Run(_) | Error::Peer { .. } => e,
         other => Error::Run(other.to_string()),
     });
-    info.ended = Some(results::now());
-    info.status = match &outcome {
-        Ok(()) => Status::Completed,
-        Err(Error::Interrupted(_)) => Status::Interrupted,
-        Err(_) => Status::Failed,
+    let ended = match &mut record {
+        Some(Record { run, info, .. }) => {
+            info.ended = Some(results::now());
+            info.status = match &outcome {
+                Ok(()) => Status::Completed,
+                Err(Error::Interrupted(_)) => Status::Interrupted,
+                Err(_) => Status::Failed,
+            };
+            if let Err(e) = &outcome {
+                info.error = Some(e.to_string());
+            }
+            run.write_info(info).map_err(|e| Error::Run(e.to_string()))
+        }
+        None => Ok(()),
     };
-    if let Err(e) = &outcome {
-        info.error = Some(e.to_string());
-    }
-    run.write_info(&info)
-        .map_err(|e| Error::Run(e.to_string()))?;
-    outcome.map(|()| run.path.clone())
+    // Every rank leaves once rank 0 has written how the run ended.
+    session::agree(world, ended)?;
+    outcome.map(|()| dir)
 }
 
-fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> {
+fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &World) -> Result<()> {
     let device = &session.train_device();
     let Session {
         plan,
@@ -157,12 +240,17 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
     let keep = t.keep_checkpoints;
     let steps_per_epoch = splits.train.len().div_ceil(t.batch_size);
     let steps_done = (position.epochs_done * steps_per_epoch + position.steps_done) as u64;
-    let mut board = Board::open(
-        &run.path,
-        steps_per_epoch,
-        steps_done,
-        &plan.resolved_toml(),
-    )?;
+    let board = match record {
+        Some(r) => Board::open(
+            &r.run.path,
+            steps_per_epoch,
+            steps_done,
+            &plan.resolved_toml(),
+        )
+        .map(|b| r.board = Some(b)),
+        None => Ok(()),
+    };
+    session::agree(world, board)?;
     for epoch in position.epochs_done + 1..=t.epochs {
         let order = data::epoch_order(splits.train.len(), t.seed, epoch);
         let (start_step, so_far) = if epoch == position.epochs_done + 1 {
@@ -170,7 +258,7 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
         } else {
             (0, PassStats::default())
         };
-        let bar = progress_bar(epoch, t.epochs, order.len());
+        let bar = progress_bar(epoch, t.epochs, order.len(), world.is_root());
         let work = train::Epoch {
             images: &splits.train,
             order: &order,
@@ -179,20 +267,26 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
             start_step,
             so_far,
             stop: &stop_requested,
+            world,
         };
-        let (next, train_stats, end) = train::train_epoch(state, work, |report| {
+        let mut board = record.as_mut().and_then(|r| r.board.as_mut());
+        let trained = train::train_epoch(state, work, |report| {
             bar.set_position(report.images_done as u64);
             bar.set_message(format!("{:.3} bits/dim", report.bits_per_dim));
-            board.step(epoch, report, t.learning_rate);
+            if let Some(board) = board.as_mut() {
+                board.step(epoch, report, t.learning_rate);
+            }
         })
         .map_err(|e| {
-            let kept = checkpoint::latest(&run.path)
+            let kept = checkpoint::latest(dir)
                 .ok()
                 .flatten()
                 .map(|p| format!("; the last good checkpoint is {}", p.display()))
                 .unwrap_or_default();
             Error::Run(format!("epoch {epoch}, {e}{kept}"))
-        })?;
+        });
+        // The ranks fail together here: a loss that is not finite is the same sum everywhere.
+        let (next, train_stats, end) = session::agree(world, trained)?;
         bar.finish_and_clear();
         state = next;
         if let EpochEnd::Stopped { steps_done } = end {
@@ -202,16 +296,22 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
                 partial: train_stats,
                 loss_scale: state.loss_scale,
             };
-            checkpoint::save(&run.path, &state.model.valid(), &state.optimizer, &at, keep)?;
-            board.flush()?;
-            return Err(Error::Interrupted(run.path.clone()));
+            let saved = match record {
+                Some(r) => checkpoint::save(dir, &state.model.valid(), &state.optimizer, &at, keep)
+                    .and_then(|_| r.board.as_mut().map_or(Ok(()), Board::flush)),
+                None => Ok(()),
+            };
+            session::agree(world, saved)?;
+            return Err(Error::Interrupted(dir.to_path_buf()));
         }
         let model = &state.model;
-        let test_stats = train::evaluate(model, &splits.test, t.eval_batch_size, t.seed, device);
+        let (batch, seed) = (t.eval_batch_size, t.seed);
+        let test_stats = train::evaluate_sharded(model, &splits.test, batch, seed, device, world);
         let validation = splits
             .validation
             .as_ref()
-            .map(|v| train::evaluate(model, v, t.eval_batch_size, t.seed, device));
+            .map(|v| train::evaluate_sharded(model, v, batch, seed, device, world));
+        let sums = session::agree(world, check_same_weights(model, world))?;
         let row = MetricsRow {
             epoch,
             train_bits_per_dim: train_stats.bits_per_dim(),
@@ -240,35 +340,84 @@ fn epochs(session: Session, run: &mut RunDir, info: &mut RunInfo) -> Result<()> 
         ) {
             tracing::warn!(epoch, "{warning}");
         }
-        run.append_metrics(&row)?;
-        board.epoch(&row)?;
-        run.write_curve(&plan.name)?;
-        let every = plan.experiment.sample.every;
-        if epoch == t.epochs || (every > 0 && epoch % every == 0) {
-            let path = run.sample_path(epoch);
-            write_grid(plan, model, &splits.test, epoch, &path, device)?;
-            board.image("samples/grid", epoch, &path)?;
-            let recon = reconstructions_path(&path);
-            if recon.is_file() {
-                board.image("samples/reconstructions", epoch, &recon)?;
-            }
-        }
-        let at = Position {
-            epochs_done: epoch,
-            loss_scale: state.loss_scale,
-            ..Position::default()
+        let written = match record {
+            Some(r) => record_epoch(plan, r, &row, &state, &splits.test, &sums, device),
+            None => Ok(()),
         };
-        checkpoint::save(&run.path, &model.valid(), &state.optimizer, &at, keep)?;
-        info.epochs_completed = epoch;
-        run.write_info(info)?;
-        if stop_requested() && epoch < t.epochs {
-            return Err(Error::Interrupted(run.path.clone()));
+        session::agree(world, written)?;
+        if world.any(stop_requested()) && epoch < t.epochs {
+            return Err(Error::Interrupted(dir.to_path_buf()));
         }
     }
     Ok(())
 }
 
-fn progress_bar(epoch: usize, epochs: usize, images: usize) -> ProgressBar {
+/// Rank 0's files at the end of an epoch: the metrics row, the curves, the sample grid, the
+/// checkpoint and `run.json`.
+fn record_epoch(
+    plan: &Plan,
+    r: &mut Record,
+    row: &MetricsRow,
+    state: &train::TrainState,
+    test: &data::Images,
+    sums: &[u64],
+    device: &Device,
+) -> Result<()> {
+    let epoch = row.epoch;
+    let board = r.board.as_mut().expect("rank 0 opened the board");
+    r.run.append_metrics(row)?;
+    board.epoch(row)?;
+    r.run.write_curve(&plan.name)?;
+    let every = plan.experiment.sample.every;
+    if epoch == plan.experiment.train.epochs || (every > 0 && epoch % every == 0) {
+        let path = r.run.sample_path(epoch);
+        write_grid(plan, &state.model, test, epoch, &path, device)?;
+        board.image("samples/grid", epoch, &path)?;
+        let recon = reconstructions_path(&path);
+        if recon.is_file() {
+            board.image("samples/reconstructions", epoch, &recon)?;
+        }
+    }
+    let at = Position {
+        epochs_done: epoch,
+        loss_scale: state.loss_scale,
+        ..Position::default()
+    };
+    let keep = plan.experiment.train.keep_checkpoints;
+    checkpoint::save(
+        &r.run.path,
+        &state.model.valid(),
+        &state.optimizer,
+        &at,
+        keep,
+    )?;
+    r.info.epochs_completed = epoch;
+    for (rank, sum) in r.info.ranks.iter_mut().zip(sums) {
+        rank.weights_checksum = Some(format!("{sum:016x}"));
+    }
+    r.run.write_info(&r.info)
+}
+
+/// The weights' checksum on every rank, which must all be equal (data-parallel ranks step the
+/// same optimizer with the same summed gradients). Empty for a single process.
+fn check_same_weights(model: &crate::model::Model, world: &World) -> Result<Vec<u64>> {
+    if world.size() == 1 {
+        return Ok(Vec::new());
+    }
+    let sums = world.gather_u64(train::weights_checksum(model));
+    if sums.iter().any(|&s| s != sums[0]) {
+        return Err(Error::Run(format!(
+            "the ranks' weights have diverged ({}): a bug; please report it",
+            session::checksums(&sums)
+        )));
+    }
+    Ok(sums)
+}
+
+fn progress_bar(epoch: usize, epochs: usize, images: usize, shown: bool) -> ProgressBar {
+    if !shown {
+        return ProgressBar::hidden();
+    }
     let bar = ProgressBar::new(images as u64);
     bar.set_style(
         ProgressStyle::with_template(

@@ -4,12 +4,13 @@
 //! which weights they want. A data-parallel run learns its rank here too.
 
 use crate::checkpoint::{self, Position};
+use crate::cluster::{self, World};
 use crate::data::{self, Splits};
 use crate::device::{self, Precision};
 use crate::error::{Error, Result};
 use crate::experiment::{self, Override, Plan};
 use crate::results;
-use crate::train::{LossScale, TrainState};
+use crate::train::{self, LossScale, TrainState};
 use burn::tensor::Device;
 use std::path::{Path, PathBuf};
 
@@ -41,10 +42,34 @@ pub struct Session {
 }
 
 impl Session {
-    /// Opens the device, reads and checks the data, builds the model and loads `weights` into it.
-    pub fn open(plan: Plan, weights: Weights) -> Result<Session> {
+    /// Opens the device, reads and checks the data, builds the model and loads `weights` into it:
+    /// on every rank of `world`, which all fail when one does, and which must end up holding the
+    /// same weights.
+    pub fn open(plan: Plan, weights: Weights, world: &World) -> Result<Session> {
+        let session = agree(world, Session::open_here(plan, weights, world))?;
+        if world.size() > 1 {
+            let sums = world.gather_u64(train::weights_checksum(&session.state.model));
+            let same = match sums.iter().all(|&s| s == sums[0]) {
+                true => Ok(()),
+                false => Err(Error::Run(format!(
+                    "the ranks start from different weights ({}): every rank must read the same \
+                     checkpoint and build the same model",
+                    checksums(&sums)
+                ))),
+            };
+            agree(world, same)?;
+        }
+        Ok(session)
+    }
+
+    fn open_here(plan: Plan, weights: Weights, world: &World) -> Result<Session> {
+        check_world(&plan, world)?;
         let seed = plan.experiment.train.seed;
-        let opened = device::open(&plan.device, seed);
+        let place = device::Place {
+            local_rank: world.local_rank(),
+            threads: cluster::threads_per_rank(world),
+        };
+        let opened = device::open(&plan.device, seed, place);
         tracing::info!(device = %opened.description, "{}", opened.reason);
         let splits = data::load(&plan.data)?;
         check_splits(&plan, &splits)?;
@@ -146,6 +171,57 @@ pub fn recorded_plan(dir: &Path, sets: &[Override], command: &str) -> Result<Pla
         },
         Err(_) => plan,
     })
+}
+
+/// Runs `local`'s outcome past every rank: all go on only if all succeeded. A rank that
+/// succeeded while another failed returns [`Error::Peer`] with the first failing rank's exit code
+/// (that rank prints what went wrong). A single process returns `local` as it is.
+pub fn agree<T>(world: &World, local: Result<T>) -> Result<T> {
+    if world.size() == 1 {
+        return local;
+    }
+    let code = local.as_ref().err().map_or(0, |e| e.exit_code());
+    let codes = world.gather_u64(u64::from(code.unsigned_abs()));
+    if codes.iter().any(|&c| c != 0) {
+        world.note_failure_agreed();
+    }
+    match local {
+        Err(e) => Err(e),
+        Ok(value) => match codes.iter().position(|&c| c != 0) {
+            None => Ok(value),
+            Some(rank) => Err(Error::Peer {
+                rank,
+                code: i32::try_from(codes[rank]).unwrap_or(1),
+            }),
+        },
+    }
+}
+
+/// Weight checksums as text, one per rank.
+pub fn checksums(sums: &[u64]) -> String {
+    sums.iter()
+        .enumerate()
+        .map(|(r, s)| format!("rank {r}: {s:016x}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The global batch must split evenly over the ranks.
+fn check_world(plan: &Plan, world: &World) -> Result<()> {
+    let batch = plan.experiment.train.batch_size;
+    if batch % world.size() != 0 {
+        return Err(Error::Invalid {
+            source_name: plan.name.clone(),
+            key: "train.batch_size".into(),
+            value: batch.to_string(),
+            expected: format!(
+                "a multiple of the {} ranks the run was launched on: it is the global batch, of \
+                 which every rank takes an equal part",
+                world.size()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn check_splits(plan: &Plan, splits: &Splits) -> Result<()> {

@@ -1,6 +1,7 @@
 //! `pixel bench`: training throughput, forward latency, the time to sample a grid and peak memory
 //! for one experiment on its backend, measured the same way on every backend.
 
+use crate::cluster::World;
 use crate::error::{Error, Result};
 use crate::experiment::{Override, Plan, plan_file};
 use crate::rng::{self, Purpose};
@@ -17,7 +18,9 @@ pub struct Report {
     pub experiment: String,
     pub device: String,
     pub precision: String,
+    /// The global batch, split over `ranks` processes.
     pub batch_size: usize,
+    pub ranks: usize,
     pub steps: usize,
     /// Median seconds per optimisation step.
     pub seconds_per_step: f64,
@@ -28,8 +31,14 @@ pub struct Report {
     pub grid_seconds: Option<f64>,
     /// The same grid with the naive sampler, one forward pass per sub-pixel (None unless asked).
     pub naive_grid_seconds: Option<f64>,
-    /// Peak resident memory of the process, MiB (Linux only).
+    /// Share of the timed steps spent in collectives (the all-reduce and waiting for the other
+    /// ranks); 0 for one process.
+    pub collective_share: f64,
+    /// Peak resident memory of the process, MiB (Linux only); with several ranks the largest.
     pub peak_rss_mib: Option<f64>,
+    /// With several ranks: each rank's peak resident memory, MiB.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peak_rss_mib_per_rank: Vec<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -52,9 +61,13 @@ pub fn bench(
     steps: usize,
     with_grid: bool,
     with_naive: bool,
+    world: &World,
 ) -> Result<()> {
-    let plan = plan_file(experiment, sets)?;
-    let report = run(plan, steps.max(1), with_grid, with_naive)?;
+    let plan = crate::session::agree(world, plan_file(experiment, sets))?;
+    let report = run(plan, steps.max(1), with_grid, with_naive, world)?;
+    if !world.is_root() {
+        return Ok(());
+    }
     println!(
         "| experiment | device | precision | batch | s/step | train images/s | forward ms | grid s | naive grid s | peak MiB |\n\
          |---|---|---|---:|---:|---:|---:|---:|---:|---:|\n{}",
@@ -67,10 +80,16 @@ pub fn bench(
     Ok(())
 }
 
-/// Runs `steps` timed training steps (after two for warm-up), as many forward passes, and
-/// optionally one sample grid with each sampler.
-pub fn run(plan: Plan, steps: usize, with_grid: bool, with_naive: bool) -> Result<Report> {
-    let session = Session::open(plan, Weights::Initial)?;
+/// Runs `steps` timed training steps (after two for warm-up) on the ranks of `world`, then on
+/// rank 0 as many forward passes, and optionally one sample grid with each sampler.
+pub fn run(
+    plan: Plan,
+    steps: usize,
+    with_grid: bool,
+    with_naive: bool,
+    world: &World,
+) -> Result<Report> {
+    let session = Session::open(plan, Weights::Initial, world)?;
     let train_device = session.train_device();
     let Session {
         plan,
@@ -83,8 +102,10 @@ pub fn run(plan: Plan, steps: usize, with_grid: bool, with_naive: bool) -> Resul
     let batch = t.batch_size;
     let order: Vec<usize> = (0..batch).map(|i| i % splits.train.len()).collect();
     let mut times = Vec::new();
+    let mut collective = 0.0;
     for i in 0..steps + 2 {
         let start = Instant::now();
+        let waited = world.collective_seconds();
         let work = train::Epoch {
             images: &splits.train,
             order: &order,
@@ -93,20 +114,25 @@ pub fn run(plan: Plan, steps: usize, with_grid: bool, with_naive: bool) -> Resul
             start_step: 0,
             so_far: PassStats::default(),
             stop: &|| false,
+            world,
         };
         let (next, _, _) = train::train_epoch(state, work, |_| {}).map_err(Error::Run)?;
         state = next;
         if i >= 2 {
             times.push(start.elapsed().as_secs_f64());
+            collective += world.collective_seconds() - waited;
         }
     }
+    let collective_share = collective / times.iter().sum::<f64>();
     let seconds_per_step = median(times);
 
+    // Rank 0 alone measures inference while the others wait.
+    let root = world.is_root();
     let valid = state.model.valid();
     let inference = opened.device.clone();
     let indices: Vec<usize> = (0..batch).map(|i| i % splits.test.len()).collect();
     let mut forward = Vec::new();
-    for i in 0..steps + 2 {
+    for i in 0..if root { steps + 2 } else { 0 } {
         let b = train::Batch::gather(&splits.test, &indices, &inference);
         let start = Instant::now();
         // A PixelVAE encodes, then decodes: what evaluating a batch costs.
@@ -133,21 +159,42 @@ pub fn run(plan: Plan, steps: usize, with_grid: bool, with_naive: bool) -> Resul
         );
         start.elapsed().as_secs_f64()
     };
-    let grid_seconds = with_grid.then(|| time_grid(sample::Method::Cached));
-    let naive_grid_seconds = with_naive.then(|| time_grid(sample::Method::Naive));
+    let grid_seconds = (with_grid && root).then(|| time_grid(sample::Method::Cached));
+    let naive_grid_seconds = (with_naive && root).then(|| time_grid(sample::Method::Naive));
+    let peak = peak_rss_mib();
+    let per_rank: Vec<f64> = world
+        .gather_u64(peak.unwrap_or(0.0).to_bits())
+        .into_iter()
+        .map(f64::from_bits)
+        .collect();
 
     Ok(Report {
         experiment: plan.name.clone(),
         device: opened.description,
         precision: format!("{:?}", plan.device.precision).to_lowercase(),
         batch_size: batch,
+        ranks: world.size(),
         steps,
         seconds_per_step,
         train_images_per_second: batch as f64 / seconds_per_step,
-        forward_ms: median(forward),
+        forward_ms: if forward.is_empty() {
+            0.0
+        } else {
+            median(forward)
+        },
         grid_seconds,
         naive_grid_seconds,
-        peak_rss_mib: peak_rss_mib(),
+        collective_share,
+        peak_rss_mib: per_rank
+            .iter()
+            .copied()
+            .reduce(f64::max)
+            .filter(|_| peak.is_some()),
+        peak_rss_mib_per_rank: if world.size() > 1 {
+            per_rank
+        } else {
+            Vec::new()
+        },
     })
 }
 

@@ -2,6 +2,7 @@
 //! the PixelCNNs; for a PixelVAE an importance-sampled estimate (Burda et al. 2016) with K draws
 //! from q(z|x) per image, beside the ELBO from the same draws, which bounds it from above.
 
+use crate::cluster::World;
 use crate::error::{Error, Result};
 use crate::loss::bits_per_dim;
 use crate::results::{EVAL_FILE, write_atomic};
@@ -83,7 +84,7 @@ pub fn eval_results(
         state,
         position,
         ..
-    } = Session::open(plan, Weights::Trained(dir))?;
+    } = Session::open(plan, Weights::Trained(dir), &World::single())?;
     let epochs = position.epochs_done;
     let model = state.model.valid();
     let device = opened.device.clone().without_autodiff();

@@ -1,6 +1,7 @@
 //! `pixel sample`: a grid from a finished (or interrupted) run's checkpoint, or N single images
 //! (PNGs and optionally one `.npy` array) for FID and other tools.
 
+use crate::cluster::World;
 use crate::error::{Error, Result};
 use crate::experiment::{self, Conditional};
 use crate::results::{self, SAMPLES_DIR};
@@ -69,7 +70,7 @@ pub fn sample_results(
             ),
         });
     }
-    let session = Session::open(plan, Weights::Trained(dir))?;
+    let session = Session::open(plan, Weights::Trained(dir), &World::single())?;
     if let Some(d) = draws {
         let out = out.unwrap_or_else(|| dir.join(SAMPLES_DIR).join("draws"));
         return write_draws(&session, &d, &out);

@@ -1,11 +1,13 @@
 //! `pixel sweep`: run, plan or summarise the runs of a sweep.
 
+use crate::cluster::World;
 use crate::error::{Error, Result};
 use crate::experiment::{Plan, sweep};
 use crate::results::plot;
 use crate::results::summary::{self, RunSummary};
 use crate::results::{self, Status};
 use crate::run;
+use crate::session;
 use std::path::Path;
 
 /// What `pixel sweep` was asked to do.
@@ -15,15 +17,22 @@ pub enum Action {
     Run { only: Option<usize> },
     /// Print the expanded plan.
     DryRun,
-    /// Write a Slurm job-array script and the list of runs.
-    EmitSlurm,
+    /// Write a Slurm job-array script and the list of runs; each array task trains its run on
+    /// `ranks` MPI ranks with `gpus_per_rank` GPUs each.
+    EmitSlurm {
+        ranks: usize,
+        gpus_per_rank: Option<usize>,
+    },
     /// Only write the summary of the runs so far.
     Summarize,
 }
 
-pub fn sweep(file: &Path, results_root: &Path, action: Action) -> Result<()> {
-    let (sweep, plans) = sweep::load(file)?;
+pub fn sweep(file: &Path, results_root: &Path, action: Action, world: &World) -> Result<()> {
+    let (sweep, plans) = session::agree(world, sweep::load(file))?;
     let root = results_root.join(&sweep.name);
+    if !world.is_root() && !matches!(action, Action::Run { .. }) {
+        return Ok(()); // rank 0 plans, emits and summarises
+    }
     match action {
         Action::DryRun => {
             println!(
@@ -35,13 +44,26 @@ pub fn sweep(file: &Path, results_root: &Path, action: Action) -> Result<()> {
             print!("{}", sweep::run_list(&sweep));
             Ok(())
         }
-        Action::EmitSlurm => {
+        Action::EmitSlurm {
+            ranks,
+            gpus_per_rank,
+        } => {
+            if ranks == 0 {
+                return Err(Error::Usage {
+                    flag: "--ranks 0".into(),
+                    message: "expected at least one rank per run".into(),
+                });
+            }
+            let slurm = sweep::Slurm {
+                ranks,
+                gpus_per_rank,
+            };
             std::fs::create_dir_all(&root).map_err(Error::io(&root))?;
             let script = root.join("slurm.sh");
             results::write_atomic(&root.join("runs.txt"), sweep::run_list(&sweep).as_bytes())?;
             results::write_atomic(
                 &script,
-                sweep::slurm_script(&sweep, results_root).as_bytes(),
+                sweep::slurm_script(&sweep, results_root, slurm).as_bytes(),
             )?;
             println!(
                 "wrote {} ({} array tasks) and runs.txt",
@@ -66,9 +88,9 @@ pub fn sweep(file: &Path, results_root: &Path, action: Action) -> Result<()> {
                 }
             };
             for plan in selected {
-                run_one(plan, &root)?;
+                run_one(plan, &root, world)?;
             }
-            if only.is_none() {
+            if only.is_none() && world.is_root() {
                 summarize(&sweep, &root)?;
             }
             Ok(())
@@ -76,29 +98,37 @@ pub fn sweep(file: &Path, results_root: &Path, action: Action) -> Result<()> {
     }
 }
 
-/// Runs one run of the sweep: skipped when finished, resumed when unfinished.
-fn run_one(plan: &Plan, root: &Path) -> Result<()> {
+/// Runs one run of the sweep: skipped when finished, resumed when unfinished. Rank 0 looks at
+/// the folder and tells the other ranks what it found.
+fn run_one(plan: &Plan, root: &Path, world: &World) -> Result<()> {
+    const FRESH: i32 = 0;
+    const REPLACE: i32 = 1;
+    const RESUME: i32 = 2;
+    const SKIP: i32 = 3;
     let dir = root.join(&plan.name);
-    if dir.exists() {
-        match results::read_info(&dir) {
-            Ok(info) if info.status == Status::Completed => {
-                tracing::info!(run = %plan.name, "already completed; skipped");
-                return Ok(());
-            }
-            Ok(_) => {
-                tracing::info!(run = %plan.name, "unfinished; resuming");
-                run::resume(&dir)?;
-                return Ok(());
-            }
-            Err(_) => {}
+    let found = match results::read_info(&dir) {
+        _ if !dir.exists() => FRESH,
+        Ok(info) if info.status == Status::Completed => SKIP,
+        Ok(_) => RESUME,
+        Err(_) => REPLACE,
+    };
+    match world.broadcast_i32(found) {
+        SKIP => {
+            tracing::info!(run = %plan.name, "already completed; skipped");
+            Ok(())
+        }
+        RESUME => {
+            tracing::info!(run = %plan.name, "unfinished; resuming");
+            run::resume(&dir, world).map(|_| ())
+        }
+        decision => {
+            let options = run::Options {
+                results_root: root.to_path_buf(),
+                force: decision == REPLACE,
+            };
+            run::execute(plan.clone(), &options, world).map(|_| ())
         }
     }
-    let options = run::Options {
-        results_root: root.to_path_buf(),
-        force: dir.exists(),
-    };
-    run::execute(plan.clone(), &options)?;
-    Ok(())
 }
 
 /// Writes `summary.csv` and `summary.md` over the runs that finished an epoch.

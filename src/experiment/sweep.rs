@@ -207,18 +207,56 @@ fn slug(value: &str) -> String {
         .collect()
 }
 
-/// A Slurm job-array script that runs task `$SLURM_ARRAY_TASK_ID` of the sweep, one run per task.
-pub fn slurm_script(sweep: &Sweep, results_root: &Path) -> String {
+/// What each array task of a Slurm script asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slurm {
+    /// MPI ranks (Slurm tasks) that train the task's run together.
+    pub ranks: usize,
+    /// GPUs for each of them.
+    pub gpus_per_rank: Option<usize>,
+}
+
+impl Default for Slurm {
+    fn default() -> Slurm {
+        Slurm {
+            ranks: 1,
+            gpus_per_rank: None,
+        }
+    }
+}
+
+/// A Slurm job-array script that runs task `$SLURM_ARRAY_TASK_ID` of the sweep, one run per task,
+/// on `slurm.ranks` ranks started by `srun` (a binary built with the `mpi` feature) when more
+/// than one.
+pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: Slurm) -> String {
     let out = results_root.join(&sweep.name);
+    let mut resources = String::new();
+    if slurm.ranks > 1 {
+        resources += &format!("#SBATCH --ntasks={}\n", slurm.ranks);
+    }
+    if let Some(g) = slurm.gpus_per_rank {
+        resources += &format!("#SBATCH --gpus-per-task={g}\n");
+    }
+    let (launch, what) = match slurm.ranks {
+        1 => (String::new(), "one per array task".to_string()),
+        r => (
+            "srun ".to_string(),
+            format!(
+                "one per array task, each on {r} MPI ranks (srun; PIXEL must be built with \
+                 --features mpi)"
+            ),
+        ),
+    };
     format!(
         "#!/usr/bin/env bash\n\
-         # Slurm job array for the sweep {file}: {n} runs, one per array task (see runs.txt).\n\
+         # Slurm job array for the sweep {file}: {n} runs, {what} (see runs.txt).\n\
          # Submit from the repository root: sbatch {script}\n\
          # Two minutes before a task's time limit Slurm sends SIGTERM: pixel finishes its step,\n\
          # writes a checkpoint and exits with 130, and the task requeues itself; the requeued\n\
          # task resumes the run from that checkpoint.\n\
          #SBATCH --job-name={name}\n\
          #SBATCH --array=0-{last}\n\
+         {resources}\
          #SBATCH --output={out}/slurm-%A_%a.out\n\
          #SBATCH --open-mode=append\n\
          #SBATCH --signal=B:TERM@120\n\
@@ -226,7 +264,7 @@ pub fn slurm_script(sweep: &Sweep, results_root: &Path) -> String {
          set -euo pipefail\n\
          cd \"${{SLURM_SUBMIT_DIR:-.}}\"\n\
          PIXEL=${{PIXEL:-target/release/pixel}}\n\
-         \"$PIXEL\" sweep {file} --results {root} --only \"$SLURM_ARRAY_TASK_ID\" &\n\
+         {launch}\"$PIXEL\" sweep {file} --results {root} --only \"$SLURM_ARRAY_TASK_ID\" &\n\
          pid=$!\n\
          term=0\n\
          trap 'term=1; kill -TERM \"$pid\" 2>/dev/null || true' TERM\n\

@@ -63,6 +63,30 @@ pub struct RunInfo {
     /// Training images held out for validation (`data.validation`, chosen by the seed).
     #[serde(default)]
     pub validation_images: usize,
+    /// Processes that trained it: 1, or the ranks of a data-parallel run (its latest start).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// A data-parallel run's ranks: host, device, threads and, after each epoch, a checksum of
+    /// the weights (equal on every rank).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranks: Vec<RankInfo>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One rank of a data-parallel run, in `run.json`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RankInfo {
+    pub rank: usize,
+    pub host: String,
+    pub device: String,
+    /// Backend threads, when pixel chose them (several ranks on a node, none set by the user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_checksum: Option<String>,
 }
 
 impl RunInfo {

@@ -185,6 +185,8 @@ mod tests {
             hardware: String::new(),
             validation_images: 0,
             backend_choice: String::new(),
+            world_size: 1,
+            ranks: vec![],
         }
     }
 

@@ -41,11 +41,23 @@ pub fn evaluate(
     seed: u64,
     device: &Device,
 ) -> PassStats {
+    evaluate_range(model, images, 0..images.len(), batch_size, seed, device)
+}
+
+/// [`evaluate`] on the images `range` of `images` (a rank's share of a split).
+pub fn evaluate_range(
+    model: &Model,
+    images: &Images,
+    range: std::ops::Range<usize>,
+    batch_size: usize,
+    seed: u64,
+    device: &Device,
+) -> PassStats {
     let start = Instant::now();
     let model = model.valid();
     let device = device.clone().without_autodiff();
     let mut stats = PassStats::default();
-    let all: Vec<usize> = (0..images.len()).collect();
+    let all: Vec<usize> = range.collect();
     for indices in all.chunks(batch_size.max(1)) {
         let batch = Batch::gather(images, indices, &device);
         let dims = batch.target.shape().num_elements() as u64;

@@ -1,14 +1,18 @@
 //! One epoch of optimisation and passes of evaluation. Returns plain numbers; never prints or
-//! writes files. Imports only the layers below it: `data`, `model`, `loss`, `rng`.
+//! writes files. Imports only the layers below it: `data`, `model`, `loss`, `rng`, `cluster`.
 
 mod evaluate;
 mod loss_scale;
+mod parallel;
 
 pub use evaluate::{
-    ACTIVE_VARIANCE, Bounds, LatentSpread, evaluate, importance_bounds, nll_per_image,
+    ACTIVE_VARIANCE, Bounds, LatentSpread, evaluate, evaluate_range, importance_bounds,
+    nll_per_image,
 };
 pub use loss_scale::LossScale;
+pub use parallel::{evaluate_sharded, weights_checksum};
 
+use crate::cluster::World;
 use crate::data::Images;
 use crate::loss::nll_nats;
 use crate::model::{Context, Model};
@@ -109,6 +113,11 @@ impl Step {
     }
 }
 
+/// The error of a step whose loss is not finite.
+fn not_finite(i: usize, loss: f64) -> String {
+    format!("step {}: the training loss became {loss}", i + 1)
+}
+
 /// The generator of the noise of step `i` (from 0) of `epoch`.
 pub(crate) fn noise_rng(seed: u64, epoch: usize, i: usize) -> StdRng {
     crate::rng::stream(seed, Purpose::TrainNoise, epoch as u64, i as u64)
@@ -194,6 +203,8 @@ pub struct Epoch<'a> {
     pub so_far: PassStats,
     /// Asked after every step: true stops the epoch there.
     pub stop: &'a dyn Fn() -> bool,
+    /// The ranks that share every batch (each takes its part; the gradients are summed).
+    pub world: &'a World,
 }
 
 /// Trains over `epoch.order`, starting after `epoch.start_step` steps, and stopping early when
@@ -218,42 +229,63 @@ pub fn train_epoch(
         start_step,
         so_far: mut stats,
         stop,
+        world,
     } = epoch;
     let start = Instant::now();
     let before = stats.seconds;
     let mut end = EpochEnd::Finished;
     let steps_per_epoch = order.len().div_ceil(step.batch_size);
     for (i, indices) in order.chunks(step.batch_size).enumerate().skip(start_step) {
-        let batch = Batch::gather(images, indices, device);
-        let dims = batch.target.shape().num_elements() as u64;
-        let mut noise = noise_rng(step.seed, step.epoch, i);
-        let (logits, kl) = model.forward_with_kl(batch.input, &batch.context, &mut noise);
-        let nats = nll_nats(logits, batch.target);
-        let batch_nats = f64::from(nats.clone().into_scalar::<f32>());
-        let mut loss = nats;
-        let mut batch_kl = 0.0;
-        if let Some(kl) = kl {
-            batch_kl = f64::from(kl.clone().sum().into_scalar::<f32>());
-            let weight = step.kl_weight((step.epoch.max(1) - 1) * steps_per_epoch + i + 1);
-            loss = loss + kl_penalty(kl, step.free_bits) * weight;
-            *stats.kl_nats.get_or_insert(0.0) += batch_kl;
-            stats.kl_weight = Some(weight);
-        }
-        if !(batch_nats + batch_kl).is_finite() {
-            return Err(format!(
-                "step {}: the training loss became {}",
-                i + 1,
-                batch_nats + batch_kl
-            ));
-        }
-        let mut loss = loss / dims as f64;
-        if let Some(ls) = loss_scale.as_ref() {
-            loss = loss * ls.scale;
-        }
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        // Unscaled (f16) and measured: the norm is what a step's update is made of.
-        let factor = loss_scale.as_ref().map_or(1.0, |ls| 1.0 / ls.scale);
-        let gradient_norm = loss_scale::rescale_gradients(&model, &mut grads, factor);
+        let dims = (indices.len() * images.dims()) as u64;
+        let run_step = (step.epoch.max(1) - 1) * steps_per_epoch + i + 1;
+        let scale = loss_scale.as_ref().map_or(1.0, |ls| ls.scale);
+        let (grads, batch_nats, batch_kl, gradient_norm, stopping) = if world.size() == 1 {
+            let batch = Batch::gather(images, indices, device);
+            let mut noise = noise_rng(step.seed, step.epoch, i);
+            let (logits, kl) = model.forward_with_kl(batch.input, &batch.context, &mut noise);
+            let nats = nll_nats(logits, batch.target);
+            let batch_nats = f64::from(nats.clone().into_scalar::<f32>());
+            let mut loss = nats;
+            let mut batch_kl = 0.0;
+            if let Some(kl) = kl {
+                batch_kl = f64::from(kl.clone().sum().into_scalar::<f32>());
+                let weight = step.kl_weight(run_step);
+                loss = loss + kl_penalty(kl, step.free_bits) * weight;
+                *stats.kl_nats.get_or_insert(0.0) += batch_kl;
+                stats.kl_weight = Some(weight);
+            }
+            if !(batch_nats + batch_kl).is_finite() {
+                return Err(not_finite(i, batch_nats + batch_kl));
+            }
+            let mut loss = loss / dims as f64;
+            if loss_scale.is_some() {
+                loss = loss * scale;
+            }
+            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            // Unscaled (f16) and measured: the norm is what a step's update is made of.
+            let norm = loss_scale::rescale_gradients(&model, &mut grads, 1.0 / scale);
+            (grads, batch_nats, batch_kl, norm, None)
+        } else {
+            let r = parallel::step(
+                &model,
+                images,
+                indices,
+                (&step, i, run_step),
+                scale,
+                stop(),
+                world,
+                device,
+            );
+            let batch_kl = r.kl_nats.unwrap_or(0.0);
+            if !(r.nats + batch_kl).is_finite() {
+                return Err(not_finite(i, r.nats + batch_kl));
+            }
+            if let Some(kl) = r.kl_nats {
+                *stats.kl_nats.get_or_insert(0.0) += kl;
+                stats.kl_weight = r.kl_weight;
+            }
+            (r.grads, r.nats, batch_kl, r.gradient_norm, Some(r.stop))
+        };
         let finite = gradient_norm.is_finite();
         if let Some(ls) = loss_scale.as_mut() {
             ls.update(finite);
@@ -271,7 +303,8 @@ pub fn train_epoch(
             loss_scale: loss_scale.map(|ls| ls.scale),
             gradient_norm,
         });
-        if stop() && (i + 1) * step.batch_size < order.len() {
+        // Several ranks stop where any of them was asked to, all at the same step.
+        if stopping.unwrap_or_else(stop) && (i + 1) * step.batch_size < order.len() {
             end = EpochEnd::Stopped { steps_done: i + 1 };
             break;
         }
@@ -307,6 +340,7 @@ mod tests {
             start_step: 0,
             so_far: PassStats::default(),
             stop: &|| false,
+            world: Box::leak(Box::new(World::single())),
         }
     }
 
