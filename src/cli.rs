@@ -183,7 +183,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Err(e) if world.size() > 1 => {
             let code = e.exit_code();
             if world.is_root() || !matches!(e, Error::Peer { .. }) {
-                let prefix = format!("rank {}: ", world.rank());
+                let prefix = match world.rank() {
+                    0 => String::new(),
+                    r => format!("rank {r}: "),
+                };
                 crate::error::report(&e, &prefix);
             }
             let agreed =

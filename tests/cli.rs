@@ -511,7 +511,12 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
 fn active_dimensions(dir: &Path) -> u64 {
     use pixel_models::session::{Session, Weights, recorded_plan};
     let plan = recorded_plan(dir, &[], "active_dimensions").unwrap();
-    let session = Session::open(plan, Weights::Trained(dir)).unwrap();
+    let session = Session::open(
+        plan,
+        Weights::Trained(dir),
+        &pixel_models::cluster::World::single(),
+    )
+    .unwrap();
     let test = &session.splits.test;
     let all: Vec<usize> = (0..test.len()).collect();
     let batch = pixel_models::train::Batch::gather(test, &all, &session.device.device);
@@ -533,7 +538,12 @@ fn final_logits(dir: &Path) -> Vec<f32> {
     use burn::tensor::{Tensor, TensorData};
     use pixel_models::session::{Session, Weights, recorded_plan};
     let plan = recorded_plan(dir, &[], "final_logits").unwrap();
-    let session = Session::open(plan, Weights::Trained(dir)).unwrap();
+    let session = Session::open(
+        plan,
+        Weights::Trained(dir),
+        &pixel_models::cluster::World::single(),
+    )
+    .unwrap();
     let (device, model) = (session.device.device, session.state.model);
     let x: Vec<f32> = (0..36).map(|i| (i * 37 % 256) as f32).collect();
     let x = Tensor::<4>::from_data(TensorData::new(x, [1, 1, 6, 6]), &device);
@@ -1141,6 +1151,102 @@ fn sweep_runs_skips_finished_runs_and_summarises() {
     );
 }
 
+/// `--ranks R --gpus-per-rank G`: every array task asks Slurm for R tasks with G GPUs each and
+/// starts its run on them with srun.
+#[test]
+fn sweep_emits_slurm_tasks_of_several_ranks() {
+    let dir = sweep_dir();
+    let d = dir.path();
+    let out = pixel(
+        d,
+        &[
+            "sweep",
+            "sw.toml",
+            "--emit",
+            "slurm",
+            "--ranks",
+            "4",
+            "--gpus-per-rank",
+            "1",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let script = d.join("results/sw/slurm.sh");
+    let body = std::fs::read_to_string(&script).unwrap();
+    assert!(body.contains("#SBATCH --ntasks=4\n"), "{body}");
+    assert!(body.contains("#SBATCH --gpus-per-task=1\n"), "{body}");
+    assert!(
+        body.contains("srun \"$PIXEL\" sweep sw.toml --results results --only"),
+        "{body}"
+    );
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(syntax.status.success(), "{}", text(&syntax));
+    let out = pixel(d, &["sweep", "sw.toml", "--emit", "slurm", "--ranks", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("--ranks 0"), "{}", text(&out));
+}
+
+/// A binary without the `mpi` feature that a launcher started as one of several ranks stops
+/// before anything is written (each copy would train the whole run into one folder).
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn several_ranks_without_the_mpi_feature_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tiny.toml"), TINY).unwrap();
+    for (rank, size) in [
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pixel"))
+            .args(["run", "tiny.toml"])
+            .current_dir(dir.path())
+            .env(rank, "1")
+            .env(size, "2")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        let said = text(&out);
+        assert!(
+            said.contains("rank 1 of 2") && said.contains("--features mpi"),
+            "{said}"
+        );
+        assert!(!dir.path().join("results").exists());
+    }
+    // One rank of one is a plain run.
+    let out = Command::new(env!("CARGO_BIN_EXE_pixel"))
+        .args(["run", "tiny.toml"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .env("OMPI_COMM_WORLD_RANK", "0")
+        .env("OMPI_COMM_WORLD_SIZE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Commands that run in one process refuse a launcher of several ranks.
+#[test]
+fn eval_under_a_launcher_of_several_ranks_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pixel"))
+        .args(["eval", "results/none"])
+        .current_dir(dir.path())
+        .env("OMPI_COMM_WORLD_RANK", "0")
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("start this command as a single process"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn sweep_emits_a_slurm_array_and_runs_one_task() {
     let dir = sweep_dir();
@@ -1151,6 +1257,10 @@ fn sweep_emits_a_slurm_array_and_runs_one_task() {
     let body = std::fs::read_to_string(&script).unwrap();
     assert!(body.contains("#SBATCH --array=0-3"), "{body}");
     assert!(body.contains("--only \"$SLURM_ARRAY_TASK_ID\""), "{body}");
+    assert!(
+        !body.contains("srun") && !body.contains("--ntasks"),
+        "{body}"
+    );
     let syntax = Command::new("bash")
         .arg("-n")
         .arg(&script)
