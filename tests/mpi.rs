@@ -75,7 +75,7 @@ fn metrics(dir: &Path) -> Vec<Vec<f64>> {
     let mut lines = body.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let keep: Vec<usize> = (0..header.len())
-        .filter(|&i| !header[i].contains("seconds"))
+        .filter(|&i| !header[i].contains("second"))
         .collect();
     lines
         .map(|l| {
