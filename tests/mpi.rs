@@ -348,6 +348,26 @@ fn sigterm_to_one_rank_checkpoints_and_resumes_on_another_rank_count() {
     }
 }
 
+/// SIGTERM to `mpirun` itself (what Ctrl-C at its terminal or Slurm's time limit do): it passes
+/// the signal to every rank, and the run stops with a checkpoint.
+#[test]
+fn sigterm_to_the_launcher_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("r");
+    let mut a = vec![
+        "run",
+        "experiments/smoke/synthetic-grey.toml",
+        "--results",
+        root.to_str().unwrap(),
+    ];
+    a.extend_from_slice(&LONG);
+    let run = root.join("synthetic-grey");
+    let out = signal_after_an_epoch(mpirun(2, &a), &run.join("metrics.csv"), "-TERM", None);
+    assert!(!out.status.success());
+    assert_eq!(run_json(&run)["status"], "interrupted", "{}", text(&out));
+    assert!(text(&out).contains("checkpoint written"), "{}", text(&out));
+}
+
 /// A rank killed outright takes the job down (mpirun ends the others) instead of a hang; the
 /// results folder keeps the epochs it finished.
 #[test]
