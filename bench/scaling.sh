@@ -7,8 +7,9 @@
 #
 # PIXEL: a `pixel` built with --features tch,mpi (default: target/release/pixel).
 # ROUNDS: how many times each pair runs, alternating (default 2); each line is one measurement.
-# Prints images per second, the share of a step spent in collectives (the all-reduce of the
-# gradients and the wait for the other rank) and each rank's peak memory.
+# Prints images per second, the share of a step spent in the all-reduce of the gradients, the
+# share spent waiting for the slower rank (a barrier before the all-reduce, timed apart) and each
+# rank's peak memory.
 set -euo pipefail
 pixel=${1:-target/release/pixel}
 rounds=${2:-2}
@@ -25,9 +26,10 @@ for line in sys.stdin:
     if line.startswith("{"):
         r = json.loads(line)
         per = r.get("peak_rss_mib_per_rank") or [r["peak_rss_mib"]]
-        print("%-9s %d rank(s) %6.3f s/step %6.1f images/s  collectives %4.1f %%  peak MiB %s"
+        reduce = r["collective_share"] - r["waiting_share"]
+        print("%-12s %d rank(s) %6.3f s/step %6.1f images/s  all-reduce %4.1f %%  waiting %4.1f %%  peak MiB %s"
               % (r["device"], r["ranks"], r["seconds_per_step"], r["train_images_per_second"],
-                 100 * r["collective_share"], " ".join("%.0f" % m for m in per)))
+                 100 * reduce, 100 * r["waiting_share"], " ".join("%.0f" % m for m in per)))
 '
 }
 

@@ -55,6 +55,10 @@ pub struct World {
     launcher: Option<&'static str>,
     /// Seconds spent in collectives so far (what a step waits for the other ranks and the sums).
     collective_seconds: Cell<f64>,
+    /// With `separate_waiting`: seconds of that spent waiting for the slowest rank (a barrier
+    /// before each sum), so that the rest is the reduction itself.
+    waiting_seconds: Cell<f64>,
+    separate_waiting: Cell<bool>,
     /// Whether the ranks have learnt together that one of them failed.
     failure_agreed: Cell<bool>,
     #[cfg(feature = "mpi")]
@@ -78,6 +82,8 @@ impl World {
             local_size: 1,
             launcher: None,
             collective_seconds: Cell::new(0.0),
+            waiting_seconds: Cell::new(0.0),
+            separate_waiting: Cell::new(false),
             failure_agreed: Cell::new(false),
             #[cfg(feature = "mpi")]
             mpi: None,
@@ -131,6 +137,8 @@ impl World {
             local_size,
             launcher: Some(launch.launcher),
             collective_seconds: Cell::new(0.0),
+            waiting_seconds: Cell::new(0.0),
+            separate_waiting: Cell::new(false),
             failure_agreed: Cell::new(false),
             mpi: Some(Mpi {
                 world,
@@ -187,6 +195,32 @@ impl World {
         self.collective_seconds.get()
     }
 
+    /// Seconds of [`World::collective_seconds`] spent waiting for the slowest rank, when
+    /// measured (see [`World::separate_waiting`]).
+    pub fn waiting_seconds(&self) -> f64 {
+        self.waiting_seconds.get()
+    }
+
+    /// Makes every sum wait at a barrier first and time the wait apart (for `pixel bench`: the
+    /// sum's own cost, without the imbalance between ranks). Costs one more collective per sum.
+    pub fn separate_waiting(&self, on: bool) {
+        self.separate_waiting.set(on);
+    }
+
+    /// Times the wait for every rank when asked to.
+    #[cfg(feature = "mpi")]
+    fn wait_apart(&self, m: &Mpi) {
+        use mpi::collective::CommunicatorCollectives;
+        if self.separate_waiting.get() {
+            let start = Instant::now();
+            m.world.barrier();
+            let waited = start.elapsed().as_secs_f64();
+            self.waiting_seconds.set(self.waiting_seconds.get() + waited);
+            self.collective_seconds
+                .set(self.collective_seconds.get() + waited);
+        }
+    }
+
     fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
         let start = Instant::now();
         let out = f();
@@ -201,6 +235,7 @@ impl World {
         if let Some(m) = &self.mpi {
             use mpi::collective::{CommunicatorCollectives, SystemOperation};
             let send = values.to_vec();
+            self.wait_apart(m);
             self.timed(|| {
                 m.world
                     .all_reduce_into(&send[..], values, SystemOperation::sum())

@@ -34,6 +34,9 @@ pub struct Report {
     /// Share of the timed steps spent in collectives (the all-reduce and waiting for the other
     /// ranks); 0 for one process.
     pub collective_share: f64,
+    /// Of that, the share spent waiting for the slowest rank (a barrier before the all-reduce);
+    /// the rest is the all-reduce itself.
+    pub waiting_share: f64,
     /// Peak resident memory of the process, MiB (Linux only); with several ranks the largest.
     pub peak_rss_mib: Option<f64>,
     /// With several ranks: each rank's peak resident memory, MiB.
@@ -102,10 +105,11 @@ pub fn run(
     let batch = t.batch_size;
     let order: Vec<usize> = (0..batch).map(|i| i % splits.train.len()).collect();
     let mut times = Vec::new();
-    let mut collective = 0.0;
+    let (mut collective, mut waiting) = (0.0, 0.0);
+    world.separate_waiting(true);
     for i in 0..steps + 2 {
         let start = Instant::now();
-        let waited = world.collective_seconds();
+        let (before, waited) = (world.collective_seconds(), world.waiting_seconds());
         let work = train::Epoch {
             images: &splits.train,
             order: &order,
@@ -120,10 +124,13 @@ pub fn run(
         state = next;
         if i >= 2 {
             times.push(start.elapsed().as_secs_f64());
-            collective += world.collective_seconds() - waited;
+            collective += world.collective_seconds() - before;
+            waiting += world.waiting_seconds() - waited;
         }
     }
+    world.separate_waiting(false);
     let collective_share = collective / times.iter().sum::<f64>();
+    let waiting_share = waiting / times.iter().sum::<f64>();
     let seconds_per_step = median(times);
 
     // Rank 0 alone measures inference while the others wait.
@@ -185,6 +192,7 @@ pub fn run(
         grid_seconds,
         naive_grid_seconds,
         collective_share,
+        waiting_share,
         peak_rss_mib: per_rank
             .iter()
             .copied()
