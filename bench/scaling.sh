@@ -27,9 +27,10 @@ for line in sys.stdin:
         r = json.loads(line)
         per = r.get("peak_rss_mib_per_rank") or [r["peak_rss_mib"]]
         reduce = r["collective_share"] - r["waiting_share"]
-        print("%-12s %d rank(s) %6.3f s/step %6.1f images/s  all-reduce %4.1f %%  waiting %4.1f %%  peak MiB %s"
+        print("%-12s %d rank(s) %6.3f s/step %6.1f images/s  all-reduce %5.2f %% (%.1f ms)  waiting %4.1f %%  peak MiB %s"
               % (r["device"], r["ranks"], r["seconds_per_step"], r["train_images_per_second"],
-                 100 * reduce, 100 * r["waiting_share"], " ".join("%.0f" % m for m in per)))
+                 100 * reduce, 1000 * reduce * r["seconds_per_step"], 100 * r["waiting_share"],
+                 " ".join("%.0f" % m for m in per)))
 '
 }
 
