@@ -104,11 +104,11 @@ impl World {
     #[cfg(not(feature = "mpi"))]
     fn join_mpi(launch: Launch) -> Result<World, String> {
         Err(format!(
-            "{} started this process as rank {} of {}, but this pixel was built without the `mpi` \
+            "started this process as rank {} of {}, but this pixel was built without the `mpi` \
              feature: the {} copies would each train the whole run into one results folder. \
              Rebuild with `cargo build --release --features mpi` (add `tch` for libtorch; see the \
              README's \"Data-parallel training\"), or start a single process",
-            launch.launcher, launch.rank, launch.size, launch.size
+            launch.rank, launch.size, launch.size
         ))
     }
 
@@ -122,10 +122,10 @@ impl World {
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         if size != launch.size {
             return Err(format!(
-                "{} started {} processes but MPI sees a world of {size}: the launcher and the MPI \
+                "started {} processes but MPI sees a world of {size}: the launcher and the MPI \
                  library this pixel links do not talk to each other (under Slurm try `srun \
                  --mpi=pmix` or `mpirun` inside the allocation)",
-                launch.launcher, launch.size
+                launch.size
             ));
         }
         let node = world.split_shared(rank as i32);
