@@ -194,6 +194,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             if !agreed {
                 world.abort(code);
             }
+            // Finalises MPI (built with `mpi`) before the exit, which skips destructors.
+            #[allow(clippy::drop_non_drop)]
             drop(world);
             std::process::exit(code)
         }

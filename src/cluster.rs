@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::ops::Range;
+#[cfg(feature = "mpi")]
 use std::time::Instant;
 
 /// What a launcher tells its processes through the environment: the job's size and this
@@ -215,12 +216,14 @@ impl World {
             let start = Instant::now();
             m.world.barrier();
             let waited = start.elapsed().as_secs_f64();
-            self.waiting_seconds.set(self.waiting_seconds.get() + waited);
+            self.waiting_seconds
+                .set(self.waiting_seconds.get() + waited);
             self.collective_seconds
                 .set(self.collective_seconds.get() + waited);
         }
     }
 
+    #[cfg(feature = "mpi")]
     fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
         let start = Instant::now();
         let out = f();

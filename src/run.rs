@@ -369,7 +369,7 @@ fn record_epoch(
     board.epoch(row)?;
     r.run.write_curve(&plan.name)?;
     let every = plan.experiment.sample.every;
-    if epoch == plan.experiment.train.epochs || (every > 0 && epoch % every == 0) {
+    if epoch == plan.experiment.train.epochs || (every > 0 && epoch.is_multiple_of(every)) {
         let path = r.run.sample_path(epoch);
         write_grid(plan, &state.model, test, epoch, &path, device)?;
         board.image("samples/grid", epoch, &path)?;

@@ -209,7 +209,7 @@ pub fn checksums(sums: &[u64]) -> String {
 /// The global batch must split evenly over the ranks.
 fn check_world(plan: &Plan, world: &World) -> Result<()> {
     let batch = plan.experiment.train.batch_size;
-    if batch % world.size() != 0 {
+    if !batch.is_multiple_of(world.size()) {
         return Err(Error::Invalid {
             source_name: plan.name.clone(),
             key: "train.batch_size".into(),

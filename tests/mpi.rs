@@ -274,11 +274,15 @@ fn signal_after_an_epoch(
     child.wait_with_output().unwrap()
 }
 
-const LONG: [&str; 4] = [
+/// A run of a few seconds in a release build, so that a signal sent after its first epoch (which
+/// `mpirun` takes about half a second to pass on) lands in the middle.
+const LONG: [&str; 6] = [
     "--set",
-    "train.epochs=3",
+    "train.epochs=6",
     "--set",
-    "data.synthetic_images=3072",
+    "data.synthetic_images=4096",
+    "--set",
+    "train.batch_size=8",
 ];
 
 /// SIGTERM to one rank stops both at the same step with one checkpoint; resumed on one process
@@ -319,14 +323,8 @@ fn sigterm_to_one_rank_checkpoints_and_resumes_on_another_rank_count() {
         let info = run_json(&run);
         assert_eq!(info["status"], "interrupted", "{info}");
         let checkpoints = std::fs::read_dir(run.join("checkpoints")).unwrap().count();
-        assert!(
-            checkpoints >= 2,
-            "an epoch's checkpoint and the interrupt's"
-        );
-        assert!(
-            !run.join("metrics.csv").exists() || metrics(&run).len() < 3,
-            "stopped before the end"
-        );
+        assert!(checkpoints >= 1, "the interrupt's checkpoint");
+        assert!(metrics(&run).len() < 6, "stopped before the end");
         ok(single(&["run", "--resume", run.to_str().unwrap()]));
         assert_same_metrics(&reference, &run, SAME);
         assert_eq!(run_json(&run)["world_size"], 1);
