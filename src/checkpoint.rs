@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 pub const DIR: &str = "checkpoints";
 const MODEL: &str = "model.bpk";
 const OPTIMIZER: &str = "optimizer.bpk";
+/// The Polyak average of the weights (`train.ema`), beside the trained ones.
+const EMA: &str = "ema.bpk";
 const STATE: &str = "state.json";
 
 /// Where training stood when a checkpoint was written.
@@ -37,10 +39,11 @@ fn name(p: &Position) -> String {
 }
 
 /// Writes a checkpoint into `run_dir/checkpoints/` (a temporary folder renamed into place), then
-/// removes all but the newest `keep`.
+/// removes all but the newest `keep`. `ema`: the averaged weights, if the run keeps them.
 pub fn save(
     run_dir: &Path,
     model: &Model,
+    ema: Option<&Model>,
     optimizer: &ModuleOptimizer,
     position: &Position,
     keep: usize,
@@ -60,6 +63,11 @@ pub fn save(
         .clone()
         .save_file(tmp.join(MODEL))
         .map_err(|e| fail("the model", &e))?;
+    if let Some(ema) = ema {
+        ema.clone()
+            .save_file(tmp.join(EMA))
+            .map_err(|e| fail("the averaged weights", &e))?;
+    }
     optimizer
         .save(tmp.join(OPTIMIZER))
         .map_err(|e| fail("the optimizer state", &e))?;
@@ -174,6 +182,18 @@ pub fn load_model(dir: &Path, model: Model) -> Result<Model> {
     model.try_load_file(&path).map_err(|e| mismatch(&path, e))
 }
 
+/// Loads the averaged weights of a checkpoint folder into `model`, if it has them.
+pub fn load_ema(dir: &Path, model: Model) -> Result<Option<Model>> {
+    let path = dir.join(EMA);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    model
+        .try_load_file(&path)
+        .map(Some)
+        .map_err(|e| mismatch(&path, e))
+}
+
 /// Loads a whole checkpoint: weights, optimizer state and position.
 pub fn load(
     dir: &Path,
@@ -224,7 +244,7 @@ mod tests {
                 steps_done,
                 ..Position::default()
             };
-            save(dir.path(), &model, &optimizer, &at, 2).unwrap();
+            save(dir.path(), &model, None, &optimizer, &at, 2).unwrap();
         };
         save_at(1, 0);
         save_at(1, 5); // interrupted, resumed,
@@ -250,7 +270,7 @@ mod tests {
                 steps_done,
                 ..Position::default()
             };
-            save(dir.path(), &model, &optimizer, &at, 1).unwrap()
+            save(dir.path(), &model, None, &optimizer, &at, 1).unwrap()
         };
         save_at(3, 0);
         let interrupt = save_at(3, 999_999);
@@ -284,6 +304,9 @@ mod tests {
                 seconds: 0.25,
                 kl_nats: Some(0.5),
                 kl_weight: Some(0.75),
+                learning_rate: Some(9e-4),
+                gradient_norm_sum: 12.5,
+                gradient_norm_steps: 17,
             },
             loss_scale: Some(LossScale {
                 scale: 1024.0,

@@ -274,7 +274,7 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
             bar.set_position(report.images_done as u64);
             bar.set_message(format!("{:.3} bits/dim", report.bits_per_dim));
             if let Some(board) = board.as_mut() {
-                board.step(epoch, report, t.learning_rate);
+                board.step(epoch, report);
             }
         })
         .map_err(|e| {
@@ -297,21 +297,29 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
                 loss_scale: state.loss_scale,
             };
             let saved = match record {
-                Some(r) => checkpoint::save(dir, &state.model.valid(), &state.optimizer, &at, keep)
-                    .and_then(|_| r.board.as_mut().map_or(Ok(()), Board::flush)),
+                Some(r) => checkpoint::save(
+                    dir,
+                    &state.model.valid(),
+                    state.ema.as_ref().map(|e| &e.model),
+                    &state.optimizer,
+                    &at,
+                    keep,
+                )
+                .and_then(|_| r.board.as_mut().map_or(Ok(()), Board::flush)),
                 None => Ok(()),
             };
             session::agree(world, saved)?;
             return Err(Error::Interrupted(dir.to_path_buf()));
         }
-        let model = &state.model;
+        // The averaged weights with `train.ema`; the checksum is of the trained ones.
+        let model = state.eval_model();
         let (batch, seed) = (t.eval_batch_size, t.seed);
         let test_stats = train::evaluate_sharded(model, &splits.test, batch, seed, device, world);
         let validation = splits
             .validation
             .as_ref()
             .map(|v| train::evaluate_sharded(model, v, batch, seed, device, world));
-        let sums = session::agree(world, check_same_weights(model, world))?;
+        let sums = session::agree(world, check_same_weights(&state.model, world))?;
         let row = MetricsRow {
             epoch,
             train_bits_per_dim: train_stats.bits_per_dim(),
@@ -325,6 +333,8 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
             test_kl_bits_per_dim: test_stats.kl_bits_per_dim(),
             kl_weight: train_stats.kl_weight,
             validation_bits_per_dim: validation.map(|v| v.bits_per_dim()),
+            learning_rate: train_stats.learning_rate,
+            gradient_norm: train_stats.mean_gradient_norm(),
         };
         tracing::info!(
             epoch,
@@ -371,7 +381,7 @@ fn record_epoch(
     let every = plan.experiment.sample.every;
     if epoch == plan.experiment.train.epochs || (every > 0 && epoch.is_multiple_of(every)) {
         let path = r.run.sample_path(epoch);
-        write_grid(plan, &state.model, test, epoch, &path, device)?;
+        write_grid(plan, state.eval_model(), test, epoch, &path, device)?;
         board.image("samples/grid", epoch, &path)?;
         let recon = reconstructions_path(&path);
         if recon.is_file() {
@@ -387,6 +397,7 @@ fn record_epoch(
     checkpoint::save(
         &r.run.path,
         &state.model.valid(),
+        state.ema.as_ref().map(|e| &e.model),
         &state.optimizer,
         &at,
         keep,

@@ -81,9 +81,11 @@ impl Session {
             opened.device.clone()
         };
         let model = plan.init_model(&model_device);
+        let decay = plan.experiment.train.ema;
         let fresh = TrainState {
+            ema: (decay > 0.0).then(|| train::Ema::new(decay, &model)),
             model,
-            optimizer: crate::optim::adam(),
+            optimizer: plan.optimizer(),
             loss_scale: (plan.device.precision == Precision::F16).then(LossScale::default),
         };
         let (state, position, checkpoint) = match weights {
@@ -92,11 +94,24 @@ impl Session {
                 None => (fresh, Position::default(), None),
                 Some(ckpt) => {
                     let (model, optimizer, position) =
-                        checkpoint::load(&ckpt, fresh.model, fresh.optimizer)?;
+                        checkpoint::load(&ckpt, fresh.model.clone(), fresh.optimizer)?;
+                    // The average goes on from where it was (from the weights if the
+                    // checkpoint has none).
+                    let ema = match fresh.ema {
+                        Some(e) => Some(match checkpoint::load_ema(&ckpt, e.model)? {
+                            Some(averaged) => train::Ema {
+                                decay,
+                                model: averaged,
+                            },
+                            None => train::Ema::new(decay, &model),
+                        }),
+                        None => None,
+                    };
                     let state = TrainState {
                         model,
                         optimizer,
                         loss_scale: position.loss_scale.or(fresh.loss_scale),
+                        ema,
                     };
                     (state, position, Some(ckpt))
                 }
@@ -110,8 +125,18 @@ impl Session {
                             .into(),
                     });
                 };
+                // Evaluation and sampling use the averaged weights where the run kept them.
+                let model = checkpoint::load_model(&ckpt, fresh.model.clone())?;
+                let ema = checkpoint::load_ema(&ckpt, fresh.model)?.map(|averaged| train::Ema {
+                    decay,
+                    model: averaged,
+                });
+                if ema.is_some() {
+                    tracing::info!("using the averaged weights (train.ema = {decay})");
+                }
                 let state = TrainState {
-                    model: checkpoint::load_model(&ckpt, fresh.model)?,
+                    model,
+                    ema,
                     ..fresh
                 };
                 let position = Position {

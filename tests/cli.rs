@@ -414,6 +414,11 @@ synthetic_images = 3000
 [train]
 epochs = 2
 batch_size = 4
+# The training tools, so that their state is checkpointed and resumed too.
+lr_decay = 0.9995
+adam_betas = [0.95, 0.9995]
+clip_grad_norm = 0.5
+ema = 0.99
 [sample]
 every = 0
 grid = 2
@@ -423,7 +428,15 @@ fn metrics_without_times(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("metrics.csv"))
         .unwrap()
         .lines()
-        .map(|l| l.split(',').take(3).collect::<Vec<_>>().join(","))
+        .map(|l| {
+            // Everything but the timing columns 3, 4 and 5 (train/test seconds, images/s).
+            l.split(',')
+                .enumerate()
+                .filter(|(i, _)| !(3..=5).contains(i))
+                .map(|(_, c)| c)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .collect()
 }
 
@@ -504,6 +517,22 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     );
     // The final weights are the same: both models give bit-identical logits on one input.
     assert_eq!(final_logits(&a), final_logits(&b));
+    // The grids above come from the averaged weights, kept in every checkpoint; the learning
+    // rate decayed and the gradients were clipped (the norm before clipping is above 0.5).
+    let ckpts = std::fs::read_dir(b.join("checkpoints")).unwrap();
+    for c in ckpts {
+        assert!(c.unwrap().path().join("ema.bpk").is_file());
+    }
+    let rows = std::fs::read_to_string(b.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = rows.lines().next().unwrap().split(',').collect();
+    let last: Vec<&str> = rows.lines().last().unwrap().split(',').collect();
+    let col = |name: &str| -> f64 {
+        let i = header.iter().position(|h| *h == name).unwrap();
+        last[i].parse().unwrap()
+    };
+    let lr = 1e-3 * 0.9995f64.powi(2 * 750 - 1);
+    assert!((col("learning_rate") - lr).abs() < 1e-12, "{rows}");
+    assert!(col("gradient_norm") > 0.5, "{rows}");
 }
 
 /// Latent dimensions of a PixelVAE run whose posterior mean varies over its test images by more

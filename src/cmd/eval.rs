@@ -86,7 +86,7 @@ pub fn eval_results(
         ..
     } = Session::open(plan, Weights::Trained(dir), &World::single())?;
     let epochs = position.epochs_done;
-    let model = state.model.valid();
+    let model = state.eval_model().valid();
     let device = opened.device.clone().without_autodiff();
     let batch = batch_size.unwrap_or(plan.experiment.train.eval_batch_size);
     let started = std::time::Instant::now();

@@ -86,7 +86,14 @@ pub fn sample_results(
         device,
         ..
     } = &session;
-    run::write_grid(plan, &state.model, &splits.test, 0, &out, &device.device)?;
+    run::write_grid(
+        plan,
+        state.eval_model(),
+        &splits.test,
+        0,
+        &out,
+        &device.device,
+    )?;
     println!("wrote {}", out.display());
     Ok(())
 }
@@ -120,7 +127,7 @@ fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(Error::io(out))?;
     let test = &session.splits.test;
     let shape = (test.colours, test.height, test.width);
-    let model = session.state.model.valid();
+    let model = session.state.eval_model().valid();
     let device = session.device.device.clone();
     let s = &session.plan.experiment;
     let bar = ProgressBar::new(d.count as u64);

@@ -213,8 +213,20 @@ pub struct TrainSection {
     pub batch_size: usize,
     /// Images per evaluation batch (memory only; results do not depend on it). Default: 256.
     pub eval_batch_size: usize,
-    /// Adam learning rate. Default: 0.001.
+    /// Adam learning rate at the first step. Default: 0.001.
     pub learning_rate: f64,
+    /// Multiplies the learning rate after every step (exponential decay per step, as PixelCNN++:
+    /// 0.999995); step n uses `learning_rate * lr_decay^(n-1)`. 1 = constant. Default: 1.0.
+    pub lr_decay: f64,
+    /// Adam's beta1 and beta2 (PixelCNN++: [0.95, 0.9995]). Default: [0.9, 0.999].
+    pub adam_betas: [f64; 2],
+    /// Rescales the gradients whose global L2 norm exceeds this to this norm (0 = never). The norm
+    /// before clipping is in metrics.csv and TensorBoard. Default: 0.
+    pub clip_grad_norm: f64,
+    /// Polyak averaging: an exponential moving average of the weights with this decay per step
+    /// (PixelCNN++: 0.9995), which evaluation, sample grids, `pixel eval` and `pixel sample` use;
+    /// checkpoints keep it beside the trained weights. 0 = off. Default: 0.
+    pub ema: f64,
     /// Seed for weights, shuffling and sampling. Default: 1.
     pub seed: u64,
     /// Checkpoints kept in `results/<name>/checkpoints/` (one is written per epoch and on
@@ -230,6 +242,10 @@ impl Default for TrainSection {
             batch_size: 64,
             eval_batch_size: 256,
             learning_rate: 1e-3,
+            lr_decay: 1.0,
+            adam_betas: [0.9, 0.999],
+            clip_grad_norm: 0.0,
+            ema: 0.0,
             seed: 1,
             keep_checkpoints: 2,
         }

@@ -131,6 +131,32 @@ impl Plan {
             t.learning_rate,
             "a positive number such as 0.001",
         )?;
+        ctx.require(
+            t.lr_decay > 0.0 && t.lr_decay <= 1.0,
+            "train.lr_decay",
+            t.lr_decay,
+            "a factor in (0, 1] per step, such as 0.999995 (1 keeps the learning rate)",
+        )?;
+        for (i, beta) in t.adam_betas.iter().enumerate() {
+            ctx.require(
+                (0.0..1.0).contains(beta),
+                &format!("train.adam_betas[{i}]"),
+                beta,
+                "a number in [0, 1), such as 0.9 and 0.999",
+            )?;
+        }
+        ctx.require(
+            t.clip_grad_norm.is_finite() && t.clip_grad_norm >= 0.0,
+            "train.clip_grad_norm",
+            t.clip_grad_norm,
+            "a norm of 0 (no clipping) or more",
+        )?;
+        ctx.require(
+            (0.0..1.0).contains(&t.ema),
+            "train.ema",
+            t.ema,
+            "a decay in [0, 1) per step, such as 0.9995 (0 turns averaging off)",
+        )?;
 
         let s = &e.sample;
         ctx.require(
@@ -337,11 +363,19 @@ impl Plan {
         Step {
             batch_size: e.train.batch_size,
             learning_rate: e.train.learning_rate,
+            lr_decay: e.train.lr_decay,
+            clip_grad_norm: e.train.clip_grad_norm,
             seed: e.train.seed,
             epoch,
             kl_warmup_steps: e.model.vae.kl_warmup_steps,
             free_bits: e.model.vae.free_bits,
         }
+    }
+
+    /// Adam with the experiment's betas.
+    pub fn optimizer(&self) -> burn::optim::ModuleOptimizer {
+        let [beta1, beta2] = self.experiment.train.adam_betas;
+        crate::optim::adam_with_betas(beta1, beta2)
     }
 
     /// The planned model with its initial weights (seeded) and compute precision.
@@ -577,6 +611,22 @@ mod tests {
         let mut e = synthetic();
         e.sample.grid = 5;
         assert!(err(e).contains("`sample.grid` = 5"));
+
+        let mut e = synthetic();
+        e.train.lr_decay = 0.0;
+        assert!(err(e).contains("`train.lr_decay` = 0"));
+        let mut e = synthetic();
+        e.train.lr_decay = 1.5;
+        assert!(err(e).contains("`train.lr_decay` = 1.5"));
+        let mut e = synthetic();
+        e.train.adam_betas = [0.9, 1.0];
+        assert!(err(e).contains("`train.adam_betas[1]` = 1"));
+        let mut e = synthetic();
+        e.train.clip_grad_norm = -1.0;
+        assert!(err(e).contains("`train.clip_grad_norm` = -1"));
+        let mut e = synthetic();
+        e.train.ema = 1.0;
+        assert!(err(e).contains("`train.ema` = 1: expected a decay in [0, 1)"));
 
         let mut e = synthetic();
         e.runtime.device = "gpu".into();

@@ -114,7 +114,7 @@ pub fn hardware(gpu: Option<&str>) -> String {
 }
 
 /// The header of `metrics.csv`, in the order of [`MetricsRow`]'s fields.
-pub const METRICS_COLUMNS: [&str; 12] = [
+pub const METRICS_COLUMNS: [&str; 14] = [
     "epoch",
     "train_bits_per_dim",
     "test_bits_per_dim",
@@ -127,6 +127,8 @@ pub const METRICS_COLUMNS: [&str; 12] = [
     "test_kl_bits_per_dim",
     "kl_weight",
     "validation_bits_per_dim",
+    "learning_rate",
+    "gradient_norm",
 ];
 
 /// One row of `metrics.csv`.
@@ -155,6 +157,12 @@ pub struct MetricsRow {
     /// otherwise). What model selection uses.
     #[serde(default)]
     pub validation_bits_per_dim: Option<f64>,
+    /// The learning rate of the epoch's last step (`train.lr_decay` lowers it step by step).
+    #[serde(default)]
+    pub learning_rate: Option<f64>,
+    /// The mean over the epoch's steps of the gradients' global L2 norm before clipping.
+    #[serde(default)]
+    pub gradient_norm: Option<f64>,
 }
 
 /// The current time as RFC 3339, UTC, whole seconds.

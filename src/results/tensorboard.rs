@@ -229,12 +229,12 @@ impl Board {
 
     /// Per-step scalars: the batch's bits/dim, the learning rate, the gradients' L2 norm, images
     /// per second since the last step, and for f16 the loss scale.
-    pub fn step(&mut self, epoch: usize, report: &crate::train::StepReport, learning_rate: f64) {
+    pub fn step(&mut self, epoch: usize, report: &crate::train::StepReport) {
         let at = self.global_step(epoch, report.step);
         let now = std::time::Instant::now();
         let mut scalars = vec![
             ("train/batch_bits_per_dim", report.bits_per_dim),
-            ("train/learning_rate", learning_rate),
+            ("train/learning_rate", report.learning_rate),
         ];
         if let Some((_, then, images)) = self.last_step.filter(|(s, ..)| s + 1 == at) {
             let seconds = now.duration_since(then).as_secs_f64().max(1e-9);
@@ -272,6 +272,8 @@ impl Board {
             ("epoch/test_recon_bits_per_dim", row.test_recon_bits_per_dim),
             ("epoch/test_kl_bits_per_dim", row.test_kl_bits_per_dim),
             ("epoch/kl_weight", row.kl_weight),
+            ("epoch/learning_rate", row.learning_rate),
+            ("epoch/gradient_norm", row.gradient_norm),
         ];
         let scalars = [
             ("epoch/train_bits_per_dim", Some(row.train_bits_per_dim)),

@@ -1,10 +1,12 @@
 //! One epoch of optimisation and passes of evaluation. Returns plain numbers; never prints or
 //! writes files. Imports only the layers below it: `data`, `model`, `loss`, `rng`, `cluster`.
 
+mod ema;
 mod evaluate;
 mod loss_scale;
 mod parallel;
 
+pub use ema::Ema;
 pub use evaluate::{
     ACTIVE_VARIANCE, Bounds, LatentSpread, evaluate, evaluate_range, importance_bounds,
     nll_per_image,
@@ -37,6 +39,23 @@ pub struct PassStats {
     /// The KL weight of the last step (warm-up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl_weight: Option<f64>,
+    /// Training: the learning rate of the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+    /// Training: the sum of the steps' gradient norms before clipping, over the steps whose
+    /// gradients were finite, and how many they were.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gradient_norm_sum: f64,
+    #[serde(default, skip_serializing_if = "is_zero_steps")]
+    pub gradient_norm_steps: usize,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+fn is_zero_steps(n: &usize) -> bool {
+    *n == 0
 }
 
 impl PassStats {
@@ -55,6 +74,12 @@ impl PassStats {
     pub fn kl_bits_per_dim(&self) -> Option<f64> {
         self.kl_nats
             .map(|kl| crate::loss::bits_per_dim(kl, self.subpixels))
+    }
+
+    /// Training: the mean gradient norm before clipping over the pass's steps (finite ones).
+    pub fn mean_gradient_norm(&self) -> Option<f64> {
+        (self.gradient_norm_steps > 0)
+            .then(|| self.gradient_norm_sum / self.gradient_norm_steps as f64)
     }
 
     pub fn images_per_second(&self) -> f64 {
@@ -92,7 +117,11 @@ impl Batch {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Step {
     pub batch_size: usize,
+    /// The learning rate of the run's first step, and the factor it is multiplied by after each.
     pub learning_rate: f64,
+    pub lr_decay: f64,
+    /// Gradients whose global norm exceeds this are rescaled to it (0: never).
+    pub clip_grad_norm: f64,
     /// The run's seed and this epoch (from 1): a PixelVAE's noise for step i of the epoch comes
     /// from a generator seeded by the three, so that a resumed run draws the same noise.
     pub seed: u64,
@@ -103,6 +132,15 @@ pub struct Step {
 }
 
 impl Step {
+    /// The learning rate of step `n` of the run (from 1): `learning_rate * lr_decay^(n-1)`.
+    pub fn learning_rate_at(&self, n: usize) -> f64 {
+        if self.lr_decay == 1.0 {
+            self.learning_rate
+        } else {
+            self.learning_rate * self.lr_decay.powf(n.saturating_sub(1) as f64)
+        }
+    }
+
     /// The KL weight at step `n` of the run (from 1).
     pub fn kl_weight(&self, n: usize) -> f64 {
         if self.kl_warmup_steps == 0 {
@@ -169,8 +207,11 @@ pub struct StepReport {
     pub bits_per_dim: f64,
     /// f16: the loss scale after the step.
     pub loss_scale: Option<f64>,
-    /// The global L2 norm of the (unscaled) gradients; not finite for a skipped f16 step.
+    /// The global L2 norm of the (unscaled) gradients before clipping; not finite for a skipped
+    /// f16 step.
     pub gradient_norm: f64,
+    /// The learning rate of the step.
+    pub learning_rate: f64,
 }
 
 /// How an epoch ended.
@@ -187,6 +228,16 @@ pub struct TrainState {
     pub model: Model,
     pub optimizer: ModuleOptimizer,
     pub loss_scale: Option<LossScale>,
+    /// Polyak averaging of the weights (`train.ema`), updated after every step taken.
+    pub ema: Option<Ema>,
+}
+
+impl TrainState {
+    /// The weights that evaluation and sampling use: the average with `train.ema`, else the
+    /// trained ones.
+    pub fn eval_model(&self) -> &Model {
+        self.ema.as_ref().map_or(&self.model, |e| &e.model)
+    }
 }
 
 /// One epoch's work: the images, the order they are visited in, how each step is taken, and
@@ -220,6 +271,7 @@ pub fn train_epoch(
         mut model,
         mut optimizer,
         mut loss_scale,
+        mut ema,
     } = state;
     let Epoch {
         images,
@@ -286,13 +338,24 @@ pub fn train_epoch(
             }
             (r.grads, r.nats, batch_kl, r.gradient_norm, Some(r.stop))
         };
-        let finite = gradient_norm.is_finite();
+        let (finite, learning_rate) = (gradient_norm.is_finite(), step.learning_rate_at(run_step));
         if let Some(ls) = loss_scale.as_mut() {
             ls.update(finite);
         }
         if finite {
-            model = optimizer.step(step.learning_rate, model, grads);
+            let mut grads = grads;
+            if step.clip_grad_norm > 0.0 && gradient_norm > step.clip_grad_norm {
+                let factor = step.clip_grad_norm / gradient_norm;
+                loss_scale::rescale_gradients(&model, &mut grads, factor);
+            }
+            model = optimizer.step(learning_rate, model, grads);
+            if let Some(ema) = ema.as_mut() {
+                ema.update(&model);
+            }
+            stats.gradient_norm_sum += gradient_norm;
+            stats.gradient_norm_steps += 1;
         }
+        stats.learning_rate = Some(learning_rate);
         stats.nats += batch_nats;
         stats.subpixels += dims;
         stats.images += indices.len();
@@ -302,6 +365,7 @@ pub fn train_epoch(
             bits_per_dim: crate::loss::bits_per_dim(batch_nats + batch_kl, dims),
             loss_scale: loss_scale.map(|ls| ls.scale),
             gradient_norm,
+            learning_rate,
         });
         // Several ranks stop where any of them was asked to, all at the same step.
         if stopping.unwrap_or_else(stop) && (i + 1) * step.batch_size < order.len() {
@@ -314,6 +378,7 @@ pub fn train_epoch(
         model,
         optimizer,
         loss_scale,
+        ema,
     };
     Ok((state, stats, end))
 }
@@ -387,6 +452,8 @@ mod tests {
             let step = Step {
                 batch_size: 16,
                 learning_rate: if sgd { 0.5 } else { 1e-3 },
+                lr_decay: 1.0,
+                clip_grad_norm: 0.0,
                 seed: 2,
                 epoch: 1,
                 kl_warmup_steps: 0,
@@ -401,6 +468,7 @@ mod tests {
                     crate::optim::adam()
                 },
                 loss_scale: (precision == Precision::F16).then(LossScale::default),
+                ema: None,
             };
             for _ in 0..3 {
                 let (next, stats, _) =
@@ -474,6 +542,8 @@ mod tests {
         let step = Step {
             batch_size: 8,
             learning_rate: 0.01,
+            lr_decay: 1.0,
+            clip_grad_norm: 0.0,
             seed: 1,
             epoch: 1,
             kl_warmup_steps: 0,
@@ -483,6 +553,7 @@ mod tests {
             model,
             optimizer: burn::optim::SgdConfig::new().init(),
             loss_scale: None,
+            ema: None,
         };
         let order: Vec<usize> = (0..8).collect();
         let mut norms = Vec::new();
@@ -504,6 +575,138 @@ mod tests {
             (moved - expected).abs() < 1e-3 * expected,
             "{moved} vs {expected}"
         );
+    }
+
+    /// One SGD (or Adam with `betas`) step per epoch over 8 images of a tiny model, `steps` times:
+    /// the weights before and after each step, the reported norms and the final state.
+    fn steps_of(
+        steps: usize,
+        configure: impl Fn(&mut Step),
+        optimizer: ModuleOptimizer,
+        ema: Option<f64>,
+    ) -> (Vec<Vec<f32>>, Vec<StepReport>, TrainState) {
+        let (data, model, device) = tiny_simple(8);
+        let mut state = TrainState {
+            ema: ema.map(|d| Ema::new(d, &model)),
+            model,
+            optimizer,
+            loss_scale: None,
+        };
+        let order: Vec<usize> = (0..8).collect();
+        let mut weights = vec![flat_parameters(&state.model)];
+        let mut reports = Vec::new();
+        for n in 1..=steps {
+            let mut step = Step {
+                batch_size: 8,
+                learning_rate: 0.01,
+                lr_decay: 1.0,
+                clip_grad_norm: 0.0,
+                seed: 1,
+                epoch: n,
+                kl_warmup_steps: 0,
+                free_bits: 0.0,
+            };
+            configure(&mut step);
+            let (next, _, _) = train_epoch(state, epoch(&data, &order, step, &device), |r| {
+                reports.push(*r)
+            })
+            .unwrap();
+            state = next;
+            weights.push(flat_parameters(&state.model));
+        }
+        (weights, reports, state)
+    }
+
+    fn distance(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// With `lr_decay`, step n moves the SGD weights by lr * decay^(n-1) * |g|, and reports that
+    /// learning rate.
+    #[test]
+    fn lr_decay_multiplies_the_learning_rate_after_every_step() {
+        let sgd = || burn::optim::SgdConfig::new().init();
+        let (w, reports, _) = steps_of(3, |s| s.lr_decay = 0.5, sgd(), None);
+        for n in 0..3 {
+            let lr = 0.01 * 0.5f64.powi(n as i32);
+            assert!(
+                (reports[n].learning_rate - lr).abs() < 1e-15,
+                "{:?}",
+                reports[n]
+            );
+            let expected = lr * reports[n].gradient_norm;
+            let moved = distance(&w[n], &w[n + 1]);
+            assert!(
+                (moved - expected).abs() < 1e-3 * expected,
+                "step {n}: {moved} vs {expected}"
+            );
+        }
+    }
+
+    /// `clip_grad_norm` below the gradient's norm: the SGD step is lr * clip long, and the norm
+    /// reported is the one before clipping. Above it: nothing changes.
+    #[test]
+    fn clipping_rescales_only_gradients_above_the_norm() {
+        let sgd = || burn::optim::SgdConfig::new().init();
+        let clip = 1e-3;
+        let (w, reports, _) = steps_of(1, |s| s.clip_grad_norm = clip, sgd(), None);
+        assert!(reports[0].gradient_norm > 10.0 * clip, "{:?}", reports[0]);
+        let moved = distance(&w[0], &w[1]);
+        assert!((moved - 0.01 * clip).abs() < 1e-3 * 0.01 * clip, "{moved}");
+        let (w, reports, _) = steps_of(1, |s| s.clip_grad_norm = 1e9, sgd(), None);
+        let expected = 0.01 * reports[0].gradient_norm;
+        assert!((distance(&w[0], &w[1]) - expected).abs() < 1e-3 * expected);
+    }
+
+    /// Adam's betas reach the optimizer: with both 0 every step is lr * g / |g| per weight (the
+    /// second step too, where the default betas average it with the first).
+    #[test]
+    fn adam_betas_are_the_ones_configured() {
+        let moves = |b1, b2| {
+            let (w, ..) = steps_of(2, |_| {}, crate::optim::adam_with_betas(b1, b2), None);
+            w[1].iter()
+                .zip(&w[2])
+                .map(|(a, b)| f64::from((a - b).abs()))
+                .collect::<Vec<_>>()
+        };
+        let zero = moves(0.0, 0.0);
+        let moved = zero.iter().filter(|&&m| m > 1e-4).count();
+        assert!(moved > zero.len() / 2, "most weights have a gradient");
+        // lr * g / (|g| + eps): exactly lr but for the few gradients within a few eps of 0.
+        let sign_steps = zero.iter().filter(|&&m| (m - 0.01).abs() < 1e-5).count();
+        assert!(sign_steps * 10 >= moved * 9, "{sign_steps} of {moved}");
+        assert!(zero.iter().all(|&m| m < 0.01 + 1e-5), "never more than lr");
+        let default = moves(0.9, 0.999);
+        let off = default
+            .iter()
+            .filter(|&&m| m > 1e-4 && (m - 0.01).abs() > 1e-3)
+            .count();
+        assert!(off > 0, "the default betas do not give sign steps");
+    }
+
+    /// The average after two steps with decay d is d^2 w0 + d (1 - d) w1 + (1 - d) w2, and the
+    /// state's evaluation weights are the average.
+    #[test]
+    fn ema_is_the_decayed_average_of_the_weights_after_each_step() {
+        let sgd = burn::optim::SgdConfig::new().init();
+        let d = 0.75f32;
+        let (w, _, state) = steps_of(2, |_| {}, sgd, Some(f64::from(d)));
+        let ema = flat_parameters(&state.ema.as_ref().unwrap().model);
+        let eval = flat_parameters(state.eval_model());
+        assert_eq!(ema, eval);
+        for i in 0..ema.len() {
+            let expected = d * d * w[0][i] + d * (1.0 - d) * w[1][i] + (1.0 - d) * w[2][i];
+            assert!(
+                (ema[i] - expected).abs() < 1e-6,
+                "{i}: {} vs {expected}",
+                ema[i]
+            );
+        }
+        assert!(distance(&ema, &w[2]) > 1e-4, "the average lags the weights");
     }
 
     /// Free bits floor each latent dimension's batch-mean KL; without them the penalty is the KL.
@@ -543,6 +746,8 @@ mod tests {
         let step = Step {
             batch_size: 16,
             learning_rate: 1e-2,
+            lr_decay: 1.0,
+            clip_grad_norm: 0.0,
             seed: 1,
             epoch: 1,
             kl_warmup_steps: 0,
@@ -553,6 +758,7 @@ mod tests {
             model,
             optimizer: crate::optim::adam(),
             loss_scale,
+            ema: None,
         };
         let (
             TrainState {

@@ -243,6 +243,7 @@ pub fn evaluate_sharded(
         seconds: seconds.into_iter().map(f64::from_bits).fold(0.0, f64::max),
         kl_nats: (sums[4] > 0.0).then_some(sums[3]),
         kl_weight: None,
+        ..PassStats::default()
     }
 }
 
