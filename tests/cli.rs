@@ -124,13 +124,17 @@ fn run_writes_every_result_file_and_refuses_to_overwrite() {
         lines.next().unwrap(),
         "epoch,train_bits_per_dim,test_bits_per_dim,train_seconds,test_seconds,\
          train_images_per_second,train_recon_bits_per_dim,train_kl_bits_per_dim,\
-         test_recon_bits_per_dim,test_kl_bits_per_dim,kl_weight,validation_bits_per_dim"
+         test_recon_bits_per_dim,test_kl_bits_per_dim,kl_weight,validation_bits_per_dim,\
+         learning_rate,gradient_norm"
     );
     let rows: Vec<Vec<f64>> = lines
         .map(|l| {
             let fields: Vec<&str> = l.split(',').collect();
             // The PixelVAE columns stay empty for a PixelCNN, validation without a split.
-            assert_eq!(fields[6..], ["", "", "", "", "", ""], "{l}");
+            assert_eq!(fields[6..12], ["", "", "", "", "", ""], "{l}");
+            // The learning rate in force (constant here) and the mean gradient norm.
+            assert_eq!(fields[12], "0.001", "{l}");
+            assert!(fields[13].parse::<f64>().unwrap() > 0.0, "{l}");
             fields[..6].iter().map(|v| v.parse().unwrap()).collect()
         })
         .collect();
