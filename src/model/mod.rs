@@ -9,6 +9,7 @@ mod estimate;
 pub mod gated;
 pub mod masked_conv;
 pub mod native;
+pub mod pixelcnnpp;
 pub mod simple;
 pub mod vae;
 
