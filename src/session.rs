@@ -46,6 +46,23 @@ impl Session {
     /// on every rank of `world`, which all fail when one does, and which must end up holding the
     /// same weights.
     pub fn open(plan: Plan, weights: Weights, world: &World) -> Result<Session> {
+        if world.size() > 1 {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(plan.resolved_toml().as_bytes());
+            let sums = world.gather_u64(u64::from_le_bytes(digest[..8].try_into().expect("8")));
+            let same = match sums.iter().all(|&s| s == sums[0]) {
+                true => Ok(()),
+                false => Err(Error::Usage {
+                    flag: "the ranks' experiments".into(),
+                    message: format!(
+                        "differ ({}): every rank must train the same experiment (an \
+                         environment variable set on some ranks only?)",
+                        checksums(&sums)
+                    ),
+                }),
+            };
+            agree(world, same)?;
+        }
         let session = agree(world, Session::open_here(plan, weights, world))?;
         if world.size() > 1 {
             let sums = world.gather_u64(train::weights_checksum(&session.state.model));
@@ -63,6 +80,8 @@ impl Session {
     }
 
     fn open_here(plan: Plan, weights: Weights, world: &World) -> Result<Session> {
+        // Before anything that can fail on one rank alone: the data is read in turn.
+        let splits = load_in_turn(&plan, world)?;
         check_world(&plan, world)?;
         let seed = plan.experiment.train.seed;
         let place = device::Place {
@@ -71,7 +90,6 @@ impl Session {
         };
         let opened = device::open(&plan.device, seed, place);
         tracing::info!(device = %opened.description, "{}", opened.reason);
-        let splits = data::load(&plan.data)?;
         check_splits(&plan, &splits)?;
 
         let training = !matches!(weights, Weights::Trained(_));
@@ -229,6 +247,21 @@ pub fn checksums(sums: &[u64]) -> String {
         .map(|(r, s)| format!("rank {r}: {s:016x}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Reads the data: rank 0 first, so that a dataset it downloads is whole before the other
+/// ranks read it (they would otherwise download it into the same folder at the same time).
+fn load_in_turn(plan: &Plan, world: &World) -> Result<Splits> {
+    if world.size() == 1 {
+        return Ok(data::load(&plan.data)?);
+    }
+    let first = world.is_root().then(|| data::load(&plan.data));
+    let readable = world.broadcast_i32(i32::from(matches!(first, Some(Ok(_))))) == 1;
+    match first {
+        Some(loaded) => Ok(loaded?),
+        None if readable => Ok(data::load(&plan.data)?),
+        None => Err(Error::Peer { rank: 0, code: 2 }),
+    }
 }
 
 /// The global batch must split evenly over the ranks.
