@@ -360,6 +360,26 @@ impl PixelCnnPpConfig {
         crate::loss::logistic::channels(self.colours, self.mixtures)
     }
 
+    /// Trained parameters, counted from the layout (equal to the built network's; a test checks).
+    pub fn parameters(&self) -> usize {
+        let (f, r, c) = (self.filters, self.resnets.max(1), self.colours);
+        let conv = |n_in: usize, n_out: usize, taps: usize| n_out * n_in * taps + n_out;
+        let classes = self.classes.unwrap_or(0);
+        // conv1 (2f -> f), the auxiliary input's 1x1 (2 aux -> f), conv2 (2f -> 2f), the label.
+        let block = |taps: usize, aux: usize| {
+            conv(2 * f, f, taps)
+                + if aux > 0 { conv(2 * aux, f, 1) } else { 0 }
+                + conv(2 * f, 2 * f, taps)
+                + classes * 2 * f
+        };
+        let (down, right) = (6, 4); // 2x3 and 2x2 kernels
+        let first = conv(c + 1, f, 6) + conv(c + 1, f, 3) + conv(c + 1, f, 2);
+        let up = STAGES * r * (block(down, 0) + block(right, f));
+        let resample = (STAGES - 1) * (conv(f, f, down) + conv(f, f, right));
+        let down_pass = (STAGES * r + STAGES - 1) * (block(down, f) + block(right, 2 * f));
+        first + up + 2 * resample + down_pass + conv(f, self.output_channels(), 1)
+    }
+
     /// The network with weights drawn from `rng`.
     pub fn init(&self, rng: &mut StdRng, device: &Device) -> PixelCnnPp {
         let (f, r, classes) = (self.filters, self.resnets.max(1), self.classes);
@@ -602,6 +622,39 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, eval);
         assert_ne!(a, c);
+    }
+
+    /// The count from the layout is the built network's, with and without classes.
+    #[test]
+    fn parameters_are_counted_exactly() {
+        let device = Device::flex();
+        for cfg in [
+            config(1, 1),
+            config(3, 2),
+            PixelCnnPpConfig {
+                classes: Some(10),
+                filters: 5,
+                ..config(3, 1)
+            },
+        ] {
+            let net = cfg.init(&mut StdRng::seed_from_u64(1), &device);
+            assert_eq!(net.num_params(), cfg.parameters(), "{cfg:?}");
+        }
+        // openai/pixel-cnn's CIFAR-10 network (160 filters, 5 resnets, 10 mixtures): 53.6 M
+        // (the same layout; its weight norm adds one scale per output channel).
+        let paper = PixelCnnPpConfig {
+            colours: 3,
+            filters: 160,
+            resnets: 5,
+            mixtures: 10,
+            classes: None,
+            dropout: 0.5,
+        };
+        assert_eq!(paper.parameters(), 53_618_660);
+        // The PyTorch twin prints the same counts (CI checks the first):
+        // `python3 bench/pytorch_pixelcnnpp.py --params --colours 1 --filters 6 --resnets 1
+        // --mixtures 2` prints 20622.
+        assert_eq!(config(1, 1).parameters(), 20_622);
     }
 
     /// A class-conditional network's output depends on the label.

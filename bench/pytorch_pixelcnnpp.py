@@ -1,0 +1,214 @@
+"""The PyTorch twin of pixel's PixelCNN++ (src/model/pixelcnnpp.rs), for `pixel bench` comparisons.
+
+The same layout as openai/pixel-cnn and as pixel's network, layer for layer (no weight norm, PyTorch's
+default initialisation, both as in pixel): two streams of down-shifted and down-right-shifted
+convolutions, gated resnets with concat_elu and dropout, three resolutions, the discretized logistic
+mixture loss. Times training steps (Adam, PixelCNN++'s betas) and forward passes on random images:
+
+    python3 bench/pytorch_pixelcnnpp.py --colours 1 --size 28 --filters 32 --resnets 2 --batch 16
+    python3 bench/pytorch_pixelcnnpp.py --params --colours 3 --filters 160 --resnets 5 --mixtures 10
+
+`--params` prints the parameter count only (pixel's `PixelCnnPpConfig::parameters` gives the same:
+53618660 for the second line).
+"""
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def concat_elu(x):
+    return F.elu(torch.cat([x, -x], dim=1))
+
+
+def down_shift(x):
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
+
+
+def right_shift(x):
+    return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
+
+
+class ShiftedConv(nn.Module):
+    """`down`: the kernel's last row on the pixel's row, columns centred; else down-right."""
+
+    def __init__(self, n_in, n_out, kernel, down=True, stride=1):
+        super().__init__()
+        kh, kw = kernel
+        self.pad = (kw // 2, kw // 2, kh - 1, 0) if down else (kw - 1, 0, kh - 1, 0)
+        self.conv = nn.Conv2d(n_in, n_out, kernel, stride=stride)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.pad))
+
+
+class ShiftedDeconv(nn.Module):
+    def __init__(self, filters, kernel, down=True):
+        super().__init__()
+        self.deconv = nn.ConvTranspose2d(filters, filters, kernel, stride=2)
+        self.left = (kernel[1] - 1) // 2 if down else 0
+
+    def forward(self, x, size):
+        h, w = size
+        return self.deconv(x)[:, :, :h, self.left:self.left + w]
+
+
+class GatedResnet(nn.Module):
+    def __init__(self, filters, aux, down, classes, dropout):
+        super().__init__()
+        kernel = (2, 3) if down else (2, 2)
+        self.conv1 = ShiftedConv(2 * filters, filters, kernel, down)
+        self.aux = nn.Conv2d(2 * aux, filters, 1) if aux else None
+        self.conv2 = ShiftedConv(2 * filters, 2 * filters, kernel, down)
+        self.dropout = nn.Dropout(dropout)
+        self.cls = (nn.Parameter(torch.empty(classes, 2 * filters).uniform_(-0.05, 0.05))
+                    if classes else None)
+
+    def forward(self, x, aux=None, label=None):
+        c1 = self.conv1(concat_elu(x))
+        if aux is not None:
+            c1 = c1 + self.aux(concat_elu(aux))
+        c2 = self.conv2(self.dropout(concat_elu(c1)))
+        if label is not None:
+            c2 = c2 + (label @ self.cls)[:, :, None, None]
+        a, b = c2.chunk(2, dim=1)
+        return x + a * torch.sigmoid(b)
+
+
+class PixelCnnPp(nn.Module):
+    def __init__(self, colours, filters, resnets, mixtures, classes=0, dropout=0.5):
+        super().__init__()
+        f, r, n_in = filters, resnets, colours + 1
+        self.r = r
+        self.u_first = ShiftedConv(n_in, f, (2, 3))
+        self.ul_above = ShiftedConv(n_in, f, (1, 3))
+        self.ul_left = ShiftedConv(n_in, f, (2, 1), down=False)
+        block = lambda down, aux: GatedResnet(f, aux, down, classes, dropout)  # noqa: E731
+        self.up_u = nn.ModuleList([block(True, 0) for _ in range(3 * r)])
+        self.up_ul = nn.ModuleList([block(False, f) for _ in range(3 * r)])
+        self.halve_u = nn.ModuleList([ShiftedConv(f, f, (2, 3), True, 2) for _ in range(2)])
+        self.halve_ul = nn.ModuleList([ShiftedConv(f, f, (2, 2), False, 2) for _ in range(2)])
+        self.down_u = nn.ModuleList([block(True, f) for _ in range(3 * r + 2)])
+        self.down_ul = nn.ModuleList([block(False, 2 * f) for _ in range(3 * r + 2)])
+        self.double_u = nn.ModuleList([ShiftedDeconv(f, (2, 3)) for _ in range(2)])
+        self.double_ul = nn.ModuleList([ShiftedDeconv(f, (2, 2), False) for _ in range(2)])
+        out = mixtures * (3 if colours == 1 else 10)
+        self.out = nn.Conv2d(f, out, 1)
+
+    def forward(self, x, label=None):
+        b, _, h, w = x.shape
+        x = torch.cat([(x - 127.5) / 127.5, torch.ones(b, 1, h, w)], dim=1)
+        us = [down_shift(self.u_first(x))]
+        uls = [down_shift(self.ul_above(x)) + right_shift(self.ul_left(x))]
+        for stage in range(3):
+            for i in range(stage * self.r, (stage + 1) * self.r):
+                us.append(self.up_u[i](us[-1], None, label))
+                uls.append(self.up_ul[i](uls[-1], us[-1], label))
+            if stage < 2:
+                us.append(self.halve_u[stage](us[-1]))
+                uls.append(self.halve_ul[stage](uls[-1]))
+        u, ul = us.pop(), uls.pop()
+        block = 0
+        for stage in range(3):
+            for _ in range(self.r + (stage > 0)):
+                u = self.down_u[block](u, us.pop(), label)
+                ul = self.down_ul[block](ul, torch.cat([u, uls.pop()], 1), label)
+                block += 1
+            if stage < 2:
+                size = us[-1].shape[2:]
+                u, ul = self.double_u[stage](u, size), self.double_ul[stage](ul, size)
+        return self.out(F.elu(ul))
+
+
+def logistic_nll(params, x, k):
+    """Summed negative log-likelihood in nats of 0..255 images `x` [b, c, h, w]: openai's formula."""
+    b, c, h, w = x.shape
+    y = (x - 127.5) / 127.5
+    logits = params[:, :k]
+    rest = params[:, k:].reshape(b, c, -1, k, h, w)
+    mean, log_s = rest[:, :, 0], rest[:, :, 1].clamp(min=-7.0)
+    if c == 3:
+        coef = torch.tanh(rest[:, :, 2])
+        yk = y[:, :, None]
+        mean = torch.stack([
+            mean[:, 0],
+            mean[:, 1] + coef[:, 0] * yk[:, 0],
+            mean[:, 2] + coef[:, 1] * yk[:, 0] + coef[:, 2] * yk[:, 1],
+        ], dim=1)
+    d = y[:, :, None] - mean
+    inv_s = torch.exp(-log_s)
+    plus, minus = inv_s * (d + 1 / 255), inv_s * (d - 1 / 255)
+    cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
+    mid = inv_s * d
+    log_pdf_mid = mid - log_s - 2 * F.softplus(mid)
+    inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)),
+                        log_pdf_mid - math.log(127.5))
+    yy = y[:, :, None].expand_as(d)
+    log_p = torch.where(yy < -0.999, plus - F.softplus(plus),
+                        torch.where(yy > 0.999, -F.softplus(minus), inner))
+    total = log_p.sum(dim=1) + F.log_softmax(logits, dim=1)
+    return -torch.logsumexp(total, dim=1).sum()
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--colours", type=int, default=1)
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--filters", type=int, default=32)
+    p.add_argument("--resnets", type=int, default=2)
+    p.add_argument("--mixtures", type=int, default=5)
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--params", action="store_true", help="print the parameter count and stop")
+    a = p.parse_args()
+    torch.manual_seed(1)
+    torch.set_num_threads(a.threads)
+    net = PixelCnnPp(a.colours, a.filters, a.resnets, a.mixtures, dropout=a.dropout)
+    params = sum(t.numel() for t in net.parameters())
+    if a.params:
+        print(params)
+        return
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.95, 0.9995))
+    x = torch.randint(0, 256, (a.batch, a.colours, a.size, a.size)).float()
+    dims = x.numel()
+    times = []
+    for i in range(a.steps + 2):
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = logistic_nll(net(x), x, a.mixtures) / dims
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    net.eval()
+    forward = []
+    with torch.no_grad():
+        for i in range(a.steps + 2):
+            start = time.perf_counter()
+            net(x)
+            if i >= 2:
+                forward.append((time.perf_counter() - start) * 1e3)
+    s = statistics.median(times)
+    report = {"parameters": params, "seconds_per_step": s, "train_images_per_second": a.batch / s,
+              "forward_ms": statistics.median(forward), "peak_rss_mib": peak_rss_mib(),
+              "bits_per_dim_last_step": loss.item() / math.log(2)}
+    print(f"| pytorch pixelcnn++ | {a.batch} | {s:.3f} | {a.batch / s:.1f} | "
+          f"{report['forward_ms']:.1f} | {report['peak_rss_mib']:.0f} |")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
