@@ -141,6 +141,22 @@ mod tests {
     use burn::tensor::{Device, TensorData};
     use rand::SeedableRng;
 
+    /// The PixelCNN++ network outputs exactly the parameters this likelihood reads.
+    #[test]
+    fn the_network_outputs_this_layout() {
+        for (colours, k) in [(1, 1), (1, 5), (3, 1), (3, 10)] {
+            let cfg = crate::model::pixelcnnpp::PixelCnnPpConfig {
+                colours,
+                filters: 4,
+                resnets: 1,
+                mixtures: k,
+                classes: None,
+                dropout: 0.0,
+            };
+            assert_eq!(cfg.output_channels(), channels(colours, k));
+        }
+    }
+
     /// `n` copies of one pixel's parameters, `[n, len, 1, 1]`.
     fn repeated(params: &[f32], n: usize, device: &Device) -> Tensor<4> {
         let v: Vec<f32> = (0..n).flat_map(|_| params.iter().copied()).collect();

@@ -7,7 +7,7 @@
 //! stride-2 convolution halving the resolution between stages, feeds a down pass of three stages
 //! whose blocks take the matching up-pass activations as extra inputs, with stride-2 transposed
 //! convolutions doubling it back. The output is the parameters of a discretized logistic mixture
-//! per pixel ([`crate::loss::logistic`]): all colours of a pixel are predicted from features
+//! per pixel (`loss::logistic`, a layer above): all colours of a pixel are predicted from features
 //! that see only earlier pixels, so the network is causal per pixel.
 //!
 //! Differences from openai/pixel-cnn: no weight normalisation (PyTorch's default initialisation
@@ -355,9 +355,16 @@ pub struct PixelCnnPp {
 const STAGES: usize = 3;
 
 impl PixelCnnPpConfig {
-    /// Output channels per pixel: the mixture's parameters ([`crate::loss::logistic::channels`]).
+    /// Output channels per pixel: the mixture's parameters in the layout of `loss::logistic`
+    /// (K logits, then per colour and component a mean, a log-scale and, for RGB, the
+    /// coefficients: 3K for grey, 10K for RGB; a test there checks the two agree).
     pub fn output_channels(&self) -> usize {
-        crate::loss::logistic::channels(self.colours, self.mixtures)
+        let k = self.mixtures;
+        if self.colours == 1 {
+            3 * k
+        } else {
+            k + self.colours * 3 * k
+        }
     }
 
     /// Trained parameters, counted from the layout (equal to the built network's; a test checks).
