@@ -32,6 +32,8 @@ pub enum Purpose {
     Validation = 9,
     /// `pixel sample --count`'s images (per batch).
     Draws = 10,
+    /// Dropout masks in training (per step, and per image of the global batch).
+    Dropout = 11,
 }
 
 /// SplitMix64's finaliser (Steele et al. 2014): a bijection of u64 whose outputs for nearby

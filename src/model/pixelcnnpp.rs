@@ -299,11 +299,21 @@ impl GatedResnet {
     }
 }
 
-/// Dropout masks drawn from a seeded generator on the host: the same seed, the same masks, on
-/// every backend and after a resume.
-pub struct Dropout {
-    pub p: f64,
-    pub rng: StdRng,
+/// Where a training step's dropout masks come from: image `i` of the batch draws its masks from
+/// the stream of (`seed`, step `step`, image `first + i` of the global batch), one after another
+/// through the network. The masks of an image do not depend on how the global batch is cut into
+/// batches (or over ranks), nor on the backend, and a resumed run draws them again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropoutDraws {
+    pub seed: u64,
+    pub step: u64,
+    pub first: u64,
+}
+
+/// Dropout in one forward pass: a generator per image.
+struct Dropout {
+    p: f64,
+    rngs: Vec<StdRng>,
 }
 
 impl Dropout {
@@ -313,14 +323,15 @@ impl Dropout {
             return x;
         }
         let dims = x.dims();
+        let [b, c, h, w] = dims;
         let keep = (1.0 / (1.0 - self.p)) as f32;
-        let mask: Vec<f32> = (0..dims.iter().product())
-            .map(|_| {
-                if self.rng.random::<f64>() < self.p {
-                    0.0
-                } else {
-                    keep
-                }
+        let p = self.p;
+        let mask: Vec<f32> = self.rngs[..b]
+            .iter_mut()
+            .flat_map(|rng| {
+                (0..c * h * w)
+                    .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+                    .collect::<Vec<_>>()
             })
             .collect();
         let mask = Tensor::<4>::from_data(TensorData::new(mask, dims), &x.device()).cast(x.dtype());
@@ -443,8 +454,8 @@ impl PixelCnnPpConfig {
 
 impl PixelCnnPp {
     /// The mixture's parameters at every pixel, from the pixels before it. `label`: one-hot
-    /// classes `[batch, classes]` of a class-conditional network. `dropout`: a generator for the
-    /// masks in training (None: no dropout, as in evaluation and sampling).
+    /// classes `[batch, classes]` of a class-conditional network. `dropout`: where the masks of a
+    /// training step come from (None: no dropout, as in evaluation and sampling).
     ///
     /// # Shapes
     /// - x: `[batch, colours, h, w]`, values 0..255
@@ -453,13 +464,17 @@ impl PixelCnnPp {
         &self,
         x: Tensor<4>,
         label: Option<&Tensor<2>>,
-        dropout: Option<StdRng>,
+        dropout: Option<DropoutDraws>,
     ) -> Tensor<4> {
-        let mut dropout = dropout.map(|rng| Dropout {
-            p: self.dropout,
-            rng,
-        });
         let [b, _, h, w] = x.dims();
+        let mut dropout = dropout.map(|d| Dropout {
+            p: self.dropout,
+            rngs: (0..b as u64)
+                .map(|i| {
+                    crate::rng::stream(d.seed, crate::rng::Purpose::Dropout, d.step, d.first + i)
+                })
+                .collect(),
+        });
         let scaled = (x - 127.5) / 127.5;
         let ones = Tensor::<4>::ones([b, 1, h, w], &scaled.device()).cast(scaled.dtype());
         let x = Tensor::cat(vec![scaled, ones], 1);
@@ -621,14 +636,58 @@ mod tests {
         );
         let values =
             |t: Tensor<4>| -> Vec<f32> { t.into_data().convert::<f32>().try_into_vec().unwrap() };
+        let draws = |step, first| {
+            Some(DropoutDraws {
+                seed: 1,
+                step,
+                first,
+            })
+        };
         let eval = values(net.forward(x.clone(), None, None));
         assert_eq!(eval, values(net.forward(x.clone(), None, None)));
-        let a = values(net.forward(x.clone(), None, Some(StdRng::seed_from_u64(5))));
-        let b = values(net.forward(x.clone(), None, Some(StdRng::seed_from_u64(5))));
-        let c = values(net.forward(x, None, Some(StdRng::seed_from_u64(6))));
+        let a = values(net.forward(x.clone(), None, draws(5, 0)));
+        let b = values(net.forward(x.clone(), None, draws(5, 0)));
+        let c = values(net.forward(x.clone(), None, draws(6, 0)));
+        let d = values(net.forward(x, None, draws(5, 1)));
         assert_eq!(a, b);
         assert_ne!(a, eval);
-        assert_ne!(a, c);
+        assert_ne!(a, c, "another step, other masks");
+        assert_ne!(a, d, "another image, other masks");
+    }
+
+    /// An image's masks are its own: a batch of two gives each image what it gets alone with its
+    /// place in the global batch (how ranks will split a batch).
+    #[test]
+    fn dropout_masks_do_not_depend_on_the_batch_split() {
+        let device = Device::flex();
+        let cfg = PixelCnnPpConfig {
+            dropout: 0.5,
+            ..config(1, 1)
+        };
+        let net = cfg.init(&mut StdRng::seed_from_u64(1), &device);
+        let pixels: Vec<f32> = (0..72).map(|i| ((i * 37) % 256) as f32).collect();
+        let both = Tensor::<4>::from_data(TensorData::new(pixels.clone(), [2, 1, 6, 6]), &device);
+        let draws = |first| {
+            Some(DropoutDraws {
+                seed: 3,
+                step: 7,
+                first,
+            })
+        };
+        let values =
+            |t: Tensor<4>| -> Vec<f32> { t.into_data().convert::<f32>().try_into_vec().unwrap() };
+        let together = values(net.forward(both, None, draws(0)));
+        let mut apart = Vec::new();
+        for i in 0..2 {
+            let one = Tensor::<4>::from_data(
+                TensorData::new(pixels[i * 36..(i + 1) * 36].to_vec(), [1, 1, 6, 6]),
+                &device,
+            );
+            apart.extend(values(net.forward(one, None, draws(i as u64))));
+        }
+        for (t, a) in together.iter().zip(&apart) {
+            assert!((t - a).abs() < 1e-5, "{t} vs {a}");
+        }
     }
 
     /// The count from the layout is the built network's, with and without classes.
