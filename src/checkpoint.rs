@@ -220,6 +220,7 @@ mod tests {
             layers: 1,
             kernel: 3,
             channels: 2,
+            likelihood: crate::model::Likelihood::Categorical,
         })
         .init(1, &device);
         (model, crate::optim::adam())

@@ -80,6 +80,18 @@ pub enum Command {
         /// Images per forward pass (default: the experiment's train.eval_batch_size).
         #[arg(long, value_name = "N")]
         batch_size: Option<usize>,
+        /// Instead of the NLL: which earlier pixels the trained model's likelihood of a few
+        /// pixels depends on (gradients), as RESULTS_DIR/receptive-field.png and .json.
+        #[arg(long, conflicts_with_all = ["importance_samples", "batch_size"])]
+        receptive_field: bool,
+        /// With --receptive-field: the first N test images, over which gradients are averaged.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 16,
+            requires = "receptive_field"
+        )]
+        images: usize,
     },
     /// Run a sweep: every combination of a grid of values over a base experiment, into
     /// results/<sweep name>/<run name>/; finished runs are skipped, unfinished ones resumed.
@@ -241,7 +253,12 @@ fn route(cli: Cli, world: &World) -> Result<()> {
             results_dir,
             importance_samples,
             batch_size,
-        } => cmd::eval::eval(&results_dir, importance_samples, batch_size),
+            receptive_field,
+            images,
+        } => match receptive_field {
+            true => cmd::eval::print_receptive_field(&results_dir, images),
+            false => cmd::eval::eval(&results_dir, importance_samples, batch_size),
+        },
         Command::Sweep {
             file,
             dry_run,

@@ -3,7 +3,8 @@
 //! same seed gives the same samples on every backend (up to float differences in the logits).
 
 use crate::data::Images;
-use crate::model::{Context, Model};
+use crate::loss::logistic;
+use crate::model::{Cache, Context, Likelihood, Model};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -29,19 +30,22 @@ pub fn draw(logits: &[f32], temperature: f64, rng: &mut StdRng) -> u8 {
     best.1 as u8
 }
 
-/// How `fill` computes the logits of each sub-pixel.
+/// How `fill` computes what the model predicts at each pixel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
     /// Each layer computed at the new pixel only, from the activations kept for earlier pixels.
+    /// PixelCNN++ has no cached sampler: it samples as [`Method::Naive`].
     Cached,
-    /// One forward pass over the whole image per sub-pixel: the reference the cached sampler is
-    /// tested against, and what the seed did.
+    /// One forward pass over the whole image per sub-pixel (per pixel for a logistic mixture):
+    /// the reference the cached sampler is tested against, and what the seed did.
     Naive,
 }
 
-/// Fills rows `from_row..` of every image in `canvas`, one sub-pixel at a time in raster order,
-/// R -> G -> B within a pixel. Both methods draw in the same order from `rng`, so they give the
-/// same images for the same seed.
+/// Fills rows `from_row..` of every image in `canvas` in raster order: with 256 logits, one
+/// sub-pixel at a time, R -> G -> B within a pixel; with a logistic mixture, a pixel at a time
+/// (the component by Gumbel-max, then each colour given the ones drawn, as
+/// `loss::logistic::sample_pixel`). Both methods draw in the same order from `rng`, so they give
+/// the same images for the same seed.
 #[allow(clippy::too_many_arguments)]
 pub fn fill(
     model: &Model,
@@ -57,41 +61,48 @@ pub fn fill(
     if n == 0 {
         return;
     }
-    let mut put = |canvas: &mut Images, logits: Vec<f32>, y: usize, x: usize, colour: usize| {
-        for (i, l) in logits.chunks(256).enumerate() {
-            canvas.pixels[((i * c + colour) * h + y) * w + x] = draw(l, temperature, rng);
-        }
+    let mut cache = match method {
+        Method::Cached => model.cache(context, h, w),
+        Method::Naive => None,
     };
-    match method {
-        Method::Naive => {
-            for y in from_row..h {
-                for x in 0..w {
+    if let Some(cache) = &mut cache {
+        for y in 0..from_row {
+            cache.given_row(y, rows(canvas, y, 1, device));
+        }
+    }
+    // What the model predicts at (y, x) given the canvas so far: `[n, outputs]`.
+    let predict = |cache: &mut Option<Cache>, canvas: &Images, y: usize, x: usize| match cache {
+        Some(cache) => cache.predict(y, x, rows(canvas, y, 1, device).narrow(3, x, 1)),
+        None => model.forward(rows(canvas, 0, h, device), context).at(y, x),
+    };
+    let at = |i: usize, colour: usize, y: usize, x: usize| ((i * c + colour) * h + y) * w + x;
+    for y in from_row..h {
+        for x in 0..w {
+            match model.likelihood() {
+                Likelihood::Categorical => {
                     for colour in 0..c {
-                        let input = rows(canvas, 0, h, device);
-                        let logits = model
-                            .forward(input, context) // [n, c, 256, h, w]
-                            .slice([0..n, colour..colour + 1, 0..256, y..y + 1, x..x + 1]);
-                        put(canvas, to_vec(logits), y, x, colour);
+                        let logits = predict(&mut cache, canvas, y, x).narrow(1, colour * 256, 256);
+                        for (i, l) in to_vec(logits).chunks(256).enumerate() {
+                            canvas.pixels[at(i, colour, y, x)] = draw(l, temperature, rng);
+                        }
                     }
                 }
+                Likelihood::LogisticMixture { components } => {
+                    let params = to_vec(predict(&mut cache, canvas, y, x));
+                    for (i, p) in params.chunks(params.len() / n).enumerate() {
+                        let values = logistic::sample_pixel(p, c, components, temperature, rng);
+                        for (colour, v) in values.into_iter().enumerate() {
+                            canvas.pixels[at(i, colour, y, x)] = v;
+                        }
+                    }
+                }
+            }
+            if let Some(cache) = &mut cache {
+                cache.commit(rows(canvas, y, 1, device).narrow(3, x, 1));
             }
         }
-        Method::Cached => {
-            let mut cache = model.cache(context, h, w);
-            for y in 0..from_row {
-                cache.given_row(y, rows(canvas, y, 1, device));
-            }
-            for y in from_row..h {
-                for x in 0..w {
-                    for colour in 0..c {
-                        let pixel = rows(canvas, y, 1, device).narrow(3, x, 1);
-                        let logits = cache.logits(y, x, pixel).narrow(1, colour, 1); // [n, 1, 256]
-                        put(canvas, to_vec(logits), y, x, colour);
-                    }
-                    cache.commit(rows(canvas, y, 1, device).narrow(3, x, 1));
-                }
-                cache.end_row(y, rows(canvas, y, 1, device));
-            }
+        if let Some(cache) = &mut cache {
+            cache.end_row(y, rows(canvas, y, 1, device));
         }
     }
 }
@@ -313,6 +324,7 @@ mod tests {
             residual: true,
             gates: true,
             link: true,
+            likelihood: crate::model::Likelihood::Categorical,
         }
     }
 
@@ -326,6 +338,7 @@ mod tests {
                 layers: 3,
                 kernel,
                 channels: 6,
+                likelihood: crate::model::Likelihood::Categorical,
             })
         };
         let mut cases = vec![
@@ -337,6 +350,27 @@ mod tests {
             (ModelConfig::Gated(gated(3, 3, Some(10))), Precision::F16),
             (simple(3, 3), Precision::F16),
         ];
+        // Grey with a logistic mixture: a pixel at a time from the mixture. In f32 only: a draw
+        // rounds a continuous value to its bin, so that bf16's differences between the two
+        // methods' parameters move a value at a bin edge by one level (the categorical's
+        // Gumbel-max draw does not move).
+        let mixture = crate::model::Likelihood::LogisticMixture { components: 3 };
+        cases.push((
+            ModelConfig::Gated(GatedConfig {
+                likelihood: mixture,
+                ..gated(1, 3, Some(10))
+            }),
+            Precision::F32,
+        ));
+        if let ModelConfig::Simple(c) = simple(1, 3) {
+            cases.push((
+                ModelConfig::Simple(SimpleConfig {
+                    likelihood: mixture,
+                    ..c
+                }),
+                Precision::F32,
+            ));
+        }
         for ablation in 0..3 {
             let mut cfg = gated(3, 3, None);
             match ablation {
@@ -462,12 +496,14 @@ mod tests {
                 layers: 2,
                 kernel: 3,
                 channels: 6,
+                likelihood: crate::model::Likelihood::Categorical,
             }),
             ModelConfig::Simple(SimpleConfig {
                 colours: 1,
                 layers: 3,
                 kernel: 3,
                 channels: 6,
+                likelihood: crate::model::Likelihood::Categorical,
             }),
         ] {
             let spec = synthetic::Spec {
@@ -479,8 +515,8 @@ mod tests {
             let model = cfg.init(9, &device);
             let (n, c, h, w) = (test.len(), cfg.colours(), 6, 6);
             let context = Context::from_labels(&test.labels, &device);
-            let full = model.forward(rows(&test, 0, h, &device), &context); // [n, c, 256, h, w]
-            let mut cache = model.cache(&context, h, w);
+            let full = model.forward(rows(&test, 0, h, &device), &context).values(); // [n, c, 256, h, w]
+            let mut cache = model.cache(&context, h, w).expect("a cached sampler");
             for y in 0..h {
                 for x in 0..w {
                     let pixel = rows(&test, y, 1, &device).narrow(3, x, 1); // [n, c, 1, 1]
@@ -490,7 +526,8 @@ mod tests {
                         let keep =
                             Tensor::<4>::from_data(TensorData::new(keep, [1, c, 1, 1]), &device);
                         let got = cache
-                            .logits(y, x, pixel.clone() * keep)
+                            .predict(y, x, pixel.clone() * keep)
+                            .reshape([n, c, 256])
                             .narrow(1, colour, 1);
                         let want = full
                             .clone()

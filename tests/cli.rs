@@ -583,6 +583,7 @@ fn final_logits(dir: &Path) -> Vec<f32> {
     let ctx = pixel_models::model::Context::from_labels(&[3], &device);
     model
         .forward(x, &ctx)
+        .values()
         .into_data()
         .convert::<f32>()
         .try_into_vec()

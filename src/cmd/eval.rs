@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::loss::bits_per_dim;
 use crate::results::{EVAL_FILE, write_atomic};
 use crate::session::{self, Session, Weights};
+use crate::train::receptive::{self, Field};
 use crate::train::{evaluate, importance_bounds};
 use burn::module::Module;
 use serde::Serialize;
@@ -131,4 +132,117 @@ pub fn eval_results(
     let json = serde_json::to_string_pretty(&report).expect("a report serialises");
     write_atomic(&dir.join(EVAL_FILE), json.as_bytes())?;
     Ok(report)
+}
+
+/// File names of `pixel eval --receptive-field`.
+pub const RECEPTIVE_JSON: &str = "receptive-field.json";
+pub const RECEPTIVE_PNG: &str = "receptive-field.png";
+
+#[derive(Serialize, Debug)]
+pub struct FieldReport {
+    /// The epoch after which the evaluated checkpoint was written.
+    pub epochs: usize,
+    /// The first test images, over which the gradients' magnitudes are averaged.
+    pub images: usize,
+    pub fields: Vec<Field>,
+}
+
+/// `pixel eval DIR --receptive-field`: which earlier pixels the trained model's likelihood of a
+/// few pixels depends on (the gradient over the first `images` test images), written as
+/// `DIR/receptive-field.png` (one heat map per pixel, the pixel in red) and
+/// `DIR/receptive-field.json`.
+pub fn receptive_field(dir: &Path, images: usize) -> Result<FieldReport> {
+    if images == 0 {
+        return Err(Error::Usage {
+            flag: "--images 0".into(),
+            message: "expected at least 1 test image".into(),
+        });
+    }
+    let plan = session::recorded_plan(dir, &[], "pixel eval")?;
+    let Session {
+        plan,
+        device: opened,
+        splits,
+        state,
+        position,
+        ..
+    } = Session::open(plan, Weights::Trained(dir), &World::single())?;
+    let test = &splits.test;
+    let (c, h, w) = (test.colours, test.height, test.width);
+    let n = images.min(test.len());
+    let (pixels, labels) = test.gather(&(0..n).collect::<Vec<_>>());
+    let subset = crate::data::Images {
+        pixels,
+        labels,
+        colours: c,
+        height: h,
+        width: w,
+    };
+    let device = opened.device.clone().autodiff();
+    let model = state.eval_model();
+    let at = receptive::default_pixels(h, w);
+    let fields =
+        receptive::receptive_fields(model, &subset, &at, plan.experiment.train.seed, &device);
+
+    // One heat map per pixel, side by side, each value a square block, the pixel red.
+    let scale = (96 / h.max(w)).max(1);
+    let (sh, sw) = (h * scale, w * scale);
+    let mut cells = Vec::with_capacity(fields.len() * 3 * sh * sw);
+    for f in &fields {
+        let heat = receptive::heat_map(f);
+        for colour in 0..3 {
+            for y in 0..sh {
+                for x in 0..sw {
+                    let p = (y / scale) * w + x / scale;
+                    let v = if p == f.earlier_pixels {
+                        [255, 0, 0][colour]
+                    } else {
+                        heat[p]
+                    };
+                    cells.push(v);
+                }
+            }
+        }
+    }
+    let (planes, gh, gw) = crate::results::png::tile(&cells, 3, sh, sw, 1, fields.len());
+    let png = dir.join(RECEPTIVE_PNG);
+    let tmp = png.with_extension("png.tmp");
+    crate::results::png::write_rgb_or_grey(&tmp, &planes, 3, gh, gw)
+        .and_then(|()| std::fs::rename(&tmp, &png))
+        .map_err(Error::io(&png))?;
+    let report = FieldReport {
+        epochs: position.epochs_done,
+        images: n,
+        fields,
+    };
+    let json = serde_json::to_string_pretty(&report).expect("a report serialises");
+    write_atomic(&dir.join(RECEPTIVE_JSON), json.as_bytes())?;
+    Ok(report)
+}
+
+/// `pixel eval DIR --receptive-field`, printed.
+pub fn print_receptive_field(dir: &Path, images: usize) -> Result<()> {
+    let r = receptive_field(dir, images)?;
+    println!(
+        "receptive field after epoch {}, gradients over {} test images:",
+        r.epochs, r.images
+    );
+    for f in &r.fields {
+        println!(
+            "  pixel ({}, {}): {} of {} earlier pixels with a nonzero gradient, 90 % of it in {}; \
+             {} later pixels (a leak if not 0)",
+            f.pixel[0],
+            f.pixel[1],
+            f.nonzero_earlier,
+            f.earlier_pixels,
+            f.pixels_for_90_percent,
+            f.later_pixels
+        );
+    }
+    println!(
+        "wrote {} and {}",
+        dir.join(RECEPTIVE_PNG).display(),
+        dir.join(RECEPTIVE_JSON).display()
+    );
+    Ok(())
 }

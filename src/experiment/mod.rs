@@ -57,9 +57,51 @@ pub struct ModelSection {
     /// Gated only, an ablation when false: the link from the vertical to the horizontal stack
     /// (without it the model sees only the current row). Default: true.
     pub link: bool,
+    /// The distribution of each value 0..255: "categorical" (a 256-way softmax per sub-pixel,
+    /// R -> G -> B) or "logistic_mixture" (PixelCNN++'s discretized mixture of `mixtures`
+    /// logistics per pixel, computed in f32 under every precision; grey images with every
+    /// variant, RGB with "pixelcnnpp"). Default: "logistic_mixture" for variant "pixelcnnpp",
+    /// else "categorical".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub likelihood: Option<LikelihoodKind>,
+    /// Components of the logistic mixture (likelihood "logistic_mixture" only). Default: 10.
+    pub mixtures: usize,
     /// PixelVAE settings (variant "vae" only); `layers`, `kernel` and `channels` describe its
     /// gated PixelCNN decoder.
     pub vae: VaeSection,
+    /// PixelCNN++ settings (variant "pixelcnnpp" only); `channels` is its number of filters and
+    /// `layers` and `kernel` stay unset.
+    pub pixelcnnpp: PixelCnnPpSection,
+}
+
+/// The distribution a model predicts for each value.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LikelihoodKind {
+    /// 256 logits per sub-pixel.
+    Categorical,
+    /// A discretized mixture of logistics per pixel (Salimans et al. 2017).
+    LogisticMixture,
+}
+
+/// PixelCNN++'s depth and regularisation (openai/pixel-cnn's `nr_resnet` and `dropout_p`).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PixelCnnPpSection {
+    /// Gated resnets per stage of the up pass (the down pass has one more in its last two
+    /// stages); three stages at full, half and quarter resolution. Default: 5.
+    pub resnets: usize,
+    /// Dropout probability inside every gated resnet, in training only. Default: 0.5.
+    pub dropout: f64,
+}
+
+impl Default for PixelCnnPpSection {
+    fn default() -> Self {
+        PixelCnnPpSection {
+            resnets: 5,
+            dropout: 0.5,
+        }
+    }
 }
 
 /// The PixelVAE's latent, encoder, conditioning and objective.
@@ -125,7 +167,10 @@ impl Default for ModelSection {
             residual: true,
             gates: true,
             link: true,
+            likelihood: None,
+            mixtures: 10,
             vae: VaeSection::default(),
+            pixelcnnpp: PixelCnnPpSection::default(),
         }
     }
 }
@@ -142,6 +187,9 @@ pub enum Variant {
     /// PixelVAE (Gulrajani et al. 2016): a VAE whose decoder is a gated PixelCNN; settings in
     /// `[model.vae]`.
     Vae,
+    /// PixelCNN++ (Salimans et al. 2017): two shifted streams over three resolutions, gated
+    /// resnets with dropout, a logistic mixture per pixel; settings in `[model.pixelcnnpp]`.
+    Pixelcnnpp,
 }
 
 /// What a model is conditioned on besides earlier pixels.

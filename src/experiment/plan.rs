@@ -1,11 +1,14 @@
 //! Experiment -> Plan: every cross-field check, before any tensor exists, and the mapping from what
 //! the user wrote to what will run.
 
-use super::{BackendKind, Conditional, DatasetKind, Experiment, Override, Variant};
+use super::{BackendKind, Conditional, DatasetKind, Experiment, LikelihoodKind, Override, Variant};
 use crate::data::{self, DataError, DataSpec, synthetic};
 use crate::device::{self, DeviceChoice, Target};
 use crate::error::{Error, Result};
-use crate::model::{GatedConfig, ModelConfig, SimpleConfig, VaeConditioning, VaeConfig};
+use crate::model::{
+    GatedConfig, Likelihood, ModelConfig, PixelCnnPpConfig, SimpleConfig, VaeConditioning,
+    VaeConfig,
+};
 use crate::train::Step;
 use std::path::{Path, PathBuf};
 
@@ -65,6 +68,28 @@ impl Plan {
             }
         };
 
+        let pixelcnnpp = m.variant == Variant::Pixelcnnpp;
+        if pixelcnnpp {
+            let defaults = super::ModelSection::default();
+            for (key, value, default) in [
+                ("model.layers", m.layers, defaults.layers),
+                ("model.kernel", m.kernel, defaults.kernel),
+            ] {
+                ctx.require(
+                    value == default,
+                    key,
+                    value,
+                    "unset for variant \"pixelcnnpp\" (its depth is model.pixelcnnpp.resnets, \
+                     its kernels are openai/pixel-cnn's 2x3 and 2x2)",
+                )?;
+            }
+            ctx.require(
+                m.channels >= 1,
+                "model.channels",
+                m.channels,
+                "at least 1 filter",
+            )?;
+        }
         ctx.require(m.layers >= 1, "model.layers", m.layers, "at least 1 layer")?;
         ctx.require(
             m.kernel % 2 == 1,
@@ -73,7 +98,7 @@ impl Plan {
             "an odd kernel size (1, 3, 5, ...) so that the mask has a centre",
         )?;
         ctx.require(
-            m.channels >= colours && m.channels.is_multiple_of(colours),
+            pixelcnnpp || (m.channels >= colours && m.channels.is_multiple_of(colours)),
             "model.channels",
             m.channels,
             &format!(
@@ -210,8 +235,8 @@ impl Plan {
                     m.variant != Variant::Simple,
                     "model.conditional",
                     "\"class\"",
-                    "\"none\" for the simple variant (class conditioning needs variant = \"gated\" \
-                     or \"vae\")",
+                    "\"none\" for the simple variant (class conditioning needs variant = \"gated\", \
+                     \"vae\" or \"pixelcnnpp\")",
                 )?;
                 ctx.require(
                     e.data.dataset != DatasetKind::Folder,
@@ -223,7 +248,7 @@ impl Plan {
                 Some(10)
             }
         };
-        if m.variant == Variant::Simple {
+        if matches!(m.variant, Variant::Simple | Variant::Pixelcnnpp) {
             for (key, on) in [
                 ("model.residual", m.residual),
                 ("model.gates", m.gates),
@@ -233,7 +258,8 @@ impl Plan {
                     on,
                     key,
                     on,
-                    "true for the simple variant (the ablations are of the gated model)",
+                    "true for the simple and pixelcnnpp variants (the ablations are of the gated \
+                     model)",
                 )?;
             }
         }
@@ -244,6 +270,68 @@ impl Plan {
                 "no [model.vae] table unless variant = \"vae\"",
             ));
         }
+        if !pixelcnnpp && m.pixelcnnpp != super::PixelCnnPpSection::default() {
+            return Err(ctx.invalid(
+                "model.pixelcnnpp",
+                "a [model.pixelcnnpp] table".into(),
+                "no [model.pixelcnnpp] table unless variant = \"pixelcnnpp\"",
+            ));
+        }
+        let pp = &m.pixelcnnpp;
+        if pixelcnnpp {
+            ctx.require(
+                pp.resnets >= 1,
+                "model.pixelcnnpp.resnets",
+                pp.resnets,
+                "at least 1 gated resnet per stage",
+            )?;
+            ctx.require(
+                pp.dropout.is_finite() && (0.0..1.0).contains(&pp.dropout),
+                "model.pixelcnnpp.dropout",
+                pp.dropout,
+                "a probability from 0 (off) up to, not including, 1",
+            )?;
+        }
+        let likelihood_kind = m.likelihood.unwrap_or(if pixelcnnpp {
+            LikelihoodKind::LogisticMixture
+        } else {
+            LikelihoodKind::Categorical
+        });
+        let likelihood = match likelihood_kind {
+            LikelihoodKind::Categorical => {
+                ctx.require(
+                    m.mixtures == super::ModelSection::default().mixtures,
+                    "model.mixtures",
+                    m.mixtures,
+                    "unset with likelihood = \"categorical\" (components are of the logistic \
+                     mixture)",
+                )?;
+                Likelihood::Categorical
+            }
+            LikelihoodKind::LogisticMixture => {
+                ctx.require(
+                    (1..=100).contains(&m.mixtures),
+                    "model.mixtures",
+                    m.mixtures,
+                    "1 to 100 logistic components",
+                )?;
+                ctx.require(
+                    colours == 1 || pixelcnnpp,
+                    "model.likelihood",
+                    "\"logistic_mixture\"",
+                    &format!(
+                        "\"categorical\" for RGB images (`{}`) with variant = \"{}\": its masked \
+                         head predicts sub-pixel by sub-pixel, and the mixture couples the colours \
+                         of a pixel; use variant = \"pixelcnnpp\" for a mixture over RGB",
+                        e.data.dataset.name(),
+                        format!("{:?}", m.variant).to_lowercase()
+                    ),
+                )?;
+                Likelihood::LogisticMixture {
+                    components: m.mixtures,
+                }
+            }
+        };
         let v = &m.vae;
         if m.variant == Variant::Vae {
             ctx.require(
@@ -288,6 +376,7 @@ impl Plan {
             residual: m.residual,
             gates: m.gates,
             link: m.link,
+            likelihood,
         };
         let model = match m.variant {
             Variant::Simple => ModelConfig::Simple(SimpleConfig {
@@ -295,6 +384,15 @@ impl Plan {
                 layers: m.layers,
                 kernel: m.kernel,
                 channels: m.channels,
+                likelihood,
+            }),
+            Variant::Pixelcnnpp => ModelConfig::PixelCnnPp(PixelCnnPpConfig {
+                colours,
+                filters: m.channels,
+                resnets: pp.resnets,
+                likelihood,
+                classes,
+                dropout: pp.dropout,
             }),
             Variant::Gated => ModelConfig::Gated(gated(0, false)),
             Variant::Vae => {
@@ -343,6 +441,7 @@ impl Plan {
 
         let mut experiment = experiment.clone();
         experiment.data.path = data.dir.clone();
+        experiment.model.likelihood = Some(likelihood_kind);
         Ok(Plan {
             name: name_of(source),
             experiment,
@@ -396,14 +495,21 @@ impl Plan {
             ));
         }
         let mut body = toml::to_string(&self.experiment).expect("an experiment serialises");
-        // The PixelVAE's table means nothing to the other variants: leave it out of theirs.
-        if self.experiment.model.variant != Variant::Vae
-            && let Some(start) = body.find("[model.vae]\n")
-        {
-            let end = body[start + 1..]
-                .find("\n[")
-                .map_or(body.len(), |i| start + i + 2);
-            body.replace_range(start..end, "");
+        // The PixelVAE's and PixelCNN++'s tables mean nothing to the other variants: leave them
+        // out of theirs.
+        let variant = self.experiment.model.variant;
+        for (table, owner) in [
+            ("[model.vae]\n", Variant::Vae),
+            ("[model.pixelcnnpp]\n", Variant::Pixelcnnpp),
+        ] {
+            if variant != owner
+                && let Some(start) = body.find(table)
+            {
+                let end = body[start + 1..]
+                    .find("\n[")
+                    .map_or(body.len(), |i| start + i + 2);
+                body.replace_range(start..end, "");
+            }
         }
         out.push_str(&body);
         out
@@ -573,6 +679,94 @@ mod tests {
 
     fn err(e: Experiment) -> String {
         plan(e).unwrap_err().to_string()
+    }
+
+    /// PixelCNN++: its defaults (the logistic mixture, openai's sizes), its table, and the keys
+    /// that mean nothing to it or to the other variants.
+    #[test]
+    fn pixelcnnpp_keys_and_likelihoods() {
+        use crate::experiment::{LikelihoodKind, PixelCnnPpSection};
+        let mut e = synthetic();
+        e.model.variant = Variant::Pixelcnnpp;
+        e.model.channels = 16;
+        e.data.synthetic_colours = 3;
+        let p = plan(e.clone()).unwrap();
+        let ModelConfig::PixelCnnPp(c) = &p.model else {
+            panic!("{:?}", p.model)
+        };
+        assert_eq!(
+            (c.filters, c.resnets, c.dropout, c.likelihood),
+            (16, 5, 0.5, Likelihood::LogisticMixture { components: 10 })
+        );
+        // The resolved experiment says which likelihood was chosen.
+        assert!(
+            p.resolved_toml()
+                .contains("likelihood = \"logistic_mixture\""),
+            "{}",
+            p.resolved_toml()
+        );
+        assert!(p.resolved_toml().contains("[model.pixelcnnpp]"));
+        // 16 filters need not be a multiple of the 3 colours.
+        let mut k = e.clone();
+        k.model.kernel = 3;
+        assert!(err(k).contains("`model.kernel` = 3"));
+        let mut l = e.clone();
+        l.model.layers = 8;
+        assert!(err(l).contains("model.pixelcnnpp.resnets"));
+        let mut d = e.clone();
+        d.model.pixelcnnpp.dropout = 1.0;
+        assert!(err(d).contains("`model.pixelcnnpp.dropout` = 1"));
+        let mut r = e.clone();
+        r.model.pixelcnnpp.resnets = 0;
+        assert!(err(r).contains("`model.pixelcnnpp.resnets` = 0"));
+        let mut g = e.clone();
+        g.model.gates = false;
+        assert!(err(g).contains("`model.gates` = false"));
+        // Categorical: 256 logits per colour; then mixtures means nothing.
+        let mut cat = e.clone();
+        cat.model.likelihood = Some(LikelihoodKind::Categorical);
+        assert_eq!(
+            plan(cat.clone()).unwrap().model.likelihood(),
+            Likelihood::Categorical
+        );
+        cat.model.mixtures = 5;
+        assert!(err(cat).contains("`model.mixtures` = 5"));
+        // The other variants: categorical by default; a mixture on grey images only.
+        let mut gated = synthetic();
+        gated.model.variant = Variant::Gated;
+        assert_eq!(
+            plan(gated.clone()).unwrap().model.likelihood(),
+            Likelihood::Categorical
+        );
+        gated.model.likelihood = Some(LikelihoodKind::LogisticMixture);
+        gated.model.mixtures = 4;
+        assert_eq!(
+            plan(gated.clone()).unwrap().model.likelihood(),
+            Likelihood::LogisticMixture { components: 4 }
+        );
+        gated.data.synthetic_colours = 3;
+        gated.model.channels = 30;
+        let msg = err(gated.clone());
+        assert!(
+            msg.contains("`model.likelihood`") && msg.contains("pixelcnnpp"),
+            "{msg}"
+        );
+        gated.data.synthetic_colours = 1;
+        gated.model.mixtures = 0;
+        assert!(err(gated.clone()).contains("`model.mixtures` = 0"));
+        gated.model.mixtures = 4;
+        gated.model.pixelcnnpp = PixelCnnPpSection {
+            resnets: 2,
+            ..PixelCnnPpSection::default()
+        };
+        assert!(err(gated.clone()).contains("no [model.pixelcnnpp] table"));
+        gated.model.pixelcnnpp = PixelCnnPpSection::default();
+        assert!(
+            !plan(gated)
+                .unwrap()
+                .resolved_toml()
+                .contains("[model.pixelcnnpp]")
+        );
     }
 
     #[test]

@@ -149,7 +149,7 @@ mod tests {
                 colours,
                 filters: 4,
                 resnets: 1,
-                mixtures: k,
+                likelihood: crate::model::Likelihood::LogisticMixture { components: k },
                 classes: None,
                 dropout: 0.0,
             };

@@ -16,7 +16,8 @@ const INPUTS: u64 = 3;
 
 /// For every output sub-pixel (in raster order), the raster indices of the input sub-pixels whose
 /// gradient is nonzero at one of `INPUTS` random images. `forward` maps `[1, c, h, w]` inputs
-/// (0..255) to `[1, c, 256, h, w]` logits on an autodiff `device`.
+/// (0..255) to `[1, c, n, h, w]` values per sub-pixel (256 logits; a grey pixel's mixture
+/// parameters) on an autodiff `device`.
 pub fn dependencies(
     forward: impl Fn(Tensor<4>) -> Tensor<5>,
     colours: usize,
@@ -58,9 +59,10 @@ fn dependencies_at(
                     device,
                 )
                 .require_grad();
-                let logits = forward(inp.clone());
-                let picked = logits
-                    .slice([0..1, c..c + 1, 0..256, y..y + 1, x..x + 1])
+                let values = forward(inp.clone());
+                let n = values.dims()[2];
+                let picked = values
+                    .slice([0..1, c..c + 1, 0..n, y..y + 1, x..x + 1])
                     .sum();
                 let grads = picked.backward();
                 let g: Vec<f32> = inp
@@ -122,11 +124,18 @@ mod tests {
             layers,
             kernel,
             channels: 16 * colours,
+            likelihood: crate::model::Likelihood::Categorical,
         });
         let dev = dev.clone();
         let model = cfg.init(3, &dev);
         let ctx = Context::from_labels(&[0], &dev);
-        let deps = dependencies(|x| model.forward(x, &ctx), colours, side, side, &dev);
+        let deps = dependencies(
+            |x| model.forward(x, &ctx).values(),
+            colours,
+            side,
+            side,
+            &dev,
+        );
         assert_eq!(leaks(&deps), vec![], "the simple model leaks");
         // Not vacuous: every sub-pixel after the first sees the one right before it
         // (the previous colour of its pixel, or the pixel to its left).
@@ -154,6 +163,7 @@ mod tests {
             residual: true,
             gates: true,
             link: true,
+            likelihood: crate::model::Likelihood::Categorical,
         })
     }
 
@@ -164,13 +174,68 @@ mod tests {
             let dev = dev.autodiff();
             let model = cfg.init(5, &dev);
             let ctx = Context::from_labels(&[3], &dev);
-            let deps = dependencies(|x| model.forward(x, &ctx), colours, side, side, &dev);
+            let deps = dependencies(
+                |x| model.forward(x, &ctx).values(),
+                colours,
+                side,
+                side,
+                &dev,
+            );
             assert_eq!(leaks(&deps), vec![], "{cfg:?} leaks on {dev:?}");
             assert_eq!(
                 blind_spot(&deps),
                 vec![],
                 "{cfg:?} has a blind spot on {dev:?}"
             );
+        }
+    }
+
+    /// With a logistic mixture head (grey: a pixel is a sub-pixel), the simple and gated models
+    /// are as causal as with 256 logits, and PixelCNN++ with 256 logits per colour (its RGB head
+    /// sees the earlier colours of the pixel) is exactly causal per sub-pixel.
+    #[test]
+    fn every_likelihood_head_sees_exactly_the_past() {
+        use crate::model::{Likelihood, PixelCnnPpConfig};
+        let mixture = Likelihood::LogisticMixture { components: 3 };
+        let ModelConfig::Gated(g) = gated(1, 4, 5, None) else {
+            unreachable!()
+        };
+        check_exact(
+            &ModelConfig::Gated(GatedConfig {
+                likelihood: mixture,
+                ..g
+            }),
+            8,
+        );
+        for dev in crate::device::test_devices() {
+            let dev = dev.autodiff();
+            let cfg = ModelConfig::Simple(SimpleConfig {
+                colours: 1,
+                layers: 3,
+                kernel: 3,
+                channels: 8,
+                likelihood: mixture,
+            });
+            let model = cfg.init(3, &dev);
+            let ctx = Context::from_labels(&[0], &dev);
+            let deps = dependencies(|x| model.forward(x, &ctx).values(), 1, 6, 6, &dev);
+            assert_eq!(leaks(&deps), vec![], "{cfg:?} leaks");
+            assert!(
+                deps[7].contains(&6) && deps[7].contains(&1),
+                "{:?}",
+                deps[7]
+            );
+        }
+        for (colours, likelihood) in [(3, Likelihood::Categorical), (1, Likelihood::Categorical)] {
+            let cfg = ModelConfig::PixelCnnPp(PixelCnnPpConfig {
+                colours,
+                filters: 6,
+                resnets: 2,
+                likelihood,
+                classes: Some(10),
+                dropout: 0.0,
+            });
+            check_exact(&cfg, 5);
         }
     }
 
@@ -198,6 +263,7 @@ mod tests {
         let out = |label: u8| {
             model
                 .forward(x.clone(), &Context::from_labels(&[label], &dev))
+                .values()
                 .into_data()
                 .convert::<f32>()
                 .try_into_vec::<f32>()
@@ -234,19 +300,24 @@ mod tests {
             residual: true,
             gates: true,
             link: true,
+            likelihood: crate::model::Likelihood::Categorical,
         });
         let dev = device();
         let model = cfg.init(9, &dev);
         let maps = |v: f32| Tensor::<4>::full([1, 2, 6, 6], v, &dev);
         let mut ctx = Context::from_labels(&[0], &dev);
         ctx.maps = Some(maps(0.5));
-        let deps = dependencies(|x| model.forward(x, &ctx), 1, 6, 6, &dev);
+        let deps = dependencies(|x| model.forward(x, &ctx).values(), 1, 6, 6, &dev);
         assert_eq!(leaks(&deps), vec![]);
         assert_eq!(blind_spot(&deps), vec![]);
         let x = Tensor::<4>::zeros([1, 1, 6, 6], &dev);
-        let a = model.forward(x.clone(), &ctx).sum().into_scalar::<f32>();
+        let a = model
+            .forward(x.clone(), &ctx)
+            .values()
+            .sum()
+            .into_scalar::<f32>();
         ctx.maps = Some(maps(-0.5));
-        let b = model.forward(x, &ctx).sum().into_scalar::<f32>();
+        let b = model.forward(x, &ctx).values().sum().into_scalar::<f32>();
         assert!((a - b).abs() > 1e-3, "the maps change nothing");
     }
 
@@ -284,19 +355,24 @@ mod tests {
                     residual: true,
                     gates: true,
                     link: true,
+                    likelihood: crate::model::Likelihood::Categorical,
                 },
             });
             let model = cfg.init(4, &dev);
             let z = |v: f32| Tensor::<4>::full([1, 2, 3, 3], v, &dev);
             let mut ctx = Context::from_labels(&[0], &dev);
             ctx.latent = Some(z(0.7));
-            let deps = dependencies(|x| model.forward(x, &ctx), colours, 6, 6, &dev);
+            let deps = dependencies(|x| model.forward(x, &ctx).values(), colours, 6, 6, &dev);
             assert_eq!(leaks(&deps), vec![], "{mode:?}");
             assert_eq!(blind_spot(&deps), vec![], "{mode:?}");
             let x = Tensor::<4>::zeros([1, colours, 6, 6], &dev);
-            let a = model.forward(x.clone(), &ctx).sum().into_scalar::<f32>();
+            let a = model
+                .forward(x.clone(), &ctx)
+                .values()
+                .sum()
+                .into_scalar::<f32>();
             ctx.latent = Some(z(-0.7));
-            let b = model.forward(x, &ctx).sum().into_scalar::<f32>();
+            let b = model.forward(x, &ctx).values().sum().into_scalar::<f32>();
             assert!((a - b).abs() > 1e-3, "{mode:?}: z changes nothing");
         }
     }
@@ -322,7 +398,7 @@ mod tests {
             let mut union = vec![Vec::new(); colours * side * side];
             for seed in [side as u64, side as u64 + 1000] {
                 let model = cfg.init(seed, &dev);
-                let deps = dependencies(|x| model.forward(x, &ctx), colours, side, side, &dev);
+                let deps = dependencies(|x| model.forward(x, &ctx).values(), colours, side, side, &dev);
                 proptest::prop_assert_eq!(leaks(&deps), vec![]);
                 for (all, some) in union.iter_mut().zip(deps) {
                     all.extend(some);
@@ -352,12 +428,12 @@ mod tests {
         let dev = device();
         let model = cfg.init(5, &dev);
         let ctx = Context::from_labels(&[0], &dev);
-        let deps = dependencies(|x| model.forward(x, &ctx), 1, 8, 8, &dev);
+        let deps = dependencies(|x| model.forward(x, &ctx).values(), 1, 8, 8, &dev);
         assert_eq!(leaks(&deps), vec![], "no gates: ReLUs, still causal");
         // Without the link the horizontal stack never hears of the rows above.
         let cfg = with(true, true, false);
         let model = cfg.init(5, &dev);
-        let deps = dependencies(|x| model.forward(x, &ctx), 1, 8, 8, &dev);
+        let deps = dependencies(|x| model.forward(x, &ctx).values(), 1, 8, 8, &dev);
         assert_eq!(leaks(&deps), vec![]);
         assert!(
             blind_spot(&deps).iter().all(|&(o, i)| i / 8 < o / 8),
@@ -375,11 +451,12 @@ mod tests {
             layers: 7,
             kernel: 3,
             channels: 16,
+            likelihood: crate::model::Likelihood::Categorical,
         });
         let dev = device();
         let model = cfg.init(5, &dev);
         let ctx = Context::from_labels(&[0], &dev);
-        let deps = dependencies(|x| model.forward(x, &ctx), 1, 8, 8, &dev);
+        let deps = dependencies(|x| model.forward(x, &ctx).values(), 1, 8, 8, &dev);
         assert_eq!(leaks(&deps), vec![]);
         let blind = blind_spot(&deps);
         assert!(!blind.is_empty());

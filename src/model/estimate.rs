@@ -4,7 +4,7 @@
 //! compares it with the built model); the activations are an estimate of what autodiff keeps.
 //! Counted in u128: a config may ask for more than u64 holds (then u64::MAX).
 
-use super::{GatedConfig, ModelConfig, SimpleConfig, VaeConditioning, VaeConfig};
+use super::{GatedConfig, Likelihood, ModelConfig, SimpleConfig, VaeConditioning, VaeConfig};
 
 /// Parameters of a k_h x k_w convolution from `inputs` to `outputs` channels, with bias.
 fn conv(inputs: u128, outputs: u128, kh: u128, kw: u128) -> u128 {
@@ -15,7 +15,7 @@ fn simple(c: &SimpleConfig) -> u128 {
     let (col, ch, k) = (c.colours as u128, c.channels as u128, c.kernel as u128);
     let first = conv(col, ch, k, k);
     let rest = (c.layers as u128).saturating_sub(1) * conv(ch, ch, k, k);
-    first + rest + conv(ch, 256 * col, 1, 1)
+    first + rest + conv(ch, c.likelihood.outputs(c.colours) as u128, 1, 1)
 }
 
 fn gated(c: &GatedConfig) -> u128 {
@@ -41,7 +41,8 @@ fn gated(c: &GatedConfig) -> u128 {
         n
     };
     let rest = (c.layers as u128).saturating_sub(1) * layer(ch, false);
-    layer(col, true) + rest + conv(ch, ch, 1, 1) + conv(ch, 256 * col, 1, 1)
+    let head = conv(ch, ch, 1, 1) + conv(ch, c.likelihood.outputs(c.colours) as u128, 1, 1);
+    layer(col, true) + rest + head
 }
 
 fn vae(c: &VaeConfig) -> u128 {
@@ -69,13 +70,17 @@ impl ModelConfig {
             ModelConfig::Simple(c) => simple(c),
             ModelConfig::Gated(c) => gated(c),
             ModelConfig::Vae(c) => vae(c),
+            ModelConfig::PixelCnnPp(c) => c.parameters() as u128,
         };
         u64::try_from(n).unwrap_or(u64::MAX)
     }
 
     /// f32 values a training step keeps per image pixel for the backward pass: each layer's
     /// activations (a ReLU layer keeps about 3 per channel; a gated layer's two stacks, gates and
-    /// skips about 14 per channel), and the 256 logits per colour with their softmax and gradient.
+    /// skips about 14 per channel; a PixelCNN++ gated resnet about 14 per filter in each of its two
+    /// streams, its blocks at half and quarter resolution counting a quarter and a sixteenth),
+    /// and the likelihood's: 256 logits per colour with their softmax and gradient, or the
+    /// mixture's parameters with about 15 intermediate values per component and colour.
     pub fn activation_floats_per_pixel(&self) -> u64 {
         let (layers, channels, colours) = match self {
             ModelConfig::Simple(c) => (c.layers as u128, 3 * c.channels as u128, c.colours as u128),
@@ -85,8 +90,21 @@ impl ModelConfig {
                 14 * c.decoder.channels as u128 + 3 * c.hidden as u128,
                 c.colours as u128,
             ),
+            // 2r + 1 blocks per stage and stream, at (1 + 1/4 + 1/16) = 21/16 of full resolution.
+            ModelConfig::PixelCnnPp(c) => (
+                (2 * c.resnets.max(1) as u128 + 1) * 21 / 16,
+                2 * 14 * c.filters as u128,
+                c.colours as u128,
+            ),
         };
-        u64::try_from(layers * channels + 3 * 256 * colours).unwrap_or(u64::MAX)
+        let likelihood = match self.likelihood() {
+            Likelihood::Categorical => 3 * 256 * colours,
+            Likelihood::LogisticMixture { components } => {
+                self.likelihood().outputs(colours as usize) as u128
+                    + 15 * components as u128 * colours
+            }
+        };
+        u64::try_from(layers * channels + likelihood).unwrap_or(u64::MAX)
     }
 }
 
@@ -107,6 +125,7 @@ mod tests {
             residual: true,
             gates: true,
             link: true,
+            likelihood: Likelihood::Categorical,
         }
     }
 
@@ -120,6 +139,35 @@ mod tests {
                 layers: 5,
                 kernel: 5,
                 channels: 30,
+                likelihood: Likelihood::Categorical,
+            }),
+            ModelConfig::Simple(SimpleConfig {
+                colours: 1,
+                layers: 2,
+                kernel: 3,
+                channels: 8,
+                likelihood: Likelihood::LogisticMixture { components: 4 },
+            }),
+            ModelConfig::Gated(GatedConfig {
+                colours: 1,
+                likelihood: Likelihood::LogisticMixture { components: 3 },
+                ..gated_config(None, 0, false)
+            }),
+            ModelConfig::PixelCnnPp(crate::model::PixelCnnPpConfig {
+                colours: 3,
+                filters: 5,
+                resnets: 1,
+                likelihood: Likelihood::Categorical,
+                classes: Some(10),
+                dropout: 0.5,
+            }),
+            ModelConfig::PixelCnnPp(crate::model::PixelCnnPpConfig {
+                colours: 1,
+                filters: 4,
+                resnets: 1,
+                likelihood: Likelihood::Categorical,
+                classes: None,
+                dropout: 0.0,
             }),
             ModelConfig::Gated(gated_config(None, 0, false)),
             ModelConfig::Gated(gated_config(Some(10), 0, false)),

@@ -32,6 +32,8 @@ pub struct GatedConfig {
     pub residual: bool,
     pub gates: bool,
     pub link: bool,
+    /// The head's outputs: 256 logits per colour, or (grey) a logistic mixture's parameters.
+    pub likelihood: super::Likelihood,
 }
 
 /// What a gated model is conditioned on, per batch.
@@ -209,7 +211,15 @@ impl GatedConfig {
         GatedPixelCnn {
             layers,
             head_hidden: MaskedConv2d::square(MaskKind::B, ch, ch, c, 1, rng, device),
-            head_out: MaskedConv2d::square(MaskKind::B, ch, 256 * c, c, 1, rng, device),
+            head_out: MaskedConv2d::square(
+                MaskKind::B,
+                ch,
+                self.likelihood.outputs(c),
+                c,
+                1,
+                rng,
+                device,
+            ),
         }
     }
 }
@@ -217,7 +227,7 @@ impl GatedConfig {
 impl GatedPixelCnn {
     /// # Shapes
     /// - x: `[batch, colours, h, w]`, scaled inputs
-    /// - returns: `[batch, colours * 256, h, w]`, logits grouped by colour
+    /// - returns: `[batch, outputs, h, w]`, logits grouped by colour or a mixture's parameters
     pub fn forward(&self, x: Tensor<4>, cond: &Conditioning) -> Tensor<4> {
         let (mut v, mut h) = (x.clone(), x);
         let mut skips: Option<Tensor<4>> = None;

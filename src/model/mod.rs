@@ -20,16 +20,92 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 
 pub use gated::{GatedConfig, GatedPixelCnn};
+pub use pixelcnnpp::{DropoutDraws, PixelCnnPp, PixelCnnPpConfig};
 pub use simple::{SimpleConfig, SimplePixelCnn};
 pub use vae::{PixelVae, VaeConditioning, VaeConfig};
 
 /// What will be built (decided by the plan).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "variant", rename_all = "lowercase")]
 pub enum ModelConfig {
     Simple(SimpleConfig),
     Gated(GatedConfig),
     Vae(VaeConfig),
+    PixelCnnPp(PixelCnnPpConfig),
+}
+
+/// The distribution a model predicts for the values 0..255.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Likelihood {
+    /// A 256-way softmax per sub-pixel, R -> G -> B within a pixel.
+    Categorical,
+    /// A discretized mixture of `components` logistics per pixel (Salimans et al. 2017), the
+    /// colours of a pixel coupled linearly (`loss::logistic` has the layout and the formula).
+    LogisticMixture { components: usize },
+}
+
+impl Likelihood {
+    /// The values a network outputs per pixel for `colours` colours: 256 logits per colour, or
+    /// the mixture's K logits and per colour and component a mean, a log-scale and (RGB) a
+    /// coefficient (3K grey, 10K RGB).
+    pub fn outputs(self, colours: usize) -> usize {
+        match self {
+            Likelihood::Categorical => 256 * colours,
+            Likelihood::LogisticMixture { components: k } if colours == 1 => 3 * k,
+            Likelihood::LogisticMixture { components: k } => k + colours * 3 * k,
+        }
+    }
+}
+
+/// What a model predicts at every position: the parameters of its likelihood, f32 under every
+/// compute precision.
+#[derive(Clone, Debug)]
+pub enum Prediction {
+    /// Logits, `[batch, colours, 256, h, w]`.
+    Categorical(Tensor<5>),
+    /// A logistic mixture's parameters per pixel, `[batch, outputs, h, w]`.
+    LogisticMixture {
+        params: Tensor<4>,
+        components: usize,
+    },
+}
+
+impl Prediction {
+    /// Every value predicted, `[batch, groups, n, h, w]`: the logits `[batch, colours, 256, h,
+    /// w]`, or the mixture's parameters as one group, `[batch, 1, outputs, h, w]` (what a
+    /// dependency analysis differentiates).
+    pub fn values(self) -> Tensor<5> {
+        match self {
+            Prediction::Categorical(logits) => logits,
+            Prediction::LogisticMixture { params, .. } => params.unsqueeze_dim(1),
+        }
+    }
+
+    /// The values predicted at pixel (`y`, `x`), `[batch, outputs]`: 256 logits per colour,
+    /// colour after colour, or the mixture's parameters.
+    pub fn at(self, y: usize, x: usize) -> Tensor<2> {
+        match self {
+            Prediction::Categorical(logits) => {
+                let [b, c, n, _, _] = logits.dims();
+                logits.narrow(3, y, 1).narrow(4, x, 1).reshape([b, c * n])
+            }
+            Prediction::LogisticMixture { params, .. } => {
+                let [b, n, _, _] = params.dims();
+                params.narrow(2, y, 1).narrow(3, x, 1).reshape([b, n])
+            }
+        }
+    }
+
+    fn into_f32(self) -> Self {
+        match self {
+            Prediction::Categorical(l) => Prediction::Categorical(l.cast(FloatDType::F32)),
+            Prediction::LogisticMixture { params, components } => Prediction::LogisticMixture {
+                params: params.cast(FloatDType::F32),
+                components,
+            },
+        }
+    }
 }
 
 // One model per run: the size of the enum does not matter, and Burn's Module derive wants the modules
@@ -40,6 +116,7 @@ pub enum Net {
     Simple(SimplePixelCnn),
     Gated(GatedPixelCnn),
     Vae(PixelVae),
+    PixelCnnPp(PixelCnnPp),
 }
 
 /// A network and the float type its convolutions compute in. The weights (and the optimizer's
@@ -50,6 +127,8 @@ pub struct Model {
     net: Net,
     #[module(skip)]
     compute: Option<FloatDType>,
+    #[module(skip)]
+    likelihood: Likelihood,
 }
 
 /// What a model may condition on besides the pixels before the current one.
@@ -61,6 +140,9 @@ pub struct Context {
     pub maps: Option<Tensor<4>>,
     /// PixelVAE: the latents the decoder is conditioned on, `[batch, latent_channels, h', w']`.
     pub latent: Option<Tensor<4>>,
+    /// A training step of a network with dropout: where its masks come from (None: no dropout,
+    /// as in evaluation and sampling).
+    pub dropout: Option<DropoutDraws>,
 }
 
 impl Context {
@@ -70,6 +152,7 @@ impl Context {
             labels: Tensor::from_data(TensorData::new(v, [labels.len()]), device),
             maps: None,
             latent: None,
+            dropout: None,
         }
     }
 }
@@ -82,8 +165,22 @@ impl ModelConfig {
             ModelConfig::Simple(c) => Net::Simple(c.init(&mut rng, device)),
             ModelConfig::Gated(c) => Net::Gated(c.init(&mut rng, device)),
             ModelConfig::Vae(c) => Net::Vae(c.init(&mut rng, device)),
+            ModelConfig::PixelCnnPp(c) => Net::PixelCnnPp(c.init(&mut rng, device)),
         };
-        Model { net, compute: None }
+        Model {
+            net,
+            compute: None,
+            likelihood: self.likelihood(),
+        }
+    }
+
+    pub fn likelihood(&self) -> Likelihood {
+        match self {
+            ModelConfig::Simple(c) => c.likelihood,
+            ModelConfig::Gated(c) => c.likelihood,
+            ModelConfig::Vae(c) => c.decoder.likelihood,
+            ModelConfig::PixelCnnPp(c) => c.likelihood,
+        }
     }
 
     pub fn colours(&self) -> usize {
@@ -91,6 +188,7 @@ impl ModelConfig {
             ModelConfig::Simple(c) => c.colours,
             ModelConfig::Gated(c) => c.colours,
             ModelConfig::Vae(c) => c.colours,
+            ModelConfig::PixelCnnPp(c) => c.colours,
         }
     }
 
@@ -128,26 +226,27 @@ impl Cache {
         }
     }
 
-    /// Logits of every colour of pixel (`y`, `x`), given the earlier pixels and the sub-pixels of
-    /// this one so far (the later ones are masked, whatever they hold).
+    /// What the model predicts at pixel (`y`, `x`), given the earlier pixels and the sub-pixels
+    /// of this one so far (the later ones are masked, whatever they hold): 256 logits per colour,
+    /// colour after colour, or a grey pixel's mixture parameters, as [`Prediction::at`].
     ///
     /// # Shapes
     /// - pixel: `[batch, colours, 1, 1]`, bytes as floats
-    /// - returns: `[batch, colours, 256]`, f32
-    pub fn logits(&mut self, y: usize, x: usize, pixel: Tensor<4>) -> Tensor<3> {
+    /// - returns: `[batch, outputs]`, f32
+    pub fn predict(&mut self, y: usize, x: usize, pixel: Tensor<4>) -> Tensor<2> {
         let [b, c, _, _] = pixel.dims();
         let pixel = self.scaled(pixel).reshape([b, c]);
-        let logits = match &mut self.net {
+        let out = match &mut self.net {
             CacheNet::Simple(m) => m.step(x, pixel),
             CacheNet::Gated(m) => {
                 debug_assert!(y < m.height());
                 m.step(x, pixel)
             }
         };
-        logits.cast(FloatDType::F32).reshape([b, c, 256])
+        out.cast(FloatDType::F32)
     }
 
-    /// The pixel of the last `logits` call is final, with these values.
+    /// The pixel of the last `predict` call is final, with these values.
     ///
     /// # Shapes
     /// - pixel: `[batch, colours, 1, 1]`, bytes as floats
@@ -182,7 +281,7 @@ impl Cache {
             let [b, c, _, w] = row.dims();
             for x in 0..w {
                 let pixel = row.clone().slice([0..b, 0..c, 0..1, x..x + 1]);
-                let _ = self.logits(y, x, pixel.clone());
+                let _ = self.predict(y, x, pixel.clone());
                 self.commit(pixel);
             }
         }
@@ -207,39 +306,62 @@ impl Model {
         self
     }
 
-    /// Logits for every sub-pixel.
+    /// The likelihood the network's outputs parameterise.
+    pub fn likelihood(&self) -> Likelihood {
+        self.likelihood
+    }
+
+    /// The likelihood's parameters at every position, from the positions before it.
     ///
     /// # Shapes
     /// - x: `[batch, colours, h, w]`, bytes as floats (0..255); scaled here
-    /// - returns: `[batch, colours, 256, h, w]`
-    pub fn forward(&self, x: Tensor<4>, context: &Context) -> Tensor<5> {
+    /// - returns: logits `[batch, colours, 256, h, w]` or mixture parameters `[batch, outputs,
+    ///   h, w]`
+    pub fn forward(&self, x: Tensor<4>, context: &Context) -> Prediction {
         let [b, c, h, w] = x.dims();
-        let mut x = scale_input(x);
-        if let Some(dtype) = self.compute {
-            x = x.cast(dtype);
-        }
-        let logits = match &self.net {
-            Net::Simple(m) => m.forward(x), // [b, c * 256, h, w]
+        let cast = |x: Tensor<4>| match self.compute {
+            Some(dtype) => x.cast(dtype),
+            None => x,
+        };
+        let out = match &self.net {
+            Net::Simple(m) => m.forward(cast(scale_input(x))), // [b, outputs, h, w]
             Net::Gated(m) => m.forward(
-                x,
+                cast(scale_input(x)),
                 &gated::Conditioning {
                     labels: &context.labels,
                     maps: context.maps.as_ref(),
                 },
             ),
             Net::Vae(m) => {
+                let x = cast(scale_input(x));
                 let z = context
                     .latent
                     .clone()
                     .expect("a PixelVAE decodes given latents (Context::latent)");
                 m.forward(x.clone(), z.cast(x.dtype()), &context.labels)
             }
+            Net::PixelCnnPp(m) => {
+                let label = m.classes().map(|n| {
+                    let one_hot: Tensor<2> = context.labels.clone().one_hot(n).float();
+                    match self.compute {
+                        Some(dtype) => one_hot.cast(dtype),
+                        None => one_hot,
+                    }
+                });
+                m.forward(cast(x), label.as_ref(), context.dropout)
+            }
         };
-        let logits = match self.compute {
-            Some(_) => logits.cast(FloatDType::F32),
-            None => logits,
+        let prediction = match self.likelihood {
+            Likelihood::Categorical => Prediction::Categorical(out.reshape([b, c, 256, h, w])),
+            Likelihood::LogisticMixture { components } => Prediction::LogisticMixture {
+                params: out,
+                components,
+            },
         };
-        logits.reshape([b, c, 256, h, w])
+        match self.compute {
+            Some(_) => prediction.into_f32(),
+            None => prediction,
+        }
     }
 
     /// The float type the convolutions compute in.
@@ -270,7 +392,7 @@ impl Model {
         Some(m.encode(x))
     }
 
-    /// Logits and, for a PixelVAE, the KL of q(z|x) from the prior per latent dimension (nats,
+    /// The prediction and, for a PixelVAE, the KL of q(z|x) from the prior per latent dimension (nats,
     /// `[batch, latent_channels, h', w']`), with z = mean + sd * `noise` drawn from `rng`
     /// (reparameterised). Other models ignore `rng`.
     pub fn forward_with_kl(
@@ -278,7 +400,7 @@ impl Model {
         x: Tensor<4>,
         context: &Context,
         rng: &mut StdRng,
-    ) -> (Tensor<5>, Option<Tensor<4>>) {
+    ) -> (Prediction, Option<Tensor<4>>) {
         self.forward_with_noise(x, context, |shape, device| {
             vae::normal_tensor(rng, shape, device)
         })
@@ -290,7 +412,7 @@ impl Model {
         x: Tensor<4>,
         context: &Context,
         noise: impl FnOnce([usize; 4], &Device) -> Tensor<4>,
-    ) -> (Tensor<5>, Option<Tensor<4>>) {
+    ) -> (Prediction, Option<Tensor<4>>) {
         let Some((mean, log_var)) = self.encode(x.clone()) else {
             return (self.forward(x, context), None);
         };
@@ -304,8 +426,10 @@ impl Model {
         (self.forward(x, &context), Some(kl))
     }
 
-    /// State for cached sampling of `context.labels.len()` images of `height` x `width`.
-    pub fn cache(&self, context: &Context, height: usize, width: usize) -> Cache {
+    /// State for cached sampling of `context.labels.len()` images of `height` x `width`; None for
+    /// PixelCNN++, which has no cached sampler (its images are drawn by a forward pass per
+    /// pixel).
+    pub fn cache(&self, context: &Context, height: usize, width: usize) -> Option<Cache> {
         let dtype = self.compute_dtype();
         let [batch] = context.labels.dims();
         let device = context.labels.device();
@@ -337,8 +461,9 @@ impl Model {
                     dtype,
                 )))
             }
+            Net::PixelCnnPp(_) => return None,
         };
-        Cache { net, dtype }
+        Some(Cache { net, dtype })
     }
 
     /// Number of trainable scalars.

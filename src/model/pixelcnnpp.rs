@@ -14,7 +14,8 @@
 //! instead); any image size (a transposed convolution's output is cropped to the size of the
 //! matching up-pass activation, so that 28 halves to 14 and 7 and 7 to 4).
 
-use super::masked_conv::uniform;
+use super::Likelihood;
+use super::masked_conv::{MaskKind, MaskedConv2d, uniform};
 use super::native::{pad_zeros, valid_conv2d};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{elu, sigmoid};
@@ -25,15 +26,16 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 /// The size of a PixelCNN++.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct PixelCnnPpConfig {
     pub colours: usize,
     /// Channels of both streams (openai/pixel-cnn: 160).
     pub filters: usize,
     /// Gated resnets per stage of the up pass (the down pass has one more in its last two).
     pub resnets: usize,
-    /// Components of the logistic mixture.
-    pub mixtures: usize,
+    /// What the output parameterises: openai/pixel-cnn's logistic mixture, or 256 logits per
+    /// colour (for RGB through a head that sees the earlier colours of the pixel).
+    pub likelihood: Likelihood,
     /// Class-conditional: the number of classes, whose one-hot label enters every gated resnet.
     pub classes: Option<usize>,
     /// Dropout probability inside every gated resnet (openai/pixel-cnn: 0.5), in training only.
@@ -358,8 +360,21 @@ pub struct PixelCnnPp {
     double_u: Vec<ShiftedDeconv>,
     double_ul: Vec<ShiftedDeconv>,
     out: Nin,
+    /// RGB with 256 logits per colour: the head's second layer.
+    in_pixel: Option<InPixel>,
+    classes: Option<usize>,
     resnets: usize,
     dropout: f64,
+}
+
+/// The categorical head of an RGB network: `out(elu(features + colours(x)))`, with `features`
+/// the network's 1x1 output (grouped by colour), `colours` a type A 1x1 convolution of the
+/// pixel itself (green sees red, blue sees red and green) and `out` a type B 1x1 convolution to
+/// 256 logits per colour, so that the network is causal per sub-pixel, R -> G -> B.
+#[derive(Module, Debug)]
+struct InPixel {
+    colours: MaskedConv2d,
+    out: MaskedConv2d,
 }
 
 /// Stages of each pass.
@@ -368,14 +383,16 @@ const STAGES: usize = 3;
 impl PixelCnnPpConfig {
     /// Output channels per pixel: the mixture's parameters in the layout of `loss::logistic`
     /// (K logits, then per colour and component a mean, a log-scale and, for RGB, the
-    /// coefficients: 3K for grey, 10K for RGB; a test there checks the two agree).
+    /// coefficients: 3K for grey, 10K for RGB; a test there checks the two agree), or 256
+    /// logits per colour.
     pub fn output_channels(&self) -> usize {
-        let k = self.mixtures;
-        if self.colours == 1 {
-            3 * k
-        } else {
-            k + self.colours * 3 * k
-        }
+        self.likelihood.outputs(self.colours)
+    }
+
+    /// RGB with the categorical likelihood: the channels per colour of the head's hidden layer,
+    /// where the earlier colours of the pixel join the features.
+    fn in_pixel_channels(&self) -> Option<usize> {
+        (self.colours > 1 && self.likelihood == Likelihood::Categorical).then_some(self.filters)
     }
 
     /// Trained parameters, counted from the layout (equal to the built network's; a test checks).
@@ -395,7 +412,13 @@ impl PixelCnnPpConfig {
         let up = STAGES * r * (block(down, 0) + block(right, f));
         let resample = (STAGES - 1) * (conv(f, f, down) + conv(f, f, right));
         let down_pass = (STAGES * r + STAGES - 1) * (block(down, f) + block(right, 2 * f));
-        first + up + 2 * resample + down_pass + conv(f, self.output_channels(), 1)
+        let head = match self.in_pixel_channels() {
+            None => conv(f, self.output_channels(), 1),
+            Some(g) => {
+                conv(f, c * g, 1) + conv(c, c * g, 1) + conv(c * g, self.output_channels(), 1)
+            }
+        };
+        first + up + 2 * resample + down_pass + head
     }
 
     /// The network with weights drawn from `rng`.
@@ -445,7 +468,26 @@ impl PixelCnnPpConfig {
             down_ul,
             double_u,
             double_ul,
-            out: Nin::new(f, self.output_channels(), rng, device),
+            out: match self.in_pixel_channels() {
+                None => Nin::new(f, self.output_channels(), rng, device),
+                Some(g) => Nin::new(f, self.colours * g, rng, device),
+            },
+            in_pixel: self.in_pixel_channels().map(|g| {
+                let c = self.colours;
+                InPixel {
+                    colours: MaskedConv2d::square(MaskKind::A, c, c * g, c, 1, rng, device),
+                    out: MaskedConv2d::square(
+                        MaskKind::B,
+                        c * g,
+                        self.output_channels(),
+                        c,
+                        1,
+                        rng,
+                        device,
+                    ),
+                }
+            }),
+            classes: self.classes,
             resnets: r,
             dropout: self.dropout,
         }
@@ -453,7 +495,12 @@ impl PixelCnnPpConfig {
 }
 
 impl PixelCnnPp {
-    /// The mixture's parameters at every pixel, from the pixels before it. `label`: one-hot
+    /// The number of classes of a class-conditional network.
+    pub fn classes(&self) -> Option<usize> {
+        self.classes
+    }
+
+    /// The mixture's parameters (or the logits) at every pixel, from the pixels before it. `label`: one-hot
     /// classes `[batch, classes]` of a class-conditional network. `dropout`: where the masks of a
     /// training step come from (None: no dropout, as in evaluation and sampling).
     ///
@@ -476,6 +523,7 @@ impl PixelCnnPp {
                 .collect(),
         });
         let scaled = (x - 127.5) / 127.5;
+        let pixel = scaled.clone();
         let ones = Tensor::<4>::ones([b, 1, h, w], &scaled.device()).cast(scaled.dtype());
         let x = Tensor::cat(vec![scaled, ones], 1);
         let r = self.resnets;
@@ -514,7 +562,13 @@ impl PixelCnnPp {
             }
         }
         debug_assert!(us.is_empty() && uls.is_empty());
-        self.out.forward(elu(ul, 1.0))
+        let out = self.out.forward(elu(ul, 1.0));
+        match &self.in_pixel {
+            None => out,
+            Some(head) => head
+                .out
+                .forward(elu(out + head.colours.forward(pixel), 1.0)),
+        }
     }
 }
 
@@ -536,7 +590,7 @@ mod tests {
             colours,
             filters: 6,
             resnets,
-            mixtures: 2,
+            likelihood: Likelihood::LogisticMixture { components: 2 },
             classes: None,
             dropout: 0.0,
         }
@@ -712,7 +766,7 @@ mod tests {
             colours: 3,
             filters: 160,
             resnets: 5,
-            mixtures: 10,
+            likelihood: Likelihood::LogisticMixture { components: 10 },
             classes: None,
             dropout: 0.5,
         };

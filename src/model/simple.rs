@@ -14,12 +14,15 @@ pub struct SimpleConfig {
     pub layers: usize,
     pub kernel: usize,
     pub channels: usize,
+    /// The head's outputs: 256 logits per colour, or (grey) a logistic mixture's parameters.
+    pub likelihood: super::Likelihood,
 }
 
 #[derive(Module, Debug)]
 pub struct SimplePixelCnn {
     convs: Vec<MaskedConv2d>,
-    /// 1x1, type B: 256 logits per colour, grouped by colour so that R -> G -> B holds.
+    /// 1x1, type B: the likelihood's outputs (256 logits per colour), grouped by colour so that
+    /// R -> G -> B holds.
     head: MaskedConv2d,
     colours: usize,
 }
@@ -46,7 +49,7 @@ impl SimpleConfig {
         let head = MaskedConv2d::square(
             MaskKind::B,
             self.channels,
-            256 * self.colours,
+            self.likelihood.outputs(self.colours),
             self.colours,
             1,
             rng,
@@ -63,7 +66,7 @@ impl SimpleConfig {
 impl SimplePixelCnn {
     /// # Shapes
     /// - x: `[batch, colours, h, w]`, scaled inputs
-    /// - returns: `[batch, colours * 256, h, w]`, logits grouped by colour
+    /// - returns: `[batch, outputs, h, w]`, logits grouped by colour or a mixture's parameters
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mut h = x;
         for conv in &self.convs {

@@ -299,6 +299,7 @@ mod tests {
                 residual: true,
                 gates: true,
                 link: true,
+                likelihood: crate::model::Likelihood::Categorical,
             },
         }
     }

@@ -4,12 +4,11 @@
 
 use super::{Batch, PassStats};
 use crate::data::Images;
-use crate::loss::nll_nats;
+use crate::loss::{nll_nats, nll_per_image};
 use crate::model::{Context, Model, vae};
 use crate::rng::{self, Purpose};
 use burn::module::Module;
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use std::time::Instant;
 
 /// Standard normal noise `[batch, ...]` for the images `first..first + batch` of a split, each
@@ -75,18 +74,6 @@ pub fn evaluate_range(
     }
     stats.seconds = start.elapsed().as_secs_f64();
     stats
-}
-
-/// Negative log-likelihood of each image in nats.
-///
-/// # Shapes
-/// - logits: `[batch, colours, 256, h, w]`
-/// - targets: `[batch, colours, h, w]`
-/// - returns: `[batch]`
-pub fn nll_per_image(logits: Tensor<5>, targets: Tensor<4, Int>) -> Tensor<1> {
-    let [b, ..] = logits.dims();
-    let picked = log_softmax(logits, 2).gather(2, targets.unsqueeze_dim(2)); // [b, c, 1, h, w]
-    picked.reshape([b as i64, -1]).sum_dim(1).reshape([b]).neg()
 }
 
 /// Totals of an importance-sampled evaluation, in nats over `subpixels` sub-pixels.
@@ -243,6 +230,7 @@ mod tests {
                 residual: true,
                 gates: true,
                 link: true,
+                likelihood: crate::model::Likelihood::Categorical,
             },
         })
     }
@@ -334,6 +322,7 @@ mod tests {
                 residual: true,
                 gates: true,
                 link: true,
+                likelihood: crate::model::Likelihood::Categorical,
             },
         });
         let model = cfg.init(5, &device);

@@ -5,11 +5,11 @@ mod ema;
 mod evaluate;
 mod loss_scale;
 mod parallel;
+pub mod receptive;
 
 pub use ema::Ema;
 pub use evaluate::{
     ACTIVE_VARIANCE, Bounds, LatentSpread, evaluate, evaluate_range, importance_bounds,
-    nll_per_image,
 };
 pub use loss_scale::LossScale;
 pub use parallel::{evaluate_sharded, weights_checksum};
@@ -132,6 +132,16 @@ pub struct Step {
 }
 
 impl Step {
+    /// Where the dropout masks of global step `n` come from, for the images of the global batch
+    /// from `first` on (a network without dropout draws none).
+    pub fn dropout(&self, n: usize, first: usize) -> crate::model::DropoutDraws {
+        crate::model::DropoutDraws {
+            seed: self.seed,
+            step: n as u64,
+            first: first as u64,
+        }
+    }
+
     /// The learning rate of step `n` of the run (from 1): `learning_rate * lr_decay^(n-1)`.
     pub fn learning_rate_at(&self, n: usize) -> f64 {
         if self.lr_decay == 1.0 {
@@ -292,7 +302,8 @@ pub fn train_epoch(
         let run_step = (step.epoch.max(1) - 1) * steps_per_epoch + i + 1;
         let scale = loss_scale.as_ref().map_or(1.0, |ls| ls.scale);
         let (grads, batch_nats, batch_kl, gradient_norm, stopping) = if world.size() == 1 {
-            let batch = Batch::gather(images, indices, device);
+            let mut batch = Batch::gather(images, indices, device);
+            batch.context.dropout = Some(step.dropout(run_step, 0));
             let mut noise = noise_rng(step.seed, step.epoch, i);
             let (logits, kl) = model.forward_with_kl(batch.input, &batch.context, &mut noise);
             let nats = nll_nats(logits, batch.target);
@@ -441,6 +452,7 @@ mod tests {
             residual: true,
             gates: true,
             link: true,
+            likelihood: crate::model::Likelihood::Categorical,
         });
         let device = Device::flex().autodiff();
         let order: Vec<usize> = (0..64).collect();
@@ -528,6 +540,7 @@ mod tests {
             layers: 2,
             kernel: 3,
             channels: 4,
+            likelihood: crate::model::Likelihood::Categorical,
         });
         let device = Device::flex().autodiff();
         let model = cfg.init(1, &device);
@@ -735,6 +748,7 @@ mod tests {
                 Batch::gather(&data, &[0], &device).input,
                 &Context::from_labels(&[0], &device),
             )
+            .values()
             .sum()
             .into_scalar();
         // A scale at which the loss stays finite in f32 (a few bits per sub-pixel times 1e9) but
@@ -774,6 +788,7 @@ mod tests {
                 Batch::gather(&data, &[0], &device).input,
                 &Context::from_labels(&[0], &device),
             )
+            .values()
             .sum()
             .into_scalar();
         assert_eq!(before, after, "the overflowing step changed the weights");

@@ -57,7 +57,8 @@ pub(super) fn step(
             world.sum_f32(&mut vec![0.0; c * h * w]);
         }
     } else {
-        let batch = Batch::gather(images, local, device);
+        let mut batch = Batch::gather(images, local, device);
+        batch.context.dropout = Some(step.dropout(run_step, share.start));
         // The noise of the whole global batch from the step's stream, of which this rank takes
         // its images' part: the same draws as one process makes for them.
         let mut rng = noise_rng(step.seed, step.epoch, i);
