@@ -70,10 +70,19 @@ pub fn fill(
             cache.given_row(y, rows(canvas, y, 1, device));
         }
     }
+    // PixelCNN++, which has no cache, sees rows 0..=y only: its prediction on row y does not
+    // depend on the rows below, nor on the image's height (its stride-2 layers are aligned at
+    // the top; a test checks), so that a pass costs (y + 1) / h of a full one.
+    let crop = !model.has_cache();
     // What the model predicts at (y, x) given the canvas so far: `[n, outputs]`.
     let predict = |cache: &mut Option<Cache>, canvas: &Images, y: usize, x: usize| match cache {
         Some(cache) => cache.predict(y, x, rows(canvas, y, 1, device).narrow(3, x, 1)),
-        None => model.forward(rows(canvas, 0, h, device), context).at(y, x),
+        None => {
+            let visible = if crop { y + 1 } else { h };
+            model
+                .forward(rows(canvas, 0, visible, device), context)
+                .at(y, x)
+        }
     };
     let at = |i: usize, colour: usize, y: usize, x: usize| ((i * c + colour) * h + y) * w + x;
     for y in from_row..h {
@@ -482,6 +491,47 @@ mod tests {
         let z: Vec<f32> = z.into_data().try_to_vec::<f32>().unwrap();
         assert_eq!(z, same);
         assert_ne!(z, other);
+    }
+
+    /// PixelCNN++'s prediction on row y from rows 0..=y only is its prediction from the whole
+    /// image (what its sampler relies on), for even and odd heights, grey and RGB.
+    #[test]
+    fn pixelcnnpp_rows_do_not_depend_on_the_rows_below() {
+        use crate::model::{Likelihood, PixelCnnPpConfig};
+        let device = burn::tensor::Device::flex();
+        for (colours, h, likelihood) in [
+            (1, 7, Likelihood::LogisticMixture { components: 2 }),
+            (3, 8, Likelihood::LogisticMixture { components: 2 }),
+            (3, 6, Likelihood::Categorical),
+        ] {
+            let cfg = ModelConfig::PixelCnnPp(PixelCnnPpConfig {
+                colours,
+                filters: 6,
+                resnets: 1,
+                likelihood,
+                classes: None,
+                dropout: 0.5,
+            });
+            let model = cfg.init(4, &device);
+            let spec = synthetic::Spec {
+                size: h,
+                colours,
+                train_images: 8,
+            };
+            let test = synthetic::generate(&spec, 2).test;
+            let context = Context::from_labels(&test.labels, &device);
+            let full = model.forward(rows(&test, 0, h, &device), &context);
+            for y in 0..h {
+                let top = model.forward(rows(&test, 0, y + 1, &device), &context);
+                for x in [0, h / 2, h - 1] {
+                    let diff: f32 = (top.clone().at(y, x) - full.clone().at(y, x))
+                        .abs()
+                        .max()
+                        .into_scalar();
+                    assert!(diff < 1e-5, "{colours} colours, {h} rows, ({y}, {x}): {diff}");
+                }
+            }
+        }
     }
 
     /// Logits from the cache match a full forward pass at every sub-pixel of a given image.

@@ -426,6 +426,11 @@ impl Model {
         (self.forward(x, &context), Some(kl))
     }
 
+    /// Whether [`Model::cache`] gives a cached sampler (every variant but PixelCNN++).
+    pub fn has_cache(&self) -> bool {
+        !matches!(self.net, Net::PixelCnnPp(_))
+    }
+
     /// State for cached sampling of `context.labels.len()` images of `height` x `width`; None for
     /// PixelCNN++, which has no cached sampler (its images are drawn by a forward pass per
     /// pixel).
