@@ -528,7 +528,10 @@ mod tests {
                         .abs()
                         .max()
                         .into_scalar();
-                    assert!(diff < 1e-5, "{colours} colours, {h} rows, ({y}, {x}): {diff}");
+                    assert!(
+                        diff < 1e-5,
+                        "{colours} colours, {h} rows, ({y}, {x}): {diff}"
+                    );
                 }
             }
         }
