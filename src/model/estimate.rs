@@ -77,8 +77,8 @@ impl ModelConfig {
 
     /// f32 values a training step keeps per image pixel for the backward pass: each layer's
     /// activations (a ReLU layer keeps about 3 per channel; a gated layer's two stacks, gates and
-    /// skips about 14 per channel; a PixelCNN++ gated resnet about 14 per filter in each of its two
-    /// streams, its blocks at half and quarter resolution counting a quarter and a sixteenth),
+    /// skips about 14 per channel; a PixelCNN++ gated resnet about 24 per filter in each of its two
+    /// streams (two concat_elus, dropout's mask and product, the gate, the auxiliary input), its blocks at half and quarter resolution counting a quarter and a sixteenth),
     /// and the likelihood's: 256 logits per colour with their softmax and gradient, or the
     /// mixture's parameters with about 15 intermediate values per component and colour.
     pub fn activation_floats_per_pixel(&self) -> u64 {
@@ -93,7 +93,7 @@ impl ModelConfig {
             // 2r + 1 blocks per stage and stream, at (1 + 1/4 + 1/16) = 21/16 of full resolution.
             ModelConfig::PixelCnnPp(c) => (
                 (2 * c.resnets.max(1) as u128 + 1) * 21 / 16,
-                2 * 14 * c.filters as u128,
+                2 * 24 * c.filters as u128,
                 c.colours as u128,
             ),
         };

@@ -26,7 +26,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::Slice;
-use burn::tensor::ops::{ConvOptions, PadMode};
+use burn::tensor::ops::{ConvOptions, ConvTransposeOptions, PadMode};
 use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor};
 
 #[backend_extension(Flex, LibTorch: cfg(feature = "tch"), Autodiff)]
@@ -42,6 +42,45 @@ pub trait NativeBackward: Backend {
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         Self::conv2d(x, weight, Some(bias), options())
+    }
+
+    /// Stride `stride` in both dimensions, no padding, no dilation, one group.
+    ///
+    /// # Shapes
+    /// - x: `[batch, in, h, w]`, weight: `[out, in, kh, kw]`, bias: `[out]`
+    /// - returns: `[batch, out, (h - kh) / stride + 1, (w - kw) / stride + 1]`
+    fn strided_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+    ) -> FloatTensor<Self> {
+        let options = ConvOptions::new([stride, stride], [0, 0], [1, 1], 1);
+        Self::conv2d(x, weight, Some(bias), options)
+    }
+
+    /// A transposed convolution of stride 2, no padding, no dilation, one group.
+    ///
+    /// # Shapes
+    /// - x: `[batch, in, h, w]`, weight: `[in, out, kh, kw]`, bias: `[out]`
+    /// - returns: `[batch, out, 2 (h - 1) + kh, 2 (w - 1) + kw]`
+    fn transposed_conv2d_stride2(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let options = ConvTransposeOptions::new([2, 2], [0, 0], [0, 0], [1, 1], 1);
+        Self::conv_transpose2d(x, weight, Some(bias), options)
+    }
+
+    /// The gated linear unit `a * sigmoid(b)` of the two halves `a`, `b` of dimension 1.
+    ///
+    /// # Shapes
+    /// - x: `[batch, 2n, h, w]`
+    /// - returns: `[batch, n, h, w]`
+    fn glu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [a, b] = channel_halves::<Self>(x);
+        Self::float_mul(a, Self::sigmoid(b))
     }
 
     /// Zero padding of the last two dimensions by `[top, bottom, left, right]`.
@@ -62,6 +101,19 @@ pub trait NativeBackward: Backend {
     fn gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let [a, b] = channel_halves::<Self>(x);
         Self::float_mul(Self::float_tanh(a), Self::sigmoid(b))
+    }
+
+    /// PixelCNN++'s concat_elu: elu of `[x, -x]` concatenated on dimension 1.
+    ///
+    /// # Shapes
+    /// - x: `[batch, n, h, w]`
+    /// - returns: `[batch, 2n, h, w]`
+    fn concat_elu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        // elu(z) = max(z, 0) + exp(min(z, 0)) - 1
+        let both = Self::float_cat(vec![x.clone(), Self::float_neg(x)], 1);
+        let positive = Self::float_clamp_min(both.clone(), 0.0.into());
+        let negative = Self::float_exp(Self::float_clamp_max(both, 0.0.into()));
+        Self::float_add(positive, Self::float_sub_scalar(negative, 1.0.into()))
     }
 
     /// The summed negative log-likelihood of `targets` under a softmax over dimension 2.
@@ -203,6 +255,49 @@ pub fn valid_conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<
     ))
 }
 
+/// A convolution of stride `stride`, without padding (on libtorch its backward pass is
+/// libtorch's).
+///
+/// # Shapes
+/// - x: `[batch, in, h, w]`, weight: `[out, in, kh, kw]`, bias: `[out]`
+/// - returns: `[batch, out, (h - kh) / stride + 1, (w - kw) / stride + 1]`
+pub fn strided_conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    stride: usize,
+) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::strided_conv2d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        stride,
+    ))
+}
+
+/// A transposed convolution of stride 2 without padding (on libtorch its backward pass is
+/// libtorch's).
+///
+/// # Shapes
+/// - x: `[batch, in, h, w]`, weight: `[in, out, kh, kw]`, bias: `[out]`
+/// - returns: `[batch, out, 2 (h - 1) + kh, 2 (w - 1) + kw]`
+pub fn transposed_conv2d_stride2(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::transposed_conv2d_stride2(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+/// `a * sigmoid(b)` of the two halves `a`, `b` of the channels (dimension 1).
+///
+/// # Shapes
+/// - x: `[batch, 2n, h, w]`
+/// - returns: `[batch, n, h, w]`
+pub fn glu(x: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::glu(x.into_dispatch()))
+}
+
 /// Zero padding of the last two dimensions of `x` by `[top, bottom, left, right]`.
 pub fn pad_zeros(x: Tensor<4>, padding: [usize; 4]) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as NativeBackward>::pad_zeros(
@@ -218,6 +313,16 @@ pub fn pad_zeros(x: Tensor<4>, padding: [usize; 4]) -> Tensor<4> {
 /// - returns: `[batch, n, h, w]`
 pub fn gate(x: Tensor<4>) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as NativeBackward>::gate(x.into_dispatch()))
+}
+
+/// PixelCNN++'s concat_elu: elu of `[x, -x]` concatenated on the channels (on libtorch its
+/// backward pass is libtorch's fused `elu_backward`).
+///
+/// # Shapes
+/// - x: `[batch, n, h, w]`
+/// - returns: `[batch, 2n, h, w]`
+pub fn concat_elu(x: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::concat_elu(x.into_dispatch()))
 }
 
 /// The negative log-likelihood in nats of `targets` under a softmax of `logits` over the 256
@@ -256,6 +361,18 @@ mod libtorch {
         fn categorical_nll(logits: TchTensor, targets: TchTensor) -> TchTensor {
             TchTensor::new(nll(&logits.tensor, &targets.tensor))
         }
+
+        fn concat_elu(x: TchTensor) -> TchTensor {
+            TchTensor::new(concat_elu(&x.tensor))
+        }
+
+        fn glu(x: TchTensor) -> TchTensor {
+            TchTensor::new(x.tensor.glu(1))
+        }
+    }
+
+    fn concat_elu(x: &tch::Tensor) -> tch::Tensor {
+        tch::Tensor::cat(&[x, &x.neg()], 1).elu()
     }
 
     fn pad(x: &tch::Tensor, padding: [usize; 4]) -> tch::Tensor {
@@ -368,6 +485,15 @@ mod libtorch {
         tch::Tensor::conv2d(t[0], t[1], Some(t[2]), [1, 1], [0, 0], [1, 1], 1)
     }
 
+    fn strided(t: &[&tch::Tensor], stride: usize) -> tch::Tensor {
+        let s = stride as i64;
+        tch::Tensor::conv2d(t[0], t[1], Some(t[2]), [s, s], [0, 0], [1, 1], 1)
+    }
+
+    fn transposed(t: &[&tch::Tensor]) -> tch::Tensor {
+        t[0].conv_transpose2d(t[1], Some(t[2]), [2, 2], [0, 0], [0, 0], 1, [1, 1])
+    }
+
     impl<C: CheckpointStrategy> NativeBackward for Autodiff<LibTorch, C> {
         fn valid_conv2d(
             x: FloatTensor<Self>,
@@ -383,6 +509,31 @@ mod libtorch {
 
         fn gate(x: FloatTensor<Self>) -> FloatTensor<Self> {
             record::<C, 1>([x], |t| gate(t[0]))
+        }
+
+        fn concat_elu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            record::<C, 1>([x], |t| concat_elu(t[0]))
+        }
+
+        fn strided_conv2d(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            bias: FloatTensor<Self>,
+            stride: usize,
+        ) -> FloatTensor<Self> {
+            record::<C, 3>([x, weight, bias], |t| strided(t, stride))
+        }
+
+        fn transposed_conv2d_stride2(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            bias: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            record::<C, 3>([x, weight, bias], transposed)
+        }
+
+        fn glu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            record::<C, 1>([x], |t| t[0].glu(1))
         }
 
         fn categorical_nll(
@@ -553,6 +704,73 @@ mod tests {
         use burn::tensor::activation::{sigmoid, tanh};
         same_value_and_gradient([2, 6, 3, 4], gate, |x| {
             tanh(x.clone().narrow(1, 0, 3)) * sigmoid(x.narrow(1, 3, 3))
+        });
+    }
+
+    #[test]
+    fn glu_matches_a_times_sigmoid_b() {
+        use burn::tensor::activation::sigmoid;
+        same_value_and_gradient([2, 6, 3, 4], glu, |x| {
+            x.clone().narrow(1, 0, 3) * sigmoid(x.narrow(1, 3, 3))
+        });
+    }
+
+    /// The strided and transposed convolutions against Burn's, values and the gradients of all
+    /// three inputs.
+    #[test]
+    fn strided_and_transposed_convolutions_match_burns() {
+        use burn::tensor::module::conv_transpose2d;
+        for device in test_devices() {
+            let device = device.autodiff();
+            device.seed(9);
+            let x = random([2, 3, 7, 6], &device).require_grad();
+            let w = random([4, 3, 2, 3], &device).require_grad();
+            let wt = random([3, 4, 2, 2], &device).require_grad();
+            let b = random([4], &device).require_grad();
+            let tol = Tolerance::<f32>::rel_abs(1e-4, 1e-4);
+            let pairs: [(Tensor<4>, Tensor<4>); 2] = [
+                (
+                    strided_conv2d(x.clone(), w.clone(), b.clone(), 2),
+                    conv2d(
+                        x.clone(),
+                        w.clone(),
+                        Some(b.clone()),
+                        ConvOptions::new([2, 2], [0, 0], [1, 1], 1),
+                    ),
+                ),
+                (
+                    transposed_conv2d_stride2(x.clone(), wt.clone(), b.clone()),
+                    conv_transpose2d(
+                        x.clone(),
+                        wt.clone(),
+                        Some(b.clone()),
+                        ConvTransposeOptions::new([2, 2], [0, 0], [0, 0], [1, 1], 1),
+                    ),
+                ),
+            ];
+            for (ours, theirs) in pairs {
+                ours.clone()
+                    .into_data()
+                    .assert_approx_eq::<f32>(&theirs.clone().into_data(), tol);
+                let weights = random(ours.dims(), &device);
+                let ga = (ours * weights.clone()).sum().backward();
+                let gb = (theirs * weights).sum().backward();
+                for t in [&x, &w, &wt] {
+                    if let (Some(a), Some(b)) = (t.grad(&ga), t.grad(&gb)) {
+                        a.into_data().assert_approx_eq::<f32>(&b.into_data(), tol);
+                    }
+                }
+                let (a, bb) = (b.grad(&ga).unwrap(), b.grad(&gb).unwrap());
+                a.into_data().assert_approx_eq::<f32>(&bb.into_data(), tol);
+            }
+        }
+    }
+
+    #[test]
+    fn concat_elu_matches_burns_elu() {
+        use burn::tensor::activation::elu;
+        same_value_and_gradient([2, 3, 4, 5], concat_elu, |x| {
+            elu(Tensor::cat(vec![x.clone(), x.neg()], 1), 1.0)
         });
     }
 

@@ -16,12 +16,10 @@
 
 use super::Likelihood;
 use super::masked_conv::{MaskKind, MaskedConv2d, uniform};
-use super::native::{pad_zeros, valid_conv2d};
+use super::native::{glu, pad_zeros, strided_conv2d, transposed_conv2d_stride2, valid_conv2d};
 use burn::module::{Module, Param};
-use burn::tensor::activation::{elu, sigmoid};
-use burn::tensor::module::{conv_transpose2d, conv2d};
-use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::activation::elu;
+use burn::tensor::{Bool, Device, Tensor, TensorData};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -119,13 +117,7 @@ impl ShiftedConv {
         if self.stride == 1 {
             valid_conv2d(padded, weight, bias)
         } else {
-            let s = self.stride;
-            conv2d(
-                padded,
-                weight,
-                Some(bias),
-                ConvOptions::new([s, s], [0, 0], [1, 1], 1),
-            )
+            strided_conv2d(padded, weight, bias, self.stride)
         }
     }
 }
@@ -172,12 +164,7 @@ impl ShiftedDeconv {
     fn forward(&self, x: Tensor<4>, [h, w]: [usize; 2]) -> Tensor<4> {
         let dtype = x.dtype();
         let (weight, bias) = (self.weight.val().cast(dtype), self.bias.val().cast(dtype));
-        let out = conv_transpose2d(
-            x,
-            weight,
-            Some(bias),
-            ConvTransposeOptions::new([2, 2], [0, 0], [0, 0], [1, 1], 1),
-        );
+        let out = transposed_conv2d_stride2(x, weight, bias);
         out.narrow(2, 0, h).narrow(3, self.left, w)
     }
 }
@@ -218,7 +205,7 @@ impl Nin {
 
 /// elu of `[x, -x]` concatenated on the channels: twice the channels.
 fn concat_elu(x: Tensor<4>) -> Tensor<4> {
-    elu(Tensor::cat(vec![x.clone(), x.neg()], 1), 1.0)
+    super::native::concat_elu(x)
 }
 
 /// Shifts the image down by one row (zeros on top).
@@ -295,9 +282,7 @@ impl GatedResnet {
                 .matmul(w.val().cast(c2.dtype()));
             c2 = c2 + shift.reshape([b, f2, 1, 1]);
         }
-        let half = f2 / 2;
-        let (a, g) = (c2.clone().narrow(1, 0, half), c2.narrow(1, half, half));
-        x + a * sigmoid(g)
+        x + glu(c2)
     }
 }
 
@@ -330,22 +315,19 @@ impl Dropout {
         }
         let dims = x.dims();
         let [b, c, h, w] = dims;
-        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let keep = 1.0 / (1.0 - self.p);
         let threshold = (self.p * 4_294_967_296.0) as u64;
-        let mut mask = vec![0.0f32; b * c * h * w];
-        mask.par_chunks_mut(c * h * w)
+        let mut dropped = vec![false; b * c * h * w];
+        dropped
+            .par_chunks_mut(c * h * w)
             .zip(self.rngs[..b].par_iter_mut())
             .for_each(|(image, rng)| {
                 for v in image {
-                    *v = if u64::from(rng.next_u32()) < threshold {
-                        0.0
-                    } else {
-                        keep
-                    };
+                    *v = u64::from(rng.next_u32()) < threshold;
                 }
             });
-        let mask = Tensor::<4>::from_data(TensorData::new(mask, dims), &x.device()).cast(x.dtype());
-        x * mask
+        let dropped = Tensor::<4, Bool>::from_data(TensorData::new(dropped, dims), &x.device());
+        x.mask_fill(dropped, 0.0) * keep
     }
 }
 
