@@ -5,7 +5,7 @@
 use crate::cluster::World;
 use crate::error::{Error, Result};
 use crate::loss::bits_per_dim;
-use crate::results::{EVAL_FILE, write_atomic};
+use crate::results::{EVAL_FILE, RECEPTIVE_JSON, RECEPTIVE_PNG, write_atomic};
 use crate::session::{self, Session, Weights};
 use crate::train::receptive::{self, Field};
 use crate::train::{evaluate, importance_bounds};
@@ -133,10 +133,6 @@ pub fn eval_results(
     write_atomic(&dir.join(EVAL_FILE), json.as_bytes())?;
     Ok(report)
 }
-
-/// File names of `pixel eval --receptive-field`.
-pub const RECEPTIVE_JSON: &str = "receptive-field.json";
-pub const RECEPTIVE_PNG: &str = "receptive-field.png";
 
 #[derive(Serialize, Debug)]
 pub struct FieldReport {

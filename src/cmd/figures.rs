@@ -108,10 +108,11 @@ pub const ARCHIVE_DIR: &str = "runs";
 
 /// The files of a run kept in `figures/runs/<name>/`: small, and free of this machine's paths
 /// (the resolved `experiment.toml` names the data folder, so it stays in `results/`).
-const ARCHIVED: [&str; 3] = [
+const ARCHIVED: [&str; 4] = [
     results::RUN_FILE,
     results::METRICS_FILE,
     crate::results::EVAL_FILE,
+    crate::results::RECEPTIVE_JSON,
 ];
 
 /// A run's records with at least one finished epoch.
@@ -188,22 +189,25 @@ pub fn collect(name: &str, results_root: &Path, figures: &Path) -> Result<Figure
 }
 
 /// The names of a run's figures in `figures/`, in the order the README shows them.
-fn figure_names(name: &str) -> [String; 3] {
+fn figure_names(name: &str) -> [String; 4] {
     [
         format!("{name}-samples.png"),
         format!("{name}-reconstructions.png"),
         format!("{name}-curve.png"),
+        format!("{name}-receptive-field.png"),
     ]
 }
 
-/// Copies the newest sample and reconstruction grids and the learning curve of a run.
+/// Copies the newest sample and reconstruction grids, the learning curve and (after `pixel eval
+/// --receptive-field`) the receptive-field maps of a run.
 fn copy_figures(name: &str, dir: &Path, figures: &Path) -> Result<()> {
     std::fs::create_dir_all(figures).map_err(Error::io(figures))?;
-    let [samples, reconstructions, curve] = figure_names(name);
+    let [samples, reconstructions, curve, field] = figure_names(name);
     for (from, to) in [
         (latest_grid(dir, "epoch-"), samples),
         (latest_grid(dir, "reconstructions-"), reconstructions),
         (Some(dir.join(results::CURVE_FILE)), curve),
+        (Some(dir.join(crate::results::RECEPTIVE_PNG)), field),
     ] {
         if let Some(from) = from.filter(|p| p.is_file()) {
             let dest = figures.join(&to);

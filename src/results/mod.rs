@@ -21,6 +21,9 @@ pub const CURVE_FILE: &str = "learning-curve.png";
 pub const TENSORBOARD_DIR: &str = "tensorboard";
 /// What `pixel eval` writes.
 pub const EVAL_FILE: &str = "eval.json";
+/// `pixel eval --receptive-field`'s counts and heat maps.
+pub const RECEPTIVE_JSON: &str = "receptive-field.json";
+pub const RECEPTIVE_PNG: &str = "receptive-field.png";
 
 /// How far a run got.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
