@@ -272,8 +272,9 @@ pub struct TrainSection {
     /// before clipping is in metrics.csv and TensorBoard. Default: 0.
     pub clip_grad_norm: f64,
     /// Polyak averaging: an exponential moving average of the weights with this decay per step
-    /// (PixelCNN++: 0.9995), which evaluation, sample grids, `pixel eval` and `pixel sample` use;
-    /// checkpoints keep it beside the trained weights. 0 = off. Default: 0.
+    /// (PixelCNN++: 0.9995), bias-corrected so that the initial weights have no part in it, which
+    /// evaluation, sample grids, `pixel eval` and `pixel sample` use; checkpoints keep it beside
+    /// the trained weights. 0 = off. Default: 0.
     pub ema: f64,
     /// Seed for weights, shuffling and sampling. Default: 1.
     pub seed: u64,

@@ -361,7 +361,7 @@ pub fn train_epoch(
             }
             model = optimizer.step(learning_rate, model, grads);
             if let Some(ema) = ema.as_mut() {
-                ema.update(&model);
+                ema.update(&model, run_step);
             }
             stats.gradient_norm_sum += gradient_norm;
             stats.gradient_norm_steps += 1;
@@ -701,8 +701,8 @@ mod tests {
         assert!(off > 0, "the default betas do not give sign steps");
     }
 
-    /// The average after two steps with decay d is d^2 w0 + d (1 - d) w1 + (1 - d) w2, and the
-    /// state's evaluation weights are the average.
+    /// The bias-corrected average after two steps with decay d is (d w1 + w2) / (1 + d), without
+    /// the initial weights w0, and the state's evaluation weights are the average.
     #[test]
     fn ema_is_the_decayed_average_of_the_weights_after_each_step() {
         let sgd = burn::optim::SgdConfig::new().init();
@@ -712,7 +712,7 @@ mod tests {
         let eval = flat_parameters(state.eval_model());
         assert_eq!(ema, eval);
         for i in 0..ema.len() {
-            let expected = d * d * w[0][i] + d * (1.0 - d) * w[1][i] + (1.0 - d) * w[2][i];
+            let expected = (d * w[1][i] + w[2][i]) / (1.0 + d);
             assert!(
                 (ema[i] - expected).abs() < 1e-6,
                 "{i}: {} vs {expected}",
