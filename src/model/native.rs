@@ -23,11 +23,11 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
+use burn::backend::{Backend, Dispatch, ExtensionType, Flex, TensorMetadata, backend_extension};
 use burn::tensor::Slice;
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions, PadMode};
-use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor};
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Scalar, Shape, Tensor};
 
 #[backend_extension(Flex, LibTorch: cfg(feature = "tch"), Autodiff)]
 pub trait NativeBackward: Backend {
@@ -116,6 +116,54 @@ pub trait NativeBackward: Backend {
         Self::float_add(positive, Self::float_sub_scalar(negative, 1.0.into()))
     }
 
+    /// PixelCNN++'s gated resnet in one operation: `x + glu(c2)` with
+    /// `c2 = conv2(pad(drop(concat_elu(c1)))) [+ shift]` and
+    /// `c1 = conv1(pad(concat_elu(x))) [+ nin(concat_elu(aux))]`, every `pad` by
+    /// `shape.padding`, `drop` zeroing where `dropped` is true and scaling the rest by
+    /// `shape.keep`, `nin` a 1x1 convolution. On libtorch the whole block is one node of
+    /// libtorch's autograd graph; elsewhere it is the operations above one by one.
+    ///
+    /// # Shapes
+    /// - x: `[batch, f, h, w]`
+    /// - w1: `[f, 2f, kh, kw]`, b1: `[f]`, w2: `[2f, 2f, kh, kw]`, b2: `[2f]`
+    /// - aux: input `[batch, a, h, w]`, weight `[f, 2a]`, bias `[f]`
+    /// - shift: `[batch, 2f, 1, 1]`; dropped: `[batch, 2f, h, w]`
+    /// - returns: `[batch, f, h, w]`
+    #[allow(clippy::too_many_arguments)]
+    fn gated_resnet(
+        x: FloatTensor<Self>,
+        w1: FloatTensor<Self>,
+        b1: FloatTensor<Self>,
+        w2: FloatTensor<Self>,
+        b2: FloatTensor<Self>,
+        #[extension_type] aux: Maybe<Self>,
+        #[extension_type] shift: Maybe<Self>,
+        #[extension_type] dropped: MaybeBool<Self>,
+        shape: ResnetShape,
+    ) -> FloatTensor<Self> {
+        let padded = Self::pad_zeros(Self::concat_elu(x.clone()), shape.padding);
+        let mut c1 = Self::valid_conv2d(padded, w1, b1);
+        if let Maybe::Aux {
+            input,
+            weight,
+            bias,
+        } = aux
+        {
+            c1 = Self::float_add(c1, nin::<Self>(Self::concat_elu(input), weight, bias));
+        }
+        let mut c1 = Self::concat_elu(c1);
+        if let MaybeBool::Some(dropped) = dropped {
+            let dtype = c1.dtype();
+            let zeroed = Self::float_mask_fill(c1, dropped, Scalar::new(0.0, &dtype));
+            c1 = Self::float_mul_scalar(zeroed, Scalar::new(shape.keep, &dtype));
+        }
+        let mut c2 = Self::valid_conv2d(Self::pad_zeros(c1, shape.padding), w2, b2);
+        if let Maybe::Some(shift) = shift {
+            c2 = Self::float_add(c2, shift);
+        }
+        Self::float_add(x, Self::glu(c2))
+    }
+
     /// The summed negative log-likelihood of `targets` under a softmax over dimension 2.
     ///
     /// # Shapes
@@ -130,6 +178,56 @@ pub trait NativeBackward: Backend {
         let sum = Self::float_sum(picked);
         Self::float_reshape(Self::float_neg(sum), Shape::new([1]))
     }
+}
+
+/// An optional float input of an operation (the backend extension's arguments are tensors or
+/// types like this one).
+#[derive(ExtensionType, Debug)]
+pub enum Maybe<B: Backend> {
+    None,
+    Some(FloatTensor<B>),
+    /// A gated resnet's auxiliary input and its 1x1 convolution.
+    Aux {
+        input: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        bias: FloatTensor<B>,
+    },
+}
+
+/// An optional boolean input of an operation.
+#[derive(ExtensionType, Debug)]
+pub enum MaybeBool<B: Backend> {
+    None,
+    Some(BoolTensor<B>),
+}
+
+/// The layout of a gated resnet that is not a tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ResnetShape {
+    /// Zero padding of both convolutions' inputs, `[top, bottom, left, right]`.
+    pub padding: [usize; 4],
+    /// The factor of the elements that dropout keeps, `1 / (1 - p)`.
+    pub keep: f64,
+}
+
+/// A 1x1 convolution as a matrix product over the channels (as PixelCNN++'s `nin` layers).
+///
+/// # Shapes
+/// - x: `[batch, in, h, w]`, weight: `[out, in]`, bias: `[out]`
+/// - returns: `[batch, out, h, w]`
+fn nin<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let [b, n_in, h, w] = x.shape().dims();
+    let [n_out, _] = weight.shape().dims();
+    let product = B::float_matmul(
+        B::float_reshape(weight, Shape::new([1, n_out, n_in])),
+        B::float_reshape(x, Shape::new([b, n_in, h * w])),
+    );
+    let out = B::float_add(product, B::float_reshape(bias, Shape::new([1, n_out, 1])));
+    B::float_reshape(out, Shape::new([b, n_out, h, w]))
 }
 
 fn options() -> ConvOptions<2> {
@@ -325,6 +423,44 @@ pub fn concat_elu(x: Tensor<4>) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as NativeBackward>::concat_elu(x.into_dispatch()))
 }
 
+/// The two convolutions of a gated resnet: `[weight, bias]` each.
+pub type ResnetConvs = [(Tensor<4>, Tensor<1>); 2];
+
+/// The auxiliary input of a gated resnet and its 1x1 convolution's weight and bias.
+pub type ResnetAux = (Tensor<4>, Tensor<2>, Tensor<1>);
+
+/// PixelCNN++'s gated resnet (see [`NativeBackward::gated_resnet`]).
+pub fn gated_resnet(
+    x: Tensor<4>,
+    [(w1, b1), (w2, b2)]: ResnetConvs,
+    aux: Option<ResnetAux>,
+    shift: Option<Tensor<4>>,
+    dropped: Option<Tensor<4, Bool>>,
+    shape: ResnetShape,
+) -> Tensor<4> {
+    let aux = match aux {
+        Some((input, weight, bias)) => Maybe::Aux {
+            input: input.into_dispatch(),
+            weight: weight.into_dispatch(),
+            bias: bias.into_dispatch(),
+        },
+        None => Maybe::None,
+    };
+    let shift = shift.map_or(Maybe::None, |s| Maybe::Some(s.into_dispatch()));
+    let dropped = dropped.map_or(MaybeBool::None, |d| MaybeBool::Some(d.into_dispatch()));
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::gated_resnet(
+        x.into_dispatch(),
+        w1.into_dispatch(),
+        b1.into_dispatch(),
+        w2.into_dispatch(),
+        b2.into_dispatch(),
+        aux,
+        shift,
+        dropped,
+        shape,
+    ))
+}
+
 /// The negative log-likelihood in nats of `targets` under a softmax of `logits` over the 256
 /// values, summed over every sub-pixel.
 ///
@@ -341,8 +477,8 @@ pub fn categorical_nll(logits: Tensor<5>, targets: Tensor<4, Int>) -> Tensor<1> 
 
 #[cfg(feature = "tch")]
 mod libtorch {
-    use super::NativeBackward;
     use super::{Autodiff, Backward, CheckpointStrategy, Checkpointer, Gradients, Ops, OpsKind};
+    use super::{Maybe, MaybeBool, NativeBackward, ResnetShape};
     use burn::backend::LibTorch;
     use burn::backend::libtorch::TchTensor;
     use burn::backend::tensor::{FloatTensor, IntTensor};
@@ -369,6 +505,70 @@ mod libtorch {
         fn glu(x: TchTensor) -> TchTensor {
             TchTensor::new(x.tensor.glu(1))
         }
+
+        fn gated_resnet(
+            x: TchTensor,
+            w1: TchTensor,
+            b1: TchTensor,
+            w2: TchTensor,
+            b2: TchTensor,
+            aux: Maybe<Self>,
+            shift: Maybe<Self>,
+            dropped: MaybeBool<Self>,
+            shape: ResnetShape,
+        ) -> TchTensor {
+            let mut inputs = vec![x, w1, b1, w2, b2];
+            let has_aux = matches!(aux, Maybe::Aux { .. });
+            if let Maybe::Aux {
+                input,
+                weight,
+                bias,
+            } = aux
+            {
+                inputs.extend([input, weight, bias]);
+            }
+            let has_shift = matches!(shift, Maybe::Some(_));
+            if let Maybe::Some(s) = shift {
+                inputs.push(s);
+            }
+            let dropped = match dropped {
+                MaybeBool::Some(d) => Some(d.tensor),
+                MaybeBool::None => None,
+            };
+            let refs: Vec<&tch::Tensor> = inputs.iter().map(|t| &t.tensor).collect();
+            let _guard = tch::no_grad_guard();
+            TchTensor::new(resnet(&refs, has_aux, has_shift, dropped.as_ref(), shape))
+        }
+    }
+
+    /// The gated resnet on libtorch tensors: `t` holds x, conv1's weight and bias, conv2's, then
+    /// (`aux`) the auxiliary input and its 1x1 convolution's weight and bias, then (`shift`)
+    /// the shift of conv2's output.
+    fn resnet(
+        t: &[&tch::Tensor],
+        aux: bool,
+        shift: bool,
+        dropped: Option<&tch::Tensor>,
+        shape: ResnetShape,
+    ) -> tch::Tensor {
+        let (x, w1, b1, w2, b2) = (t[0], t[1], t[2], t[3], t[4]);
+        let mut c1 = conv(&[&pad(&concat_elu(x), shape.padding), w1, b1]);
+        let mut rest = &t[5..];
+        if aux {
+            let (a, w, b) = (rest[0], rest[1], rest[2]);
+            let [n_out, n_in] = [0, 1].map(|d| w.size()[d]);
+            c1 += conv(&[&concat_elu(a), &w.reshape([n_out, n_in, 1, 1]), b]);
+            rest = &rest[3..];
+        }
+        let mut c1 = concat_elu(&c1);
+        if let Some(d) = dropped {
+            c1 = c1.masked_fill(d, 0.0) * shape.keep;
+        }
+        let mut c2 = conv(&[&pad(&c1, shape.padding), w2, b2]);
+        if shift {
+            c2 += rest[0];
+        }
+        x + c2.glu(1)
     }
 
     fn concat_elu(x: &tch::Tensor) -> tch::Tensor {
@@ -542,6 +742,58 @@ mod libtorch {
         ) -> FloatTensor<Self> {
             let targets = targets.tensor;
             record::<C, 1>([logits], move |t| nll(t[0], &targets))
+        }
+
+        fn gated_resnet(
+            x: FloatTensor<Self>,
+            w1: FloatTensor<Self>,
+            b1: FloatTensor<Self>,
+            w2: FloatTensor<Self>,
+            b2: FloatTensor<Self>,
+            aux: Maybe<Self>,
+            shift: Maybe<Self>,
+            dropped: MaybeBool<Self>,
+            shape: ResnetShape,
+        ) -> FloatTensor<Self> {
+            let has_aux = matches!(aux, Maybe::Aux { .. });
+            let has_shift = matches!(shift, Maybe::Some(_));
+            let dropped = match dropped {
+                MaybeBool::Some(d) => Some(d.tensor),
+                MaybeBool::None => None,
+            };
+            let forward =
+                move |t: &[&tch::Tensor]| resnet(t, has_aux, has_shift, dropped.as_ref(), shape);
+            let convs = [x, w1, b1, w2, b2];
+            match (aux, shift) {
+                (Maybe::None, Maybe::None) => record::<C, 5>(convs, forward),
+                (Maybe::None, Maybe::Some(s)) => {
+                    let [x, w1, b1, w2, b2] = convs;
+                    record::<C, 6>([x, w1, b1, w2, b2, s], forward)
+                }
+                (
+                    Maybe::Aux {
+                        input,
+                        weight,
+                        bias,
+                    },
+                    Maybe::None,
+                ) => {
+                    let [x, w1, b1, w2, b2] = convs;
+                    record::<C, 8>([x, w1, b1, w2, b2, input, weight, bias], forward)
+                }
+                (
+                    Maybe::Aux {
+                        input,
+                        weight,
+                        bias,
+                    },
+                    Maybe::Some(s),
+                ) => {
+                    let [x, w1, b1, w2, b2] = convs;
+                    record::<C, 9>([x, w1, b1, w2, b2, input, weight, bias, s], forward)
+                }
+                _ => panic!("a gated resnet's aux is Maybe::Aux or None, its shift Some or None"),
+            }
         }
     }
 }
@@ -762,6 +1014,118 @@ mod tests {
                 }
                 let (a, bb) = (b.grad(&ga).unwrap(), b.grad(&gb).unwrap());
                 a.into_data().assert_approx_eq::<f32>(&bb.into_data(), tol);
+            }
+        }
+    }
+
+    /// The fused gated resnet against Burn's own operations one by one (elu, pad, convolution,
+    /// matrix product, mask, sigmoid), with and without each optional input, values and the
+    /// gradients of every input.
+    #[test]
+    fn gated_resnet_matches_burns_operations() {
+        use burn::tensor::activation::{elu, sigmoid};
+        use burn::tensor::ops::PadMode;
+        let (b, f, a, h, w) = (2, 3, 4, 5, 6);
+        let padding = [1, 0, 1, 1]; // a 2x3 kernel, down-shifted
+        let reference = |x: Tensor<4>,
+                         [(w1, b1), (w2, b2)]: ResnetConvs,
+                         aux: Option<ResnetAux>,
+                         shift: Option<Tensor<4>>,
+                         dropped: Option<Tensor<4, Bool>>,
+                         keep: f64| {
+            let ce = |t: Tensor<4>| elu(Tensor::cat(vec![t.clone(), t.neg()], 1), 1.0);
+            let pad = |t: Tensor<4>| t.pad((1, 1, 1, 0), PadMode::Constant(0.0));
+            let mut c1 = conv2d(pad(ce(x.clone())), w1, Some(b1), options());
+            if let Some((input, weight, bias)) = aux {
+                let [n_out, n_in] = weight.dims();
+                let weight = weight.reshape([n_out, n_in, 1, 1]);
+                c1 = c1 + conv2d(ce(input), weight, Some(bias), options());
+            }
+            let mut c1 = ce(c1);
+            if let Some(d) = dropped {
+                c1 = c1.mask_fill(d, 0.0) * keep;
+            }
+            let mut c2 = conv2d(pad(c1), w2, Some(b2), options());
+            if let Some(s) = shift {
+                c2 = c2 + s;
+            }
+            x + c2.clone().narrow(1, 0, f) * sigmoid(c2.narrow(1, f, f))
+        };
+        for device in test_devices() {
+            let device = device.autodiff();
+            device.seed(11);
+            let leaf = |dims: Vec<usize>| {
+                Tensor::<1>::random(
+                    [dims.iter().product::<usize>()],
+                    Distribution::Normal(0.0, 0.5),
+                    &device,
+                )
+                .require_grad()
+            };
+            let x = leaf(vec![b, f, h, w]);
+            let params = [
+                leaf(vec![f, 2 * f, 2, 3]),
+                leaf(vec![f]),
+                leaf(vec![2 * f, 2 * f, 2, 3]),
+                leaf(vec![2 * f]),
+                leaf(vec![b, a, h, w]),
+                leaf(vec![f, 2 * a]),
+                leaf(vec![f]),
+                leaf(vec![b, 2 * f, 1, 1]),
+            ];
+            let mask: Vec<bool> = (0..b * 2 * f * h * w).map(|i| i * 7 % 5 < 2).collect();
+            let mask = Tensor::<4, Bool>::from_data(
+                burn::tensor::TensorData::new(mask, [b, 2 * f, h, w]),
+                &device,
+            );
+            let weights = random([b, f, h, w], &device);
+            let tol = Tolerance::<f32>::rel_abs(1e-4, 1e-4);
+            for (with_aux, with_shift, with_dropout) in [
+                (false, false, false),
+                (true, false, true),
+                (false, true, true),
+                (true, true, false),
+            ] {
+                let run = |ours: bool| {
+                    let x4 = x.clone().reshape([b, f, h, w]);
+                    let p = &params;
+                    let convs = [
+                        (p[0].clone().reshape([f, 2 * f, 2, 3]), p[1].clone()),
+                        (p[2].clone().reshape([2 * f, 2 * f, 2, 3]), p[3].clone()),
+                    ];
+                    let aux = with_aux.then(|| {
+                        (
+                            p[4].clone().reshape([b, a, h, w]),
+                            p[5].clone().reshape([f, 2 * a]),
+                            p[6].clone(),
+                        )
+                    });
+                    let shift = with_shift.then(|| p[7].clone().reshape([b, 2 * f, 1, 1]));
+                    let dropped = with_dropout.then(|| mask.clone());
+                    let out = if ours {
+                        let shape = ResnetShape { padding, keep: 2.0 };
+                        gated_resnet(x4, convs, aux, shift, dropped, shape)
+                    } else {
+                        reference(x4, convs, aux, shift, dropped, 2.0)
+                    };
+                    let grads = (out.clone() * weights.clone()).sum().backward();
+                    let mut all = vec![out.into_data(), x.grad(&grads).unwrap().into_data()];
+                    for t in &params {
+                        if let Some(g) = t.grad(&grads) {
+                            all.push(g.into_data());
+                        }
+                    }
+                    all
+                };
+                let (ours, theirs) = (run(true), run(false));
+                assert_eq!(ours.len(), theirs.len());
+                assert_eq!(
+                    ours.len(),
+                    6 + 3 * usize::from(with_aux) + usize::from(with_shift)
+                );
+                for (a, b) in ours.iter().zip(&theirs) {
+                    a.assert_approx_eq::<f32>(b, tol);
+                }
             }
         }
     }

@@ -16,7 +16,9 @@
 
 use super::Likelihood;
 use super::masked_conv::{MaskKind, MaskedConv2d, uniform};
-use super::native::{glu, pad_zeros, strided_conv2d, transposed_conv2d_stride2, valid_conv2d};
+use super::native::{
+    ResnetShape, gated_resnet, pad_zeros, strided_conv2d, transposed_conv2d_stride2, valid_conv2d,
+};
 use burn::module::{Module, Param};
 use burn::tensor::activation::elu;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
@@ -203,11 +205,6 @@ impl Nin {
     }
 }
 
-/// elu of `[x, -x]` concatenated on the channels: twice the channels.
-fn concat_elu(x: Tensor<4>) -> Tensor<4> {
-    super::native::concat_elu(x)
-}
-
 /// Shifts the image down by one row (zeros on top).
 fn down_shift(x: Tensor<4>) -> Tensor<4> {
     let [_, _, h, _] = x.dims();
@@ -265,24 +262,42 @@ impl GatedResnet {
         label: Option<&Tensor<2>>,
         dropout: &mut Option<Dropout>,
     ) -> Tensor<4> {
-        let mut c1 = self.conv1.forward(concat_elu(x.clone()));
-        if let (Some(nin), Some(a)) = (&self.aux, aux) {
-            c1 = c1 + nin.forward(concat_elu(a));
-        }
-        let mut c1 = concat_elu(c1);
-        if let Some(d) = dropout.as_mut() {
-            c1 = d.apply(c1);
-        }
-        let mut c2 = self.conv2.forward(c1);
-        let [b, f2, _, _] = c2.dims();
-        if let (Some(w), Some(label)) = (&self.class, label) {
-            let shift = label
-                .clone()
-                .cast(c2.dtype())
-                .matmul(w.val().cast(c2.dtype()));
-            c2 = c2 + shift.reshape([b, f2, 1, 1]);
-        }
-        x + glu(c2)
+        let dtype = x.dtype();
+        let [b, f, h, w] = x.dims();
+        let cast = |c: &ShiftedConv| (c.weight.val().cast(dtype), c.bias.val().cast(dtype));
+        let aux = match (&self.aux, aux) {
+            (Some(nin), Some(a)) => {
+                Some((a, nin.weight.val().cast(dtype), nin.bias.val().cast(dtype)))
+            }
+            _ => None,
+        };
+        let shift = match (&self.class, label) {
+            (Some(w), Some(label)) => Some(
+                label
+                    .clone()
+                    .cast(dtype)
+                    .matmul(w.val().cast(dtype))
+                    .reshape([b, 2 * f, 1, 1]),
+            ),
+            _ => None,
+        };
+        let (dropped, keep) = match dropout.as_mut() {
+            Some(d) => d.mask([b, 2 * f, h, w], &x.device()),
+            None => (None, 1.0),
+        };
+        debug_assert_eq!(self.conv1.padding, self.conv2.padding);
+        let shape = ResnetShape {
+            padding: self.conv1.padding,
+            keep,
+        };
+        gated_resnet(
+            x,
+            [cast(&self.conv1), cast(&self.conv2)],
+            aux,
+            shift,
+            dropped,
+            shape,
+        )
     }
 }
 
@@ -304,18 +319,16 @@ struct Dropout {
 }
 
 impl Dropout {
-    /// Zeroes each element with probability `p` and scales the others by 1 / (1 - p). Each
-    /// image's mask comes from its own generator (32 bits per element, compared with p * 2^32),
-    /// the images in parallel.
-    fn apply(&mut self, x: Tensor<4>) -> Tensor<4> {
+    /// The mask of the elements that dropout zeroes, with probability `p` each, and the factor
+    /// 1 / (1 - p) of the others (no mask for p = 0). Each image's mask comes from its own
+    /// generator (32 bits per element, compared with p * 2^32), the images in parallel.
+    fn mask(&mut self, dims: [usize; 4], device: &Device) -> (Option<Tensor<4, Bool>>, f64) {
         use rand::RngCore;
         use rayon::prelude::*;
         if self.p <= 0.0 {
-            return x;
+            return (None, 1.0);
         }
-        let dims = x.dims();
         let [b, c, h, w] = dims;
-        let keep = 1.0 / (1.0 - self.p);
         let threshold = (self.p * 4_294_967_296.0) as u64;
         let mut dropped = vec![false; b * c * h * w];
         dropped
@@ -326,8 +339,8 @@ impl Dropout {
                     *v = u64::from(rng.next_u32()) < threshold;
                 }
             });
-        let dropped = Tensor::<4, Bool>::from_data(TensorData::new(dropped, dims), &x.device());
-        x.mask_fill(dropped, 0.0) * keep
+        let dropped = Tensor::<4, Bool>::from_data(TensorData::new(dropped, dims), device);
+        (Some(dropped), 1.0 / (1.0 - self.p))
     }
 }
 
