@@ -7,6 +7,7 @@
 #   bash bench/compare-pixelcnnpp.sh [PIXEL] [ROUNDS] [STEPS]
 #
 # PIXEL: a `pixel` binary built with --features tch (default: target/release/pixel); ROUNDS: 2; STEPS: 8.
+# ONCE=0 leaves out the last part (the grid, about 7 minutes, and flex).
 set -euo pipefail
 pixel=${1:-target/release/pixel}
 rounds=${2:-2}
@@ -29,6 +30,7 @@ for r in $(seq "$rounds"); do
       --set runtime.backend=libtorch --set model.pixelcnnpp.dropout="$dropout" 2>/dev/null | grep '^| mnist')"
   done
 done
+[ "${ONCE:-1}" = 0 ] && exit 0
 echo "--- once: the 12x12 grid (PixelCNN++ has no cached sampler) and flex"
 row "pixel libtorch, with the grid" "$("$pixel" bench "$exp" "${data[@]}" --steps 2 --set runtime.backend=libtorch 2>/dev/null | grep '^| mnist')"
 row "pixel flex" "$("$pixel" bench "$exp" "${data[@]}" --steps 2 --no-grid --set runtime.backend=flex 2>/dev/null | grep '^| mnist')"
