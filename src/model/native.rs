@@ -14,6 +14,12 @@
 //! sigmoid for the backward pass and the cross-entropy its softmax (`g (softmax - onehot)`);
 //! convolutions and padding are Burn's. The tests compare values and gradients with Burn's own
 //! operations on every compiled backend.
+//!
+//! Each libtorch node costs one product of its output with its output gradient in Burn's backward
+//! pass (tch 0.22 has no backward from a given gradient, only from a scalar), so a chain of
+//! operations that always go together is one node: PixelCNN++'s gated resnet (`gated_resnet`),
+//! whose two convolutions, 1x1 convolution, three concat_elus, dropout and gate are one libtorch
+//! graph between Burn's.
 
 // burn-tch is deprecated upstream but is the fast path on CPU and CUDA here.
 #![allow(deprecated)]
