@@ -18,9 +18,11 @@ for exp in experiments/*.toml; do
   stand_in=()
   case "$(basename "$exp")" in
     cifar10-*) stand_in=(--set data.dataset=\"synthetic\" --set data.synthetic_size=32
-                         --set data.synthetic_colours=3 --set data.synthetic_images=512) ;;
+                         --set data.synthetic_colours=3 --set data.synthetic_images=512
+                         --set data.validation=0) ;;
     imagenet64-*) stand_in=(--set data.dataset=\"synthetic\" --set data.synthetic_size=64
-                            --set data.synthetic_colours=3 --set data.synthetic_images=256) ;;
+                            --set data.synthetic_colours=3 --set data.synthetic_images=256
+                            --set data.validation=0) ;;
   esac
   line=$("$pixel" bench "$exp" --steps "$steps" --no-grid --set runtime.backend="$backend" --set runtime.device="$device" \
     "${stand_in[@]}" 2>&1 | grep '^| ' | tail -1) || line="| $(basename "$exp" .toml) | failed |"
