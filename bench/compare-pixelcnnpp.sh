@@ -21,13 +21,15 @@ malloc=(MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC
 twin=(python3 bench/pytorch_pixelcnnpp.py --colours 1 --size 28 --filters 32 --resnets 2 --mixtures 5
       --batch 64 --threads 2 --steps "$steps")
 row() { printf '%-40s %s\n' "$1" "$2"; }
-echo "| run | batch | s/step | train images/s | forward ms | peak MiB |"
+# Each measurement: its table row, then where its step's time went (both print the same phases).
+both() { grep -E '^\| (pytorch|mnist)|^step phases' | sed '2s/^/  /' | paste -sd' '; }
+echo "| run | batch | s/step | train images/s | forward ms | peak MiB | step phases (median ms)"
 for r in $(seq "$rounds"); do
   echo "--- round $r ($(date -u +%H:%M:%S))"
   for dropout in 0.5 0.0; do
-    row "pytorch, dropout $dropout" "$(env "${malloc[@]}" "${twin[@]}" --dropout "$dropout" 2>/dev/null | grep '^| pytorch')"
+    row "pytorch, dropout $dropout" "$(env "${malloc[@]}" "${twin[@]}" --dropout "$dropout" 2>/dev/null | both)"
     row "pixel libtorch, dropout $dropout" "$("$pixel" bench "$exp" "${data[@]}" --steps "$steps" --no-grid \
-      --set runtime.backend=libtorch --set model.pixelcnnpp.dropout="$dropout" 2>/dev/null | grep '^| mnist')"
+      --set runtime.backend=libtorch --set model.pixelcnnpp.dropout="$dropout" 2>/dev/null | both)"
   done
 done
 [ "${ONCE:-1}" = 0 ] && exit 0

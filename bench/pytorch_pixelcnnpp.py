@@ -185,14 +185,26 @@ def main():
     x = torch.randint(0, 256, (a.batch, a.colours, a.size, a.size)).float()
     dims = x.numel()
     times = []
+    # The phases `pixel bench` reports: forward, loss (its value on the host too), backward,
+    # update (the optimizer's step and clearing the gradients).
+    phases = {k: [] for k in ("forward", "loss", "backward", "update")}
     for i in range(a.steps + 2):
         start = time.perf_counter()
-        opt.zero_grad()
-        loss = logistic_nll(net(x), x, a.mixtures) / dims
+        out = net(x)
+        t_forward = time.perf_counter()
+        loss = logistic_nll(out, x, a.mixtures) / dims
+        loss.item()
+        t_loss = time.perf_counter()
         loss.backward()
+        t_backward = time.perf_counter()
         opt.step()
+        opt.zero_grad()
+        end = time.perf_counter()
         if i >= 2:
-            times.append(time.perf_counter() - start)
+            times.append(end - start)
+            for k, (t0, t1) in zip(phases, [(start, t_forward), (t_forward, t_loss),
+                                            (t_loss, t_backward), (t_backward, end)]):
+                phases[k].append((t1 - t0) * 1e3)
     net.eval()
     forward = []
     with torch.no_grad():
@@ -204,9 +216,13 @@ def main():
     s = statistics.median(times)
     report = {"parameters": params, "seconds_per_step": s, "train_images_per_second": a.batch / s,
               "forward_ms": statistics.median(forward), "peak_rss_mib": peak_rss_mib(),
-              "bits_per_dim_last_step": loss.item() / math.log(2)}
+              "bits_per_dim_last_step": loss.item() / math.log(2),
+              "step_phases_ms": {k: statistics.median(v) for k, v in phases.items()}}
     print(f"| pytorch pixelcnn++ | {a.batch} | {s:.3f} | {a.batch / s:.1f} | "
           f"{report['forward_ms']:.1f} | {report['peak_rss_mib']:.0f} |")
+    p = report["step_phases_ms"]
+    print(f"step phases (median ms): forward {p['forward']:.1f}, loss {p['loss']:.1f}, "
+          f"backward {p['backward']:.1f}, update {p['update']:.1f}")
     print(json.dumps(report))
 
 

@@ -1551,6 +1551,21 @@ fn bench_reports_every_measure() {
         assert!(json["seconds_per_step"].as_f64().unwrap() > 0.0);
         assert!(json["grid_seconds"].as_f64().unwrap() > 0.0);
         assert!(json["forward_ms"].as_f64().unwrap() > 0.0);
+        // Where a step's time goes: each phase measured, and together not more than a step.
+        let phases = &json["step_phases_ms"];
+        let ms = |k: &str| phases[k].as_f64().unwrap_or_else(|| panic!("{k}: {json}"));
+        assert!(
+            ms("forward") > 0.0 && ms("backward") > 0.0 && ms("update") > 0.0,
+            "{json}"
+        );
+        assert!(ms("loss") >= 0.0, "{json}");
+        let sum = ms("forward") + ms("loss") + ms("backward") + ms("update");
+        let step = json["seconds_per_step"].as_f64().unwrap() * 1e3;
+        assert!(sum < 1.5 * step, "phases {sum} ms, step {step} ms: {json}");
+        assert!(
+            stdout.contains("step phases (median ms): forward "),
+            "{stdout}"
+        );
         assert!(
             !dir.path().join("results").exists(),
             "bench writes no results"

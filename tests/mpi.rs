@@ -454,6 +454,10 @@ fn bench_on_two_ranks_reports_the_collective_share() {
     let share = report["collective_share"].as_f64().unwrap();
     assert!(share > 0.0 && share < 1.0, "{report}");
     assert_eq!(report["peak_rss_mib_per_rank"].as_array().unwrap().len(), 2);
+    assert!(
+        report.get("step_phases_ms").is_none(),
+        "phases interleave with the all-reduce on several ranks: {report}"
+    );
     assert_eq!(
         stdout.matches("| gated-synthetic-grey").count(),
         1,

@@ -7,7 +7,7 @@ use crate::experiment::{Override, Plan, plan_file};
 use crate::rng::{self, Purpose};
 use crate::sample;
 use crate::session::{Session, Weights};
-use crate::train::{self, PassStats};
+use crate::train::{self, PassStats, StepPhases};
 use burn::module::Module;
 use serde::Serialize;
 use std::path::Path;
@@ -27,6 +27,10 @@ pub struct Report {
     pub train_images_per_second: f64,
     /// Median milliseconds of one forward pass over a batch, without gradients.
     pub forward_ms: f64,
+    /// Median milliseconds of each phase of a training step (one process only): where the
+    /// time of `seconds_per_step` goes. `bench/pytorch_*.py` report the same phases.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_phases_ms: Option<StepPhases>,
     /// Seconds to sample the experiment's grid with the cached sampler (None when skipped).
     pub grid_seconds: Option<f64>,
     /// The same grid with the naive sampler, one forward pass per sub-pixel (None unless asked).
@@ -76,6 +80,12 @@ pub fn bench(
          |---|---|---|---:|---:|---:|---:|---:|---:|---:|\n{}",
         report.markdown_row()
     );
+    if let Some(p) = &report.step_phases_ms {
+        println!(
+            "step phases (median ms): forward {:.1}, loss {:.1}, backward {:.1}, update {:.1}",
+            p.forward, p.loss, p.backward, p.update
+        );
+    }
     println!(
         "{}",
         serde_json::to_string(&report).expect("a report serialises")
@@ -105,6 +115,7 @@ pub fn run(
     let batch = t.batch_size;
     let order: Vec<usize> = (0..batch).map(|i| i % splits.train.len()).collect();
     let mut times = Vec::new();
+    let mut phases = Vec::new();
     let (mut collective, mut waiting) = (0.0, 0.0);
     world.separate_waiting(true);
     for i in 0..steps + 2 {
@@ -120,10 +131,13 @@ pub fn run(
             stop: &|| false,
             world,
         };
-        let (next, _, _) = train::train_epoch(state, work, |_| {}).map_err(Error::Run)?;
+        let mut step_phases = None;
+        let (next, _, _) =
+            train::train_epoch(state, work, |r| step_phases = r.phases).map_err(Error::Run)?;
         state = next;
         if i >= 2 {
             times.push(start.elapsed().as_secs_f64());
+            phases.extend(step_phases);
             collective += world.collective_seconds() - before;
             waiting += world.waiting_seconds() - waited;
         }
@@ -132,6 +146,13 @@ pub fn run(
     let collective_share = collective / times.iter().sum::<f64>();
     let waiting_share = waiting / times.iter().sum::<f64>();
     let seconds_per_step = median(times);
+    let phase = |f: fn(&StepPhases) -> f64| median(phases.iter().map(f).collect()) * 1e3;
+    let step_phases_ms = (!phases.is_empty()).then(|| StepPhases {
+        forward: phase(|p| p.forward),
+        loss: phase(|p| p.loss),
+        backward: phase(|p| p.backward),
+        update: phase(|p| p.update),
+    });
 
     // Rank 0 alone measures inference while the others wait.
     let root = world.is_root();
@@ -189,6 +210,7 @@ pub fn run(
         } else {
             median(forward)
         },
+        step_phases_ms,
         grid_seconds,
         naive_grid_seconds,
         collective_share,

@@ -222,6 +222,24 @@ pub struct StepReport {
     pub gradient_norm: f64,
     /// The learning rate of the step.
     pub learning_rate: f64,
+    /// Where the step's time went, measured in one process only (with several ranks the
+    /// phases interleave with the all-reduce; `pixel bench` reports its share instead).
+    pub phases: Option<StepPhases>,
+}
+
+/// Seconds of one training step in each of its phases. Backends that queue work (CUDA) are
+/// timed when they hand it over, not when it runs: the phases add up on the CPU, where each
+/// operation finishes before the next starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct StepPhases {
+    /// The batch's tensors and the model's forward pass.
+    pub forward: f64,
+    /// The negative log-likelihood (and a PixelVAE's KL term) and its value on the host.
+    pub loss: f64,
+    /// The backward pass.
+    pub backward: f64,
+    /// The gradient norm, clipping, the optimizer's step and the EMA's update.
+    pub update: f64,
 }
 
 /// How an epoch ended.
@@ -301,11 +319,14 @@ pub fn train_epoch(
         let dims = (indices.len() * images.dims()) as u64;
         let run_step = (step.epoch.max(1) - 1) * steps_per_epoch + i + 1;
         let scale = loss_scale.as_ref().map_or(1.0, |ls| ls.scale);
+        let started = Instant::now();
+        let mut phases = None;
         let (grads, batch_nats, batch_kl, gradient_norm, stopping) = if world.size() == 1 {
             let mut batch = Batch::gather(images, indices, device);
             batch.context.dropout = Some(step.dropout(run_step, 0));
             let mut noise = noise_rng(step.seed, step.epoch, i);
             let (logits, kl) = model.forward_with_kl(batch.input, &batch.context, &mut noise);
+            let forward = started.elapsed().as_secs_f64();
             let nats = nll_nats(logits, batch.target);
             let batch_nats = f64::from(nats.clone().into_scalar::<f32>());
             let mut loss = nats;
@@ -324,7 +345,14 @@ pub fn train_epoch(
             if loss_scale.is_some() {
                 loss = loss * scale;
             }
+            let loss_done = started.elapsed().as_secs_f64();
             let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            phases = Some(StepPhases {
+                forward,
+                loss: loss_done - forward,
+                backward: started.elapsed().as_secs_f64() - loss_done,
+                update: 0.0,
+            });
             // Unscaled (f16) and measured: the norm is what a step's update is made of.
             let norm = loss_scale::rescale_gradients(&model, &mut grads, 1.0 / scale);
             (grads, batch_nats, batch_kl, norm, None)
@@ -366,6 +394,9 @@ pub fn train_epoch(
             stats.gradient_norm_sum += gradient_norm;
             stats.gradient_norm_steps += 1;
         }
+        if let Some(p) = phases.as_mut() {
+            p.update = started.elapsed().as_secs_f64() - p.forward - p.loss - p.backward;
+        }
         stats.learning_rate = Some(learning_rate);
         stats.nats += batch_nats;
         stats.subpixels += dims;
@@ -377,6 +408,7 @@ pub fn train_epoch(
             loss_scale: loss_scale.map(|ls| ls.scale),
             gradient_norm,
             learning_rate,
+            phases,
         });
         // Several ranks stop where any of them was asked to, all at the same step.
         if stopping.unwrap_or_else(stop) && (i + 1) * step.batch_size < order.len() {
