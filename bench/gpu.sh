@@ -1,70 +1,98 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the README in one run, on a CUDA machine with PyTorch installed: the gated
-# 5x5 model of the performance table on libtorch CUDA (f32, bf16, f16; training step, forward pass,
-# cached and naive 12x12 grids), the PyTorch reference on the same GPU, every catalogue experiment's
-# step time, then as many MNIST catalogue runs as the time left allows (stopped with SIGINT at the
-# deadline, so each keeps a checkpoint and continues with `pixel run --resume`).
+# pixel beside its PyTorch twins on one CUDA GPU, in under 10 minutes: the table of the performance
+# docs, then a determinism check. Each row runs pixel, then the twin doing the same work (a fresh
+# batch uploaded every step, the loss and the gradients' norm read on the host every step, the EMA
+# where the experiment has one), at the same precision, cuDNN and cuBLAS at ATen's defaults on both
+# sides (cuDNN may use TF32 for convolutions; matmuls stay FP32); rounds interleave the two.
 #
 #   bash bench/gpu.sh [PIXEL] [SECONDS]
 #
-# PIXEL: a `pixel` built with --features tch against the libtorch of the machine's PyTorch
-#        (default target/gpu/pixel, made by `bash bench/gpu-build.sh`); it finds libtorch through
-#        LD_LIBRARY_PATH, set here from `python3 -c 'import torch'`.
-# SECONDS: the time budget (default 480); the training runs get what the measurements leave.
-# MNIST: data/mnist/ (the four official files; bench/gpu-build.sh copies them there).
-# Output in OUT (default gpu-out/): gpu.txt (everything printed), results.tar.gz (the runs).
-# A dry run of the whole script on a CPU: DEVICE=cpu STEPS=2 bash bench/gpu.sh PIXEL 120
+# PIXEL: a `pixel` built with --features tch against the machine's PyTorch (default target/gpu/pixel,
+#        made by `bash bench/gpu-build.sh VERSION`); LD_LIBRARY_PATH is set here from `import torch`.
+# SECONDS: the budget (default 540); a row that would start past it is skipped, and said.
+# Rows: gated 5x5 c30 (experiments/quickstart.toml as a gated model) at batch 64, 256, 1024 in f32
+# and 64 in bf16; PixelCNN++ with the CIFAR-10 settings (experiments/cifar10-pixelcnnpp.toml on
+# synthetic 32x32 RGB images) at batch 16 with dropout 0.5 and 0, at 64 in f32 and bf16.
+# Determinism: a 20-step PixelCNN++ run (experiments/smoke/pixelcnnpp-synthetic-rgb.toml) twice on
+# the GPU; the metrics and the checkpoint's bytes must be equal.
+# Output in OUT (default gpu-out/): gpu.txt, everything printed.
+# A dry run on a CPU (python3 with torch on PATH):
+#   DEVICE=cpu STEPS=2 ROUNDS=1 GATED_ROWS="8 f32" PP_ROWS="2 0.5 f32" bash bench/gpu.sh target/gpu/pixel 600
 set -uo pipefail
 cd "$(dirname "$0")/.."
 pixel=${1:-target/gpu/pixel}
-budget=${2:-480}
+budget=${2:-540}
 out=${OUT:-gpu-out}
 device=${DEVICE:-cuda}
-steps=${STEPS:-30}
+steps=${STEPS:-12}
+rounds=${ROUNDS:-2}
+# Rows as "batch precision" and "batch dropout precision", one per word group (';'-separated).
+IFS=';' read -r -a gated_rows <<< "${GATED_ROWS:-64 f32;256 f32;1024 f32;64 bf16}"
+IFS=';' read -r -a pp_rows <<< "${PP_ROWS:-16 0.5 f32;16 0.0 f32;64 0.5 f32;64 0.5 bf16}"
 mkdir -p "$out"
 deadline=$((SECONDS + budget))
 exec > >(tee "$out/gpu.txt") 2>&1
 
 torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export RUST_LOG=${RUST_LOG:-info}
+export RUST_LOG=${RUST_LOG:-warn}
 section() { printf '\n=== %s (%s, %d s left)\n' "$*" "$(date -u +%H:%M:%S)" $((deadline - SECONDS)); }
+time_left() { [ $((deadline - SECONDS)) -gt "$1" ] || { echo "skipped (budget): $2"; return 1; }; }
 
 section "machine"
 date -u +%Y-%m-%d
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
-python3 -c 'import torch; print("pytorch", torch.__version__, "cuda", torch.version.cuda)'
+python3 -c 'import torch; print("pytorch", torch.__version__, "cuda", torch.version.cuda,
+  "cudnn.allow_tf32", torch.backends.cudnn.allow_tf32, "matmul.allow_tf32", torch.backends.cuda.matmul.allow_tf32)'
 "$pixel" --version
 
-section "pixel bench: gated 5x5, 30 channels, batch 64, 28x28 (the README's performance table)"
-model=(experiments/quickstart.toml --set model.variant=gated --set train.batch_size=64 --steps "$steps"
-       --set runtime.backend=libtorch --set runtime.device="$device")
-naive=--naive-grid
-[ "$device" = cpu ] && naive=
-"$pixel" bench "${model[@]}" $naive
-for precision in bf16 f16; do
-  "$pixel" bench "${model[@]}" --set runtime.precision=$precision
+# pixel's row and step phases; the twin's the same.
+pixel_row() {
+  "$pixel" bench "$@" --steps "$steps" --no-grid --set runtime.backend=libtorch \
+    --set runtime.device="$device" 2>&1 | grep -E '^\| |^step phases' | grep -v -e '^| experiment' -e '^|---' | paste -sd' '
+}
+gated=(experiments/quickstart.toml --set model.variant=gated --set data.validation=0)
+cifar=(experiments/cifar10-pixelcnnpp.toml --set 'data.dataset="synthetic"' --set data.synthetic_size=32
+       --set data.synthetic_colours=3 --set data.synthetic_images=1024 --set data.validation=0)
+twin_pp=(python3 bench/pytorch_pixelcnnpp.py --colours 3 --size 32 --filters 160 --resnets 5 --mixtures 10
+         --ema 0.9995 --device "$device" --steps "$steps" --threads 4)
+for r in $(seq "$rounds"); do
+  section "round $r of $rounds: gated 5x5 c30, 28x28 grey"
+  for row in "${gated_rows[@]}"; do
+    set -- $row
+    time_left 40 "gated b$1 $2" || continue
+    echo "--- gated b$1 $2"
+    echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size="$1" --set runtime.precision="$2")"
+    echo "twin:  $(python3 bench/pytorch_reference.py --variant gated --batch "$1" --steps "$steps" \
+      --device "$device" --precision "$2" --threads 4 2>&1 | grep '^| ')"
+  done
+  section "round $r of $rounds: PixelCNN++ CIFAR-10 settings (53.6M parameters), 32x32 RGB, EMA 0.9995"
+  for row in "${pp_rows[@]}"; do
+    set -- $row
+    time_left 90 "pixelcnn++ b$1 dropout $2 $3" || continue
+    echo "--- pixelcnn++ b$1 dropout $2 $3"
+    echo "pixel: $(pixel_row "${cifar[@]}" --set train.batch_size="$1" --set model.pixelcnnpp.dropout="$2" \
+      --set runtime.precision="$3")"
+    echo "twin:  $("${twin_pp[@]}" --batch "$1" --dropout "$2" --precision "$3" 2>&1 | grep -E '^\| |^step phases' | paste -sd' ')"
+  done
 done
 
-section "PyTorch reference, same model, same GPU"
-for precision in f32 bf16; do
-  python3 bench/pytorch_reference.py --variant gated --batch 64 --steps "$steps" --device "$device" \
-    --precision $precision
-done
-
-section "every catalogue experiment (bench/catalogue.sh: 5 steps, CIFAR-10 and imagenet64 synthetic)"
-bash bench/catalogue.sh "$pixel" libtorch "$steps" "$device"
-
-section "MNIST catalogue runs until the deadline"
-for exp in mnist-gated-5x5 mnist-conditional-5x5 mnist-vae-5x5 mnist-simple-9x5 mnist-gated-9x5-50ep; do
-  left=$((deadline - SECONDS - 15))
-  [ "$left" -lt 30 ] && { echo "no time left for $exp"; continue; }
-  echo "--- $exp (at most $left s)"
-  timeout -s INT -k 30 "$left" "$pixel" run "experiments/$exp.toml" \
-    --set runtime.backend=libtorch --set runtime.device="$device"
-  echo "--- $exp: exit $?"
-done
-
-section "packing results/"
-tar czf "$out/results.tar.gz" --exclude=README.md results
-ls -la "$out"
+section "determinism: the same 20-step PixelCNN++ run twice on the GPU"
+if time_left 60 "determinism"; then
+  for i in 1 2; do
+    rm -rf "$out/det$i"
+    "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml --results "$out/det$i" \
+      --set runtime.backend=libtorch --set runtime.device="$device" --set train.epochs=1 \
+      --set data.synthetic_images=320 --set train.batch_size=16 > "$out/det$i.log" 2>&1 || echo "run $i failed: $(tail -3 "$out/det$i.log")"
+  done
+  cut -d, -f2,3,13- "$out/det1/pixelcnnpp-synthetic-rgb/metrics.csv" > "$out/det1.csv"
+  cut -d, -f2,3,13- "$out/det2/pixelcnnpp-synthetic-rgb/metrics.csv" > "$out/det2.csv"
+  cat "$out/det1.csv"
+  sums() { (cd "$1/pixelcnnpp-synthetic-rgb/checkpoints" && find . -type f -name '*.bpk' | sort | xargs sha256sum); }
+  if cmp -s "$out/det1.csv" "$out/det2.csv" && [ "$(sums "$out/det1")" = "$(sums "$out/det2")" ]; then
+    echo "deterministic: the same metrics and checkpoint bytes ($(sums "$out/det1" | wc -l) files)"
+  else
+    echo "NOT deterministic:"; diff "$out/det1.csv" "$out/det2.csv"; sums "$out/det1"; sums "$out/det2"
+  fi
+fi
+section "done"

@@ -104,7 +104,7 @@ class PixelCnnPp(nn.Module):
 
     def forward(self, x, label=None):
         b, _, h, w = x.shape
-        x = torch.cat([(x - 127.5) / 127.5, torch.ones(b, 1, h, w)], dim=1)
+        x = torch.cat([(x - 127.5) / 127.5, torch.ones(b, 1, h, w, device=x.device)], dim=1)
         us = [down_shift(self.u_first(x))]
         uls = [down_shift(self.ul_above(x)) + right_shift(self.ul_left(x))]
         for stage in range(3):
@@ -172,33 +172,62 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the first GPU; cuDNN and cuBLAS at ATen's defaults (cuDNN may use "
+                        "TF32 for convolutions, matmuls stay FP32), as in pixel's libtorch")
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                   help="bf16: the forward pass under autocast, f32 weights and Adam")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="Polyak averaging of the weights with this decay after every step, as "
+                        "pixel's train.ema (0: off)")
+    p.add_argument("--sync", action="store_true",
+                   help="wait for the GPU at each phase boundary, so that the phases are the GPU's")
     p.add_argument("--params", action="store_true", help="print the parameter count and stop")
     a = p.parse_args()
     torch.manual_seed(1)
     torch.set_num_threads(a.threads)
-    net = PixelCnnPp(a.colours, a.filters, a.resnets, a.mixtures, dropout=a.dropout)
+    dev = torch.device(a.device)
+    net = PixelCnnPp(a.colours, a.filters, a.resnets, a.mixtures, dropout=a.dropout).to(dev)
     params = sum(t.numel() for t in net.parameters())
     if a.params:
         print(params)
         return
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.95, 0.9995))
-    x = torch.randint(0, 256, (a.batch, a.colours, a.size, a.size)).float()
-    dims = x.numel()
+    ema = [t.detach().clone() for t in net.parameters()] if a.ema > 0 else None
+    sync = (lambda: torch.cuda.synchronize()) if (a.sync and a.device == "cuda") else (lambda: None)
+    # The same work as pixel's step: a fresh batch of bytes uploaded from the host every step,
+    # the loss and the gradients' global norm read on the host, the update, the average.
+    batches = [torch.randint(0, 256, (a.batch, a.colours, a.size, a.size), dtype=torch.uint8)
+               for _ in range(4)]
+    dims = batches[0].numel()
     times = []
-    # The phases `pixel bench` reports: forward, loss (its value on the host too), backward,
-    # update (the optimizer's step and clearing the gradients).
+    # The phases `pixel bench` reports: forward (with the upload), loss (its value on the host
+    # too), backward, update (norm, optimizer step, clearing the gradients, average).
     phases = {k: [] for k in ("forward", "loss", "backward", "update")}
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(a.steps + 2):
+        sync()
         start = time.perf_counter()
-        out = net(x)
+        x = batches[i % len(batches)].to(dev).float()
+        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            out = net(x)
+        sync()
         t_forward = time.perf_counter()
-        loss = logistic_nll(out, x, a.mixtures) / dims
+        loss = logistic_nll(out.float(), x, a.mixtures) / dims
         loss.item()
         t_loss = time.perf_counter()
         loss.backward()
+        sync()
         t_backward = time.perf_counter()
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
+        norm.item()
         opt.step()
         opt.zero_grad()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, list(net.parameters()), 1 - a.ema)
+        sync()
         end = time.perf_counter()
         if i >= 2:
             times.append(end - start)
@@ -207,19 +236,26 @@ def main():
                 phases[k].append((t1 - t0) * 1e3)
     net.eval()
     forward = []
+    x = batches[0].to(dev).float()
     with torch.no_grad():
         for i in range(a.steps + 2):
             start = time.perf_counter()
-            net(x)
+            with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+                net(x)
+            if a.device == "cuda":
+                torch.cuda.synchronize()
             if i >= 2:
                 forward.append((time.perf_counter() - start) * 1e3)
     s = statistics.median(times)
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if a.device == "cuda" else None
     report = {"parameters": params, "seconds_per_step": s, "train_images_per_second": a.batch / s,
               "forward_ms": statistics.median(forward), "peak_rss_mib": peak_rss_mib(),
+              "peak_gpu_mib": gpu_peak, "device": a.device, "precision": a.precision,
               "bits_per_dim_last_step": loss.item() / math.log(2),
               "step_phases_ms": {k: statistics.median(v) for k, v in phases.items()}}
-    print(f"| pytorch pixelcnn++ | {a.batch} | {s:.3f} | {a.batch / s:.1f} | "
-          f"{report['forward_ms']:.1f} | {report['peak_rss_mib']:.0f} |")
+    peak = f"{gpu_peak:.0f} GPU" if gpu_peak is not None else f"{report['peak_rss_mib']:.0f}"
+    print(f"| pytorch pixelcnn++ {a.device} {a.precision} | {a.batch} | {s:.3f} | "
+          f"{a.batch / s:.1f} | {report['forward_ms']:.1f} | {peak} |")
     p = report["step_phases_ms"]
     print(f"step phases (median ms): forward {p['forward']:.1f}, loss {p['loss']:.1f}, "
           f"backward {p['backward']:.1f}, update {p['update']:.1f}")

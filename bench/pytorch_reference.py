@@ -135,8 +135,10 @@ def main():
     model = (Simple if a.variant == "simple" else Gated)(a.colours, a.layers, a.kernel, a.channels)
     model = model.to(a.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    target = torch.randint(0, 256, (a.batch, a.colours, a.size, a.size)).to(a.device)
-    x = target.float() / 255
+    # The same work as pixel's step: a fresh batch of bytes uploaded from the host every step,
+    # the loss and the gradients' global norm read on the host (pixel reports both every step).
+    batches = [torch.randint(0, 256, (a.batch, a.colours, a.size, a.size), dtype=torch.uint8)
+               for _ in range(4)]
 
     def forward(x):
         if a.precision == "bf16":
@@ -144,18 +146,25 @@ def main():
                 return model(x).float()
         return model(x)
 
-    def step():
+    def step(i):
+        target = batches[i % len(batches)].to(a.device).long()
+        x = target.float() / 255
         logits = forward(x).view(a.batch, a.colours, 256, a.size, a.size).transpose(1, 2)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad()
         loss.backward()
+        loss = loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
         opt.step()
-        return loss.item()
+        return loss
 
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    x = batches[0].to(a.device).float() / 255
     times = []
     for i in range(a.steps + 2):
         t = time.perf_counter()
-        step()
+        step(i)
         if i >= 2:
             times.append(time.perf_counter() - t)
     fwd = []
@@ -166,8 +175,11 @@ def main():
             if i >= 2:
                 fwd.append((time.perf_counter() - t) * 1e3)
     s = statistics.median(times)
+    peak = (f" {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU peak |"
+            if a.device == "cuda" else "")
     print(f"| pytorch {torch.__version__} {a.device} {a.precision} | {a.variant} {a.layers}x{a.kernel} c{a.channels} | "
-          f"{a.batch} | {s:.3f} s/step | {a.batch / s:.1f} images/s | {statistics.median(fwd):.1f} ms forward |")
+          f"{a.batch} | {s:.4f} s/step | {a.batch / s:.1f} images/s | {statistics.median(fwd):.1f} ms forward |"
+          f"{peak}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,33 @@ const OPTIMIZER: &str = "optimizer.bpk";
 /// The Polyak average of the weights (`train.ema`), beside the trained ones.
 const EMA: &str = "ema.bpk";
 const STATE: &str = "state.json";
+/// Each weights file's size and CRC-32C, written after them: a file that was cut short or changed
+/// afterwards is reported as damaged, not as a model that does not fit.
+const MANIFEST: &str = "manifest.json";
+
+/// A weights file as it was written.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct Written {
+    bytes: u64,
+    crc32c: String,
+}
+
+/// Reads `path` whole and describes it as [`Written`].
+fn describe(path: &Path) -> Result<Written> {
+    let data = std::fs::read(path).map_err(Error::io(path))?;
+    Ok(Written {
+        bytes: data.len() as u64,
+        crc32c: format!("{:08x}", crc32c::crc32c(&data)),
+    })
+}
+
+/// Flushes a file or folder to the disk, so that a rename publishing it cannot outlive its data
+/// (a crash after the rename leaves the old checkpoint or the whole new one, never a torn one).
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(Error::io(path))
+}
 
 /// Where training stood when a checkpoint was written.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq)]
@@ -71,12 +98,27 @@ pub fn save(
     optimizer
         .save(tmp.join(OPTIMIZER))
         .map_err(|e| fail("the optimizer state", &e))?;
+    let mut manifest = std::collections::BTreeMap::new();
+    for file in [MODEL, EMA, OPTIMIZER] {
+        let path = tmp.join(file);
+        if path.is_file() {
+            sync(&path)?;
+            manifest.insert(file, describe(&path)?);
+        }
+    }
+    let manifest = serde_json::to_string_pretty(&manifest).expect("a manifest serialises");
     let state = serde_json::to_string_pretty(position).expect("a position serialises");
-    std::fs::write(tmp.join(STATE), state).map_err(Error::io(tmp.join(STATE)))?;
+    for (file, text) in [(MANIFEST, manifest), (STATE, state)] {
+        let path = tmp.join(file);
+        std::fs::write(&path, text).map_err(Error::io(&path))?;
+        sync(&path)?;
+    }
+    sync(&tmp)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(Error::io(&final_dir))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(Error::io(&final_dir))?;
+    sync(&root)?;
     prune(run_dir, &final_dir, keep)?;
     Ok(final_dir)
 }
@@ -170,6 +212,42 @@ fn mismatch(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Checks `file` of the checkpoint folder `dir` against its manifest (folders written before
+/// there was one are not checked): present, and the size and checksum it was written with.
+fn check_intact(dir: &Path, file: &str) -> Result<()> {
+    let manifest_path = dir.join(MANIFEST);
+    let Ok(text) = std::fs::read_to_string(&manifest_path) else {
+        return Ok(());
+    };
+    let manifest: std::collections::BTreeMap<String, Written> = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint {
+            path: manifest_path.clone(),
+            message: format!("damaged: unreadable ({e})"),
+        })?;
+    let Some(expected) = manifest.get(file) else {
+        return Ok(());
+    };
+    let path = dir.join(file);
+    if !path.is_file() {
+        return Err(Error::Checkpoint {
+            path,
+            message: "damaged: missing, though the checkpoint was written with it".into(),
+        });
+    }
+    let found = describe(&path)?;
+    if &found != expected {
+        return Err(Error::Checkpoint {
+            path,
+            message: format!(
+                "damaged: {} bytes with CRC-32C {}, written as {} bytes with {} (cut short or \
+                 changed since)",
+                found.bytes, found.crc32c, expected.bytes, expected.crc32c
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Loads the weights of a checkpoint folder into `model` (built from the same plan).
 pub fn load_model(dir: &Path, model: Model) -> Result<Model> {
     let path = dir.join(MODEL);
@@ -179,12 +257,15 @@ pub fn load_model(dir: &Path, model: Model) -> Result<Model> {
             message: "missing: not a checkpoint written by pixel".into(),
         });
     }
+    check_intact(dir, MODEL)?;
     model.try_load_file(&path).map_err(|e| mismatch(&path, e))
 }
 
-/// Loads the averaged weights of a checkpoint folder into `model`, if it has them.
+/// Loads the averaged weights of a checkpoint folder into `model`, if it was written with them
+/// (a file its manifest lists but that is gone is damage, not an absence).
 pub fn load_ema(dir: &Path, model: Model) -> Result<Option<Model>> {
     let path = dir.join(EMA);
+    check_intact(dir, EMA)?;
     if !path.is_file() {
         return Ok(None);
     }
@@ -203,6 +284,7 @@ pub fn load(
     let position = position(dir)?;
     let model = load_model(dir, model)?;
     let opt_path = dir.join(OPTIMIZER);
+    check_intact(dir, OPTIMIZER)?;
     let optimizer = optimizer
         .load(&opt_path)
         .map_err(|e| mismatch(&opt_path, e))?;
@@ -224,6 +306,53 @@ mod tests {
         })
         .init(1, &device);
         (model, crate::optim::adam())
+    }
+
+    /// A weights file cut short or changed after it was written, or one the checkpoint was
+    /// written with that is gone, is reported as damaged (not as a model that does not fit);
+    /// an intact one loads.
+    #[test]
+    fn damaged_checkpoints_are_reported_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, optimizer) = tiny();
+        let written = save(
+            dir.path(),
+            &model,
+            Some(&model),
+            &optimizer,
+            &Position::default(),
+            2,
+        )
+        .unwrap();
+        assert!(load(&written, model.clone(), crate::optim::adam()).is_ok());
+        assert!(load_ema(&written, model.clone()).unwrap().is_some());
+        // Cut short.
+        let path = written.join(MODEL);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = load_model(&written, model.clone()).unwrap_err().to_string();
+        assert!(
+            err.contains("damaged") && err.contains("cut short"),
+            "{err}"
+        );
+        // Changed in place, same size.
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0xFF;
+        std::fs::write(&path, &flipped).unwrap();
+        let err = load_model(&written, model.clone()).unwrap_err().to_string();
+        assert!(err.contains("damaged"), "{err}");
+        // The averaged weights gone.
+        std::fs::remove_file(written.join(EMA)).unwrap();
+        let err = load_ema(&written, model.clone()).unwrap_err().to_string();
+        assert!(err.contains("damaged: missing"), "{err}");
+        // Written without an average: none, and no error.
+        let at = Position {
+            epochs_done: 1,
+            ..Position::default()
+        };
+        let plain = save(dir.path(), &model, None, &optimizer, &at, 2).unwrap();
+        assert!(load_ema(&plain, model).unwrap().is_none());
     }
 
     /// Pruning keeps the newest `keep` checkpoints and, whatever `keep` says, the newest one written
@@ -308,11 +437,13 @@ mod tests {
                 learning_rate: Some(9e-4),
                 gradient_norm_sum: 12.5,
                 gradient_norm_steps: 17,
+                skipped_steps: 3,
             },
             loss_scale: Some(LossScale {
                 scale: 1024.0,
                 good_steps: 7,
                 skipped: 3,
+                skipped_in_a_row: 0,
             }),
         };
         let json = serde_json::to_string(&at).unwrap();

@@ -148,7 +148,9 @@ pub struct Place {
 /// Opens the device (after the plan has checked the backend is compiled in). A device chosen
 /// automatically on a node with GPUs is `cuda:<local rank modulo the GPUs visible>`: one GPU per
 /// rank when a node runs as many ranks as it has GPUs (or each rank sees only its own).
-pub fn open(choice: &DeviceChoice, seed: u64, place: Place) -> Opened {
+/// A CUDA device that libtorch does not see (none at all, or an index past the last) is an error
+/// naming `runtime.device`, before libtorch is asked for it (it would abort inside libtorch).
+pub fn open(choice: &DeviceChoice, seed: u64, place: Place) -> Result<Opened, String> {
     let (backend, target, reason) = resolve(choice, cfg!(feature = "tch"), cuda_available);
     let target = match (choice.target, target) {
         (Target::Auto, Target::Cuda(_)) => Target::Cuda(place.local_rank % cuda_devices().max(1)),
@@ -157,6 +159,12 @@ pub fn open(choice: &DeviceChoice, seed: u64, place: Place) -> Opened {
         }
         _ => target,
     };
+    if let (BackendKind::Libtorch, Target::Cuda(i)) = (backend, target) {
+        let visible = cuda_devices();
+        if i >= visible {
+            return Err(missing_cuda(i, visible));
+        }
+    }
     let (device, description) = match backend {
         BackendKind::Libtorch => libtorch(target, place.threads),
         _ => {
@@ -173,13 +181,31 @@ pub fn open(choice: &DeviceChoice, seed: u64, place: Place) -> Opened {
     let gpu = description
         .strip_prefix("libtorch:cuda:")
         .and_then(|i| gpu_name(i.parse().ok()?));
-    Opened {
+    Ok(Opened {
         device,
         description,
         gpu,
         backend,
         reason,
         threads: place.threads,
+    })
+}
+
+/// What a user is told when CUDA device `index` is asked for and libtorch sees `visible`.
+fn missing_cuda(index: usize, visible: usize) -> String {
+    let env = std::env::var("CUDA_VISIBLE_DEVICES")
+        .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v:?})"))
+        .unwrap_or_default();
+    match visible {
+        0 => format!(
+            "no cuda:{index} here: libtorch sees no CUDA device{env} (no GPU, no driver, or a \
+             libtorch built without CUDA); expected \"cpu\" or \"auto\" on this machine"
+        ),
+        n => format!(
+            "no cuda:{index} here: libtorch sees {n} CUDA device{}{env}; expected cuda:0 to cuda:{}",
+            if n == 1 { "" } else { "s" },
+            n - 1
+        ),
     }
 }
 
@@ -255,6 +281,33 @@ pub(crate) fn test_devices() -> Vec<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An absent CUDA device is named with what is there instead.
+    #[test]
+    fn a_missing_cuda_device_says_what_is_there() {
+        let none = missing_cuda(0, 0);
+        assert!(none.contains("sees no CUDA device"), "{none}");
+        let past = missing_cuda(3, 2);
+        assert!(
+            past.contains("sees 2 CUDA devices") && past.contains("cuda:0 to cuda:1"),
+            "{past}"
+        );
+    }
+
+    /// On a machine without a GPU (as CI's), asking libtorch for one is the error, not an abort.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn opening_an_absent_cuda_device_is_an_error() {
+        let choice = DeviceChoice {
+            backend: BackendKind::Libtorch,
+            target: Target::Cuda(cuda_devices()),
+            precision: Precision::F32,
+        };
+        let err = open(&choice, 1, Place::default())
+            .err()
+            .expect("no such device");
+        assert!(err.contains("libtorch sees"), "{err}");
+    }
 
     #[test]
     fn auto_picks_libtorch_cuda_then_libtorch_cpu_then_flex() {

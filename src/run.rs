@@ -271,6 +271,16 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
         };
         let mut board = record.as_mut().and_then(|r| r.board.as_mut());
         let trained = train::train_epoch(state, work, |report| {
+            if report.skipped && world.is_root() {
+                bar.suspend(|| {
+                    tracing::warn!(
+                        epoch,
+                        step = report.step,
+                        loss_scale = report.loss_scale,
+                        "f16 gradients overflowed: step skipped, loss scale halved"
+                    )
+                });
+            }
             bar.set_position(report.images_done as u64);
             bar.set_message(format!("{:.3} bits/dim", report.bits_per_dim));
             if let Some(board) = board.as_mut() {
@@ -319,6 +329,11 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
             .validation
             .as_ref()
             .map(|v| train::evaluate_sharded(model, v, batch, seed, device, world));
+        // The sums are the same on every rank, so every rank stops here alike.
+        let finite = test_stats
+            .check_finite("test")
+            .and_then(|()| validation.map_or(Ok(()), |v| v.check_finite("validation")));
+        finite.map_err(|e| Error::Run(format!("epoch {epoch}: {e}")))?;
         let sums = session::agree(world, check_same_weights(&state.model, world))?;
         let row = MetricsRow {
             epoch,
@@ -335,6 +350,7 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
             validation_bits_per_dim: validation.map(|v| v.bits_per_dim()),
             learning_rate: train_stats.learning_rate,
             gradient_norm: train_stats.mean_gradient_norm(),
+            skipped_steps: state.loss_scale.map(|_| train_stats.skipped_steps),
         };
         tracing::info!(
             epoch,

@@ -88,7 +88,10 @@ impl Session {
             local_rank: world.local_rank(),
             threads: cluster::threads_per_rank(world),
         };
-        let opened = device::open(&plan.device, seed, place);
+        let opened = device::open(&plan.device, seed, place).map_err(|message| Error::Usage {
+            flag: format!("runtime.device = \"{}\"", plan.experiment.runtime.device),
+            message,
+        })?;
         tracing::info!(device = %opened.description, "{}", opened.reason);
         check_splits(&plan, &splits)?;
 
@@ -114,7 +117,7 @@ impl Session {
                     let (model, optimizer, position) =
                         checkpoint::load(&ckpt, fresh.model.clone(), fresh.optimizer)?;
                     // The average goes on from where it was (from the weights if the
-                    // checkpoint has none).
+                    // checkpoint was written without one: `train.ema` turned on at a resume).
                     let ema = match fresh.ema {
                         Some(e) => Some(match checkpoint::load_ema(&ckpt, e.model)? {
                             Some(averaged) => train::Ema {
@@ -149,6 +152,18 @@ impl Session {
                     decay,
                     model: averaged,
                 });
+                // A run with `train.ema` is evaluated and sampled with its average: never with
+                // the trained weights in its place without a word.
+                if decay > 0.0 && ema.is_none() {
+                    return Err(Error::Checkpoint {
+                        path: ckpt.join("ema.bpk"),
+                        message: format!(
+                            "missing: the run averages its weights (train.ema = {decay}) and \
+                             evaluation and sampling use the average, but this checkpoint has \
+                             none"
+                        ),
+                    });
+                }
                 if ema.is_some() {
                     tracing::info!("using the averaged weights (train.ema = {decay})");
                 }

@@ -117,6 +117,7 @@ pub fn eval_results(
                 plan.experiment.train.seed,
                 &device,
             );
+            stats.check_finite("test").map_err(Error::Run)?;
             Report {
                 epochs,
                 images: stats.images,
@@ -129,6 +130,13 @@ pub fn eval_results(
             }
         }
     };
+    if !report.test_bits_per_dim.is_finite() {
+        return Err(Error::Run(format!(
+            "the test bits/dim of {} came out as {}: the likelihood or the weights are not finite",
+            dir.display(),
+            report.test_bits_per_dim
+        )));
+    }
     let json = serde_json::to_string_pretty(&report).expect("a report serialises");
     write_atomic(&dir.join(EVAL_FILE), json.as_bytes())?;
     Ok(report)
@@ -178,7 +186,8 @@ pub fn receptive_field(dir: &Path, images: usize) -> Result<FieldReport> {
     let model = state.eval_model();
     let at = receptive::default_pixels(h, w);
     let fields =
-        receptive::receptive_fields(model, &subset, &at, plan.experiment.train.seed, &device);
+        receptive::receptive_fields(model, &subset, &at, plan.experiment.train.seed, &device)
+            .map_err(Error::Run)?;
 
     // One heat map per pixel, side by side, each value a square block, the pixel red.
     let scale = (96 / h.max(w)).max(1);

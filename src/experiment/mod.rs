@@ -276,6 +276,11 @@ pub struct TrainSection {
     /// evaluation, sample grids, `pixel eval` and `pixel sample` use; checkpoints keep it beside
     /// the trained weights. 0 = off. Default: 0.
     pub ema: f64,
+    /// f16 only: the run stops with an error after this many steps in a row were skipped
+    /// because their gradients overflowed (each halves the loss scale; 16 in a row take it from
+    /// 65536 to 1, where nothing is left to gain). Skipped steps are warned about and counted in
+    /// metrics.csv. In f32 and bf16 the first gradient that is not finite stops the run. Default: 25.
+    pub max_skipped_steps: usize,
     /// Seed for weights, shuffling and sampling. Default: 1.
     pub seed: u64,
     /// Checkpoints kept in `results/<name>/checkpoints/` (one is written per epoch and on
@@ -295,6 +300,7 @@ impl Default for TrainSection {
             adam_betas: [0.9, 0.999],
             clip_grad_norm: 0.0,
             ema: 0.0,
+            max_skipped_steps: 25,
             seed: 1,
             keep_checkpoints: 2,
         }

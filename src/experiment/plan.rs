@@ -468,6 +468,7 @@ impl Plan {
             epoch,
             kl_warmup_steps: e.model.vae.kl_warmup_steps,
             free_bits: e.model.vae.free_bits,
+            max_skipped_steps: e.train.max_skipped_steps,
         }
     }
 

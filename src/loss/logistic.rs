@@ -283,6 +283,62 @@ mod tests {
 
     /// At a very low temperature a draw is the mode: the most likely component's mean, rounded to
     /// its bin (for RGB with the means shifted by the colours drawn before).
+    /// Every parameter at an extreme (+-100, +-1e4 and mixed: logits, means, log-scales and
+    /// coefficients), grey and RGB, every target value class (0, 255, interior): the
+    /// log-likelihood and its gradient are finite on every backend.
+    #[test]
+    fn the_likelihood_is_finite_with_finite_gradients_at_the_extremes() {
+        let mut rng = StdRng::seed_from_u64(4);
+        for device in crate::device::test_devices() {
+            let device = device.autodiff();
+            for (colours, k) in [(1, 2), (3, 2)] {
+                let n = channels(colours, k);
+                let mut cases: Vec<Vec<f32>> = [100.0f32, -100.0, 1e4, -1e4]
+                    .iter()
+                    .map(|&v| vec![v; n])
+                    .collect();
+                for _ in 0..8 {
+                    let extremes = [100.0f32, -100.0, 1e4, -1e4, 0.0, 30.0, -30.0];
+                    cases.push((0..n).map(|_| extremes[rng.random_range(0..7)]).collect());
+                }
+                for params in cases {
+                    let targets: Vec<i64> = [0i64, 255, 128]
+                        .iter()
+                        .flat_map(|&t| std::iter::repeat_n(t, colours))
+                        .collect();
+                    let t = Tensor::<4, Int>::from_data(
+                        TensorData::new(targets, [3, colours, 1, 1]),
+                        &device,
+                    );
+                    let p = repeated(&params, 3, &device).require_grad();
+                    let lp = log_prob(p.clone(), t, k);
+                    let values: Vec<f32> = lp
+                        .clone()
+                        .into_data()
+                        .convert::<f32>()
+                        .try_into_vec()
+                        .unwrap();
+                    let grads = lp.sum().backward();
+                    let g: Vec<f32> = p
+                        .grad(&grads)
+                        .unwrap()
+                        .into_data()
+                        .convert::<f32>()
+                        .try_into_vec()
+                        .unwrap();
+                    assert!(
+                        values.iter().all(|v| v.is_finite() && *v <= 1e-6),
+                        "{params:?}: {values:?}"
+                    );
+                    assert!(
+                        g.iter().all(|v| v.is_finite()),
+                        "{params:?}: gradient {g:?}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn sampling_at_low_temperature_returns_the_mode() {
         let mut rng = StdRng::seed_from_u64(3);

@@ -69,7 +69,9 @@ fn dependencies_at(
                     .grad(&grads)
                     .map(|g| g.into_data().convert::<f32>().try_into_vec().expect("f32"))
                     .unwrap_or_else(|| vec![0.0; input.len()]);
-                let deps = &mut out[raster_index(c, y, x, colours, width)];
+                let o = raster_index(c, y, x, colours, width);
+                assert_finite_gradient(&g, o);
+                let deps = &mut out[o];
                 for (cc, yy, xx) in (0..colours).flat_map(|cc| {
                     (0..height).flat_map(move |yy| (0..width).map(move |xx| (cc, yy, xx)))
                 }) {
@@ -82,6 +84,19 @@ fn dependencies_at(
         }
     }
     out
+}
+
+/// Panics when a gradient value is not finite: a NaN or an infinity says that the model's values
+/// overflowed, not which inputs an output depends on, and must never count as a dependency (a
+/// false leak) or hide one.
+pub fn assert_finite_gradient(g: &[f32], output: usize) {
+    if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+        panic!(
+            "the gradient of output {output} is {} at input {i}: not finite, so it proves \
+             neither a dependency nor its absence",
+            g[i]
+        );
+    }
 }
 
 /// For every output sub-pixel, the earlier sub-pixels it does not depend on: the blind spot.
@@ -109,6 +124,21 @@ mod tests {
 
     fn device() -> Device {
         Device::flex().autodiff()
+    }
+
+    /// A model whose values overflow (here: a NaN gradient everywhere) fails the measurement with
+    /// its own message instead of reporting every input as a dependency.
+    #[test]
+    #[should_panic(expected = "not finite, so it proves neither a dependency nor its absence")]
+    fn a_gradient_that_is_not_finite_is_not_a_dependency() {
+        let dev = device();
+        dependencies(
+            |x| (x.clone() * f64::NAN).reshape([1, 1, 1, 2, 2]),
+            1,
+            2,
+            2,
+            &dev,
+        );
     }
 
     /// On every compiled backend: no leak, and no missing predecessor.

@@ -422,7 +422,8 @@ impl Model {
             latent: Some(z),
             ..context.clone()
         };
-        let kl = vae::gaussian_kl(mean, log_var);
+        // In f32 whatever the compute precision: a mean of a few hundred squares past f16's range.
+        let kl = vae::gaussian_kl(mean.cast(FloatDType::F32), log_var.cast(FloatDType::F32));
         (self.forward(x, &context), Some(kl))
     }
 

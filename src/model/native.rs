@@ -809,7 +809,7 @@ mod tests {
     use super::*;
     use crate::device::test_devices;
     use burn::tensor::module::conv2d;
-    use burn::tensor::{DType, Device, Distribution, Tolerance};
+    use burn::tensor::{DType, Device, Distribution, TensorData, Tolerance};
 
     fn random<const D: usize>(dims: [usize; D], device: &Device) -> Tensor<D> {
         Tensor::random(dims, Distribution::Normal(0.0, 1.0), device)
@@ -1131,6 +1131,61 @@ mod tests {
                 );
                 for (a, b) in ours.iter().zip(&theirs) {
                     a.assert_approx_eq::<f32>(b, tol);
+                }
+            }
+        }
+    }
+
+    /// Every activation of the models at the extremes, on every backend: finite values and
+    /// gradients at +-100 in f32 and bf16 and +-20 in f16 (the largest activations a layer of a
+    /// diverging or saturated network hands on), and the values they should have there.
+    #[test]
+    fn activations_are_finite_at_the_extremes() {
+        use burn::tensor::FloatDType;
+        type Activation = (&'static str, fn(Tensor<4>) -> Tensor<4>);
+        let activations: [Activation; 4] = [
+            ("elu", crate::model::pixelcnnpp::elu),
+            ("concat_elu", concat_elu),
+            ("gate", gate),
+            ("glu", glu),
+        ];
+        for device in test_devices() {
+            let device = device.autodiff();
+            for (dtype, big) in [
+                (FloatDType::F32, 100.0f32),
+                (FloatDType::BF16, 100.0),
+                (FloatDType::F16, 20.0),
+            ] {
+                let values = vec![-big, -big / 2.0, -1.0, 0.0, 1.0, 3.0, big / 2.0, big];
+                for (name, activation) in activations {
+                    let x = Tensor::<4>::from_data(
+                        TensorData::new(values.clone(), [1, 8, 1, 1]),
+                        &device,
+                    )
+                    .require_grad();
+                    let y = activation(x.clone().cast(dtype)).cast(FloatDType::F32);
+                    let grads = y.clone().sum().backward();
+                    let y: Vec<f32> = y.into_data().convert::<f32>().try_into_vec().unwrap();
+                    let g: Vec<f32> = x
+                        .grad(&grads)
+                        .unwrap()
+                        .into_data()
+                        .convert::<f32>()
+                        .try_into_vec()
+                        .unwrap();
+                    let at = format!("{name} at +-{big} in {dtype:?} on {device:?}");
+                    assert!(y.iter().all(|v| v.is_finite()), "{at}: values {y:?}");
+                    assert!(g.iter().all(|v| v.is_finite()), "{at}: gradients {g:?}");
+                    if name == "elu" {
+                        // elu(x) = x above 0 (gradient 1), -1 far below (gradient exp(x) ~ 0).
+                        let tol = if dtype == FloatDType::F32 { 1e-6 } else { 0.1 };
+                        assert!(
+                            (y[7] - big).abs() <= tol * big && (y[0] + 1.0).abs() < 1e-3,
+                            "{at}: {y:?}"
+                        );
+                        // exp(-100) is a denormal in f32; at 0 both sides' slope is 1.
+                        assert!(g[7] == 1.0 && g[0] < 1e-8 && g[3] == 1.0, "{at}: {g:?}");
+                    }
                 }
             }
         }

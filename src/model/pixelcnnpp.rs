@@ -20,8 +20,7 @@ use super::native::{
     ResnetShape, gated_resnet, pad_zeros, strided_conv2d, transposed_conv2d_stride2, valid_conv2d,
 };
 use burn::module::{Module, Param};
-use burn::tensor::activation::elu;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -301,10 +300,11 @@ impl GatedResnet {
     }
 }
 
-/// Where a training step's dropout masks come from: image `i` of the batch draws its masks from
-/// the stream of (`seed`, step `step`, image `first + i` of the global batch), one after another
-/// through the network. The masks of an image do not depend on how the global batch is cut into
-/// batches (or over ranks), nor on the backend, and a resumed run draws them again.
+/// Where a training step's dropout masks come from: the masks of image `i` of the batch are a
+/// hash of (`seed`, step `step`, image `first + i` of the global batch, the mask's place in the
+/// network, the element), computed on the device. The masks of an image do not depend on how the
+/// global batch is cut into batches (or over ranks), nor on the backend, and a resumed run draws
+/// them again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DropoutDraws {
     pub seed: u64,
@@ -312,35 +312,65 @@ pub struct DropoutDraws {
     pub first: u64,
 }
 
-/// Dropout in one forward pass: a generator per image.
+/// Dropout in one forward pass: the next mask's place in the network, and the batch's images.
 struct Dropout {
     p: f64,
-    rngs: Vec<StdRng>,
+    draws: DropoutDraws,
+    layer: u64,
+}
+
+/// The low 32 bits.
+const LOW32: i64 = 0xFFFF_FFFF;
+
+/// A 32-bit integer hash (xor-shift-multiply, as in Wang's and MurmurHash's finalisers) of values
+/// in 0..2^32 held in i64, in tensor operations: every product stays below 2^63 (multipliers
+/// below 2^31), so i64 arithmetic gives the same bits on every backend, CPU or GPU.
+fn hash32<const D: usize>(x: Tensor<D, Int>) -> Tensor<D, Int> {
+    let x = x.clone().bitwise_xor(x.bitwise_right_shift_scalar(16));
+    let x = x.mul_scalar(0x7FEB_352D).bitwise_and_scalar(LOW32);
+    let x = x.clone().bitwise_xor(x.bitwise_right_shift_scalar(15));
+    let x = x.mul_scalar(0x5BD1_E995).bitwise_and_scalar(LOW32);
+    x.clone().bitwise_xor(x.bitwise_right_shift_scalar(16))
+}
+
+/// The dropout mask of `dims` for the images `first..first + b` of the global batch, layer key
+/// `key`: element `e` of image `i` is dropped when `hash32((e * 0x61C88647 + hash32(image ^ key))
+/// mod 2^32) < p * 2^32`. Made on `device` from two `arange`s, no upload.
+fn dropout_mask(
+    dims: [usize; 4],
+    first: u64,
+    key: u32,
+    p: f64,
+    device: &Device,
+) -> Tensor<4, Bool> {
+    use burn::tensor::DType;
+    let [b, c, h, w] = dims;
+    let n = c * h * w;
+    debug_assert!(first + (b as u64) < 1 << 32 && (n as u64) < 1 << 32);
+    let images = Tensor::<1, Int>::arange(
+        first as i64..(first + b as u64) as i64,
+        (device, DType::I64),
+    );
+    let images = hash32(images.bitwise_xor_scalar(i64::from(key))).reshape([b, 1]);
+    let elements = Tensor::<1, Int>::arange(0..n as i64, (device, DType::I64)).reshape([1, n]);
+    let counters = (elements.mul_scalar(0x61C8_8647) + images).bitwise_and_scalar(LOW32);
+    let threshold = (p * 4_294_967_296.0) as i64;
+    hash32(counters).lower_elem(threshold).reshape(dims)
 }
 
 impl Dropout {
     /// The mask of the elements that dropout zeroes, with probability `p` each, and the factor
-    /// 1 / (1 - p) of the others (no mask for p = 0). Each image's mask comes from its own
-    /// generator (32 bits per element, compared with p * 2^32), the images in parallel.
+    /// 1 / (1 - p) of the others (no mask for p = 0). Each mask has its own key: the step's
+    /// stream (`rng::derive`) at the mask's place in the network.
     fn mask(&mut self, dims: [usize; 4], device: &Device) -> (Option<Tensor<4, Bool>>, f64) {
-        use rand::RngCore;
-        use rayon::prelude::*;
         if self.p <= 0.0 {
             return (None, 1.0);
         }
-        let [b, c, h, w] = dims;
-        let threshold = (self.p * 4_294_967_296.0) as u64;
-        let mut dropped = vec![false; b * c * h * w];
-        dropped
-            .par_chunks_mut(c * h * w)
-            .zip(self.rngs[..b].par_iter_mut())
-            .for_each(|(image, rng)| {
-                for v in image {
-                    *v = u64::from(rng.next_u32()) < threshold;
-                }
-            });
-        let dropped = Tensor::<4, Bool>::from_data(TensorData::new(dropped, dims), device);
-        (Some(dropped), 1.0 / (1.0 - self.p))
+        let d = self.draws;
+        let key = crate::rng::derive(d.seed, crate::rng::Purpose::Dropout, d.step, self.layer);
+        self.layer += 1;
+        let mask = dropout_mask(dims, d.first, key as u32, self.p, device);
+        (Some(mask), 1.0 / (1.0 - self.p))
     }
 }
 
@@ -517,13 +547,10 @@ impl PixelCnnPp {
         dropout: Option<DropoutDraws>,
     ) -> Tensor<4> {
         let [b, _, h, w] = x.dims();
-        let mut dropout = dropout.map(|d| Dropout {
+        let mut dropout = dropout.map(|draws| Dropout {
             p: self.dropout,
-            rngs: (0..b as u64)
-                .map(|i| {
-                    crate::rng::stream(d.seed, crate::rng::Purpose::Dropout, d.step, d.first + i)
-                })
-                .collect(),
+            draws,
+            layer: 0,
         });
         let scaled = (x - 127.5) / 127.5;
         let pixel = scaled.clone();
@@ -565,14 +592,20 @@ impl PixelCnnPp {
             }
         }
         debug_assert!(us.is_empty() && uls.is_empty());
-        let out = self.out.forward(elu(ul, 1.0));
+        let out = self.out.forward(elu(ul));
         match &self.in_pixel {
             None => out,
-            Some(head) => head
-                .out
-                .forward(elu(out + head.colours.forward(pixel), 1.0)),
+            Some(head) => head.out.forward(elu(out + head.colours.forward(pixel))),
         }
     }
+}
+
+/// ELU, `max(x, 0) + exp(min(x, 0)) - 1`: finite with a finite gradient for every finite input in
+/// every precision. (Burn 0.22's `elu` takes `exp` of the whole input and picks per element: above
+/// ~88.7 in f32 and bf16, ~11 in f16, the branch not taken is infinite and its zero gradient times
+/// it is NaN, which froze a PixelCNN++ whose outputs had grown that large.)
+pub fn elu(x: Tensor<4>) -> Tensor<4> {
+    burn::tensor::activation::relu(x.clone()) + x.clamp_max(0.0).exp() - 1.0
 }
 
 fn last(v: &[Tensor<4>]) -> Tensor<4> {
@@ -642,6 +675,7 @@ mod tests {
                     .grad(&grads)
                     .map(|g| g.into_data().convert::<f32>().try_into_vec().unwrap())
                     .unwrap_or_else(|| vec![0.0; values.len()]);
+                crate::model::causality::assert_finite_gradient(&g, p);
                 for c in 0..colours {
                     for q in 0..h * w {
                         if g[c * h * w + q] != 0.0 {
@@ -710,6 +744,60 @@ mod tests {
         assert_ne!(a, eval);
         assert_ne!(a, c, "another step, other masks");
         assert_ne!(a, d, "another image, other masks");
+    }
+
+    /// The device's masks are the hash written with plain u32 wrapping arithmetic, bit for bit,
+    /// on every backend; about p of the elements are dropped, independently of each other.
+    #[test]
+    fn dropout_masks_are_the_hash_on_every_backend() {
+        fn hash(mut x: u32) -> u32 {
+            x ^= x >> 16;
+            x = x.wrapping_mul(0x7FEB_352D);
+            x ^= x >> 15;
+            x = x.wrapping_mul(0x5BD1_E995);
+            x ^ (x >> 16)
+        }
+        let (dims, first, key, p) = ([3, 4, 5, 6], 7u64, 0xDEAD_BEEFu32, 0.3);
+        let n = 4 * 5 * 6;
+        let expected: Vec<bool> = (0..3u32)
+            .flat_map(|i| {
+                let image = hash((first as u32 + i) ^ key);
+                (0..n as u32).map(move |e| {
+                    u64::from(hash(e.wrapping_mul(0x61C8_8647).wrapping_add(image)))
+                        < (p * 4_294_967_296.0) as u64
+                })
+            })
+            .collect();
+        for device in crate::device::test_devices() {
+            let mask: Vec<bool> = dropout_mask(dims, first, key, p, &device)
+                .into_data()
+                .convert::<bool>()
+                .try_into_vec()
+                .unwrap();
+            assert_eq!(mask, expected, "{device:?}");
+        }
+        // The fraction and the independence of neighbours, over a large mask.
+        let device = Device::flex();
+        let big: Vec<bool> = dropout_mask([4, 16, 32, 32], 0, 1, 0.5, &device)
+            .into_data()
+            .convert::<bool>()
+            .try_into_vec()
+            .unwrap();
+        let fraction = big.iter().filter(|&&d| d).count() as f64 / big.len() as f64;
+        assert!((fraction - 0.5).abs() < 0.01, "{fraction}");
+        let both = big.windows(2).filter(|w| w[0] && w[1]).count() as f64 / big.len() as f64;
+        assert!(
+            (both - 0.25).abs() < 0.01,
+            "neighbours dropped together: {both}"
+        );
+        let per_image = big.len() / 4;
+        let same = (0..per_image)
+            .filter(|&e| big[e] == big[per_image + e])
+            .count() as f64;
+        assert!(
+            (same / per_image as f64 - 0.5).abs() < 0.02,
+            "images agree: {same}"
+        );
     }
 
     /// An image's masks are its own: a batch of two gives each image what it gets alone with its

@@ -117,7 +117,7 @@ pub fn hardware(gpu: Option<&str>) -> String {
 }
 
 /// The header of `metrics.csv`, in the order of [`MetricsRow`]'s fields.
-pub const METRICS_COLUMNS: [&str; 14] = [
+pub const METRICS_COLUMNS: [&str; 15] = [
     "epoch",
     "train_bits_per_dim",
     "test_bits_per_dim",
@@ -132,6 +132,7 @@ pub const METRICS_COLUMNS: [&str; 14] = [
     "validation_bits_per_dim",
     "learning_rate",
     "gradient_norm",
+    "skipped_steps",
 ];
 
 /// One row of `metrics.csv`.
@@ -166,6 +167,9 @@ pub struct MetricsRow {
     /// The mean over the epoch's steps of the gradients' global L2 norm before clipping.
     #[serde(default)]
     pub gradient_norm: Option<f64>,
+    /// f16 only (empty otherwise): the epoch's steps skipped because their gradients overflowed.
+    #[serde(default)]
+    pub skipped_steps: Option<usize>,
 }
 
 /// The current time as RFC 3339, UTC, whole seconds.

@@ -274,6 +274,7 @@ impl Board {
             ("epoch/kl_weight", row.kl_weight),
             ("epoch/learning_rate", row.learning_rate),
             ("epoch/gradient_norm", row.gradient_norm),
+            ("epoch/skipped_steps", row.skipped_steps.map(|n| n as f64)),
         ];
         let scalars = [
             ("epoch/train_bits_per_dim", Some(row.train_bits_per_dim)),

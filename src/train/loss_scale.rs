@@ -3,7 +3,7 @@
 use crate::model::Model;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor};
 
 /// Dynamic loss scaling for f16 training (Micikevicius et al. 2018, "Mixed Precision Training"):
 /// the loss is multiplied by `scale` before the backward pass so that small gradients survive in
@@ -15,6 +15,9 @@ pub struct LossScale {
     pub good_steps: usize,
     /// Steps skipped so far because of overflow.
     pub skipped: usize,
+    /// Steps skipped in a row up to the last one (0 after a step taken).
+    #[serde(default)]
+    pub skipped_in_a_row: usize,
 }
 
 impl Default for LossScale {
@@ -23,6 +26,7 @@ impl Default for LossScale {
             scale: 65536.0,
             good_steps: 0,
             skipped: 0,
+            skipped_in_a_row: 0,
         }
     }
 }
@@ -33,6 +37,7 @@ impl LossScale {
     /// Records whether the last step's gradients were finite.
     pub fn update(&mut self, finite: bool) {
         if finite {
+            self.skipped_in_a_row = 0;
             self.good_steps += 1;
             if self.good_steps == Self::GROWTH_INTERVAL {
                 self.scale = (self.scale * 2.0).min(f64::from(f32::MAX) / 2.0);
@@ -42,44 +47,142 @@ impl LossScale {
             self.scale = (self.scale / 2.0).max(1.0);
             self.good_steps = 0;
             self.skipped += 1;
+            self.skipped_in_a_row += 1;
+        }
+    }
+}
+
+/// The global L2 norm of a step's gradients, and where it is not finite.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct GradientNorm {
+    /// Not finite when a gradient is not (or its square sum overflows f32).
+    pub norm: f64,
+    /// The first parameter, in visiting order ([`parameter_names`]), whose gradient is not finite.
+    pub first_not_finite: Option<usize>,
+}
+
+impl GradientNorm {
+    /// The norm from each parameter's square sum (`None` for one without a gradient), in visiting
+    /// order, summed in f64.
+    pub fn from_square_sums(sums: impl IntoIterator<Item = Option<f64>>) -> GradientNorm {
+        let (mut total, mut first_not_finite) = (0.0f64, None);
+        for (i, s) in sums.into_iter().enumerate() {
+            if let Some(s) = s {
+                if !s.is_finite() && first_not_finite.is_none() {
+                    first_not_finite = Some(i);
+                }
+                total += s;
+            }
+        }
+        GradientNorm {
+            norm: if first_not_finite.is_some() {
+                f64::NAN
+            } else {
+                total.sqrt()
+            },
+            first_not_finite,
         }
     }
 }
 
 /// Multiplies every gradient of `model` by `factor` (none for 1) and returns their global L2 norm
-/// after it: infinite or NaN when a gradient is not finite.
-pub(super) fn rescale_gradients(model: &Model, grads: &mut GradientsParams, factor: f64) -> f64 {
+/// after it, and the values of the one-element tensors `extras` (on the gradients' device): each
+/// parameter's square sum on the device, read back with the extras together once, the squares
+/// summed in f64 on the host.
+pub(crate) fn rescale_gradients(
+    model: &Model,
+    grads: &mut GradientsParams,
+    factor: f64,
+    extras: Vec<Tensor<1>>,
+) -> (GradientNorm, Vec<f64>) {
     struct Rescale<'a> {
         grads: &'a mut GradientsParams,
         factor: f64,
-        total: Option<Tensor<1>>,
+        /// Per visited parameter: the index of its square sum in `sums`, if it has a gradient.
+        at: Vec<Option<usize>>,
+        sums: Vec<Tensor<1>>,
     }
     impl ModuleVisitor for Rescale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.grads.remove::<D>(param.id) {
-                let g = if self.factor == 1.0 {
-                    g
-                } else {
-                    g * self.factor
-                };
-                let size = g.clone().powi_scalar(2).sum();
-                self.total = Some(match self.total.take() {
-                    None => size,
-                    Some(t) => t + size,
-                });
-                self.grads.register(param.id, g);
-            }
+            let Some(g) = self.grads.remove::<D>(param.id) else {
+                self.at.push(None);
+                return;
+            };
+            let g = if self.factor == 1.0 {
+                g
+            } else {
+                g * self.factor
+            };
+            self.at.push(Some(self.sums.len()));
+            self.sums.push(g.clone().powi_scalar(2).sum());
+            self.grads.register(param.id, g);
         }
     }
     let mut visitor = Rescale {
         grads,
         factor,
-        total: None,
+        at: Vec::new(),
+        sums: Vec::new(),
     };
     model.visit(&mut visitor);
-    visitor
-        .total
-        .map_or(0.0, |t| f64::from(t.into_scalar::<f32>()).sqrt())
+    let Rescale { at, mut sums, .. } = visitor;
+    let parameters = sums.len();
+    sums.extend(extras.into_iter().map(|t| t.cast(FloatDType::F32)));
+    let values: Vec<f32> = if sums.is_empty() {
+        Vec::new()
+    } else {
+        let sums: Vec<Tensor<1>> = sums.into_iter().map(|t| t.cast(FloatDType::F32)).collect();
+        Tensor::cat(sums, 0)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .expect("f32 square sums")
+    };
+    let norm = GradientNorm::from_square_sums(at.iter().map(|a| a.map(|i| f64::from(values[i]))));
+    (
+        norm,
+        values[parameters..].iter().map(|&v| f64::from(v)).collect(),
+    )
+}
+
+/// Multiplies every gradient of `model` by `factor` (clipping), on the device.
+pub(crate) fn scale_gradients(model: &Model, grads: &mut GradientsParams, factor: f64) {
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g * self.factor);
+            }
+        }
+    }
+    model.visit(&mut Scale { grads, factor });
+}
+
+/// The dotted names of `model`'s float parameters in visiting order, as
+/// `net.Gated.layers.3.vertical.weight`: what an error about one of them names.
+pub(crate) fn parameter_names(model: &Model) -> Vec<String> {
+    #[derive(Default)]
+    struct Names {
+        path: Vec<String>,
+        names: Vec<String>,
+    }
+    impl ModuleVisitor for Names {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+            self.names.push(self.path.join("."));
+        }
+    }
+    let mut names = Names::default();
+    model.visit(&mut names);
+    names.names
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub use ema::Ema;
 pub use evaluate::{
     ACTIVE_VARIANCE, Bounds, LatentSpread, evaluate, evaluate_range, importance_bounds,
 };
+use loss_scale::GradientNorm;
 pub use loss_scale::LossScale;
 pub use parallel::{evaluate_sharded, weights_checksum};
 
@@ -48,6 +49,9 @@ pub struct PassStats {
     pub gradient_norm_sum: f64,
     #[serde(default, skip_serializing_if = "is_zero_steps")]
     pub gradient_norm_steps: usize,
+    /// Training in f16: the steps skipped because their gradients overflowed.
+    #[serde(default, skip_serializing_if = "is_zero_steps")]
+    pub skipped_steps: usize,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -76,10 +80,29 @@ impl PassStats {
             .map(|kl| crate::loss::bits_per_dim(kl, self.subpixels))
     }
 
-    /// Training: the mean gradient norm before clipping over the pass's steps (finite ones).
+    /// Training: the mean gradient norm before clipping over the pass's steps with finite
+    /// gradients; infinite when every step's overflowed (f16), None only when no step ran.
     pub fn mean_gradient_norm(&self) -> Option<f64> {
-        (self.gradient_norm_steps > 0)
-            .then(|| self.gradient_norm_sum / self.gradient_norm_steps as f64)
+        if self.gradient_norm_steps > 0 {
+            Some(self.gradient_norm_sum / self.gradient_norm_steps as f64)
+        } else {
+            (self.skipped_steps > 0).then_some(f64::INFINITY)
+        }
+    }
+
+    /// An error naming `what` (a pass) when its loss is not finite: a likelihood that overflowed
+    /// or weights that are no longer numbers, never a result to report.
+    pub fn check_finite(&self, what: &str) -> Result<(), String> {
+        let total = self.nats + self.kl_nats.unwrap_or(0.0);
+        if total.is_finite() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the {what} pass's negative log-likelihood is {total} over {} images, not a number \
+                 of bits/dim",
+                self.images
+            ))
+        }
     }
 
     pub fn images_per_second(&self) -> f64 {
@@ -129,6 +152,8 @@ pub struct Step {
     /// PixelVAE: steps of linear KL warm-up (0 = none) and free bits in nats per latent dimension.
     pub kl_warmup_steps: usize,
     pub free_bits: f64,
+    /// f16: the steps skipped in a row (gradients that overflow) after which the run stops.
+    pub max_skipped_steps: usize,
 }
 
 impl Step {
@@ -164,6 +189,34 @@ impl Step {
 /// The error of a step whose loss is not finite.
 fn not_finite(i: usize, loss: f64) -> String {
     format!("step {}: the training loss became {loss}", i + 1)
+}
+
+/// The error of a step whose gradients are not finite (f32 and bf16, or f16 past
+/// `max_skipped_steps` skipped steps in a row), naming the first parameter concerned.
+fn gradient_not_finite(
+    model: &Model,
+    i: usize,
+    norm: GradientNorm,
+    skipped: Option<usize>,
+) -> String {
+    let names = loss_scale::parameter_names(model);
+    let which = norm
+        .first_not_finite
+        .and_then(|p| names.get(p))
+        .map_or_else(|| "a parameter".to_string(), |n| format!("`{n}`"));
+    match skipped {
+        None => format!(
+            "step {}: the gradient of {which} is not finite (NaN or infinite), so no update can be \
+             taken; the weights before this step were finite",
+            i + 1
+        ),
+        Some(n) => format!(
+            "step {}: {n} steps in a row were skipped because their f16 gradients overflowed \
+             (the last at {which}), more than train.max_skipped_steps; the loss scale cannot \
+             fall further: train in bf16 or f32",
+            i + 1
+        ),
+    }
 }
 
 /// The generator of the noise of step `i` (from 0) of `epoch`.
@@ -220,6 +273,8 @@ pub struct StepReport {
     /// The global L2 norm of the (unscaled) gradients before clipping; not finite for a skipped
     /// f16 step.
     pub gradient_norm: f64,
+    /// f16: the step was skipped because its gradients overflowed.
+    pub skipped: bool,
     /// The learning rate of the step.
     pub learning_rate: f64,
     /// Where the step's time went, measured in one process only (with several ranks the
@@ -234,11 +289,12 @@ pub struct StepReport {
 pub struct StepPhases {
     /// The batch's tensors and the model's forward pass.
     pub forward: f64,
-    /// The negative log-likelihood (and a PixelVAE's KL term) and its value on the host.
+    /// The negative log-likelihood (and a PixelVAE's KL term).
     pub loss: f64,
     /// The backward pass.
     pub backward: f64,
-    /// The gradient norm, clipping, the optimizer's step and the EMA's update.
+    /// The gradient norm with the loss read on the host (one wait for the device), clipping,
+    /// the optimizer's step and the EMA's update.
     pub update: f64,
 }
 
@@ -328,18 +384,15 @@ pub fn train_epoch(
             let (logits, kl) = model.forward_with_kl(batch.input, &batch.context, &mut noise);
             let forward = started.elapsed().as_secs_f64();
             let nats = nll_nats(logits, batch.target);
-            let batch_nats = f64::from(nats.clone().into_scalar::<f32>());
+            // The batch's nats (and KL), read with the gradients' norm after the backward pass:
+            // one wait for the device per step.
+            let mut totals = vec![nats.clone().inner()];
             let mut loss = nats;
-            let mut batch_kl = 0.0;
             if let Some(kl) = kl {
-                batch_kl = f64::from(kl.clone().sum().into_scalar::<f32>());
+                totals.push(kl.clone().sum().inner());
                 let weight = step.kl_weight(run_step);
                 loss = loss + kl_penalty(kl, step.free_bits) * weight;
-                *stats.kl_nats.get_or_insert(0.0) += batch_kl;
                 stats.kl_weight = Some(weight);
-            }
-            if !(batch_nats + batch_kl).is_finite() {
-                return Err(not_finite(i, batch_nats + batch_kl));
             }
             let mut loss = loss / dims as f64;
             if loss_scale.is_some() {
@@ -347,14 +400,23 @@ pub fn train_epoch(
             }
             let loss_done = started.elapsed().as_secs_f64();
             let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            let backward_done = started.elapsed().as_secs_f64();
+            // Unscaled (f16) and measured: the norm is what a step's update is made of.
+            let (norm, totals) =
+                loss_scale::rescale_gradients(&model, &mut grads, 1.0 / scale, totals);
+            let (batch_nats, batch_kl) = (totals[0], totals.get(1).copied().unwrap_or(0.0));
+            if !(batch_nats + batch_kl).is_finite() {
+                return Err(not_finite(i, batch_nats + batch_kl));
+            }
+            if totals.len() > 1 {
+                *stats.kl_nats.get_or_insert(0.0) += batch_kl;
+            }
             phases = Some(StepPhases {
                 forward,
                 loss: loss_done - forward,
-                backward: started.elapsed().as_secs_f64() - loss_done,
+                backward: backward_done - loss_done,
                 update: 0.0,
             });
-            // Unscaled (f16) and measured: the norm is what a step's update is made of.
-            let norm = loss_scale::rescale_gradients(&model, &mut grads, 1.0 / scale);
             (grads, batch_nats, batch_kl, norm, None)
         } else {
             let r = parallel::step(
@@ -377,15 +439,31 @@ pub fn train_epoch(
             }
             (r.grads, r.nats, batch_kl, r.gradient_norm, Some(r.stop))
         };
-        let (finite, learning_rate) = (gradient_norm.is_finite(), step.learning_rate_at(run_step));
-        if let Some(ls) = loss_scale.as_mut() {
-            ls.update(finite);
+        let learning_rate = step.learning_rate_at(run_step);
+        let finite = gradient_norm.first_not_finite.is_none() && gradient_norm.norm.is_finite();
+        match loss_scale.as_mut() {
+            // f16: an overflow is expected now and then (the scale halves and the step is
+            // skipped), but not for ever.
+            Some(ls) => {
+                ls.update(finite);
+                if !finite {
+                    stats.skipped_steps += 1;
+                    if ls.skipped_in_a_row > step.max_skipped_steps {
+                        let n = Some(ls.skipped_in_a_row);
+                        return Err(gradient_not_finite(&model, i, gradient_norm, n));
+                    }
+                }
+            }
+            // f32, bf16: a gradient that is not finite is a defect; no step is taken on it.
+            None if !finite => return Err(gradient_not_finite(&model, i, gradient_norm, None)),
+            None => {}
         }
+        let gradient_norm = gradient_norm.norm;
         if finite {
             let mut grads = grads;
             if step.clip_grad_norm > 0.0 && gradient_norm > step.clip_grad_norm {
                 let factor = step.clip_grad_norm / gradient_norm;
-                loss_scale::rescale_gradients(&model, &mut grads, factor);
+                loss_scale::scale_gradients(&model, &mut grads, factor);
             }
             model = optimizer.step(learning_rate, model, grads);
             if let Some(ema) = ema.as_mut() {
@@ -407,6 +485,7 @@ pub fn train_epoch(
             bits_per_dim: crate::loss::bits_per_dim(batch_nats + batch_kl, dims),
             loss_scale: loss_scale.map(|ls| ls.scale),
             gradient_norm,
+            skipped: !finite,
             learning_rate,
             phases,
         });
@@ -502,6 +581,7 @@ mod tests {
                 epoch: 1,
                 kl_warmup_steps: 0,
                 free_bits: 0.0,
+                max_skipped_steps: 25,
             };
             let mut per_epoch = Vec::new();
             let mut state = TrainState {
@@ -593,6 +673,7 @@ mod tests {
             epoch: 1,
             kl_warmup_steps: 0,
             free_bits: 0.0,
+            max_skipped_steps: 25,
         };
         let state = TrainState {
             model,
@@ -650,6 +731,7 @@ mod tests {
                 epoch: n,
                 kl_warmup_steps: 0,
                 free_bits: 0.0,
+                max_skipped_steps: 25,
             };
             configure(&mut step);
             let (next, _, _) = train_epoch(state, epoch(&data, &order, step, &device), |r| {
@@ -798,6 +880,7 @@ mod tests {
             epoch: 1,
             kl_warmup_steps: 0,
             free_bits: 0.0,
+            max_skipped_steps: 25,
         };
         let order: Vec<usize> = (0..16).collect();
         let state = TrainState {

@@ -4,6 +4,7 @@
 //! loss is the mean over all its sub-pixels, as in one process: each rank divides its nats by the
 //! global batch's sub-pixels, and the sum of the ranks' gradients is the gradient of the whole.
 
+use super::loss_scale::GradientNorm;
 use super::{Batch, PassStats, Step, evaluate, evaluate_range, kl_penalty, noise_rng};
 use crate::cluster::World;
 use crate::data::Images;
@@ -19,7 +20,7 @@ pub(super) struct Reduced {
     /// The gradients of the global batch's loss, unscaled, on every rank the same.
     pub grads: GradientsParams,
     /// Their global L2 norm (not finite when one of them is not).
-    pub gradient_norm: f64,
+    pub gradient_norm: GradientNorm,
     /// Nats of the global batch, and for a PixelVAE its KL nats and weight.
     pub nats: f64,
     pub kl_nats: Option<f64>,
@@ -129,10 +130,11 @@ fn all_reduce<const N: usize>(
     factor: f64,
     world: &World,
     device: &Device,
-) -> (GradientsParams, f64, [f32; N]) {
+) -> (GradientsParams, GradientNorm, [f32; N]) {
     struct Flatten<'a> {
         grads: Option<&'a mut GradientsParams>,
         parts: Vec<Tensor<1>>,
+        sizes: Vec<usize>,
         present: Vec<f32>,
         device: &'a Device,
     }
@@ -141,6 +143,7 @@ fn all_reduce<const N: usize>(
             let n = param.val().shape().num_elements();
             let grad = self.grads.as_mut().and_then(|g| g.remove::<D>(param.id));
             self.present.push(f32::from(grad.is_some()));
+            self.sizes.push(n);
             self.parts.push(match grad {
                 Some(g) => g.reshape([n]),
                 None => Tensor::zeros([n], self.device),
@@ -150,11 +153,17 @@ fn all_reduce<const N: usize>(
     let mut flatten = Flatten {
         grads: grads.as_mut(),
         parts: Vec::new(),
+        sizes: Vec::new(),
         present: Vec::new(),
         device,
     };
     model.visit(&mut flatten);
-    let Flatten { parts, present, .. } = flatten;
+    let Flatten {
+        parts,
+        sizes,
+        present,
+        ..
+    } = flatten;
     let params = present.len();
     let mut buffer: Vec<f32> = Tensor::cat(parts, 0)
         .into_data()
@@ -179,11 +188,16 @@ fn all_reduce<const N: usize>(
             *g = (f64::from(*g) * factor) as f32;
         }
     }
-    let norm = buffer
-        .iter()
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>()
-        .sqrt();
+    let mut offset = 0;
+    let norm = GradientNorm::from_square_sums(sizes.iter().zip(&present).map(|(&n, &p)| {
+        let part = &buffer[offset..offset + n];
+        offset += n;
+        p.then(|| {
+            part.iter()
+                .map(|&g| f64::from(g) * f64::from(g))
+                .sum::<f64>()
+        })
+    }));
 
     struct Rebuild<'a> {
         flat: Tensor<1>,

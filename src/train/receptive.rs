@@ -47,14 +47,15 @@ pub fn default_pixels(height: usize, width: usize) -> Vec<[usize; 2]> {
 /// The receptive field at each of `pixels` over `images` (one batch): the gradient of each
 /// image's log-likelihood at the pixel with respect to its own input. A PixelVAE decodes from a
 /// draw of q(z|x) held fixed (its encoder sees the whole image by design). `device` must be an
-/// autodiff device and `model` live on it; dropout stays off.
+/// autodiff device and `model` live on it; dropout stays off. A gradient that is not finite is
+/// an error naming the pixel, never counted as a dependency (a NaN is not a leak).
 pub fn receptive_fields(
     model: &Model,
     images: &Images,
     pixels: &[[usize; 2]],
     seed: u64,
     device: &Device,
-) -> Vec<Field> {
+) -> Result<Vec<Field>, String> {
     let (n, c, h, w) = (images.len(), images.colours, images.height, images.width);
     let all: Vec<usize> = (0..n).collect();
     let batch = super::Batch::gather(images, &all, device);
@@ -85,8 +86,26 @@ pub fn receptive_fields(
         .collect()
 }
 
-/// Sums a gradient `[n, c, h, w]` into one pixel's field.
-fn field(pixel: [usize; 2], g: &[f32], (n, c, h, w): (usize, usize, usize, usize)) -> Field {
+/// Sums a gradient `[n, c, h, w]` into one pixel's field; an error when a value is not finite.
+fn field(
+    pixel: [usize; 2],
+    g: &[f32],
+    (n, c, h, w): (usize, usize, usize, usize),
+) -> Result<Field, String> {
+    if let Some(bad) = g.iter().position(|v| !v.is_finite()) {
+        let (image, rest) = (bad / (c * h * w), bad % (c * h * w));
+        let (colour, p) = (rest / (h * w), rest % (h * w));
+        return Err(format!(
+            "the gradient of the log-likelihood at pixel ({}, {}) is {} with respect to colour \
+             {colour} of pixel ({}, {}) of test image {image}: the model's likelihood or weights \
+             are not finite there, so no receptive field can be measured",
+            pixel[0],
+            pixel[1],
+            g[bad],
+            p / w,
+            p % w
+        ));
+    }
     let at = pixel[0] * w + pixel[1];
     let mut map = vec![0.0f64; h * w];
     let mut nonzero = vec![false; h * w];
@@ -117,7 +136,7 @@ fn field(pixel: [usize; 2], g: &[f32], (n, c, h, w): (usize, usize, usize, usize
         sum += v;
         for_90 += 1;
     }
-    Field {
+    Ok(Field {
         pixel,
         earlier_pixels: at,
         nonzero_earlier: nonzero[..at].iter().filter(|&&b| b).count(),
@@ -125,7 +144,7 @@ fn field(pixel: [usize; 2], g: &[f32], (n, c, h, w): (usize, usize, usize, usize
         own_subpixels: own.iter().filter(|&&b| b).count(),
         later_pixels: nonzero[at + 1..].iter().filter(|&&b| b).count(),
         map,
-    }
+    })
 }
 
 /// The map as an 8-bit grey image, `h * w` bytes: the square root of |gradient| scaled so that
@@ -170,7 +189,7 @@ mod tests {
         // Own pixel (4), colour 1 of image 0; a later pixel (5), colour 0 of image 1.
         g[h * w + 4] = 0.25;
         g[c * h * w + 5] = 0.1;
-        let f = field([1, 1], &g, (n, c, h, w));
+        let f = field([1, 1], &g, (n, c, h, w)).unwrap();
         assert_eq!(f.earlier_pixels, 4);
         assert_eq!(f.nonzero_earlier, 3);
         assert_eq!(f.own_subpixels, 1);
@@ -180,5 +199,26 @@ mod tests {
         assert!((f.map[0] - 4.5).abs() < 1e-12);
         let heat = heat_map(&f);
         assert_eq!((heat[0], heat[1], heat[4]), (255, 0, 128));
+    }
+
+    /// A NaN or an infinity in the gradient, earlier or later than the pixel, is an error that
+    /// names where it is, never a dependency or a leak.
+    #[test]
+    fn a_gradient_that_is_not_finite_is_an_error_not_a_leak() {
+        let (n, c, h, w) = (2, 1, 2, 3);
+        for (at, value) in [
+            (5, f32::NAN),
+            (0, f32::INFINITY),
+            (c * h * w + 4, f32::NEG_INFINITY),
+        ] {
+            let mut g = vec![0.5f32; n * c * h * w];
+            g[at] = value;
+            let err = field([1, 1], &g, (n, c, h, w)).unwrap_err();
+            assert!(
+                err.contains("is not finite") || err.contains("are not finite"),
+                "{err}"
+            );
+            assert!(err.contains(&format!("{value}")), "{err}");
+        }
     }
 }
