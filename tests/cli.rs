@@ -1750,3 +1750,53 @@ fn receptive_field_of_a_trained_pixelcnnpp() {
     let out = pixel(d, &["sample", r, "--count", "3"]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// A run with `train.ema` whose checkpoint lost its averaged weights: `pixel eval` and `pixel
+/// sample` say so and stop (exit 2) rather than use the trained weights in their place; a weights
+/// file cut short is reported as damaged, not as a model that does not fit.
+#[test]
+fn eval_and_sample_refuse_a_checkpoint_without_its_average_or_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    let out = pixel(
+        d,
+        &[
+            "run",
+            "tiny.toml",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.ema=0.9",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let ckpt = d.join("results/tiny/checkpoints/0001-000000");
+    let ema = std::fs::read(ckpt.join("ema.bpk")).unwrap();
+    std::fs::remove_file(ckpt.join("ema.bpk")).unwrap();
+    for args in [
+        vec!["eval", "results/tiny"],
+        vec!["sample", "results/tiny", "--count", "2", "--out", "draws"],
+    ] {
+        let out = pixel(d, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains("ema.bpk: damaged: missing"),
+            "{}",
+            text(&out)
+        );
+    }
+    assert!(!d.join("results/tiny/eval.json").exists());
+    assert!(!d.join("draws").exists());
+    std::fs::write(ckpt.join("ema.bpk"), &ema[..ema.len() - 10]).unwrap();
+    let out = pixel(d, &["eval", "results/tiny"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("damaged") && text(&out).contains("cut short"),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(ckpt.join("ema.bpk"), &ema).unwrap();
+    let out = pixel(d, &["eval", "results/tiny"]);
+    assert!(out.status.success(), "{}", text(&out));
+}

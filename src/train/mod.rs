@@ -206,8 +206,8 @@ fn gradient_not_finite(
         .map_or_else(|| "a parameter".to_string(), |n| format!("`{n}`"));
     match skipped {
         None => format!(
-            "step {}: the gradient of {which} is not finite (NaN or infinite), so no update can be \
-             taken; the weights before this step were finite",
+            "step {}: the gradient of {which} is not finite (NaN or infinite, or too large to \
+             square in f32), so no update can be taken; the weights before this step were finite",
             i + 1
         ),
         Some(n) => format!(
@@ -850,6 +850,121 @@ mod tests {
         // max(0.1, 0.3) + max(1.0, 0.3) = 1.3 nats per image, times 2 images.
         let floored: f32 = kl_penalty(kl, 0.3).into_scalar();
         assert!((floored - 2.6).abs() < 1e-6, "{floored}");
+    }
+
+    /// `model` with its first parameter times `first` and its last two times `last`.
+    fn rescaled(model: Model, first: f64, last: f64) -> Model {
+        use burn::module::{Module, ModuleMapper, Param};
+        struct Scale {
+            at: usize,
+            count: usize,
+            factors: [f64; 2],
+        }
+        impl ModuleMapper for Scale {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+                let at = self.at;
+                self.at += 1;
+                let factor = match at {
+                    0 => self.factors[0],
+                    i if i + 2 >= self.count => self.factors[1],
+                    _ => return param,
+                };
+                param.map(|t| t * factor)
+            }
+        }
+        let count = super::loss_scale::parameter_names(&model).len();
+        model.map(&mut Scale {
+            at: 0,
+            count,
+            factors: [first, last],
+        })
+    }
+
+    /// In f32 a gradient that is not finite stops the epoch with an error naming the step and
+    /// the parameter. Here the head is scaled by 1e30: its logits of ~1e30 still give a finite
+    /// loss, but the gradients below it square-sum past f32.
+    #[test]
+    fn a_gradient_that_is_not_finite_stops_f32_training() {
+        let (data, model, device) = tiny_simple(8);
+        let model = rescaled(model, 1.0, 1e30);
+        let step = Step {
+            batch_size: 8,
+            learning_rate: 0.01,
+            lr_decay: 1.0,
+            clip_grad_norm: 0.0,
+            seed: 1,
+            epoch: 1,
+            kl_warmup_steps: 0,
+            free_bits: 0.0,
+            max_skipped_steps: 25,
+        };
+        let state = TrainState {
+            model,
+            optimizer: crate::optim::adam(),
+            loss_scale: None,
+            ema: None,
+        };
+        let order: Vec<usize> = (0..8).collect();
+        let err = train_epoch(state, epoch(&data, &order, step, &device), |_| {})
+            .err()
+            .expect("the step cannot be taken");
+        assert!(
+            err.starts_with("step 1: the gradient of `") && err.contains("is not finite"),
+            "{err}"
+        );
+        let names = super::loss_scale::parameter_names(&tiny_simple(8).1);
+        assert!(names.iter().all(|n| !n.is_empty()), "{names:?}");
+        assert!(
+            names.iter().any(|n| err.contains(&format!("`{n}`"))),
+            "{err} vs {names:?}"
+        );
+    }
+
+    /// The norm of square sums: f64 over the parameters, the first that is not finite named
+    /// (parameters without a gradient skipped).
+    #[test]
+    fn the_norm_names_the_first_parameter_that_is_not_finite() {
+        let ok = GradientNorm::from_square_sums([Some(9.0), None, Some(16.0)]);
+        assert_eq!((ok.norm, ok.first_not_finite), (5.0, None));
+        let bad =
+            GradientNorm::from_square_sums([Some(1.0), None, Some(f64::NAN), Some(f64::INFINITY)]);
+        assert_eq!(bad.first_not_finite, Some(2));
+        assert!(bad.norm.is_nan());
+    }
+
+    /// f16: more than `max_skipped_steps` overflowing steps in a row stop the run.
+    #[test]
+    fn f16_stops_after_too_many_skipped_steps_in_a_row() {
+        let (data, model, device) = tiny_simple(16);
+        let state = TrainState {
+            model: model.with_precision(Precision::F16),
+            optimizer: crate::optim::adam(),
+            loss_scale: Some(LossScale {
+                scale: 1e9,
+                ..LossScale::default()
+            }),
+            ema: None,
+        };
+        let step = Step {
+            batch_size: 8,
+            learning_rate: 1e-2,
+            lr_decay: 1.0,
+            clip_grad_norm: 0.0,
+            seed: 1,
+            epoch: 1,
+            kl_warmup_steps: 0,
+            free_bits: 0.0,
+            max_skipped_steps: 1,
+        };
+        let order: Vec<usize> = (0..16).collect();
+        let mut skipped = Vec::new();
+        let err = train_epoch(state, epoch(&data, &order, step, &device), |r| {
+            skipped.push(r.skipped)
+        })
+        .err()
+        .expect("two overflows in a row with max_skipped_steps = 1");
+        assert_eq!(skipped, [true], "the first is reported, the second stops");
+        assert!(err.contains("2 steps in a row were skipped"), "{err}");
     }
 
     /// An overflowing f16 step is skipped (the weights stay as they were) and the scale halves.
