@@ -1056,6 +1056,9 @@ fn bad_inputs_each_get_a_clear_error() {
         (syn.into(), vec!["--set", "train.epoch=3"], vec!["--set", "did you mean `epochs`"]),
         (syn.into(), vec!["--set", "train.epochs=many"], vec!["--set", "`train.epochs` = \"many\""]),
         (syn.into(), vec!["--set", "model.kernel=6"], vec!["--set (overriding", "`model.kernel` = 6"]),
+        // A size that cannot fit is blamed on the flag that set it, variant-specific keys included.
+        (syn.into(), vec!["--set", "model.channels=300000"], vec!["--set (overriding", "`model.channels` = 300000 (with model.layers", "GiB"]),
+        (format!("{syn}[model]\nvariant = \"pixelcnnpp\"\n"), vec!["--set", "model.pixelcnnpp.resnets=100000"], vec!["--set (overriding", "`model.pixelcnnpp.resnets` = 100000", "GiB"]),
         (syn.into(), vec!["--results", "not-a-folder"], vec!["not-a-folder"]),
         (syn.into(), vec!["--bogus"], vec!["--bogus"]),
     ];

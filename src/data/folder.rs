@@ -69,6 +69,9 @@ fn read_split(dir: &Path, shape: Option<(usize, usize)>) -> Result<Images, DataE
     Ok(images)
 }
 
+/// The largest decoded image the folder reader accepts (4096 x 4096 RGBA).
+const MAX_DECODED_BYTES: usize = 64 << 20;
+
 /// Decodes a PNG into `(width, height, [3, h, w] bytes)`.
 pub fn read_png_rgb(path: &Path) -> Result<(usize, usize, Vec<u8>), DataError> {
     let file = std::fs::File::open(path).map_err(DataError::io(path))?;
@@ -76,7 +79,22 @@ pub fn read_png_rgb(path: &Path) -> Result<(usize, usize, Vec<u8>), DataError> {
     let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info().map_err(bad)?;
-    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    // The header's size is checked before anything of that size is allocated.
+    let (w, h) = (reader.info().width, reader.info().height);
+    let size = reader
+        .output_buffer_size()
+        .filter(|&n| n <= MAX_DECODED_BYTES)
+        .ok_or_else(|| {
+            DataError::format(
+                path,
+                format!(
+                    "its header claims {w}x{h} pixels, more than {} MiB decoded: refused before \
+                     allocating it (a folder dataset is for small images)",
+                    MAX_DECODED_BYTES >> 20
+                ),
+            )
+        })?;
+    let mut buf = vec![0; size];
     let info = reader.next_frame(&mut buf).map_err(bad)?;
     let (w, h) = (info.width as usize, info.height as usize);
     let channels = info.color_type.samples();
@@ -127,6 +145,31 @@ mod tests {
             .to_string();
         assert!(
             err.contains("b.png") && err.contains("expected 4x4"),
+            "{err}"
+        );
+
+        // A header that claims 100000 x 100000 RGB pixels (30 GB), with nothing behind it.
+        let mut huge = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(100_000u32.to_be_bytes());
+        ihdr.extend(100_000u32.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        let mut crc = flate2::Crc::new();
+        crc.update(&ihdr);
+        huge.extend(13u32.to_be_bytes());
+        huge.extend(&ihdr);
+        huge.extend(crc.sum().to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(b"IDAT");
+        huge.extend(0u32.to_be_bytes());
+        huge.extend(b"IDAT");
+        huge.extend(crc.sum().to_be_bytes());
+        std::fs::write(sub.join("b.png"), &huge).unwrap();
+        let err = read_split(&dir.path().join("train"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("b.png") && err.contains("refused before allocating"),
             "{err}"
         );
 

@@ -25,13 +25,27 @@ pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
     decode_maybe_gz(path, raw)
 }
 
+/// The most an IDX file may unpack to (a gzip bomb is refused, not unpacked into memory).
+const MAX_IDX_BYTES: u64 = 4 << 30;
+
 /// Un-gzips `raw` when it starts with the gzip magic bytes; `path` names it in errors.
 pub fn decode_maybe_gz(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, DataError> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
+            .take(MAX_IDX_BYTES + 1)
             .read_to_end(&mut out)
             .map_err(|e| DataError::format(path, format!("not a valid gzip file: {e}")))?;
+        if out.len() as u64 > MAX_IDX_BYTES {
+            return Err(DataError::format(
+                path,
+                format!(
+                    "unpacks to more than {} MiB: not an MNIST-like file (60000 images of 28x28 \
+                     are 45 MiB); refused before unpacking the rest",
+                    MAX_IDX_BYTES >> 20
+                ),
+            ));
+        }
         Ok(out)
     } else {
         Ok(raw)

@@ -548,12 +548,51 @@ fn check_size(
     }
     let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
     let m = &e.model;
+    // The keys that size this variant, each with its value and, where a flag or the environment
+    // set it, where from: the error is blamed on what the user changed.
+    let mut keys: Vec<(&str, String)> = match model {
+        ModelConfig::PixelCnnPp(_) => vec![
+            ("model.channels", m.channels.to_string()),
+            ("model.pixelcnnpp.resnets", m.pixelcnnpp.resnets.to_string()),
+            ("model.mixtures", m.mixtures.to_string()),
+        ],
+        _ => vec![
+            ("model.layers", m.layers.to_string()),
+            ("model.kernel", m.kernel.to_string()),
+            ("model.channels", m.channels.to_string()),
+        ],
+    };
+    if let ModelConfig::Vae(_) = model {
+        keys.push(("model.vae.hidden", m.vae.hidden.to_string()));
+        keys.push(("model.vae.maps", m.vae.maps.to_string()));
+        keys.push((
+            "model.vae.latent_channels",
+            m.vae.latent_channels.to_string(),
+        ));
+    }
+    keys.push(("train.batch_size", e.train.batch_size.to_string()));
+    let overridden = keys
+        .iter()
+        .rev()
+        .find(|(k, _)| ctx.origin(k) != ctx.source)
+        .map(|(k, _)| *k);
+    let listed = |skip: Option<&str>| {
+        keys.iter()
+            .filter(|(k, _)| Some(*k) != skip)
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (key, value) = match overridden {
+        Some(k) => {
+            let v = &keys.iter().find(|(key, _)| *key == k).expect("listed").1;
+            (k, format!("{v} (with {})", listed(Some(k))))
+        }
+        None => ("model", format!("{{ {} }}", listed(None))),
+    };
     Err(ctx.invalid(
-        "model",
-        format!(
-            "{{ layers = {}, kernel = {}, channels = {} }} at train.batch_size = {}",
-            m.layers, m.kernel, m.channels, e.train.batch_size
-        ),
+        key,
+        value,
         &format!(
             "a model that fits: it has about {parameters} parameters and a training step needs \
              about {:.1} GiB ({:.1} GiB of weights, gradients and Adam state, {:.1} GiB of \
