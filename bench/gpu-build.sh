@@ -38,4 +38,4 @@ if [ -n "$mnist" ]; then
   cp "$mnist"/*-ubyte.gz data/mnist/
 fi
 ls -la target/gpu/pixel
-echo "ready: carry target/gpu (and data/mnist), then run: bash bench/gpu.sh target/gpu/pixel"
+echo "ready: carry target/gpu (and data/mnist for MNIST runs), then run: bash bench/gpu.sh target/gpu/pixel"

@@ -62,6 +62,11 @@ pub(crate) struct GradientNorm {
 }
 
 impl GradientNorm {
+    /// Whether every gradient was finite, so that a step can be taken on them.
+    pub fn is_finite(&self) -> bool {
+        self.first_not_finite.is_none()
+    }
+
     /// The norm from each parameter's square sum (`None` for one without a gradient), in visiting
     /// order, summed in f64.
     pub fn from_square_sums(sums: impl IntoIterator<Item = Option<f64>>) -> GradientNorm {
@@ -127,7 +132,7 @@ pub(crate) fn rescale_gradients(
     model.visit(&mut visitor);
     let Rescale { at, mut sums, .. } = visitor;
     let parameters = sums.len();
-    sums.extend(extras.into_iter().map(|t| t.cast(FloatDType::F32)));
+    sums.extend(extras);
     let values: Vec<f32> = if sums.is_empty() {
         Vec::new()
     } else {

@@ -440,7 +440,7 @@ pub fn train_epoch(
             (r.grads, r.nats, batch_kl, r.gradient_norm, Some(r.stop))
         };
         let learning_rate = step.learning_rate_at(run_step);
-        let finite = gradient_norm.first_not_finite.is_none() && gradient_norm.norm.is_finite();
+        let finite = gradient_norm.is_finite();
         match loss_scale.as_mut() {
             // f16: an overflow is expected now and then (the scale halves and the step is
             // skipped), but not for ever.
