@@ -7,9 +7,9 @@
 
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::optim::Optimizer;
 use crate::train::{LossScale, PassStats};
 use burn::module::Module;
-use burn::optim::ModuleOptimizer;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -71,7 +71,7 @@ pub fn save(
     run_dir: &Path,
     model: &Model,
     ema: Option<&Model>,
-    optimizer: &ModuleOptimizer,
+    optimizer: &Optimizer,
     position: &Position,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -96,7 +96,7 @@ pub fn save(
             .map_err(|e| fail("the averaged weights", &e))?;
     }
     optimizer
-        .save(tmp.join(OPTIMIZER))
+        .save(model, &tmp.join(OPTIMIZER))
         .map_err(|e| fail("the optimizer state", &e))?;
     let mut manifest = std::collections::BTreeMap::new();
     for file in [MODEL, EMA, OPTIMIZER] {
@@ -279,14 +279,14 @@ pub fn load_ema(dir: &Path, model: Model) -> Result<Option<Model>> {
 pub fn load(
     dir: &Path,
     model: Model,
-    optimizer: ModuleOptimizer,
-) -> Result<(Model, ModuleOptimizer, Position)> {
+    optimizer: Optimizer,
+) -> Result<(Model, Optimizer, Position)> {
     let position = position(dir)?;
     let model = load_model(dir, model)?;
     let opt_path = dir.join(OPTIMIZER);
     check_intact(dir, OPTIMIZER)?;
     let optimizer = optimizer
-        .load(&opt_path)
+        .load(&model, &opt_path)
         .map_err(|e| mismatch(&opt_path, e))?;
     Ok((model, optimizer, position))
 }
@@ -295,7 +295,7 @@ pub fn load(
 mod tests {
     use super::*;
 
-    fn tiny() -> (Model, ModuleOptimizer) {
+    fn tiny() -> (Model, Optimizer) {
         let device = burn::tensor::Device::flex();
         let model = crate::model::ModelConfig::Simple(crate::model::SimpleConfig {
             colours: 1,

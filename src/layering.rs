@@ -8,9 +8,9 @@ use std::path::Path;
 /// Top-level modules from the bottom layer up. A module may import modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
     &["rng", "cluster"],
-    &["device", "optim"],
+    &["device"],
     &["data", "model"],
-    &["loss"],
+    &["loss", "optim"],
     &["train", "sample"],
     &["error"],
     &["experiment"],

@@ -310,7 +310,7 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
                 Some(r) => checkpoint::save(
                     dir,
                     &state.model.valid(),
-                    state.ema.as_ref().map(|e| &e.model),
+                    state.ema.as_ref().map(train::Ema::model),
                     &state.optimizer,
                     &at,
                     keep,
@@ -413,7 +413,7 @@ fn record_epoch(
     checkpoint::save(
         &r.run.path,
         &state.model.valid(),
-        state.ema.as_ref().map(|e| &e.model),
+        state.ema.as_ref().map(train::Ema::model),
         &state.optimizer,
         &at,
         keep,

@@ -119,11 +119,8 @@ impl Session {
                     // The average goes on from where it was (from the weights if the
                     // checkpoint was written without one: `train.ema` turned on at a resume).
                     let ema = match fresh.ema {
-                        Some(e) => Some(match checkpoint::load_ema(&ckpt, e.model)? {
-                            Some(averaged) => train::Ema {
-                                decay,
-                                model: averaged,
-                            },
+                        Some(e) => Some(match checkpoint::load_ema(&ckpt, e.model().clone())? {
+                            Some(averaged) => train::Ema::from_average(decay, averaged),
                             None => train::Ema::new(decay, &model),
                         }),
                         None => None,
@@ -148,10 +145,8 @@ impl Session {
                 };
                 // Evaluation and sampling use the averaged weights where the run kept them.
                 let model = checkpoint::load_model(&ckpt, fresh.model.clone())?;
-                let ema = checkpoint::load_ema(&ckpt, fresh.model)?.map(|averaged| train::Ema {
-                    decay,
-                    model: averaged,
-                });
+                let ema = checkpoint::load_ema(&ckpt, fresh.model)?
+                    .map(|averaged| train::Ema::from_average(decay, averaged));
                 // A run with `train.ema` is evaluated and sampled with its average: never with
                 // the trained weights in its place without a word.
                 if decay > 0.0 && ema.is_none() {

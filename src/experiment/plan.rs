@@ -473,7 +473,7 @@ impl Plan {
     }
 
     /// Adam with the experiment's betas.
-    pub fn optimizer(&self) -> burn::optim::ModuleOptimizer {
+    pub fn optimizer(&self) -> crate::optim::Optimizer {
         let [beta1, beta2] = self.experiment.train.adam_betas;
         crate::optim::adam_with_betas(beta1, beta2)
     }

@@ -7,63 +7,87 @@
 //! its initialisation; the two agree once decay^t is small.) As a recursion: `ema = d_t ema +
 //! (1 - d_t) w` with `d_t = decay (1 - decay^(t - 1)) / (1 - decay^t)`, so that step 1 copies
 //! the weights.
+//!
+//! The average is kept flat, over the parameters the optimizer moves, in one buffer beside the
+//! optimizer's, and updated in three tensor operations per step; the model that evaluation and
+//! checkpoints read is made from it when asked. A parameter the optimizer has never moved keeps
+//! its starting value in the average, which is what the recursion gives for a constant.
 
 use crate::model::Model;
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::Tensor;
-use std::collections::HashMap;
+use crate::optim::{Flat, Layout, flatten, unflatten};
+use burn::module::Module;
+use std::cell::OnceCell;
 
 /// The averaged weights: a model on the inference device, like the trained one.
 #[derive(Clone)]
 pub struct Ema {
     pub decay: f64,
-    pub model: Model,
+    /// The average after the last update over the parameters moved so far; None before the first
+    /// update (it is then `start`).
+    average: Option<Flat>,
+    /// The average it started from, and the shape of the model made from `average`.
+    start: Model,
+    model: OnceCell<Model>,
 }
 
 impl Ema {
     /// Starts the average at `model`'s weights.
     pub fn new(decay: f64, model: &Model) -> Ema {
+        Ema::from_average(decay, model.valid())
+    }
+
+    /// Goes on with an average read back from a checkpoint.
+    pub fn from_average(decay: f64, average: Model) -> Ema {
         Ema {
             decay,
-            model: model.valid(),
+            average: None,
+            start: average,
+            model: OnceCell::new(),
         }
     }
 
-    /// Moves the average towards `model`'s weights after global step `t` (1 for the first).
-    pub fn update(&mut self, model: &Model, t: usize) {
-        struct Collect(HashMap<ParamId, Tensor<1>>);
-        impl ModuleVisitor for Collect {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                let value = param.val();
-                let n = value.shape().num_elements();
-                self.0.insert(param.id, value.reshape([n]));
-            }
+    /// The averaged weights as a model (made once per update, when first asked for).
+    pub fn model(&self) -> &Model {
+        match &self.average {
+            None => &self.start,
+            Some(average) => self
+                .model
+                .get_or_init(|| unflatten(self.start.clone(), average)),
         }
-        struct Average {
-            current: HashMap<ParamId, Tensor<1>>,
-            decay: f64,
-        }
-        impl ModuleMapper for Average {
-            fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-                let Some(w) = self.current.remove(&param.id) else {
-                    return param;
+    }
+
+    /// Moves the average towards the weights after global step `t` (1 for the first): `weights`
+    /// are the values the optimizer gave the parameters it moved, `model` holds them all.
+    pub fn update(&mut self, weights: &Flat, model: &Model, t: usize) {
+        let (average, current) = match self.average.take() {
+            // Every step in practice: the optimizer moves the same parameters each time.
+            Some(average) if average.layout == weights.layout => (average, weights.values.clone()),
+            None => {
+                let values = flatten(&self.start, &weights.layout);
+                let average = Flat {
+                    values,
+                    layout: weights.layout.clone(),
                 };
-                let decay = self.decay;
-                param.map(|e| {
-                    let w: Tensor<D> = w.reshape(e.shape());
-                    e * decay + w * (1.0 - decay)
-                })
+                (average, weights.values.clone())
             }
-        }
-        let mut collect = Collect(HashMap::new());
-        model.valid().visit(&mut collect);
+            // A parameter missed a step, or one moved for the first time: the average covers
+            // both, and moves towards every one of their current values.
+            Some(average) => {
+                let layout = Layout::union(model, &average.layout, &weights.layout);
+                let start = unflatten(self.start.clone(), &average);
+                let values = flatten(&start, &layout);
+                self.start = start;
+                let current = flatten(model, &layout);
+                (Flat { values, layout }, current)
+            }
+        };
         let d = self.decay;
         let t = t.max(1) as i32;
         let decay = d * (1.0 - d.powi(t - 1)) / (1.0 - d.powi(t));
-        let mut average = Average {
-            current: collect.0,
-            decay,
-        };
-        self.model = self.model.clone().map(&mut average);
+        self.average = Some(Flat {
+            values: average.values * decay + current * (1.0 - decay),
+            layout: average.layout,
+        });
+        self.model = OnceCell::new();
     }
 }

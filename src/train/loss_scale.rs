@@ -2,8 +2,7 @@
 
 use crate::model::Model;
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::GradientsParams;
-use burn::tensor::{FloatDType, Tensor};
+use burn::tensor::Tensor;
 
 /// Dynamic loss scaling for f16 training (Micikevicius et al. 2018, "Mixed Precision Training"):
 /// the loss is multiplied by `scale` before the backward pass so that small gradients survive in
@@ -88,82 +87,6 @@ impl GradientNorm {
             first_not_finite,
         }
     }
-}
-
-/// Multiplies every gradient of `model` by `factor` (none for 1) and returns their global L2 norm
-/// after it, and the values of the one-element tensors `extras` (on the gradients' device): each
-/// parameter's square sum on the device, read back with the extras together once, the squares
-/// summed in f64 on the host.
-pub(crate) fn rescale_gradients(
-    model: &Model,
-    grads: &mut GradientsParams,
-    factor: f64,
-    extras: Vec<Tensor<1>>,
-) -> (GradientNorm, Vec<f64>) {
-    struct Rescale<'a> {
-        grads: &'a mut GradientsParams,
-        factor: f64,
-        /// Per visited parameter: the index of its square sum in `sums`, if it has a gradient.
-        at: Vec<Option<usize>>,
-        sums: Vec<Tensor<1>>,
-    }
-    impl ModuleVisitor for Rescale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let Some(g) = self.grads.remove::<D>(param.id) else {
-                self.at.push(None);
-                return;
-            };
-            let g = if self.factor == 1.0 {
-                g
-            } else {
-                g * self.factor
-            };
-            self.at.push(Some(self.sums.len()));
-            self.sums.push(g.clone().powi_scalar(2).sum());
-            self.grads.register(param.id, g);
-        }
-    }
-    let mut visitor = Rescale {
-        grads,
-        factor,
-        at: Vec::new(),
-        sums: Vec::new(),
-    };
-    model.visit(&mut visitor);
-    let Rescale { at, mut sums, .. } = visitor;
-    let parameters = sums.len();
-    sums.extend(extras);
-    let values: Vec<f32> = if sums.is_empty() {
-        Vec::new()
-    } else {
-        let sums: Vec<Tensor<1>> = sums.into_iter().map(|t| t.cast(FloatDType::F32)).collect();
-        Tensor::cat(sums, 0)
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .expect("f32 square sums")
-    };
-    let norm = GradientNorm::from_square_sums(at.iter().map(|a| a.map(|i| f64::from(values[i]))));
-    (
-        norm,
-        values[parameters..].iter().map(|&v| f64::from(v)).collect(),
-    )
-}
-
-/// Multiplies every gradient of `model` by `factor` (clipping), on the device.
-pub(crate) fn scale_gradients(model: &Model, grads: &mut GradientsParams, factor: f64) {
-    struct Scale<'a> {
-        grads: &'a mut GradientsParams,
-        factor: f64,
-    }
-    impl ModuleVisitor for Scale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.grads.remove::<D>(param.id) {
-                self.grads.register(param.id, g * self.factor);
-            }
-        }
-    }
-    model.visit(&mut Scale { grads, factor });
 }
 
 /// The dotted names of `model`'s float parameters in visiting order, as
