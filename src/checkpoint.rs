@@ -42,9 +42,7 @@ fn describe(path: &Path) -> Result<Written> {
 /// Flushes a file or folder to the disk, so that a rename publishing it cannot outlive its data
 /// (a crash after the rename leaves the old checkpoint or the whole new one, never a torn one).
 fn sync(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(Error::io(path))
+    crate::atomic::sync(path).map_err(Error::io(path))
 }
 
 /// Where training stood when a checkpoint was written.

@@ -48,6 +48,12 @@ pub enum Error {
         "{0}: results folder already exists; pass --force to replace it, or choose another experiment name"
     )]
     ResultsExist(PathBuf),
+    /// Another `pixel` holds the results folder's lock.
+    #[error(
+        "{dir}: in use by another pixel ({holder}); wait for it to end or stop it, then try again \
+         (readers such as `pixel sample` and `pixel figures` work on a live run)"
+    )]
+    InUse { dir: PathBuf, holder: String },
     /// A checkpoint or results folder does not match what was asked of it.
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },

@@ -12,6 +12,7 @@
 //! - `model`, `data`, `loss`, `device`, `optim`, `rng` know nothing of the file format, the commands
 //!   or the run; `cluster` is the ranks of a data-parallel run (one process without MPI).
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod cli;
 pub mod cluster;

@@ -470,10 +470,10 @@ fn reconstructions_path(grid: &Path) -> PathBuf {
 fn write_cells(cells: &[u8], test: &data::Images, grid: usize, path: &Path) -> Result<()> {
     let (planes, gh, gw) =
         results::png::tile(cells, test.colours, test.height, test.width, grid, grid);
-    let tmp = path.with_extension("png.tmp");
-    results::png::write_rgb_or_grey(&tmp, &planes, test.colours, gh, gw)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(Error::io(path))
+    crate::atomic::publish(path, |tmp| {
+        results::png::write_rgb_or_grey(tmp, &planes, test.colours, gh, gw)
+    })
+    .map_err(Error::io(path))
 }
 
 /// Samples the grid with a generator seeded by the run's seed and the epoch, and writes it.

@@ -463,6 +463,51 @@ fn interrupted_and_resumed_pixelcnnpp_equals_an_uninterrupted_one() {
     interrupted_and_resumed(&body);
 }
 
+/// A results folder has one writer at a time: while a run trains into it, a second `run
+/// --force`, a `--resume` and an `eval` are refused with exit code 2, naming the holder, and
+/// write nothing; once the run is killed (-9 included) the folder is free again.
+#[test]
+fn a_results_folder_in_use_is_refused_to_a_second_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = LONG.replace("epochs = 2", "epochs = 50");
+    std::fs::write(dir.path().join("long.toml"), long).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pixel"))
+        .args(["run", "long.toml", "--results", "r"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run_dir = dir.path().join("r/long");
+    let t0 = std::time::Instant::now();
+    while !run_dir.join("run.json").exists() {
+        assert!(t0.elapsed().as_secs() < 60, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let holder = format!("in use by another pixel (pid {} on ", child.id());
+    let before = std::fs::read_to_string(run_dir.join("experiment.toml")).unwrap();
+    let attempts: [&[&str]; 3] = [
+        &["run", "long.toml", "--results", "r", "--force"],
+        &["run", "--resume", "r/long"],
+        &["eval", "r/long"],
+    ];
+    for args in attempts {
+        let out = pixel(dir.path(), args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(&holder), "{args:?}: {}", text(&out));
+    }
+    assert!(!run_dir.join("eval.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("experiment.toml")).unwrap(),
+        before
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the run goes on");
+    child.kill().unwrap(); // SIGKILL: no handler runs
+    child.wait().unwrap();
+    pixel_models::results::FolderLock::take(&run_dir).expect("the OS released the lock");
+}
+
 fn interrupted_and_resumed(long: &str) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("long.toml"), long).unwrap();

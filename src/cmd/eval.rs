@@ -78,6 +78,8 @@ pub fn eval_results(
         });
     }
     let plan = session::recorded_plan(dir, &[], "pixel eval")?;
+    // Writes into the folder: not while a run (or another eval) writes it.
+    let _lock = crate::results::FolderLock::take(dir)?;
     let Session {
         plan,
         device: opened,
@@ -163,6 +165,8 @@ pub fn receptive_field(dir: &Path, images: usize) -> Result<FieldReport> {
         });
     }
     let plan = session::recorded_plan(dir, &[], "pixel eval")?;
+    // Writes into the folder: not while a run (or another eval) writes it.
+    let _lock = crate::results::FolderLock::take(dir)?;
     let Session {
         plan,
         device: opened,
@@ -211,10 +215,10 @@ pub fn receptive_field(dir: &Path, images: usize) -> Result<FieldReport> {
     }
     let (planes, gh, gw) = crate::results::png::tile(&cells, 3, sh, sw, 1, fields.len());
     let png = dir.join(RECEPTIVE_PNG);
-    let tmp = png.with_extension("png.tmp");
-    crate::results::png::write_rgb_or_grey(&tmp, &planes, 3, gh, gw)
-        .and_then(|()| std::fs::rename(&tmp, &png))
-        .map_err(Error::io(&png))?;
+    crate::atomic::publish(&png, |tmp| {
+        crate::results::png::write_rgb_or_grey(tmp, &planes, 3, gh, gw)
+    })
+    .map_err(Error::io(&png))?;
     let report = FieldReport {
         epochs: position.epochs_done,
         images: n,

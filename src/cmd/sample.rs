@@ -159,10 +159,10 @@ fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
         let dims = shape.0 * shape.1 * shape.2;
         for (&i, image) in batch.iter().zip(pixels.chunks(dims)) {
             let path = out.join(format!("sample-{i:05}.png"));
-            let tmp = path.with_extension("png.tmp");
-            results::png::write_rgb_or_grey(&tmp, image, shape.0, shape.1, shape.2)
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(Error::io(&path))?;
+            crate::atomic::publish(&path, |tmp| {
+                results::png::write_rgb_or_grey(tmp, image, shape.0, shape.1, shape.2)
+            })
+            .map_err(Error::io(&path))?;
         }
         all.extend(pixels);
         bar.inc(batch.len() as u64);

@@ -120,9 +120,7 @@ fn get_checked(url: &str, sha: &str, dest: &Path) -> Result<(), String> {
     if got != sha {
         return Err(format!("checksum mismatch: SHA-256 {got}, expected {sha}"));
     }
-    let tmp = dest.with_extension("part");
-    std::fs::write(&tmp, &bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, dest).map_err(|e| format!("{}: {e}", dest.display()))
+    crate::atomic::write(dest, &bytes).map_err(|e| format!("{}: {e}", dest.display()))
 }
 
 #[cfg(feature = "download")]

@@ -177,21 +177,89 @@ pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-/// An open results folder.
+/// The lock file of a results folder.
+pub const LOCK_FILE: &str = ".lock";
+
+/// The right to write a results folder: an OS advisory lock (`flock`) on its `.lock` file, held
+/// while this value lives, and released by the OS when the process ends, however it ends (kill
+/// -9 included). The file says who holds it (pid and host). A second writer (`run` into the same
+/// folder, `--resume`, `--force`, `eval`) is refused, naming the holder; readers take no lock.
+pub struct FolderLock {
+    _file: std::fs::File,
+}
+
+impl FolderLock {
+    /// Takes the lock of the existing folder `dir`, or says who holds it.
+    pub fn take(dir: &Path) -> Result<FolderLock> {
+        use std::io::Write;
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(Error::io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = match holder.trim() {
+                    "" => "holder unknown".to_string(),
+                    h => h.to_string(),
+                };
+                return Err(Error::InUse {
+                    dir: dir.to_path_buf(),
+                    holder,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path)(e)),
+        }
+        let who = format!(
+            "pid {} on {}\n",
+            std::process::id(),
+            crate::cluster::host_name()
+        );
+        file.set_len(0)
+            .and_then(|()| file.write_all(who.as_bytes()))
+            .and_then(|()| file.flush())
+            .map_err(Error::io(&path))?;
+        Ok(FolderLock { _file: file })
+    }
+}
+
+/// An open results folder, locked against other writers while this value lives.
 pub struct RunDir {
     pub path: PathBuf,
     metrics: csv::Writer<std::fs::File>,
+    _lock: FolderLock,
 }
 
 impl RunDir {
     /// Creates `path` (refusing an existing one unless `force`), and writes the resolved experiment
     /// and the header of the metrics CSV.
+    /// With `force`, what the folder held is removed once its lock is taken (a run still writing
+    /// it is refused first).
     pub fn create(path: &Path, force: bool, resolved_toml: &str) -> Result<RunDir> {
-        if path.exists() {
-            if !force {
-                return Err(Error::ResultsExist(path.to_path_buf()));
+        let existed = path.exists();
+        if existed && !force {
+            return Err(Error::ResultsExist(path.to_path_buf()));
+        }
+        std::fs::create_dir_all(path).map_err(Error::io(path))?;
+        let lock = FolderLock::take(path)?;
+        if existed {
+            for entry in std::fs::read_dir(path).map_err(Error::io(path))? {
+                let entry = entry.map_err(Error::io(path))?;
+                if entry.file_name() == LOCK_FILE {
+                    continue;
+                }
+                let p = entry.path();
+                let removed = match entry.file_type().map_err(Error::io(&p))?.is_dir() {
+                    true => std::fs::remove_dir_all(&p),
+                    false => std::fs::remove_file(&p),
+                };
+                removed.map_err(Error::io(&p))?;
             }
-            std::fs::remove_dir_all(path).map_err(Error::io(path))?;
         }
         std::fs::create_dir_all(path.join(SAMPLES_DIR)).map_err(Error::io(path))?;
         write_atomic(&path.join(EXPERIMENT_FILE), resolved_toml.as_bytes())?;
@@ -201,12 +269,14 @@ impl RunDir {
         Ok(RunDir {
             path: path.to_path_buf(),
             metrics,
+            _lock: lock,
         })
     }
 
     /// Opens an existing results folder to continue a run that finished `epochs_done` epochs:
     /// metrics rows of later epochs (written before a crash, without their checkpoint) are dropped.
     pub fn reopen(path: &Path, epochs_done: usize) -> Result<RunDir> {
+        let lock = FolderLock::take(path)?;
         let metrics_path = path.join(METRICS_FILE);
         let rows: Vec<MetricsRow> = read_metrics(path)?
             .into_iter()
@@ -236,6 +306,7 @@ impl RunDir {
         Ok(RunDir {
             path: path.to_path_buf(),
             metrics,
+            _lock: lock,
         })
     }
 
@@ -257,9 +328,7 @@ impl RunDir {
     pub fn write_curve(&self, title: &str) -> Result<()> {
         let rows = read_metrics(&self.path)?;
         let path = self.path.join(CURVE_FILE);
-        let tmp = self.path.join("learning-curve.tmp.png");
-        plot::learning_curve(title, &rows, &tmp)
-            .and_then(|()| std::fs::rename(&tmp, &path))
+        crate::atomic::publish(&path, |tmp| plot::learning_curve(title, &rows, tmp))
             .map_err(Error::io(&path))
     }
 
@@ -270,11 +339,9 @@ impl RunDir {
     }
 }
 
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
+/// Writes `bytes` to `path` whole or not at all ([`crate::atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(Error::io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(Error::io(path))
+    crate::atomic::write(path, bytes).map_err(Error::io(path))
 }
 
 /// Reads `metrics.csv`.
@@ -303,6 +370,26 @@ pub fn read_info(dir: &Path) -> Result<RunInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lock is exclusive (two opens of the file conflict even in one process), says who holds
+    /// it, and is free again once dropped.
+    #[test]
+    fn a_folder_lock_has_one_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = FolderLock::take(dir.path()).unwrap();
+        let err = FolderLock::take(dir.path()).err().expect("held");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!(
+                "in use by another pixel (pid {} on ",
+                std::process::id()
+            )),
+            "{text}"
+        );
+        assert_eq!(err.exit_code(), 2);
+        drop(first);
+        FolderLock::take(dir.path()).expect("released");
+    }
 
     #[test]
     fn refuses_existing_folder_without_force() {
@@ -341,6 +428,8 @@ mod tests {
         let rows = read_metrics(&p).unwrap();
         assert_eq!(rows.iter().map(|r| r.epoch).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(rows[1].train_bits_per_dim, 1.0);
+        assert!(matches!(RunDir::reopen(&p, 0), Err(Error::InUse { .. })));
+        drop(again);
         RunDir::reopen(&p, 0).unwrap();
         assert_eq!(read_metrics(&p).unwrap().len(), 0);
         RunDir::create(&p, true, "").unwrap();
