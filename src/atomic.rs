@@ -26,6 +26,65 @@ pub fn publish(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) -> io::
     sync_folder_of(path)
 }
 
+/// A file written in pieces at a temporary path beside `path`, published there by
+/// [`Pending::finish`]; dropped unfinished (an error on the way), it is removed.
+pub struct Pending {
+    tmp: PathBuf,
+    path: PathBuf,
+    file: Option<io::BufWriter<std::fs::File>>,
+}
+
+impl Pending {
+    pub fn create(path: &Path) -> io::Result<Pending> {
+        let tmp = temporary(path);
+        let file = std::fs::File::create(&tmp)?;
+        Ok(Pending {
+            tmp,
+            path: path.to_path_buf(),
+            file: Some(io::BufWriter::new(file)),
+        })
+    }
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use io::Write;
+        self.file.as_mut().expect("not finished").write_all(bytes)
+    }
+
+    pub fn finish(mut self) -> io::Result<()> {
+        let file = self.file.take().expect("finished once");
+        file.into_inner()
+            .map_err(io::IntoInnerError::into_error)?
+            .sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)?;
+        sync_folder_of(&self.path)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Bytes free for an unprivileged user on the file system holding `path` (or its nearest
+/// existing folder), if the OS says.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut at = path;
+    while !at.exists() {
+        at = at.parent().filter(|p| !p.as_os_str().is_empty())?;
+    }
+    let c = std::ffi::CString::new(at.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `stat` a statvfs the call fills.
+    match unsafe { libc::statvfs(c.as_ptr(), &mut stat) } {
+        0 => Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64)),
+        _ => None,
+    }
+}
+
 /// Flushes a file or a folder to the disk.
 pub fn sync(path: &Path) -> io::Result<()> {
     std::fs::File::open(path)?.sync_all()
@@ -86,6 +145,24 @@ mod tests {
         assert_eq!(err.to_string(), "disk full");
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// Written in pieces: nothing at the path until finished; dropped unfinished, nothing left.
+    #[test]
+    fn a_pending_file_appears_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("samples.npy");
+        let mut p = Pending::create(&path).unwrap();
+        p.write_all(b"ab").unwrap();
+        p.write_all(b"cd").unwrap();
+        assert!(!path.exists());
+        p.finish().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"abcd");
+        let mut q = Pending::create(&dir.path().join("other.npy")).unwrap();
+        q.write_all(b"half").unwrap();
+        drop(q);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert!(free_bytes(&dir.path().join("no/such/folder")).unwrap() > 0);
     }
 
     #[test]

@@ -694,6 +694,19 @@ fn commands_on_a_finished_run_check_their_flags_and_the_environment() {
             vec!["sample", run, "--temperature", "0"],
             vec!["`sample.temperature` = 0"],
         ),
+        // More images than any disk holds: refused before sampling, nothing written.
+        (
+            vec!["sample", run, "--count", "1000000000000000", "--npy"],
+            vec![
+                "--count 1000000000000000",
+                "GiB free",
+                "(PNGs and samples.npy)",
+            ],
+        ),
+        (
+            vec!["sample", run, "--count", "18446744073709551615"],
+            vec!["more than 2^64 bytes"],
+        ),
     ] {
         let out = pixel(d, &args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
@@ -701,6 +714,10 @@ fn commands_on_a_finished_run_check_their_flags_and_the_environment() {
             assert!(text(&out).contains(e), "{args:?}: {e:?} in {}", text(&out));
         }
     }
+    assert!(
+        !d.join(run).join("samples/draws").exists(),
+        "nothing written"
+    );
     // An environment override would change the recorded run without a record: refused.
     let info = d.join(run).join("run.json");
     let json = std::fs::read_to_string(&info).unwrap();
@@ -1288,10 +1305,12 @@ fn sweep_emits_slurm_tasks_of_several_ranks() {
     let body = std::fs::read_to_string(&script).unwrap();
     assert!(body.contains("#SBATCH --ntasks=4\n"), "{body}");
     assert!(body.contains("#SBATCH --gpus-per-task=1\n"), "{body}");
-    assert!(
-        body.contains("srun \"$PIXEL\" sweep sw.toml --results results --only"),
-        "{body}"
+    let expected = format!(
+        "srun --mpi=\"${{SLURM_MPI_TYPE:-pmix}}\" \"$PIXEL\" sweep {} --results {} --only",
+        d.join("sw.toml").display(),
+        d.join("results").display()
     );
+    assert!(body.contains(&expected), "{expected} in {body}");
     let syntax = Command::new("bash")
         .arg("-n")
         .arg(&script)
@@ -1404,6 +1423,72 @@ fn sweep_emits_a_slurm_array_and_runs_one_task() {
     let out = pixel(d, &["sweep", "sw.toml", "--only", "4"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("--only 4"), "{}", text(&out));
+}
+
+/// An emitted script runs as submitted from anywhere, with paths holding spaces and quotes: the
+/// sweep file, the results folder and the binary are absolute and quoted.
+#[test]
+fn an_emitted_slurm_script_runs_from_anywhere_with_awkward_paths() {
+    let dir = sweep_dir();
+    let d = dir.path().join("my sweeps");
+    std::fs::create_dir(&d).unwrap();
+    for f in ["base.toml", "sw.toml"] {
+        std::fs::rename(dir.path().join(f), d.join(f)).unwrap();
+    }
+    let out = pixel(
+        &d,
+        &[
+            "sweep",
+            "sw.toml",
+            "--emit",
+            "slurm",
+            "--results",
+            "it's results",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let script = d.join("it's results/sw/slurm.sh");
+    let body = std::fs::read_to_string(&script).unwrap();
+    assert!(
+        body.contains(&format!(
+            "#SBATCH --output=\"{}/slurm-%A_%a.out\"",
+            d.join("it's results/sw").display()
+        )),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "PIXEL=${{PIXEL:-{}}}",
+            env!("CARGO_BIN_EXE_pixel")
+        )),
+        "{body}"
+    );
+    // Not from the submit folder, and without $PIXEL: what a user's `sbatch` from $HOME does.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let task = Command::new("bash")
+        .arg(&script)
+        .current_dir(elsewhere.path())
+        .env_remove("PIXEL")
+        .env_remove("SLURM_SUBMIT_DIR")
+        .env("SLURM_ARRAY_JOB_ID", "5")
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(task.status.success(), "{}", text(&task));
+    let done: Vec<String> = std::fs::read_dir(d.join("it's results/sw"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert!(
+        d.join("it's results/sw")
+            .join(&done[0])
+            .join("metrics.csv")
+            .is_file()
+    );
 }
 
 /// What Slurm does near a task's time limit (`--signal=B:TERM@120`): SIGTERM to the batch script.

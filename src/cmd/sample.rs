@@ -120,13 +120,48 @@ fn check_draws(d: &Draws) -> Result<()> {
     Ok(())
 }
 
+/// Bytes a PNG of `dims` random sub-pixels takes at most, beyond them: signature, header, end
+/// and zlib's framing of stored blocks, with room to spare.
+const PNG_OVERHEAD: u64 = 256;
+
+/// Refuses a count whose files cannot fit on the disk holding `out` (the PNGs, and the array
+/// with `--npy`), before anything is sampled or written.
+fn check_room(d: &Draws, dims: usize, out: &Path) -> Result<()> {
+    let dims = dims as u64;
+    let count = d.count as u64;
+    let per_image = dims + PNG_OVERHEAD + if d.npy { dims } else { 0 };
+    let needed = count.checked_mul(per_image);
+    let free = crate::atomic::free_bytes(out);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match (needed, free) {
+        (Some(n), Some(f)) if n <= f => Ok(()),
+        (Some(_), None) => Ok(()),
+        (needed, free) => Err(Error::Usage {
+            flag: format!("--count {}", d.count),
+            message: format!(
+                "{} images of {dims} sub-pixels need about {} GiB in {}{}, which has {} GiB free; \
+                 ask for fewer or write elsewhere (--out)",
+                d.count,
+                needed.map_or_else(
+                    || "more than 2^64 bytes".into(),
+                    |n| format!("{:.1}", gib(n))
+                ),
+                out.display(),
+                if d.npy { " (PNGs and samples.npy)" } else { "" },
+                free.map_or_else(|| "?".into(), |f| format!("{:.1}", gib(f))),
+            ),
+        }),
+    }
+}
+
 /// Samples `d.count` images in batches, writing `sample-NNNNN.png` each (whole or not at all) and
 /// at the end `samples.npy`. Batch b draws from the sampling stream of (seed, b): the same seed
 /// and batch size give the same images.
 fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(Error::io(out))?;
     let test = &session.splits.test;
     let shape = (test.colours, test.height, test.width);
+    check_room(d, shape.0 * shape.1 * shape.2, out)?;
+    std::fs::create_dir_all(out).map_err(Error::io(out))?;
     let model = session.state.eval_model().valid();
     let device = session.device.device.clone();
     let s = &session.plan.experiment;
@@ -139,12 +174,23 @@ fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
         .progress_chars("=> "),
     );
     let started = std::time::Instant::now();
-    let mut all = Vec::with_capacity(d.count * shape.0 * shape.1 * shape.2);
-    let indices: Vec<usize> = (0..d.count).collect();
-    for (b, batch) in indices.chunks(d.batch_size).enumerate() {
+    // The array is streamed to its file batch by batch: memory does not grow with the count.
+    let npy_path = out.join("samples.npy");
+    let mut npy = match d.npy {
+        true => {
+            let mut file =
+                crate::atomic::Pending::create(&npy_path).map_err(Error::io(&npy_path))?;
+            let header = results::npy::header(&[d.count, shape.0, shape.1, shape.2]);
+            file.write_all(&header).map_err(Error::io(&npy_path))?;
+            Some(file)
+        }
+        false => None,
+    };
+    for b in 0..d.count.div_ceil(d.batch_size) {
+        let batch = b * d.batch_size..((b + 1) * d.batch_size).min(d.count);
         let labels: Vec<u8> = batch
-            .iter()
-            .map(|&i| d.class.unwrap_or((i % usize::from(CLASSES)) as u8))
+            .clone()
+            .map(|i| d.class.unwrap_or((i % usize::from(CLASSES)) as u8))
             .collect();
         let mut rng = rng::stream(s.train.seed, Purpose::Draws, 0, b as u64);
         let pixels = sample::from_scratch(
@@ -157,22 +203,22 @@ fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
             &device,
         );
         let dims = shape.0 * shape.1 * shape.2;
-        for (&i, image) in batch.iter().zip(pixels.chunks(dims)) {
+        for (i, image) in batch.clone().zip(pixels.chunks(dims)) {
             let path = out.join(format!("sample-{i:05}.png"));
             crate::atomic::publish(&path, |tmp| {
                 results::png::write_rgb_or_grey(tmp, image, shape.0, shape.1, shape.2)
             })
             .map_err(Error::io(&path))?;
         }
-        all.extend(pixels);
+        if let Some(file) = npy.as_mut() {
+            file.write_all(&pixels).map_err(Error::io(&npy_path))?;
+        }
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    if d.npy {
-        let path = out.join("samples.npy");
-        let bytes = results::npy::u8_array(&[d.count, shape.0, shape.1, shape.2], &all);
-        results::write_atomic(&path, &bytes)?;
+    if let Some(file) = npy {
+        file.finish().map_err(Error::io(&npy_path))?;
     }
     println!(
         "wrote {} images into {} ({:.1} images/s){}",

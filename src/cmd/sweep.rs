@@ -63,7 +63,7 @@ pub fn sweep(file: &Path, results_root: &Path, action: Action, world: &World) ->
             results::write_atomic(&root.join("runs.txt"), sweep::run_list(&sweep).as_bytes())?;
             results::write_atomic(
                 &script,
-                sweep::slurm_script(&sweep, results_root, slurm).as_bytes(),
+                sweep::slurm_script(&sweep, results_root, slurm, &pixel_binary()?).as_bytes(),
             )?;
             println!(
                 "wrote {} ({} array tasks) and runs.txt",
@@ -174,4 +174,12 @@ fn summarize(sweep: &sweep::Sweep, root: &Path) -> Result<()> {
     results::write_atomic(&root.join("summary.md"), md.as_bytes())?;
     print!("{md}");
     Ok(())
+}
+
+/// This `pixel` binary, which an emitted Slurm script runs unless `$PIXEL` names another.
+fn pixel_binary() -> Result<std::path::PathBuf> {
+    std::env::current_exe().map_err(|e| Error::Io {
+        path: "the running pixel binary".into(),
+        error: e,
+    })
 }

@@ -225,11 +225,31 @@ impl Default for Slurm {
     }
 }
 
+/// `s` as one bash word: as it is when it holds only characters bash leaves alone, else in single
+/// quotes.
+pub fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./=:,+@%".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// `s` as the value of an `#SBATCH` option: in double quotes, which sbatch strips.
+fn sbatch_value(s: &str) -> String {
+    format!("\"{s}\"")
+}
+
 /// A Slurm job-array script that runs task `$SLURM_ARRAY_TASK_ID` of the sweep, one run per task,
 /// on `slurm.ranks` ranks started by `srun` (a binary built with the `mpi` feature) when more
-/// than one.
-pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: Slurm) -> String {
+/// than one. Every path in it is absolute, so it can be submitted from anywhere: the sweep file,
+/// the results folder and `pixel` (the binary that wrote it, unless `$PIXEL` says otherwise).
+pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: Slurm, pixel: &Path) -> String {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let (file, results_root) = (absolute(&sweep.file), absolute(results_root));
     let out = results_root.join(&sweep.name);
+    let word = |p: &Path| shell_quote(&p.display().to_string());
     let mut resources = String::new();
     if slurm.ranks > 1 {
         resources += &format!("#SBATCH --ntasks={}\n", slurm.ranks);
@@ -240,30 +260,30 @@ pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: Slurm) -> String 
     let (launch, what) = match slurm.ranks {
         1 => (String::new(), "one per array task".to_string()),
         r => (
-            "srun ".to_string(),
+            "srun --mpi=\"${SLURM_MPI_TYPE:-pmix}\" ".to_string(),
             format!(
-                "one per array task, each on {r} MPI ranks (srun; PIXEL must be built with \
-                 --features mpi)"
+                "one per array task, each on {r} MPI ranks (srun with the MPI plugin \
+                 $SLURM_MPI_TYPE, pmix unless set; PIXEL must be built with --features mpi)"
             ),
         ),
     };
     format!(
         "#!/usr/bin/env bash\n\
          # Slurm job array for the sweep {file}: {n} runs, {what} (see runs.txt).\n\
-         # Submit from the repository root: sbatch {script}\n\
+         # Submit from anywhere: sbatch {script}\n\
          # Two minutes before a task's time limit Slurm sends SIGTERM: pixel finishes its step,\n\
          # writes a checkpoint and exits with 130, and the task requeues itself; the requeued\n\
          # task resumes the run from that checkpoint.\n\
          #SBATCH --job-name={name}\n\
          #SBATCH --array=0-{last}\n\
          {resources}\
-         #SBATCH --output={out}/slurm-%A_%a.out\n\
+         #SBATCH --output={output}\n\
          #SBATCH --open-mode=append\n\
          #SBATCH --signal=B:TERM@120\n\
          #SBATCH --requeue\n\
          set -euo pipefail\n\
          cd \"${{SLURM_SUBMIT_DIR:-.}}\"\n\
-         PIXEL=${{PIXEL:-target/release/pixel}}\n\
+         PIXEL=${{PIXEL:-{pixel}}}\n\
          {launch}\"$PIXEL\" sweep {file} --results {root} --only \"$SLURM_ARRAY_TASK_ID\" &\n\
          pid=$!\n\
          term=0\n\
@@ -277,13 +297,17 @@ pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: Slurm) -> String 
          \x20 exit 0\n\
          fi\n\
          exit \"$status\"\n",
-        file = sweep.file.display(),
+        file = word(&file),
         n = sweep.runs.len(),
-        script = out.join("slurm.sh").display(),
-        name = sweep.name,
+        script = word(&out.join("slurm.sh")),
+        name = sbatch_value(&sweep.name),
         last = sweep.runs.len().saturating_sub(1),
-        out = out.display(),
-        root = results_root.display(),
+        output = format!(
+            "\"{}/slurm-%A_%a.out\"",
+            out.display().to_string().replace('%', "%%")
+        ),
+        root = word(&results_root),
+        pixel = word(&absolute(pixel)),
     )
 }
 
@@ -312,6 +336,30 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), serde_json::from_str(v).unwrap()))
             .collect()
+    }
+
+    /// Words bash reads back as they were.
+    #[test]
+    fn shell_quoting_round_trips_through_bash() {
+        for s in [
+            "plain/path.toml",
+            "with space",
+            "it's",
+            "$HOME",
+            "a\"b",
+            "",
+            "x;rm -rf y",
+            "*",
+        ] {
+            let q = shell_quote(s);
+            let out = std::process::Command::new("bash")
+                .arg("-c")
+                .arg(format!("printf %s {q}"))
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), s, "{q}");
+        }
+        assert_eq!(shell_quote("results/a=1_b=2"), "results/a=1_b=2");
     }
 
     /// Two runs that would share a results folder (the second would be skipped as "already

@@ -8,6 +8,14 @@ pub fn u8_array(shape: &[usize], data: &[u8]) -> Vec<u8> {
         data.len(),
         "shape and data agree"
     );
+    let mut out = header(shape);
+    out.extend_from_slice(data);
+    out
+}
+
+/// The start of a `.npy` file of a C-ordered uint8 array of `shape`, which its values follow:
+/// for writing one in pieces.
+pub fn header(shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
     let shape_text = match dims.len() {
         1 => format!("({},)", dims[0]),
@@ -19,11 +27,10 @@ pub fn u8_array(shape: &[usize], data: &[u8]) -> Vec<u8> {
         header.push(' ');
     }
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    let mut out = Vec::with_capacity(10 + header.len());
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(data);
     out
 }
 
