@@ -250,6 +250,9 @@ pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: Slurm, pixel: &Pa
     let (file, results_root) = (absolute(&sweep.file), absolute(results_root));
     let out = results_root.join(&sweep.name);
     let word = |p: &Path| shell_quote(&p.display().to_string());
+    // `%` is a file-name pattern in --output: a literal one is doubled.
+    let folder = out.display().to_string().replace('%', "%%");
+    let output = format!("\"{folder}/slurm-%A_%a.out\"");
     let mut resources = String::new();
     if slurm.ranks > 1 {
         resources += &format!("#SBATCH --ntasks={}\n", slurm.ranks);
@@ -302,10 +305,6 @@ pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: Slurm, pixel: &Pa
         script = word(&out.join("slurm.sh")),
         name = sbatch_value(&sweep.name),
         last = sweep.runs.len().saturating_sub(1),
-        output = format!(
-            "\"{}/slurm-%A_%a.out\"",
-            out.display().to_string().replace('%', "%%")
-        ),
         root = word(&results_root),
         pixel = word(&absolute(pixel)),
     )
