@@ -1,5 +1,5 @@
-//! Fetching MNIST and CIFAR-10 from their usual public mirrors, with SHA-256 checks.
-//! Files are written to a temporary name and renamed only once their checksum matches.
+//! Fetching MNIST and CIFAR-10 from their usual public mirrors, with SHA-256 checks, timeouts and
+//! retries. Files are streamed to a temporary name and renamed only once their checksum matches.
 
 use super::DatasetKind;
 use super::{DataError, cifar10, mnist};
@@ -112,36 +112,138 @@ pub fn fetch(kind: DatasetKind, dir: &Path) -> Result<(), DataError> {
     }
 }
 
-/// Fetches `url` to `dest` if its SHA-256 is `sha`; nothing is left at `dest` otherwise.
+/// Attempts per file before a mirror is given up on.
+const ATTEMPTS: u32 = 3;
+
+/// Fetches `url` to `dest` if its SHA-256 is `sha`; nothing is left at `dest` otherwise. A
+/// failed attempt (no connection, a stall, a cut or a wrong checksum) is logged and retried
+/// after 2 and then 4 seconds.
 fn get_checked(url: &str, sha: &str, dest: &Path) -> Result<(), String> {
-    tracing::info!(url, dest = %dest.display(), "downloading");
-    let bytes = get(url)?;
-    let got = sha256_hex(&bytes);
-    if got != sha {
-        return Err(format!("checksum mismatch: SHA-256 {got}, expected {sha}"));
+    if !cfg!(feature = "download") {
+        return attempt(url, sha, dest);
     }
-    crate::atomic::write(dest, &bytes).map_err(|e| format!("{}: {e}", dest.display()))
+    let mut last = String::new();
+    for n in 1..=ATTEMPTS {
+        tracing::info!(url, dest = %dest.display(), attempt = n, "downloading");
+        match attempt(url, sha, dest) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(url, attempt = n, error = %e, "download failed");
+                last = e;
+            }
+        }
+        if n < ATTEMPTS {
+            std::thread::sleep(std::time::Duration::from_secs(1 << n));
+        }
+    }
+    Err(format!("{last} (after {ATTEMPTS} attempts)"))
 }
 
+/// The largest file fetched (CIFAR-10's archive is 163 MiB).
 #[cfg(feature = "download")]
-fn get(url: &str) -> Result<Vec<u8>, String> {
-    let mut response = ureq::get(url).call().map_err(|e| e.to_string())?;
-    response
-        .body_mut()
-        .with_config()
-        .limit(512 * 1024 * 1024)
-        .read_to_vec()
-        .map_err(|e| e.to_string())
+const LIMIT: u64 = 512 * 1024 * 1024;
+
+/// One attempt: the body is streamed to a temporary file beside `dest` and hashed as it comes,
+/// with a progress bar on a terminal; a connection that cannot be made in 30 s, or that sends
+/// nothing for 60 s, fails the attempt instead of hanging every rank that waits on it.
+#[cfg(feature = "download")]
+fn attempt(url: &str, sha: &str, dest: &Path) -> Result<(), String> {
+    use std::io::Read;
+    use std::time::Duration;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(30)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
+    let body = response.body_mut();
+    let length = body.content_length();
+    if let Some(n) = length.filter(|&n| n > LIMIT) {
+        return Err(format!(
+            "the server offers {n} bytes, more than the {LIMIT} expected"
+        ));
+    }
+    let bar = indicatif::ProgressBar::new(length.unwrap_or(0));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "downloading [{bar:30}] {bytes}/{total_bytes}, {bytes_per_sec}, {eta} left",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    let mut reader = body.with_config().limit(LIMIT).reader();
+    let io = |e: std::io::Error| format!("{}: {e}", dest.display());
+    let mut file = crate::atomic::Pending::create(dest).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let n = reader.read(&mut buffer).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        file.write_all(&buffer[..n]).map_err(io)?;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    let got: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if got != sha {
+        // Dropped unfinished: the temporary file goes with it.
+        return Err(format!("checksum mismatch: SHA-256 {got}, expected {sha}"));
+    }
+    file.finish().map_err(io)
 }
 
 #[cfg(not(feature = "download"))]
-fn get(_url: &str) -> Result<Vec<u8>, String> {
+fn attempt(_url: &str, _sha: &str, _dest: &Path) -> Result<(), String> {
     Err("this binary was built without the `download` feature".into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mirror that cuts the first answer short and sends the wrong bytes the second time: the
+    /// third attempt lands the file, and no partial file is ever left at the destination.
+    #[cfg(feature = "download")]
+    #[test]
+    fn a_failed_download_is_retried_and_leaves_nothing_half_written() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/file", listener.local_addr().unwrap());
+        let good = b"the right bytes".to_vec();
+        let sha = sha256_hex(&good);
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("file");
+        let server = std::thread::spawn(move || {
+            for answer in 0..3 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut request = [0u8; 1024];
+                let _ = s.read(&mut request).unwrap();
+                let body: &[u8] = match answer {
+                    0 => b"the rig",
+                    1 => b"the wrong bytes",
+                    _ => b"the right bytes",
+                };
+                let head = b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n";
+                s.write_all(head).unwrap();
+                s.write_all(body).unwrap();
+            }
+        });
+        get_checked(&url, &sha, &dest).unwrap();
+        server.join().unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), good);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file"
+        );
+    }
 
     #[test]
     fn sha256_of_known_input() {
