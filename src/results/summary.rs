@@ -140,9 +140,14 @@ pub fn to_markdown(runs: &[RunSummary], missing: &[String]) -> String {
             "\n| configuration | seeds | final test bits/dim (mean ± sd) |\n|---|---:|---:|\n",
         );
         for g in groups {
+            // One seed has no spread: none is printed.
+            let spread = match g.seeds {
+                1 => " (one seed: no spread)".to_string(),
+                _ => format!(" ± {:.4}", g.std),
+            };
             out.push_str(&format!(
-                "| {} | {} | {:.4} ± {:.4} |\n",
-                g.config, g.seeds, g.mean, g.std
+                "| {} | {} | {:.4}{spread} |\n",
+                g.config, g.seeds, g.mean
             ));
         }
     }
@@ -245,6 +250,11 @@ mod tests {
         );
         assert!(md.contains("| layers=9_seed=2 | not run |"), "{md}");
         assert!(md.contains("| layers=5 | 2 | 1.7000 ± 0.1414 |"), "{md}");
+        assert!(
+            md.contains("| layers=9 | 1 | 1.2000 (one seed: no spread) |"),
+            "{md}"
+        );
+        assert!(!md.contains("± 0.0000"), "{md}");
         assert!(RunSummary::new("empty", &info(), &[]).is_none());
     }
 }
