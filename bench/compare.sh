@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's performance table, measured back to back: the PyTorch script of the same model and
+# The performance table of docs/performance.md, measured back to back: the PyTorch script of the same model and
 # `pixel bench`, pair by pair, on the same threads. Run from the repository root on a quiet machine:
 #
 #   bash bench/compare.sh [PIXEL] [ROUNDS]
