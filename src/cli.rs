@@ -116,6 +116,10 @@ pub enum Command {
         /// With --emit: GPUs for each rank (Slurm's --gpus-per-task; default none).
         #[arg(long, value_name = "G", requires = "emit")]
         gpus_per_rank: Option<usize>,
+        /// With --emit: one more `#SBATCH --KEY=VALUE` line for every task, e.g. --sbatch
+        /// time=04:00:00 --sbatch mem=16G --sbatch partition=gpu --sbatch account=lab (repeatable).
+        #[arg(long, value_name = "KEY=VALUE", requires = "emit")]
+        sbatch: Vec<String>,
         /// Folder holding the results folders.
         #[arg(long, default_value = "results", value_name = "DIR")]
         results: PathBuf,
@@ -268,6 +272,7 @@ fn route(cli: Cli, world: &World) -> Result<()> {
             results,
             ranks,
             gpus_per_rank,
+            sbatch,
         } => {
             use cmd::sweep::Action;
             let action = if dry_run {
@@ -276,6 +281,7 @@ fn route(cli: Cli, world: &World) -> Result<()> {
                 Action::EmitSlurm {
                     ranks,
                     gpus_per_rank,
+                    sbatch,
                 }
             } else if summarize {
                 Action::Summarize

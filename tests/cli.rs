@@ -1298,12 +1298,29 @@ fn sweep_emits_slurm_tasks_of_several_ranks() {
             "4",
             "--gpus-per-rank",
             "1",
+            "--sbatch",
+            "time=04:00:00",
+            "--sbatch=--partition=gpu a100",
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
     let script = d.join("results/sw/slurm.sh");
     let body = std::fs::read_to_string(&script).unwrap();
     assert!(body.contains("#SBATCH --ntasks=4\n"), "{body}");
+    assert!(body.contains("#SBATCH --time=\"04:00:00\"\n"), "{body}");
+    assert!(
+        body.contains("#SBATCH --partition=\"gpu a100\"\n"),
+        "{body}"
+    );
+    for bad in ["time", "=4", "mem=\"16G\"", "my option=1"] {
+        let out = pixel(d, &["sweep", "sw.toml", "--emit", "slurm", "--sbatch", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out));
+        assert!(
+            text(&out).contains(&format!("--sbatch {bad}")),
+            "{}",
+            text(&out)
+        );
+    }
     assert!(body.contains("#SBATCH --gpus-per-task=1\n"), "{body}");
     let expected = format!(
         "srun --mpi=\"${{SLURM_MPI_TYPE:-pmix}}\" \"$PIXEL\" sweep {} --results {} --only",

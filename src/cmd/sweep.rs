@@ -11,7 +11,7 @@ use crate::session;
 use std::path::Path;
 
 /// What `pixel sweep` was asked to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Run every run (or one, with `only`), then write the summary.
     Run { only: Option<usize> },
@@ -22,6 +22,8 @@ pub enum Action {
     EmitSlurm {
         ranks: usize,
         gpus_per_rank: Option<usize>,
+        /// `--sbatch KEY=VALUE`: more `#SBATCH` options.
+        sbatch: Vec<String>,
     },
     /// Only write the summary of the runs so far.
     Summarize,
@@ -47,6 +49,7 @@ pub fn sweep(file: &Path, results_root: &Path, action: Action, world: &World) ->
         Action::EmitSlurm {
             ranks,
             gpus_per_rank,
+            sbatch,
         } => {
             if ranks == 0 {
                 return Err(Error::Usage {
@@ -54,16 +57,21 @@ pub fn sweep(file: &Path, results_root: &Path, action: Action, world: &World) ->
                     message: "expected at least one rank per run".into(),
                 });
             }
+            let directives = sbatch
+                .iter()
+                .map(|s| sweep::sbatch_directive(s))
+                .collect::<Result<Vec<_>>>()?;
             let slurm = sweep::Slurm {
                 ranks,
                 gpus_per_rank,
+                directives,
             };
             std::fs::create_dir_all(&root).map_err(Error::io(&root))?;
             let script = root.join("slurm.sh");
             results::write_atomic(&root.join("runs.txt"), sweep::run_list(&sweep).as_bytes())?;
             results::write_atomic(
                 &script,
-                sweep::slurm_script(&sweep, results_root, slurm, &pixel_binary()?).as_bytes(),
+                sweep::slurm_script(&sweep, results_root, &slurm, &pixel_binary()?).as_bytes(),
             )?;
             println!(
                 "wrote {} ({} array tasks) and runs.txt",

@@ -208,12 +208,14 @@ fn slug(value: &str) -> String {
 }
 
 /// What each array task of a Slurm script asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slurm {
     /// MPI ranks (Slurm tasks) that train the task's run together.
     pub ranks: usize,
     /// GPUs for each of them.
     pub gpus_per_rank: Option<usize>,
+    /// More `#SBATCH --KEY="VALUE"` lines (time, memory, partition, account...).
+    pub directives: Vec<(String, String)>,
 }
 
 impl Default for Slurm {
@@ -221,8 +223,33 @@ impl Default for Slurm {
         Slurm {
             ranks: 1,
             gpus_per_rank: None,
+            directives: Vec::new(),
         }
     }
+}
+
+/// `--sbatch KEY=VALUE` as a directive: a key of letters, digits and dashes (an sbatch long
+/// option, without its dashes) and a value on one line without double quotes.
+pub fn sbatch_directive(s: &str) -> Result<(String, String)> {
+    let usage = |message: String| Error::Usage {
+        flag: format!("--sbatch {s}"),
+        message,
+    };
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| usage("expected KEY=VALUE, e.g. time=04:00:00".into()))?;
+    let key = key.trim_start_matches('-');
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(usage(format!(
+            "`{key}` is not an sbatch option name (letters, digits and dashes, e.g. mem)"
+        )));
+    }
+    if value.is_empty() || value.contains(['"', '\n', '\r']) {
+        return Err(usage(
+            "expected a value on one line without double quotes".into(),
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
 }
 
 /// `s` as one bash word: as it is when it holds only characters bash leaves alone, else in single
@@ -245,7 +272,7 @@ fn sbatch_value(s: &str) -> String {
 /// on `slurm.ranks` ranks started by `srun` (a binary built with the `mpi` feature) when more
 /// than one. Every path in it is absolute, so it can be submitted from anywhere: the sweep file,
 /// the results folder and `pixel` (the binary that wrote it, unless `$PIXEL` says otherwise).
-pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: Slurm, pixel: &Path) -> String {
+pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: &Slurm, pixel: &Path) -> String {
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let (file, results_root) = (absolute(&sweep.file), absolute(results_root));
     let out = results_root.join(&sweep.name);
@@ -259,6 +286,9 @@ pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: Slurm, pixel: &Pa
     }
     if let Some(g) = slurm.gpus_per_rank {
         resources += &format!("#SBATCH --gpus-per-task={g}\n");
+    }
+    for (key, value) in &slurm.directives {
+        resources += &format!("#SBATCH --{key}={}\n", sbatch_value(value));
     }
     let (launch, what) = match slurm.ranks {
         1 => (String::new(), "one per array task".to_string()),
