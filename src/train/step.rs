@@ -869,25 +869,16 @@ mod tests {
         );
     }
 
-    /// A gradient that is not finite is found where the step's gradients are agreed on, and the
-    /// error names the step and that parameter (its first infinite value planted in a real
-    /// backward pass: no finite loss of these small models has one, and a gradient merely too
-    /// large to square in f32 is summed in f64).
-    #[test]
-    fn a_gradient_that_is_not_finite_is_named() {
+    /// The agreement (one process) on a real backward pass of `tiny_simple`'s model, with every
+    /// gradient value of parameter `at` (a 4-d weight) replaced by `value`.
+    fn agreed_with(at: usize, value: f32) -> (Model, Agreed) {
         let (data, model, device) = tiny_simple(4);
         let batch = Batch::gather(&data, &[0, 1, 2, 3], &device);
-        let logits = model.forward(batch.input, &batch.context);
-        let loss = nll_nats(logits, batch.target);
+        let loss = nll_nats(model.forward(batch.input, &batch.context), batch.target);
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        let layout = Layout::of(&model);
-        let names = loss_scale::parameter_names(&model);
-        let bad = 2; // the second layer's weight
-        let g: Tensor<4> = grads.remove(layout.ids[bad]).expect("a 4-d weight");
-        grads.register(
-            layout.ids[bad],
-            g.clone().mask_fill(g.ones_like().bool(), f32::INFINITY),
-        );
+        let id = Layout::of(&model).ids[at];
+        let g: Tensor<4> = grads.remove(id).expect("a 4-d weight");
+        grads.register(id, g.clone().mask_fill(g.ones_like().bool(), value));
         let inner = device.clone().without_autodiff();
         let totals = Tensor::<1>::zeros([1], &inner);
         let agreed = agree(
@@ -899,6 +890,18 @@ mod tests {
             &World::single(),
             &inner,
         );
+        (model, agreed)
+    }
+
+    /// A gradient that is not finite is found where the step's gradients are agreed on, and the
+    /// error names the step and that parameter (its first infinite value planted in a real
+    /// backward pass: no finite loss of these small models has one, and a gradient merely too
+    /// large to square in f32 is summed in f64).
+    #[test]
+    fn a_gradient_that_is_not_finite_is_named() {
+        let bad = 2; // the second layer's weight
+        let (model, agreed) = agreed_with(bad, f32::INFINITY);
+        let names = loss_scale::parameter_names(&model);
         assert!(!agreed.norm.is_finite());
         assert_eq!(agreed.norm.first_not_finite, Some(bad));
         let err = gradient_not_finite(&model, 6, agreed.norm, None);
@@ -914,25 +917,8 @@ mod tests {
     /// A gradient too large to square in f32 still has a finite norm: the sums are in f64.
     #[test]
     fn the_norm_is_summed_in_f64() {
-        let (data, model, device) = tiny_simple(4);
-        let batch = Batch::gather(&data, &[0, 1, 2, 3], &device);
-        let loss = nll_nats(model.forward(batch.input, &batch.context), batch.target);
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        let id = Layout::of(&model).ids[0];
-        let g: Tensor<4> = grads.remove(id).expect("a 4-d weight");
-        grads.register(id, g.clone().mask_fill(g.ones_like().bool(), 1e30));
+        let (model, agreed) = agreed_with(0, 1e30);
         let n = Layout::of(&model).sizes[0] as f64;
-        let inner = device.clone().without_autodiff();
-        let totals = Tensor::<1>::zeros([1], &inner);
-        let agreed = agree(
-            &model,
-            Some(grads),
-            totals,
-            false,
-            1.0,
-            &World::single(),
-            &inner,
-        );
         assert!(agreed.norm.is_finite());
         let expected = 1e30 * n.sqrt();
         assert!(
