@@ -145,8 +145,10 @@ def logistic_nll(params, x, k):
     d = y[:, :, None] - mean
     inv_s = torch.exp(-log_s)
     plus, minus = inv_s * (d + 1 / 255), inv_s * (d - 1 / 255)
-    cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
     mid = inv_s * d
+    # right of the mean, the difference of the small sigmoids (as pixel: f32 keeps its digits)
+    cdf_delta = torch.where(mid > 0, torch.sigmoid(-minus) - torch.sigmoid(-plus),
+                            torch.sigmoid(plus) - torch.sigmoid(minus))
     log_pdf_mid = mid - log_s - 2 * F.softplus(mid)
     inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)),
                         log_pdf_mid - math.log(127.5))

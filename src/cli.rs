@@ -124,18 +124,22 @@ pub enum Command {
         #[arg(long, default_value = "results", value_name = "DIR")]
         results: PathBuf,
     },
-    /// Copy the figures of finished runs into figures/ and rewrite the README's results table.
+    /// Copy the figures of finished runs into docs/figures/ and rewrite the README's results table
+    /// and the gallery of docs/results.md.
     Figures {
         /// Folder holding the results folders.
         #[arg(long, default_value = "results", value_name = "DIR")]
         results: PathBuf,
-        /// The README to rewrite between its results markers.
+        /// The file whose results table is rewritten between its markers.
         #[arg(long, default_value = "README.md", value_name = "FILE")]
         readme: PathBuf,
-        /// The tracked folder the figures are copied into (relative to the README's folder).
-        #[arg(long, default_value = "figures", value_name = "DIR")]
+        /// The file whose gallery of figures is rewritten between its markers.
+        #[arg(long, default_value = "docs/results.md", value_name = "FILE")]
+        gallery: PathBuf,
+        /// The tracked folder the figures and the runs' records are copied into.
+        #[arg(long, default_value = "docs/figures", value_name = "DIR")]
         figures: PathBuf,
-        /// The folder of experiments whose results the README shows.
+        /// The folder of experiments whose results are shown.
         #[arg(long, default_value = "experiments", value_name = "DIR")]
         experiments: PathBuf,
     },
@@ -293,9 +297,16 @@ fn route(cli: Cli, world: &World) -> Result<()> {
         Command::Figures {
             results,
             readme,
+            gallery,
             figures,
             experiments,
-        } => cmd::figures::regenerate(&results, &readme, &figures, &experiments),
+        } => cmd::figures::regenerate(&cmd::figures::Places {
+            results: &results,
+            table: &readme,
+            gallery: &gallery,
+            figures: &figures,
+            experiments: &experiments,
+        }),
         Command::Bench {
             experiment,
             steps,

@@ -107,8 +107,8 @@ impl World {
         Err(format!(
             "started this process as rank {} of {}, but this pixel was built without the `mpi` \
              feature: the {} copies would each train the whole run into one results folder. \
-             Rebuild with `cargo build --release --features mpi` (add `tch` for libtorch; see the \
-             README's \"Data-parallel training\"), or start a single process",
+             Rebuild with `cargo build --release --features mpi` (add `tch` for libtorch; see \
+             docs/parallel.md), or start a single process",
             launch.rank, launch.size, launch.size
         ))
     }

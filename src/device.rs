@@ -118,7 +118,7 @@ pub fn rebuild_hint(backend: BackendKind) -> &'static str {
         BackendKind::Flex | BackendKind::Auto => "",
         BackendKind::Libtorch => {
             "a binary built with libtorch: `cargo build --release --features tch` \
-             (see the README's libtorch section)"
+             (see docs/backends.md)"
         }
     }
 }

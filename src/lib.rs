@@ -2,7 +2,7 @@
 //!
 //! Imports point down a stack of layers, from the commands to the building blocks; the stack is
 //! `LAYERS` in `layering.rs`, whose test fails on an import that points up or sideways, and the
-//! README's Layout table says what each layer owns.
+//! Layout table of docs/development.md says what each layer owns.
 
 pub mod atomic;
 pub mod checkpoint;

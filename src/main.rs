@@ -38,7 +38,7 @@ fn main() {
 ///
 /// A training step allocates and frees hundreds of tensors of a few MiB. With glibc's defaults
 /// each of them is a fresh `mmap`, and every page of it faults in again on first touch: on
-/// libtorch CPU that is about a tenth of a step (see "Performance" in the README). Users who set
+/// libtorch CPU that is about a tenth of a step (see docs/performance.md). Users who set
 /// glibc's own `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or `MALLOC_TOP_PAD_` keep them.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -1602,7 +1602,7 @@ fn sweep_with_an_unknown_key_fails_before_running() {
 }
 
 #[test]
-fn figures_copies_grids_and_curves_and_rewrites_the_readme_table() {
+fn figures_copies_grids_and_curves_and_rewrites_the_table_and_the_gallery() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir(d.join("experiments")).unwrap();
@@ -1614,6 +1614,13 @@ fn figures_copies_grids_and_curves_and_rewrites_the_readme_table() {
         pixel_models::cmd::figures::END
     );
     std::fs::write(d.join("README.md"), readme).unwrap();
+    std::fs::create_dir(d.join("docs")).unwrap();
+    let page = format!(
+        "# Results\n\n{}\nstale\n{}\n",
+        pixel_models::cmd::figures::GALLERY_START,
+        pixel_models::cmd::figures::GALLERY_END
+    );
+    std::fs::write(d.join("docs/results.md"), page).unwrap();
     let out = pixel(d, &["run", "experiments/tiny.toml"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = pixel(d, &["eval", "results/tiny"]);
@@ -1637,20 +1644,30 @@ fn figures_copies_grids_and_curves_and_rewrites_the_readme_table() {
     assert_eq!(row[2], row[3], "{new}");
     assert!(new.contains("| completed | flex:cpu |"), "{new}");
     assert!(new.contains("Not run here yet: `absent`."), "{new}");
+    let gallery = std::fs::read_to_string(d.join("docs/results.md")).unwrap();
     assert!(
-        new.contains("![tiny-samples.png](figures/tiny-samples.png)"),
-        "{new}"
+        gallery.starts_with("# Results\n\n")
+            && !gallery.contains("stale")
+            && gallery.contains("![tiny-samples.png](figures/tiny-samples.png)"),
+        "{gallery}"
     );
-    assert!(d.join("figures/tiny-samples.png").is_file());
-    assert!(d.join("figures/tiny-curve.png").is_file());
+    assert!(d.join("docs/figures/tiny-samples.png").is_file());
+    assert!(d.join("docs/figures/tiny-curve.png").is_file());
     for kept in ["run.json", "metrics.csv", "eval.json"] {
-        assert!(d.join("figures/runs/tiny").join(kept).is_file(), "{kept}");
+        assert!(
+            d.join("docs/figures/runs/tiny").join(kept).is_file(),
+            "{kept}"
+        );
     }
     // A clone without results/ (it is never tracked) rewrites the same table from the kept records.
     std::fs::rename(d.join("results"), d.join("results-elsewhere")).unwrap();
     let out = pixel(d, &["figures"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(std::fs::read_to_string(d.join("README.md")).unwrap(), new);
+    assert_eq!(
+        std::fs::read_to_string(d.join("docs/results.md")).unwrap(),
+        gallery
+    );
     // A run started over has fewer epochs than the kept one: the kept one stays in the table.
     let out = pixel(
         d,

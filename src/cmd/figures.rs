@@ -1,15 +1,32 @@
-//! `pixel figures`: copies the figures of finished runs into the tracked `figures/` folder, keeps
-//! their records (`run.json`, `metrics.csv`, `eval.json`) in `figures/runs/<name>/`, and rewrites the
-//! README's results table between its markers, so the README always matches the runs it cites, also
-//! in a clone where `results/` (never tracked) is empty. A run that is missing is reported, never
-//! invented.
+//! `pixel figures`: copies the figures of finished runs into the tracked figures folder
+//! (`docs/figures/`), keeps their records (`run.json`, `metrics.csv`, `eval.json`) in
+//! `docs/figures/runs/<name>/`, and rewrites two generated sections: the results table in the README
+//! and the gallery of grids, curves and maps in `docs/results.md`, so both always match the runs they
+//! cite, also in a clone where `results/` (never tracked) is empty. A run that is missing is
+//! reported, never invented.
 
 use crate::error::{Error, Result};
 use crate::results::{self, RunInfo, SAMPLES_DIR};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 pub const START: &str = "<!-- results:start (written by `pixel figures`) -->";
 pub const END: &str = "<!-- results:end -->";
+pub const GALLERY_START: &str = "<!-- gallery:start (written by `pixel figures`) -->";
+pub const GALLERY_END: &str = "<!-- gallery:end -->";
+
+/// Where `pixel figures` reads and writes, each relative to the working folder.
+pub struct Places<'a> {
+    /// The folder holding the results folders.
+    pub results: &'a Path,
+    /// The file with the table's markers (the README).
+    pub table: &'a Path,
+    /// The file with the gallery's markers (`docs/results.md`).
+    pub gallery: &'a Path,
+    /// The tracked folder the figures are copied into.
+    pub figures: &'a Path,
+    /// The folder of experiments whose results are shown.
+    pub experiments: &'a Path,
+}
 
 /// What `pixel figures` found for one experiment.
 #[derive(Debug)]
@@ -19,32 +36,55 @@ pub struct Figure {
     pub images: Vec<String>,
 }
 
-/// `pixel figures`: collects every cited run's figures and rewrites the README's section.
-pub fn regenerate(
-    results_root: &Path,
-    readme: &Path,
-    figures: &Path,
-    experiments: &Path,
-) -> Result<()> {
-    let text = std::fs::read_to_string(readme).map_err(Error::io(readme))?;
-    let base = readme.parent().unwrap_or(Path::new("."));
-    let figs = cited(experiments)?
+/// `pixel figures`: collects every cited run's figures and rewrites the table and the gallery.
+pub fn regenerate(at: &Places) -> Result<()> {
+    let table_text = std::fs::read_to_string(at.table).map_err(Error::io(at.table))?;
+    let gallery_text = std::fs::read_to_string(at.gallery).map_err(Error::io(at.gallery))?;
+    let figs = cited(at.experiments)?
         .iter()
-        .map(|name| collect(name, results_root, &base.join(figures)))
+        .map(|name| collect(name, at.results, at.figures))
         .collect::<Result<Vec<_>>>()?;
     for f in figs.iter().filter(|f| f.row.is_none()) {
         eprintln!(
             "not run: {} (no finished epoch in {} or {})",
             f.name,
-            results_root.join(&f.name).display(),
-            base.join(figures).join(ARCHIVE_DIR).join(&f.name).display()
+            at.results.join(&f.name).display(),
+            at.figures.join(ARCHIVE_DIR).join(&f.name).display()
         );
     }
-    let text = rewrite(&text, &section(&figs, &figures.to_string_lossy()), readme)?;
-    crate::results::write_atomic(readme, text.as_bytes())?;
+    let link = relative(at.gallery.parent().unwrap_or(Path::new("")), at.figures);
+    let table_text = rewrite(&table_text, &section(&figs), at.table, (START, END))?;
+    let gallery_text = rewrite(
+        &gallery_text,
+        &gallery(&figs, &link),
+        at.gallery,
+        (GALLERY_START, GALLERY_END),
+    )?;
+    crate::results::write_atomic(at.table, table_text.as_bytes())?;
+    crate::results::write_atomic(at.gallery, gallery_text.as_bytes())?;
     let shown = figs.iter().filter(|f| f.row.is_some()).count();
-    println!("rewrote {} ({shown} runs shown)", readme.display());
+    println!(
+        "rewrote {} and {} ({shown} runs shown)",
+        at.table.display(),
+        at.gallery.display()
+    );
     Ok(())
+}
+
+/// `to` as seen from the folder `from`, both relative to the same folder: `docs` and
+/// `docs/figures` give `figures`, `docs` and `figures` give `../figures`.
+fn relative(from: &Path, to: &Path) -> String {
+    let parts = |p: &Path| -> Vec<String> {
+        p.components()
+            .filter(|c| !matches!(c, Component::CurDir))
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect()
+    };
+    let (from, to) = (parts(from), parts(to));
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut out: Vec<String> = vec!["..".into(); from.len() - common];
+    out.extend(to[common..].iter().cloned());
+    out.join("/")
 }
 
 /// The experiments whose results the README shows: every `*.toml` directly in `experiments/`.
@@ -250,8 +290,8 @@ fn row(name: &str, info: &RunInfo, epochs: usize, test: f64, eval: &str, seconds
     )
 }
 
-/// The README section between the markers.
-pub fn section(figures: &[Figure], figures_dir: &str) -> String {
+/// The table between the README's markers.
+pub fn section(figures: &[Figure]) -> String {
     let mut out = format!(
         "{START}\n| experiment | epochs | test bits/dim | test NLL (`pixel eval`) | status | device | hardware | time | date |\n\
          |---|---:|---:|---:|---|---|---|---:|---|\n"
@@ -273,29 +313,39 @@ pub fn section(figures: &[Figure], figures_dir: &str) -> String {
     if !missing.is_empty() {
         out.push_str(&format!("\nNot run here yet: {}.\n", missing.join(", ")));
     }
-    for f in figures.iter().filter(|f| !f.images.is_empty()) {
-        out.push_str(&format!("\n**{}**\n\n", f.name));
-        for img in &f.images {
-            out.push_str(&format!("![{img}]({figures_dir}/{img})\n"));
-        }
-    }
     out.push_str(END);
     out
 }
 
-/// Replaces the text between the markers of `readme`.
-pub fn rewrite(readme: &str, section: &str, path: &Path) -> Result<String> {
-    let (Some(a), Some(b)) = (readme.find(START), readme.find(END)) else {
+/// The gallery between the results page's markers: each shown run's figures, linked from the
+/// page's folder as `figures_link`.
+pub fn gallery(figures: &[Figure], figures_link: &str) -> String {
+    let mut out = GALLERY_START.to_string();
+    out.push('\n');
+    for f in figures.iter().filter(|f| !f.images.is_empty()) {
+        out.push_str(&format!("\n**{}**\n\n", f.name));
+        for img in &f.images {
+            out.push_str(&format!("![{img}]({figures_link}/{img})\n"));
+        }
+    }
+    out.push_str(GALLERY_END);
+    out
+}
+
+/// Replaces the text between the `markers` of the file `path`, whose text is `text`.
+pub fn rewrite(text: &str, section: &str, path: &Path, markers: (&str, &str)) -> Result<String> {
+    let (start, end) = markers;
+    let (Some(a), Some(b)) = (text.find(start), text.find(end)) else {
         return Err(Error::Usage {
-            flag: format!("--readme {}", path.display()),
-            message: format!("expected the markers {START} and {END}"),
+            flag: format!("{}", path.display()),
+            message: format!("expected the markers {start} and {end}"),
         });
     };
     Ok(format!(
         "{}{}{}",
-        &readme[..a],
+        &text[..a],
         section,
-        &readme[b + END.len()..]
+        &text[b + end.len()..]
     ))
 }
 
@@ -338,9 +388,25 @@ mod tests {
     #[test]
     fn rewrites_only_between_the_markers() {
         let readme = format!("# X\nbefore\n{START}\nold\n{END}\nafter\n");
-        let out = rewrite(&readme, &format!("{START}\nnew\n{END}"), Path::new("R.md")).unwrap();
+        let m = (START, END);
+        let out = rewrite(
+            &readme,
+            &format!("{START}\nnew\n{END}"),
+            Path::new("R.md"),
+            m,
+        )
+        .unwrap();
         assert_eq!(out, format!("# X\nbefore\n{START}\nnew\n{END}\nafter\n"));
-        assert!(rewrite("no markers", "", Path::new("R.md")).is_err());
+        assert!(rewrite("no markers", "", Path::new("R.md"), m).is_err());
+    }
+
+    #[test]
+    fn figure_links_are_relative_to_the_page() {
+        let r = |a: &str, b: &str| relative(Path::new(a), Path::new(b));
+        assert_eq!(r("docs", "docs/figures"), "figures");
+        assert_eq!(r("docs", "figures"), "../figures");
+        assert_eq!(r("", "docs/figures"), "docs/figures");
+        assert_eq!(r("./docs/a", "./docs/b/c"), "../b/c");
     }
 
     #[test]
@@ -348,7 +414,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = collect("absent", dir.path(), &dir.path().join("figures")).unwrap();
         assert!(f.row.is_none() && f.images.is_empty());
-        let s = section(&[f], "figures");
+        let s = section(&[f]);
         assert!(s.contains("Not run here yet: `absent`."), "{s}");
     }
 }

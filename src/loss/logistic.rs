@@ -73,8 +73,14 @@ fn log_prob_colour(x: Tensor<4>, mean: Tensor<4>, log_s: Tensor<4>) -> Tensor<4>
     let minus = inv_s.clone() * (d.clone() - 1.0 / 255.0);
     let log_cdf_plus = plus.clone() - softplus(plus.clone(), 1.0); // log sigmoid(plus): x = 0
     let log_one_minus_cdf_minus = softplus(minus.clone(), 1.0).neg(); // x = 255
-    let cdf_delta = sigmoid(plus) - sigmoid(minus);
     let mid = inv_s * d;
+    // The bin's mass as a difference of two sigmoids on the side of the mean where they are small:
+    // right of it both are near 1 and f32 would keep only a few digits of their difference
+    // (openai/pixel-cnn's f32 formula loses them there). Equal in exact arithmetic.
+    let cdf_delta = (sigmoid(plus.clone()) - sigmoid(minus.clone())).mask_where(
+        mid.clone().greater_elem(0.0),
+        sigmoid(minus.clone().neg()) - sigmoid(plus.clone().neg()),
+    );
     let log_pdf_mid = mid.clone() - log_s - softplus(mid, 1.0) * 2.0;
     let interior = cdf_delta
         .clone()
@@ -255,6 +261,135 @@ mod tests {
         }
     }
 
+    /// openai/pixel-cnn's `discretized_mix_logistic_loss` for one pixel, transcribed in f64 from
+    /// its TensorFlow (NHWC, the channel order is the same as here): `l[:nr_mix]` the logits, the
+    /// rest reshaped to `[3, 3 * nr_mix]`: per colour the means, log-scales and coefficients;
+    /// `m2 = means[1] + coeffs[0] * x[0]`, `m3 = means[2] + coeffs[1] * x[0] + coeffs[2] * x[1]`;
+    /// the colours' log-probabilities summed per component, plus the log-softmax of the logits,
+    /// log-sum-exp over the components.
+    fn openai_log_prob(l: &[f64], bytes: &[u8], k: usize) -> f64 {
+        let lse = |v: &[f64]| {
+            let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            m + v.iter().map(|a| (a - m).exp()).sum::<f64>().ln()
+        };
+        let logits = &l[..k];
+        let norm = lse(logits);
+        let x: Vec<f64> = bytes
+            .iter()
+            .map(|&b| (f64::from(b) - 127.5) / 127.5)
+            .collect();
+        let colours = bytes.len();
+        let per_colour = if colours == 1 { 2 * k } else { 3 * k };
+        let at = |c: usize, block: usize, j: usize| l[k + c * per_colour + block * k + j];
+        let totals: Vec<f64> = (0..k)
+            .map(|j| {
+                let mut total = logits[j] - norm;
+                for (c, &byte) in bytes.iter().enumerate() {
+                    let mean = match c {
+                        0 => at(0, 0, j),
+                        1 => at(1, 0, j) + at(0, 2, j).tanh() * x[0],
+                        _ => at(2, 0, j) + at(1, 2, j).tanh() * x[0] + at(2, 2, j).tanh() * x[1],
+                    };
+                    total += reference(byte, mean, at(c, 1, j));
+                }
+                total
+            })
+            .collect();
+        lse(&totals)
+    }
+
+    /// Random pixels: parameters in the ranges a trained network outputs, values from every class
+    /// (0, 255, interior, the interior next to each end).
+    fn random_pixels(
+        rng: &mut StdRng,
+        n: usize,
+        colours: usize,
+        k: usize,
+    ) -> Vec<(Vec<f32>, Vec<u8>)> {
+        (0..n)
+            .map(|_| {
+                let mut params = random_params(rng, colours, k);
+                let per_colour = if colours == 1 { 2 * k } else { 3 * k };
+                for c in 0..colours {
+                    for j in 0..k {
+                        // log-scales on [-4, 0]: sharp components whose bins do not underflow
+                        params[k + c * per_colour + k + j] = rng.random_range(-4.0f32..0.0);
+                    }
+                }
+                let bytes = (0..colours)
+                    .map(|_| [0u8, 255, 1, 254, rng.random_range(0..=255)][rng.random_range(0..5)])
+                    .collect();
+                (params, bytes)
+            })
+            .collect()
+    }
+
+    /// The log-likelihood and its gradient with respect to every parameter, on flex's autodiff.
+    fn with_gradient(params: &[f32], bytes: &[u8], k: usize) -> (f64, Vec<f64>) {
+        let device = Device::flex().autodiff();
+        let colours = bytes.len();
+        let targets = bytes.iter().map(|&b| i64::from(b)).collect::<Vec<_>>();
+        let t = Tensor::<4, Int>::from_data(TensorData::new(targets, [1, colours, 1, 1]), &device);
+        let p = repeated(params, 1, &device).require_grad();
+        let lp = log_prob(p.clone(), t, k).sum();
+        let value = f64::from(lp.clone().into_scalar::<f32>());
+        let grads = lp.backward();
+        let g: Vec<f32> = p
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .unwrap();
+        (value, g.iter().map(|&v| f64::from(v)).collect())
+    }
+
+    /// The likelihood is openai/pixel-cnn's, grey and RGB, with several components: its value, and
+    /// its gradient with respect to every parameter (logits, means, log-scales and the coefficients
+    /// that move green by red and blue by red and green) against central differences of the
+    /// transcription. The coefficients' gradients are there: green's follows red wherever green's
+    /// bin is not saturated.
+    #[test]
+    fn the_likelihood_and_its_gradient_are_openais_formula() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for (colours, k) in [(1, 3), (3, 1), (3, 3)] {
+            let mut coefficient_gradient = 0.0f64;
+            for (params, bytes) in random_pixels(&mut rng, 40, colours, k) {
+                let l: Vec<f64> = params.iter().map(|&v| f64::from(v)).collect();
+                let want = openai_log_prob(&l, &bytes, k);
+                let (got, grad) = with_gradient(&params, &bytes, k);
+                let what = format!("{colours} colours, K={k}, values {bytes:?}, params {params:?}");
+                assert!(
+                    (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "{what}: {got} vs {want}"
+                );
+                for (i, g) in grad.iter().enumerate() {
+                    let h = 1e-5;
+                    let (mut up, mut down) = (l.clone(), l.clone());
+                    up[i] += h;
+                    down[i] -= h;
+                    let fd = (openai_log_prob(&up, &bytes, k) - openai_log_prob(&down, &bytes, k))
+                        / (2.0 * h);
+                    assert!(
+                        (g - fd).abs() < 2e-3 * fd.abs().max(1.0),
+                        "{what}: d/d param {i} = {g}, central difference {fd}"
+                    );
+                }
+                if colours == 3 {
+                    // green's coefficients: the third block of colour 0
+                    coefficient_gradient += grad[k + 2 * k..k + 3 * k]
+                        .iter()
+                        .map(|g| g.abs())
+                        .sum::<f64>();
+                }
+            }
+            assert!(
+                colours == 1 || coefficient_gradient > 1.0,
+                "{colours}, {k}: {coefficient_gradient}"
+            );
+        }
+    }
+
     /// The loss equals the formula at hand-picked values: both edges, the middle, a bin whose mass
     /// underflows (far from a sharp component), and a log-scale below the floor.
     #[test]
@@ -281,8 +416,6 @@ mod tests {
         );
     }
 
-    /// At a very low temperature a draw is the mode: the most likely component's mean, rounded to
-    /// its bin (for RGB with the means shifted by the colours drawn before).
     /// Every parameter at an extreme (+-100, +-1e4 and mixed: logits, means, log-scales and
     /// coefficients), grey and RGB, every target value class (0, 255, interior): the
     /// log-likelihood and its gradient are finite on every backend.
@@ -339,6 +472,8 @@ mod tests {
         }
     }
 
+    /// At a very low temperature a draw is the mode: the most likely component's mean, rounded to
+    /// its bin (for RGB with the means shifted by the colours drawn before).
     #[test]
     fn sampling_at_low_temperature_returns_the_mode() {
         let mut rng = StdRng::seed_from_u64(3);
