@@ -505,7 +505,7 @@ fn flat_values(t: &Tensor<1>) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Context, GatedConfig, Likelihood, ModelConfig};
+    use crate::model::{Context, GatedConfig, ModelConfig};
     use burn::optim::{AdamConfig, ModuleOptimizer};
     use burn::tensor::Device;
 
@@ -514,17 +514,8 @@ mod tests {
     fn gated(device: &Device) -> (Model, impl Fn(&Model) -> GradientsParams) {
         let device = device.clone().autodiff();
         let model = ModelConfig::Gated(GatedConfig {
-            colours: 3,
-            layers: 2,
-            kernel: 3,
-            channels: 6,
             classes: Some(3),
-            spatial_channels: 0,
-            concat: false,
-            residual: true,
-            gates: true,
-            link: true,
-            likelihood: Likelihood::Categorical,
+            ..GatedConfig::plain(3, 2, 3, 6)
         })
         .init(1, &device);
         let pixels: Vec<f32> = (0..2 * 3 * 4 * 4)

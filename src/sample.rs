@@ -323,17 +323,8 @@ mod tests {
 
     fn gated(colours: usize, kernel: usize, classes: Option<usize>) -> GatedConfig {
         GatedConfig {
-            colours,
-            layers: 3,
-            kernel,
-            channels: 3 * colours * 2,
             classes,
-            spatial_channels: 0,
-            concat: false,
-            residual: true,
-            gates: true,
-            link: true,
-            likelihood: crate::model::Likelihood::Categorical,
+            ..GatedConfig::plain(colours, 3, kernel, 3 * colours * 2)
         }
     }
 

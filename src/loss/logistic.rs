@@ -390,6 +390,31 @@ mod tests {
         }
     }
 
+    /// Why near-binary data can stall the mixture (see docs/models.md): a component whose scale
+    /// grows puts half its mass on each open end, 0 and 255, whatever its mean, and the gradients
+    /// that would move its mean or shrink its scale fall like 1/scale. A colour that only takes
+    /// the two end values is then a coin flip that costs 1 bit and barely learns.
+    #[test]
+    fn a_wide_component_is_a_coin_between_the_ends_with_vanishing_gradients() {
+        for log_s in [2.0f32, 5.0, 10.0] {
+            let s = f64::from(log_s).exp();
+            for mean in [-0.5f32, 0.0, 0.5] {
+                let params = [0.0, mean, log_s];
+                for byte in [0u8, 255] {
+                    let (lp, grad) = with_gradient(&params, &[byte], 1);
+                    assert!(
+                        (lp.exp() - 0.5).abs() < 1.0 / s,
+                        "{log_s} {mean} {byte}: {lp}"
+                    );
+                    assert!(
+                        grad[1].abs() < 1.0 / s && grad[2].abs() < 1.0 / s,
+                        "{log_s} {mean} {byte}: {grad:?}"
+                    );
+                }
+            }
+        }
+    }
+
     /// The loss equals the formula at hand-picked values: both edges, the middle, a bin whose mass
     /// underflows (far from a sharp component), and a log-scale below the floor.
     #[test]

@@ -133,17 +133,9 @@ mod tests {
                 likelihood,
             }));
             configs.push(ModelConfig::Gated(GatedConfig {
-                colours: 1,
-                layers: 2,
-                kernel: 3,
-                channels: 4,
                 classes: Some(10),
-                spatial_channels: 0,
-                concat: false,
-                residual: true,
-                gates: true,
-                link: true,
                 likelihood,
+                ..GatedConfig::plain(1, 2, 3, 4)
             }));
             configs.push(ModelConfig::PixelCnnPp(PixelCnnPpConfig {
                 colours: 1,

@@ -183,17 +183,8 @@ mod tests {
 
     fn gated(colours: usize, layers: usize, kernel: usize, classes: Option<usize>) -> ModelConfig {
         ModelConfig::Gated(GatedConfig {
-            colours,
-            layers,
-            kernel,
-            channels: 8 * colours,
             classes,
-            spatial_channels: 0,
-            concat: false,
-            residual: true,
-            gates: true,
-            link: true,
-            likelihood: crate::model::Likelihood::Categorical,
+            ..GatedConfig::plain(colours, layers, kernel, 8 * colours)
         })
     }
 
@@ -320,17 +311,8 @@ mod tests {
     #[test]
     fn spatial_conditioning_keeps_causality_and_matters() {
         let cfg = ModelConfig::Gated(GatedConfig {
-            colours: 1,
-            layers: 3,
-            kernel: 5,
-            channels: 8,
-            classes: None,
             spatial_channels: 2,
-            concat: false,
-            residual: true,
-            gates: true,
-            link: true,
-            likelihood: crate::model::Likelihood::Categorical,
+            ..GatedConfig::plain(1, 3, 5, 8)
         });
         let dev = device();
         let model = cfg.init(9, &dev);
@@ -375,17 +357,9 @@ mod tests {
                 hidden: 6,
                 conditioning: mode,
                 decoder: GatedConfig {
-                    colours,
-                    layers: 3,
-                    kernel: 5,
-                    channels: 6 * colours,
-                    classes: None,
                     spatial_channels: maps,
                     concat: mode == VaeConditioning::Concat,
-                    residual: true,
-                    gates: true,
-                    link: true,
-                    likelihood: crate::model::Likelihood::Categorical,
+                    ..GatedConfig::plain(colours, 3, 5, 6 * colours)
                 },
             });
             let model = cfg.init(4, &dev);

@@ -115,17 +115,10 @@ mod tests {
 
     fn gated_config(classes: Option<usize>, spatial: usize, concat: bool) -> GatedConfig {
         GatedConfig {
-            colours: 3,
-            layers: 3,
-            kernel: 5,
-            channels: 12,
             classes,
             spatial_channels: spatial,
             concat,
-            residual: true,
-            gates: true,
-            link: true,
-            likelihood: Likelihood::Categorical,
+            ..GatedConfig::plain(3, 3, 5, 12)
         }
     }
 

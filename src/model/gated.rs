@@ -203,6 +203,25 @@ pub struct GatedPixelCnn {
 }
 
 impl GatedConfig {
+    /// The gated model as the paper draws it: unconditioned, every ablation off (residual, gates
+    /// and link on), 256 logits per sub-pixel. Tests and tools start here and change what they
+    /// need with `..GatedConfig::plain(...)`.
+    pub fn plain(colours: usize, layers: usize, kernel: usize, channels: usize) -> GatedConfig {
+        GatedConfig {
+            colours,
+            layers,
+            kernel,
+            channels,
+            classes: None,
+            spatial_channels: 0,
+            concat: false,
+            residual: true,
+            gates: true,
+            link: true,
+            likelihood: super::Likelihood::Categorical,
+        }
+    }
+
     pub fn init(&self, rng: &mut StdRng, device: &Device) -> GatedPixelCnn {
         let layers = (0..self.layers)
             .map(|l| GatedLayer::new(self, l == 0, rng, device))

@@ -289,17 +289,9 @@ mod tests {
             hidden: 8,
             conditioning,
             decoder: GatedConfig {
-                colours,
-                layers: 2,
-                kernel: 3,
-                channels: 6,
-                classes: None,
                 spatial_channels: maps,
                 concat: conditioning == VaeConditioning::Concat,
-                residual: true,
-                gates: true,
-                link: true,
-                likelihood: crate::model::Likelihood::Categorical,
+                ..GatedConfig::plain(colours, 2, 3, 6)
             },
         }
     }

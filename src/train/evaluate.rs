@@ -220,17 +220,8 @@ mod tests {
             hidden: 6,
             conditioning: VaeConditioning::Gates,
             decoder: GatedConfig {
-                colours: 1,
-                layers: 2,
-                kernel: 3,
-                channels: 6,
-                classes: None,
                 spatial_channels: 3,
-                concat: false,
-                residual: true,
-                gates: true,
-                link: true,
-                likelihood: crate::model::Likelihood::Categorical,
+                ..GatedConfig::plain(1, 2, 3, 6)
             },
         })
     }
@@ -312,17 +303,8 @@ mod tests {
             hidden: 4,
             conditioning: VaeConditioning::Gates,
             decoder: GatedConfig {
-                colours: 1,
-                layers: 2,
-                kernel: 3,
-                channels: 4,
-                classes: None,
                 spatial_channels: 2,
-                concat: false,
-                residual: true,
-                gates: true,
-                link: true,
-                likelihood: crate::model::Likelihood::Categorical,
+                ..GatedConfig::plain(1, 2, 3, 4)
             },
         });
         let model = cfg.init(5, &device);

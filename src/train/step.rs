@@ -583,17 +583,8 @@ mod tests {
         };
         let data = synthetic::generate(&spec, 4).train;
         let cfg = ModelConfig::Gated(GatedConfig {
-            colours: 3,
-            layers: 3,
-            kernel: 3,
-            channels: 12,
             classes: Some(10),
-            spatial_channels: 0,
-            concat: false,
-            residual: true,
-            gates: true,
-            link: true,
-            likelihood: crate::model::Likelihood::Categorical,
+            ..GatedConfig::plain(3, 3, 3, 12)
         });
         let device = Device::flex().autodiff();
         let order: Vec<usize> = (0..64).collect();
