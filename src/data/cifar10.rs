@@ -4,8 +4,10 @@
 use super::{DataError, Images, Splits};
 use std::path::{Path, PathBuf};
 
+/// RGB images of 32 x 32 pixels.
+pub const COLOURS: usize = 3;
 pub const SIDE: usize = 32;
-const RECORD: usize = 1 + 3 * SIDE * SIDE;
+const RECORD: usize = 1 + COLOURS * SIDE * SIDE;
 
 /// The five training batches and the test batch.
 pub const FILES: [&str; 6] = [
@@ -61,7 +63,7 @@ pub fn parse_batch(path: &Path, bytes: &[u8]) -> Result<Images, DataError> {
     Ok(Images {
         pixels,
         labels,
-        colours: 3,
+        colours: COLOURS,
         height: SIDE,
         width: SIDE,
     })
@@ -115,7 +117,7 @@ mod tests {
         Images {
             pixels,
             labels: vec![6, 9],
-            colours: 3,
+            colours: COLOURS,
             height: SIDE,
             width: SIDE,
         }

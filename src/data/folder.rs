@@ -5,6 +5,9 @@
 use super::{DataError, Images, Splits};
 use std::path::{Path, PathBuf};
 
+/// Every image is read as RGB; the size is the files' (all alike).
+pub const COLOURS: usize = 3;
+
 pub fn load(dir: &Path) -> Result<Splits, DataError> {
     let train = read_split(&dir.join("train"), None)?;
     let shape = (train.height, train.width);
@@ -29,7 +32,7 @@ fn read_split(dir: &Path, shape: Option<(usize, usize)>) -> Result<Images, DataE
     let mut images = Images {
         pixels: Vec::new(),
         labels: Vec::new(),
-        colours: 3,
+        colours: COLOURS,
         height: shape.map_or(0, |s| s.0),
         width: shape.map_or(0, |s| s.1),
     };

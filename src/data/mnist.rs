@@ -4,6 +4,10 @@ use super::{DataError, Images, Splits};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// Grey images of 28 x 28 pixels.
+pub const COLOURS: usize = 1;
+pub const SIDE: usize = 28;
+
 /// The four official file names, without `.gz`.
 pub const FILES: [&str; 4] = [
     "train-images-idx3-ubyte",
@@ -128,7 +132,7 @@ pub fn read_pair(images: &Path, labels: &Path) -> Result<Images, DataError> {
     Ok(Images {
         pixels,
         labels: labels_data,
-        colours: 1,
+        colours: COLOURS,
         height: dims[1],
         width: dims[2],
     })
@@ -167,7 +171,7 @@ mod tests {
         Images {
             pixels: (0..3 * 2 * 3).map(|v| (v * 14) as u8).collect(),
             labels: vec![0, 9, 4],
-            colours: 1,
+            colours: COLOURS,
             height: 2,
             width: 3,
         }
