@@ -81,7 +81,7 @@ pub fn execute(plan: Plan, options: &Options, world: &World) -> Result<PathBuf> 
         world_size: world.size(),
         ranks: ranks(world, &session),
     };
-    drive(session, dir, run, info, world)
+    run_and_record_the_end(session, dir, run, info, world)
 }
 
 /// Continues the run in `dir` from its newest checkpoint (or from the start if it has none), on
@@ -115,7 +115,7 @@ pub fn resume(dir: &Path, world: &World) -> Result<PathBuf> {
     info.resumed.push(results::now());
     info.world_size = world.size();
     info.ranks = ranks(world, &session);
-    drive(session, dir.to_path_buf(), run, info, world)
+    run_and_record_the_end(session, dir.to_path_buf(), run, info, world)
 }
 
 /// Every rank's host and device, for a run of several ranks.
@@ -172,7 +172,7 @@ struct Record {
 }
 
 /// Runs the epochs and records how the run ended in `run.json`.
-fn drive(
+fn run_and_record_the_end(
     session: Session,
     dir: PathBuf,
     run: Option<RunDir>,
@@ -186,7 +186,7 @@ fn drive(
         board: None,
     });
     let started = match &mut record {
-        Some(r) => r.run.write_info(&r.info),
+        Some(rec) => rec.run.write_info(&rec.info),
         None => Ok(()),
     };
     session::agree(world, started)?;
@@ -202,7 +202,7 @@ fn drive(
     );
     // Once training has started, any failure (a full disk, say) is the run's: exit code 1, with
     // run.json saying how far it got.
-    let outcome = epochs(session, &dir, &mut record, world).map_err(|e| match e {
+    let outcome = train_remaining_epochs(session, &dir, &mut record, world).map_err(|e| match e {
         Error::Interrupted(_) | Error::Run(_) | Error::Peer { .. } => e,
         other => Error::Run(other.to_string()),
     });
@@ -226,7 +226,23 @@ fn drive(
     outcome.map(|()| dir)
 }
 
-fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &World) -> Result<()> {
+/// What every epoch of a run reads.
+struct Epochs<'a> {
+    plan: &'a Plan,
+    splits: &'a data::Splits,
+    device: &'a Device,
+    dir: &'a Path,
+    world: &'a World,
+}
+
+/// Trains the epochs the run has left, each followed by its evaluation and records; returns
+/// `Error::Interrupted` after checkpointing when asked to stop.
+fn train_remaining_epochs(
+    session: Session,
+    dir: &Path,
+    record: &mut Option<Record>,
+    world: &World,
+) -> Result<()> {
     let device = &session.train_device();
     let Session {
         plan,
@@ -235,41 +251,77 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
         mut state,
         ..
     } = session;
-    let plan = &plan;
+    let at = Epochs {
+        plan: &plan,
+        splits: &splits,
+        device,
+        dir,
+        world,
+    };
     let t = &plan.experiment.train;
-    let keep = t.keep_checkpoints;
     let steps_per_epoch = splits.train.len().div_ceil(t.batch_size);
     let steps_done = (position.epochs_done * steps_per_epoch + position.steps_done) as u64;
     let board = match record {
-        Some(r) => Board::open(
-            &r.run.path,
+        Some(rec) => Board::open(
+            &rec.run.path,
             steps_per_epoch,
             steps_done,
             &plan.resolved_toml(),
         )
-        .map(|b| r.board = Some(b)),
+        .map(|b| rec.board = Some(b)),
         None => Ok(()),
     };
     session::agree(world, board)?;
     for epoch in position.epochs_done + 1..=t.epochs {
-        let order = data::epoch_order(splits.train.len(), t.seed, epoch);
-        let (start_step, so_far) = if epoch == position.epochs_done + 1 {
+        let resumed = if epoch == position.epochs_done + 1 {
             (position.steps_done, position.partial)
         } else {
             (0, PassStats::default())
         };
+        let (next, train_stats, end) = at.train(state, epoch, resumed, record)?;
+        state = next;
+        if let EpochEnd::Stopped { steps_done } = end {
+            at.checkpoint_stopped(&state, epoch, steps_done, train_stats, record)?;
+            return Err(Error::Interrupted(dir.to_path_buf()));
+        }
+        let (row, sums) = at.evaluate(&state, epoch, &train_stats)?;
+        let written = match record {
+            Some(rec) => record_epoch(&plan, rec, &row, &state, &splits.test, &sums, device),
+            None => Ok(()),
+        };
+        session::agree(world, written)?;
+        if world.any(stop_requested()) && epoch < t.epochs {
+            return Err(Error::Interrupted(dir.to_path_buf()));
+        }
+    }
+    Ok(())
+}
+
+impl Epochs<'_> {
+    /// One epoch's training steps from `resumed` (the step and partial totals to start from), with
+    /// the progress bar and the TensorBoard steps. The ranks fail together.
+    fn train(
+        &self,
+        state: train::TrainState,
+        epoch: usize,
+        resumed: (usize, PassStats),
+        record: &mut Option<Record>,
+    ) -> Result<(train::TrainState, PassStats, EpochEnd)> {
+        let (plan, world) = (self.plan, self.world);
+        let t = &plan.experiment.train;
+        let order = data::epoch_order(self.splits.train.len(), t.seed, epoch);
         let bar = progress_bar(epoch, t.epochs, order.len(), world.is_root());
         let work = train::Epoch {
-            images: &splits.train,
+            images: &self.splits.train,
             order: &order,
             step: plan.step(epoch),
-            device,
-            start_step,
-            so_far,
+            device: self.device,
+            start_step: resumed.0,
+            so_far: resumed.1,
             stop: &stop_requested,
             world,
         };
-        let mut board = record.as_mut().and_then(|r| r.board.as_mut());
+        let mut board = record.as_mut().and_then(|rec| rec.board.as_mut());
         let trained = train::train_epoch(state, work, |report| {
             if report.skipped && world.is_root() {
                 bar.suspend(|| {
@@ -288,49 +340,70 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
             }
         })
         .map_err(|e| {
-            let kept = checkpoint::latest(dir)
+            let kept = checkpoint::latest(self.dir)
                 .ok()
                 .flatten()
                 .map(|p| format!("; the last good checkpoint is {}", p.display()))
                 .unwrap_or_default();
             Error::Run(format!("epoch {epoch}, {e}{kept}"))
         });
-        // The ranks fail together here: a loss that is not finite is the same sum everywhere.
-        let (next, train_stats, end) = session::agree(world, trained)?;
+        // A loss that is not finite is the same sum on every rank.
+        let trained = session::agree(world, trained)?;
         bar.finish_and_clear();
-        state = next;
-        if let EpochEnd::Stopped { steps_done } = end {
-            let at = Position {
-                epochs_done: epoch - 1,
-                steps_done,
-                partial: train_stats,
-                loss_scale: state.loss_scale,
-            };
-            let saved = match record {
-                Some(r) => checkpoint::save(
-                    dir,
-                    &state.model.valid(),
-                    state.ema.as_ref().map(train::Ema::model),
-                    &state.optimizer,
-                    &at,
-                    keep,
-                )
-                .and_then(|_| r.board.as_mut().map_or(Ok(()), Board::flush)),
-                None => Ok(()),
-            };
-            session::agree(world, saved)?;
-            return Err(Error::Interrupted(dir.to_path_buf()));
-        }
+        Ok(trained)
+    }
+
+    /// The checkpoint of a run stopped inside `epoch`, after `steps_done` of its steps.
+    fn checkpoint_stopped(
+        &self,
+        state: &train::TrainState,
+        epoch: usize,
+        steps_done: usize,
+        partial: PassStats,
+        record: &mut Option<Record>,
+    ) -> Result<()> {
+        let at = Position {
+            epochs_done: epoch - 1,
+            steps_done,
+            partial,
+            loss_scale: state.loss_scale,
+        };
+        let saved = match record {
+            Some(rec) => checkpoint::save(
+                self.dir,
+                &state.model.valid(),
+                state.ema.as_ref().map(train::Ema::model),
+                &state.optimizer,
+                &at,
+                self.plan.experiment.train.keep_checkpoints,
+            )
+            .and_then(|_| rec.board.as_mut().map_or(Ok(()), Board::flush)),
+            None => Ok(()),
+        };
+        session::agree(self.world, saved)
+    }
+
+    /// The test (and validation) pass after `epoch`, checked finite, the ranks' weights checked
+    /// equal (their checksums returned), and the epoch's metrics row, logged.
+    fn evaluate(
+        &self,
+        state: &train::TrainState,
+        epoch: usize,
+        train_stats: &PassStats,
+    ) -> Result<(MetricsRow, Vec<u64>)> {
+        let (device, world) = (self.device, self.world);
+        let t = &self.plan.experiment.train;
         // The averaged weights with `train.ema`; the checksum is of the trained ones.
         let model = state.eval_model();
         let (batch, seed) = (t.eval_batch_size, t.seed);
-        let test_stats = train::evaluate_sharded(model, &splits.test, batch, seed, device, world);
-        let validation = splits
+        let test = train::evaluate_sharded(model, &self.splits.test, batch, seed, device, world);
+        let validation = self
+            .splits
             .validation
             .as_ref()
             .map(|v| train::evaluate_sharded(model, v, batch, seed, device, world));
         // The sums are the same on every rank, so every rank stops here alike.
-        let finite = test_stats
+        let finite = test
             .check_finite("test")
             .and_then(|()| validation.map_or(Ok(()), |v| v.check_finite("validation")));
         finite.map_err(|e| Error::Run(format!("epoch {epoch}: {e}")))?;
@@ -338,14 +411,14 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
         let row = MetricsRow {
             epoch,
             train_bits_per_dim: train_stats.bits_per_dim(),
-            test_bits_per_dim: test_stats.bits_per_dim(),
+            test_bits_per_dim: test.bits_per_dim(),
             train_seconds: train_stats.seconds,
-            test_seconds: test_stats.seconds,
+            test_seconds: test.seconds,
             train_images_per_second: train_stats.images_per_second(),
             train_recon_bits_per_dim: train_stats.recon_bits_per_dim(),
             train_kl_bits_per_dim: train_stats.kl_bits_per_dim(),
-            test_recon_bits_per_dim: test_stats.recon_bits_per_dim(),
-            test_kl_bits_per_dim: test_stats.kl_bits_per_dim(),
+            test_recon_bits_per_dim: test.recon_bits_per_dim(),
+            test_kl_bits_per_dim: test.kl_bits_per_dim(),
             kl_weight: train_stats.kl_weight,
             validation_bits_per_dim: validation.map(|v| v.bits_per_dim()),
             learning_rate: train_stats.learning_rate,
@@ -362,27 +435,19 @@ fn epochs(session: Session, dir: &Path, record: &mut Option<Record>, world: &Wor
         if let Some(warning) = train::collapse_warning(
             row.test_kl_bits_per_dim,
             row.kl_weight,
-            plan.experiment.model.vae.free_bits,
+            self.plan.experiment.model.vae.free_bits,
         ) {
             tracing::warn!(epoch, "{warning}");
         }
-        let written = match record {
-            Some(r) => record_epoch(plan, r, &row, &state, &splits.test, &sums, device),
-            None => Ok(()),
-        };
-        session::agree(world, written)?;
-        if world.any(stop_requested()) && epoch < t.epochs {
-            return Err(Error::Interrupted(dir.to_path_buf()));
-        }
+        Ok((row, sums))
     }
-    Ok(())
 }
 
 /// Rank 0's files at the end of an epoch: the metrics row, the curves, the sample grid, the
 /// checkpoint and `run.json`.
 fn record_epoch(
     plan: &Plan,
-    r: &mut Record,
+    rec: &mut Record,
     row: &MetricsRow,
     state: &train::TrainState,
     test: &data::Images,
@@ -390,13 +455,13 @@ fn record_epoch(
     device: &Device,
 ) -> Result<()> {
     let epoch = row.epoch;
-    let board = r.board.as_mut().expect("rank 0 opened the board");
-    r.run.append_metrics(row)?;
+    let board = rec.board.as_mut().expect("rank 0 opened the board");
+    rec.run.append_metrics(row)?;
     board.epoch(row)?;
-    r.run.write_curve(&plan.name)?;
+    rec.run.write_curve(&plan.name)?;
     let every = plan.experiment.sample.every;
     if epoch == plan.experiment.train.epochs || (every > 0 && epoch.is_multiple_of(every)) {
-        let path = r.run.sample_path(epoch);
+        let path = rec.run.sample_path(epoch);
         write_grid(plan, state.eval_model(), test, epoch, &path, device)?;
         board.image("samples/grid", epoch, &path)?;
         let recon = reconstructions_path(&path);
@@ -411,18 +476,18 @@ fn record_epoch(
     };
     let keep = plan.experiment.train.keep_checkpoints;
     checkpoint::save(
-        &r.run.path,
+        &rec.run.path,
         &state.model.valid(),
         state.ema.as_ref().map(train::Ema::model),
         &state.optimizer,
         &at,
         keep,
     )?;
-    r.info.epochs_completed = epoch;
-    for (rank, sum) in r.info.ranks.iter_mut().zip(sums) {
+    rec.info.epochs_completed = epoch;
+    for (rank, sum) in rec.info.ranks.iter_mut().zip(sums) {
         rank.weights_checksum = Some(format!("{sum:016x}"));
     }
-    r.run.write_info(&r.info)
+    rec.run.write_info(&rec.info)
 }
 
 /// The weights' checksum on every rank, which must all be equal (data-parallel ranks step the
