@@ -60,7 +60,7 @@ pub fn stream(seed: u64, purpose: Purpose, epoch: u64, step: u64) -> StdRng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::Rng;
+    use rand::RngExt;
     use std::collections::HashSet;
 
     /// The derivation is fixed: a change here changes every run's weights, order and samples, and

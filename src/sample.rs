@@ -6,7 +6,7 @@ use crate::data::Images;
 use crate::loss::logistic;
 use crate::model::{Cache, Context, Likelihood, Model};
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::Rng;
+use rand::RngExt;
 use rand::rngs::StdRng;
 
 /// Draws one value from `softmax(logits / temperature)` by the Gumbel-max trick: the argmax of

@@ -3,7 +3,7 @@
 
 use super::{Images, Splits};
 use crate::rng::{self, Purpose};
-use rand::Rng;
+use rand::RngExt;
 use rand::rngs::StdRng;
 use serde::Serialize;
 

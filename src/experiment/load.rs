@@ -147,9 +147,17 @@ fn layer(
 }
 
 /// Deserialises the file on its own first, so that syntax errors, unknown keys and wrong types are
-/// reported with a line and column.
+/// reported with a line and column, and with the dotted key serde was reading (however the file
+/// spells it: a table, a dotted key or an inline table).
 fn check_file(path: &Path, text: &str) -> Result<()> {
-    let Err(e) = toml::from_str::<Experiment>(text) else {
+    let parsed = toml::Deserializer::parse(text)
+        .map_err(|e| (e, None))
+        .and_then(|d| {
+            serde_path_to_error::deserialize::<_, Experiment>(d)
+                .map_err(|e| (key_of(e.path()), e.into_inner()))
+                .map_err(|(key, e)| (e, key))
+        });
+    let Err((e, key)) = parsed else {
         return Ok(());
     };
     let (line, column) = e
@@ -157,7 +165,7 @@ fn check_file(path: &Path, text: &str) -> Result<()> {
         .map(|span| line_column(text, span.start))
         .unwrap_or((1, 1));
     let mut message = plain_types(&unknown_key_hint(e.message().trim()));
-    if let Some(key) = e.span().and_then(|span| key_at(text, span.start)) {
+    if let Some(key) = key {
         message = format!("`{key}`: {message}");
     }
     Err(Error::Parse {
@@ -166,6 +174,22 @@ fn check_file(path: &Path, text: &str) -> Result<()> {
         column,
         message,
     })
+}
+
+/// The dotted key of a value serde could not read (`train.epochs`); none for an unknown key, whose
+/// message names it, or at the top.
+fn key_of(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let parts: Vec<String> = path
+        .iter()
+        .map(|s| match s {
+            Segment::Map { key } => key.clone(),
+            Segment::Seq { index } => format!("[{index}]"),
+            _ => "?".into(),
+        })
+        .collect();
+    let key = parts.join(".").replace(".[", "[");
+    (!key.is_empty() && !key.contains('?')).then_some(key)
 }
 
 /// Adds "did you mean" to serde's "unknown field `x`, expected one of `a`, `b`" messages.
@@ -206,29 +230,6 @@ fn did_you_mean<'a>(unknown: &str, candidates: &[&'a str]) -> Option<&'a str> {
         .filter(|(d, cand)| *d <= 2.max(cand.len() / 3))
         .min()
         .map(|(_, cand)| cand)
-}
-
-/// The dotted key whose value starts at `offset` (`[train]` then `epochs = ...` gives
-/// `train.epochs`), for messages about a value.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next()?;
-    let (key, _) = line.split_once('=')?;
-    let key = key.trim().trim_matches('"');
-    if key.is_empty() || key.starts_with('[') {
-        return None;
-    }
-    let section = text[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && !l.starts_with("[["))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
-    Some(match section {
-        Some(s) => format!("{s}.{key}"),
-        None => key.to_string(),
-    })
 }
 
 /// 1-based line and column of a byte offset.
@@ -275,6 +276,25 @@ mod tests {
         let err = load(f.path(), &[]).unwrap_err().to_string();
         assert!(err.contains(":2:"), "{err}");
         assert!(err.contains("`train.epochs`"), "{err}");
+    }
+
+    /// The key is serde's path, however the file writes it: a dotted key at the top, an inline
+    /// table, an array element.
+    #[test]
+    fn wrong_types_name_the_key_however_it_is_written() {
+        for (text, key) in [
+            ("train.epochs = \"ten\"\n", "`train.epochs`"),
+            ("train = { epochs = \"ten\" }\n", "`train.epochs`"),
+            (
+                "[train]\nadam_betas = [0.9, \"x\"]\n",
+                "`train.adam_betas[1]`",
+            ),
+            ("[model.vae]\nhidden = -3\n", "`model.vae.hidden`"),
+        ] {
+            let f = write(text);
+            let err = load(f.path(), &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use burn::tensor::activation::{log_softmax, sigmoid, softplus};
 use burn::tensor::{Int, Tensor};
-use rand::Rng;
+use rand::RngExt;
 use rand::rngs::StdRng;
 
 /// Log-scales are floored here (as in openai/pixel-cnn) so that a bin never has all the mass of a

@@ -3,7 +3,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 /// Raster order of sub-pixels: row, then column, then colour (R -> G -> B).
 pub fn raster_index(colour: usize, y: usize, x: usize, colours: usize, width: usize) -> usize {

@@ -9,7 +9,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use rand::Rng;
+use rand::RngExt;
 use rand::rngs::StdRng;
 
 /// Which sub-pixels of the centre pixel a masked convolution may see.

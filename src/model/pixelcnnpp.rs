@@ -21,7 +21,7 @@ use super::native::{
 };
 use burn::module::{Module, Param};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use rand::Rng;
+use rand::RngExt;
 use rand::rngs::StdRng;
 
 /// The size of a PixelCNN++.

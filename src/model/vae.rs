@@ -16,7 +16,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::Rng;
+use rand::RngExt;
 use rand::rngs::StdRng;
 use serde::Serialize;
 

@@ -50,7 +50,6 @@ pub fn learning_curve(title: &str, rows: &[MetricsRow], path: &Path) -> std::io:
 /// Several curves on one chart (a sweep's test curves).
 pub fn curves_png(title: &str, curves: &[Curve], path: &Path) -> std::io::Result<()> {
     register_font();
-    let err = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
     let points = curves.iter().flat_map(|c| c.points.iter());
     let (mut x1, mut y0, mut y1) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in points.filter(|p| p.1.is_finite()) {
@@ -61,8 +60,24 @@ pub fn curves_png(title: &str, curves: &[Curve], path: &Path) -> std::io::Result
     if !y0.is_finite() {
         (y0, y1) = (0.0, 8.0);
     }
+    let (width, height) = (800usize, 500usize);
+    let mut rgb = vec![0u8; width * height * 3];
+    draw(title, curves, (x1, y0, y1), &mut rgb, (width, height)).map_err(std::io::Error::other)?;
+    // Written whole or not at all, as every file of a run.
+    crate::atomic::write(path, &crate::data::png::encode(&rgb, 3, height, width)?)
+}
+
+/// Draws the chart into an RGB buffer of `size`.
+fn draw(
+    title: &str,
+    curves: &[Curve],
+    (x1, y0, y1): (f64, f64, f64),
+    rgb: &mut [u8],
+    size: (usize, usize),
+) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
     let pad = ((y1 - y0) * 0.08).max(0.01);
-    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    let root = BitMapBackend::with_buffer(rgb, (size.0 as u32, size.1 as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, (FONT, 22))
