@@ -1,7 +1,7 @@
 //! The plan's checks: every key's errors name the file or flag, the key and the value.
 
 use super::*;
-use crate::experiment::{BackendKind, Conditional, DatasetKind};
+use crate::experiment::{Conditional, DatasetKind};
 use crate::model::{GatedConfig, Likelihood};
 
 fn synthetic() -> Experiment {
@@ -226,7 +226,7 @@ fn missing_dataset_without_download_says_what_to_put_where() {
 #[test]
 fn auto_backend_needs_libtorch_only_for_cuda() {
     let mut e = synthetic();
-    e.runtime.backend = BackendKind::Auto;
+    e.runtime.backend = crate::experiment::BackendKind::Auto;
     assert!(plan(e.clone()).is_ok());
     e.runtime.device = "cuda:1".into();
     let msg = err(e);
@@ -238,7 +238,7 @@ fn auto_backend_needs_libtorch_only_for_cuda() {
 #[test]
 fn backend_not_compiled_in_says_how_to_rebuild() {
     let mut e = synthetic();
-    e.runtime.backend = BackendKind::Libtorch;
+    e.runtime.backend = crate::experiment::BackendKind::Libtorch;
     let msg = err(e);
     assert!(msg.contains("--features tch"), "{msg}");
 }

@@ -1,0 +1,280 @@
+//! PixelCNN++: shapes, exact per-pixel causality, dropout masks (seeded, hashed, split-independent),
+//! the parameter count, class conditioning.
+
+use super::*;
+use rand::SeedableRng;
+
+fn config(colours: usize, resnets: usize) -> PixelCnnPpConfig {
+    PixelCnnPpConfig {
+        colours,
+        filters: 6,
+        resnets,
+        likelihood: Likelihood::LogisticMixture { components: 2 },
+        classes: None,
+        dropout: 0.0,
+    }
+}
+
+/// Output shapes for even and odd sizes, grey and RGB (28 halves to 14 and 7; 7 to 4 and 2).
+#[test]
+fn any_image_size_gives_one_set_of_parameters_per_pixel() {
+    let device = Device::flex();
+    for (colours, h, w) in [(1, 28, 28), (3, 8, 8), (1, 7, 5), (3, 3, 4)] {
+        let cfg = config(colours, 1);
+        let net = cfg.init(&mut StdRng::seed_from_u64(1), &device);
+        let x = Tensor::<4>::zeros([2, colours, h, w], &device);
+        let out = net.forward(x, None, None);
+        assert_eq!(out.dims(), [2, cfg.output_channels(), h, w]);
+    }
+    assert_eq!(config(1, 1).output_channels(), 2 * 3);
+    assert_eq!(config(3, 1).output_channels(), 2 * 10);
+}
+
+/// For every output pixel, the input pixels (any colour) whose gradient is nonzero at one of
+/// a few random images.
+fn pixel_dependencies(
+    net: &PixelCnnPp,
+    colours: usize,
+    h: usize,
+    w: usize,
+    device: &Device,
+) -> Vec<Vec<usize>> {
+    let mut deps = vec![Vec::new(); h * w];
+    for seed in 0..3u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let values: Vec<f32> = (0..colours * h * w)
+            .map(|_| f32::from(rng.random::<u8>()))
+            .collect();
+        for (p, found) in deps.iter_mut().enumerate() {
+            let x =
+                Tensor::<4>::from_data(TensorData::new(values.clone(), [1, colours, h, w]), device)
+                    .require_grad();
+            let out = net.forward(x.clone(), None, None);
+            let (y, xx) = (p / w, p % w);
+            let grads = out.narrow(2, y, 1).narrow(3, xx, 1).sum().backward();
+            let g: Vec<f32> = x
+                .grad(&grads)
+                .map(|g| g.into_data().convert::<f32>().try_into_vec().unwrap())
+                .unwrap_or_else(|| vec![0.0; values.len()]);
+            crate::model::causality::assert_finite_gradient(&g, p);
+            for c in 0..colours {
+                for q in 0..h * w {
+                    if g[c * h * w + q] != 0.0 {
+                        found.push(q);
+                    }
+                }
+            }
+        }
+    }
+    for d in &mut deps {
+        d.sort_unstable();
+        d.dedup();
+    }
+    deps
+}
+
+/// Exact causality per pixel: the parameters at a pixel depend on no sub-pixel of it or after
+/// it, and (the network being deep enough for the image) on every pixel before it. Grey and
+/// RGB, on every backend compiled in.
+#[test]
+fn each_pixel_depends_on_exactly_the_pixels_before_it() {
+    for device in crate::device::test_devices() {
+        let device = device.autodiff();
+        for (colours, h, w) in [(1, 6, 6), (3, 5, 4)] {
+            let cfg = config(colours, 2);
+            let net = cfg.init(&mut StdRng::seed_from_u64(3), &device);
+            let deps = pixel_dependencies(&net, colours, h, w, &device);
+            for (p, d) in deps.iter().enumerate() {
+                let before: Vec<usize> = (0..p).collect();
+                assert_eq!(d, &before, "pixel {p} of {h}x{w}, {colours} colours");
+            }
+        }
+    }
+}
+
+/// Dropout changes the output in training, the same way for the same generator; without a
+/// generator (evaluation) there is none.
+#[test]
+fn dropout_only_in_training_and_seeded() {
+    let device = Device::flex();
+    let cfg = PixelCnnPpConfig {
+        dropout: 0.5,
+        ..config(1, 1)
+    };
+    let net = cfg.init(&mut StdRng::seed_from_u64(1), &device);
+    let x = Tensor::<4>::from_data(
+        TensorData::new((0..64).map(|i| (i * 4) as f32).collect(), [1, 1, 8, 8]),
+        &device,
+    );
+    let values =
+        |t: Tensor<4>| -> Vec<f32> { t.into_data().convert::<f32>().try_into_vec().unwrap() };
+    let draws = |step, first| {
+        Some(DropoutDraws {
+            seed: 1,
+            step,
+            first,
+        })
+    };
+    let eval = values(net.forward(x.clone(), None, None));
+    assert_eq!(eval, values(net.forward(x.clone(), None, None)));
+    let a = values(net.forward(x.clone(), None, draws(5, 0)));
+    let b = values(net.forward(x.clone(), None, draws(5, 0)));
+    let c = values(net.forward(x.clone(), None, draws(6, 0)));
+    let d = values(net.forward(x, None, draws(5, 1)));
+    assert_eq!(a, b);
+    assert_ne!(a, eval);
+    assert_ne!(a, c, "another step, other masks");
+    assert_ne!(a, d, "another image, other masks");
+}
+
+/// The device's masks are the hash written with plain u32 wrapping arithmetic, bit for bit,
+/// on every backend; about p of the elements are dropped, independently of each other.
+#[test]
+fn dropout_masks_are_the_hash_on_every_backend() {
+    fn hash(mut x: u32) -> u32 {
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7FEB_352D);
+        x ^= x >> 15;
+        x = x.wrapping_mul(0x5BD1_E995);
+        x ^ (x >> 16)
+    }
+    let (dims, first, key, p) = ([3, 4, 5, 6], 7u64, 0xDEAD_BEEFu32, 0.3);
+    let n = 4 * 5 * 6;
+    let expected: Vec<bool> = (0..3u32)
+        .flat_map(|i| {
+            let image = hash((first as u32 + i) ^ key);
+            (0..n as u32).map(move |e| {
+                u64::from(hash(e.wrapping_mul(0x61C8_8647).wrapping_add(image)))
+                    < (p * 4_294_967_296.0) as u64
+            })
+        })
+        .collect();
+    for device in crate::device::test_devices() {
+        let mask: Vec<bool> = dropout_mask(dims, first, key, p, &device)
+            .into_data()
+            .convert::<bool>()
+            .try_into_vec()
+            .unwrap();
+        assert_eq!(mask, expected, "{device:?}");
+    }
+    // The fraction and the independence of neighbours, over a large mask.
+    let device = Device::flex();
+    let big: Vec<bool> = dropout_mask([4, 16, 32, 32], 0, 1, 0.5, &device)
+        .into_data()
+        .convert::<bool>()
+        .try_into_vec()
+        .unwrap();
+    let fraction = big.iter().filter(|&&d| d).count() as f64 / big.len() as f64;
+    assert!((fraction - 0.5).abs() < 0.01, "{fraction}");
+    let both = big.windows(2).filter(|w| w[0] && w[1]).count() as f64 / big.len() as f64;
+    assert!(
+        (both - 0.25).abs() < 0.01,
+        "neighbours dropped together: {both}"
+    );
+    let per_image = big.len() / 4;
+    let same = (0..per_image)
+        .filter(|&e| big[e] == big[per_image + e])
+        .count() as f64;
+    assert!(
+        (same / per_image as f64 - 0.5).abs() < 0.02,
+        "images agree: {same}"
+    );
+}
+
+/// An image's masks are its own: a batch of two gives each image what it gets alone with its
+/// place in the global batch (how ranks will split a batch).
+#[test]
+fn dropout_masks_do_not_depend_on_the_batch_split() {
+    let device = Device::flex();
+    let cfg = PixelCnnPpConfig {
+        dropout: 0.5,
+        ..config(1, 1)
+    };
+    let net = cfg.init(&mut StdRng::seed_from_u64(1), &device);
+    let pixels: Vec<f32> = (0..72).map(|i| ((i * 37) % 256) as f32).collect();
+    let both = Tensor::<4>::from_data(TensorData::new(pixels.clone(), [2, 1, 6, 6]), &device);
+    let draws = |first| {
+        Some(DropoutDraws {
+            seed: 3,
+            step: 7,
+            first,
+        })
+    };
+    let values =
+        |t: Tensor<4>| -> Vec<f32> { t.into_data().convert::<f32>().try_into_vec().unwrap() };
+    let together = values(net.forward(both, None, draws(0)));
+    let mut apart = Vec::new();
+    for i in 0..2 {
+        let one = Tensor::<4>::from_data(
+            TensorData::new(pixels[i * 36..(i + 1) * 36].to_vec(), [1, 1, 6, 6]),
+            &device,
+        );
+        apart.extend(values(net.forward(one, None, draws(i as u64))));
+    }
+    for (t, a) in together.iter().zip(&apart) {
+        assert!((t - a).abs() < 1e-5, "{t} vs {a}");
+    }
+}
+
+/// The count from the layout is the built network's, with and without classes.
+#[test]
+fn parameters_are_counted_exactly() {
+    let device = Device::flex();
+    for cfg in [
+        config(1, 1),
+        config(3, 2),
+        PixelCnnPpConfig {
+            classes: Some(10),
+            filters: 5,
+            ..config(3, 1)
+        },
+    ] {
+        let net = cfg.init(&mut StdRng::seed_from_u64(1), &device);
+        assert_eq!(net.num_params(), cfg.parameters(), "{cfg:?}");
+    }
+    // openai/pixel-cnn's CIFAR-10 network (160 filters, 5 resnets, 10 mixtures): 53.6 M
+    // (the same layout; its weight norm adds one scale per output channel).
+    let paper = PixelCnnPpConfig {
+        colours: 3,
+        filters: 160,
+        resnets: 5,
+        likelihood: Likelihood::LogisticMixture { components: 10 },
+        classes: None,
+        dropout: 0.5,
+    };
+    assert_eq!(paper.parameters(), 53_618_660);
+    // The PyTorch twin prints the same counts (CI checks the first):
+    // `python3 bench/pytorch_pixelcnnpp.py --params --colours 1 --filters 6 --resnets 1
+    // --mixtures 2` prints 20622.
+    assert_eq!(config(1, 1).parameters(), 20_622);
+}
+
+/// A class-conditional network's output depends on the label.
+#[test]
+fn the_label_changes_the_output() {
+    let device = Device::flex();
+    let cfg = PixelCnnPpConfig {
+        classes: Some(10),
+        ..config(1, 1)
+    };
+    let net = cfg.init(&mut StdRng::seed_from_u64(2), &device);
+    let x = Tensor::<4>::zeros([1, 1, 6, 6], &device);
+    let one_hot = |k: usize| {
+        let mut v = vec![0.0f32; 10];
+        v[k] = 1.0;
+        Tensor::<2>::from_data(TensorData::new(v, [1, 10]), &device)
+    };
+    let a: Vec<f32> = net
+        .forward(x.clone(), Some(&one_hot(3)), None)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .unwrap();
+    let b: Vec<f32> = net
+        .forward(x, Some(&one_hot(4)), None)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .unwrap();
+    assert_ne!(a, b);
+}

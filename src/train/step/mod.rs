@@ -1,0 +1,545 @@
+//! One training step, the same for one process and for N ranks (one process is a world of one):
+//! each rank's forward and backward pass over its share of the global batch, the ranks'
+//! agreement (their gradients, the batch's nats and the decision to stop, summed in one
+//! exchange), and the update every rank then takes alike. The global batch's loss is the mean
+//! over all its sub-pixels whatever the number of ranks: each rank divides its nats by the global
+//! batch's sub-pixels, and the sum of the ranks' gradients is the gradient of the whole. A world
+//! of one exchanges nothing: its gradients stay on the device, and the step reads the host once,
+//! after the backward pass (each parameter's square sum and the batch's nats together).
+
+use super::loss_scale::{self, GradientNorm};
+use super::{Batch, TrainState};
+use crate::cluster::World;
+use crate::data::Images;
+use crate::loss::nll_nats;
+use crate::model::{Model, vae};
+use crate::optim::{Flat, Layout, f32_flat};
+use crate::rng::Purpose;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use rand::rngs::StdRng;
+use std::time::Instant;
+
+/// How each optimisation step is taken.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Step {
+    pub batch_size: usize,
+    /// The learning rate of the run's first step, and the factor it is multiplied by after each.
+    pub learning_rate: f64,
+    pub lr_decay: f64,
+    /// Gradients whose global norm exceeds this are rescaled to it (0: never).
+    pub clip_grad_norm: f64,
+    /// The run's seed and this epoch (from 1): a PixelVAE's noise for step i of the epoch comes
+    /// from a generator seeded by the three, so that a resumed run draws the same noise.
+    pub seed: u64,
+    pub epoch: usize,
+    /// PixelVAE: steps of linear KL warm-up (0 = none) and free bits in nats per latent dimension.
+    pub kl_warmup_steps: usize,
+    pub free_bits: f64,
+    /// f16: the steps skipped in a row (gradients that overflow) after which the run stops.
+    pub max_skipped_steps: usize,
+}
+
+impl Step {
+    /// Where the dropout masks of global step `n` come from, for the images of the global batch
+    /// from `first` on (a network without dropout draws none).
+    pub fn dropout(&self, n: usize, first: usize) -> crate::model::DropoutDraws {
+        crate::model::DropoutDraws {
+            seed: self.seed,
+            step: n as u64,
+            first: first as u64,
+        }
+    }
+
+    /// The learning rate of step `n` of the run (from 1): `learning_rate * lr_decay^(n-1)`.
+    pub fn learning_rate_at(&self, n: usize) -> f64 {
+        if self.lr_decay == 1.0 {
+            self.learning_rate
+        } else {
+            self.learning_rate * self.lr_decay.powf(n.saturating_sub(1) as f64)
+        }
+    }
+
+    /// The KL weight at step `n` of the run (from 1).
+    pub fn kl_weight(&self, n: usize) -> f64 {
+        if self.kl_warmup_steps == 0 {
+            1.0
+        } else {
+            (n as f64 / self.kl_warmup_steps as f64).min(1.0)
+        }
+    }
+}
+
+/// What `train_epoch` reports after each step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    /// Steps of this epoch taken so far, this one included.
+    pub step: usize,
+    pub images_done: usize,
+    /// The step's batch, in bits per dimension (negative ELBO for a PixelVAE).
+    pub bits_per_dim: f64,
+    /// f16: the loss scale after the step.
+    pub loss_scale: Option<f64>,
+    /// The global L2 norm of the (unscaled) gradients before clipping; not finite for a skipped
+    /// f16 step.
+    pub gradient_norm: f64,
+    /// f16: the step was skipped because its gradients overflowed.
+    pub skipped: bool,
+    /// The learning rate of the step.
+    pub learning_rate: f64,
+    /// Where the step's time went, measured in one process only (with several ranks the
+    /// phases interleave with the all-reduce; `pixel bench` reports its share instead).
+    pub phases: Option<StepPhases>,
+}
+
+/// Seconds of one training step in each of its phases. Backends that queue work (CUDA) are
+/// timed when they hand it over, not when it runs: the phases add up on the CPU, where each
+/// operation finishes before the next starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct StepPhases {
+    /// The batch's tensors and the model's forward pass.
+    pub forward: f64,
+    /// The negative log-likelihood (and a PixelVAE's KL term).
+    pub loss: f64,
+    /// The backward pass.
+    pub backward: f64,
+    /// The gradient norm with the loss read on the host (one wait for the device), clipping,
+    /// the optimizer's step and the EMA's update.
+    pub update: f64,
+}
+
+/// Which step of the run to take, on which images.
+pub(super) struct StepAt<'a> {
+    pub images: &'a Images,
+    /// The global batch: every rank's images, in order.
+    pub indices: &'a [usize],
+    /// The step's place in its epoch (from 0) and in the run (from 1).
+    pub i: usize,
+    pub run_step: usize,
+}
+
+/// What one step did, the same on every rank.
+pub(super) struct Taken {
+    /// Nats of the global batch, and for a PixelVAE its KL nats and weight.
+    pub nats: f64,
+    pub kl_nats: Option<f64>,
+    pub kl_weight: Option<f64>,
+    /// The global norm of the unscaled gradients before clipping (not finite when skipped).
+    pub gradient_norm: f64,
+    /// f16: no update was taken, the gradients overflowed.
+    pub skipped: bool,
+    pub learning_rate: f64,
+    /// Whether any rank was asked to stop.
+    pub stop: bool,
+    /// One process only: where the time went.
+    pub phases: Option<StepPhases>,
+}
+
+/// Takes step `at` of the run on this rank's share of its global batch, agrees with the other
+/// ranks, and updates the state as they all do. `stop` is asked once, before the agreement.
+/// Errors name the step: a loss that is not finite; gradients that are not finite in f32 and
+/// bf16, or in f16 more than `step.max_skipped_steps` times in a row.
+pub(super) fn take(
+    state: TrainState,
+    at: StepAt,
+    step: &Step,
+    stop: &dyn Fn() -> bool,
+    world: &World,
+    device: &Device,
+) -> Result<(TrainState, Taken), String> {
+    let TrainState {
+        mut model,
+        mut optimizer,
+        mut loss_scale,
+        mut ema,
+    } = state;
+    let StepAt {
+        images,
+        indices,
+        i,
+        run_step,
+    } = at;
+    let started = Instant::now();
+    let scale = loss_scale.as_ref().map_or(1.0, |ls| ls.scale);
+    let share = world.share(indices.len());
+    let local = &indices[share.clone()];
+    let global_dims = (indices.len() * images.dims()) as f64;
+    let latent = model.latent_shape(images.height, images.width);
+    let kl_weight = latent.map(|_| step.kl_weight(run_step));
+    let inner = device.clone().without_autodiff();
+    // Seconds at the end of the forward pass, the loss and the backward pass.
+    let mut marks = [0.0f64; 3];
+    let (grads, totals) = if local.is_empty() {
+        // A rank without images this step (a global batch smaller than the world) adds zeros,
+        // to the free bits' sums too.
+        if let (Some([c, h, w]), true) = (latent, step.free_bits > 0.0) {
+            sum_over_ranks(Tensor::<4>::zeros([1, c, h, w], &inner), world);
+        }
+        (
+            None,
+            Tensor::zeros([1 + usize::from(latent.is_some())], &inner),
+        )
+    } else {
+        let mut batch = Batch::gather(images, local, device);
+        batch.context.dropout = Some(step.dropout(run_step, share.start));
+        // The noise of the whole global batch from the step's stream, of which this rank takes
+        // its images' part: the same draws as one process makes for them.
+        let mut rng = noise_rng(step.seed, step.epoch, i);
+        let (logits, kl) = model.forward_with_noise(batch.input, &batch.context, |shape, dev| {
+            let [_, c, h, w] = shape;
+            let per_image = c * h * w;
+            let all = vae::standard_normal(&mut rng, indices.len() * per_image);
+            let mine = all[share.start * per_image..share.end * per_image].to_vec();
+            Tensor::from_data(TensorData::new(mine, shape), dev)
+        });
+        marks[0] = started.elapsed().as_secs_f64();
+        let nats = nll_nats(logits, batch.target);
+        // The batch's nats (and KL), read with the gradients' norm after the backward pass.
+        let mut totals = vec![nats.clone().inner().cast(FloatDType::F32)];
+        let mut loss = nats;
+        if let (Some(kl), Some(weight)) = (kl, kl_weight) {
+            totals.push(kl.clone().sum().inner().cast(FloatDType::F32));
+            loss = loss + kl_penalty(kl, step.free_bits, indices.len(), world) * weight;
+        }
+        let mut loss = loss / global_dims;
+        if loss_scale.is_some() {
+            loss = loss * scale;
+        }
+        marks[1] = started.elapsed().as_secs_f64();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        marks[2] = started.elapsed().as_secs_f64();
+        (Some(grads), Tensor::cat(totals, 0))
+    };
+    // Unscaled (f16) and measured: the norm is what a step's update is made of.
+    let agreed = agree(&model, grads, totals, stop(), 1.0 / scale, world, &inner);
+    let nats = agreed.totals[0];
+    let kl_nats = latent.map(|_| agreed.totals[1]);
+    let loss = nats + kl_nats.unwrap_or(0.0);
+    let norm = agreed.norm;
+    let finite = check_finite(loss, &norm, loss_scale.as_mut(), &model, i, step)?;
+    let learning_rate = step.learning_rate_at(run_step);
+    if finite {
+        let mut grads = agreed.grads;
+        if step.clip_grad_norm > 0.0 && norm.norm > step.clip_grad_norm {
+            grads.values = grads.values * (step.clip_grad_norm / norm.norm);
+        }
+        let (next, weights) = optimizer.step(learning_rate, model, grads);
+        model = next;
+        if let Some(ema) = ema.as_mut() {
+            ema.update(&weights, &model, run_step);
+        }
+    }
+    let phases = (world.size() == 1).then(|| StepPhases {
+        forward: marks[0],
+        loss: marks[1] - marks[0],
+        backward: marks[2] - marks[1],
+        update: started.elapsed().as_secs_f64() - marks[2],
+    });
+    let state = TrainState {
+        model,
+        optimizer,
+        loss_scale,
+        ema,
+    };
+    let taken = Taken {
+        nats,
+        kl_nats,
+        kl_weight,
+        gradient_norm: norm.norm,
+        skipped: !finite,
+        learning_rate,
+        stop: agreed.stop,
+        phases,
+    };
+    Ok((state, taken))
+}
+
+/// Whether step `i`'s gradients are finite, so that it can be taken. A loss that is not finite
+/// stops the run; so do gradients that are not finite in f32 and bf16, and in f16 (where an
+/// overflow is expected now and then: the scale halves and the step is skipped) more than
+/// `step.max_skipped_steps` skips in a row.
+fn check_finite(
+    loss: f64,
+    norm: &GradientNorm,
+    loss_scale: Option<&mut loss_scale::LossScale>,
+    model: &Model,
+    i: usize,
+    step: &Step,
+) -> Result<bool, String> {
+    if !loss.is_finite() {
+        return Err(format!("step {}: the training loss became {loss}", i + 1));
+    }
+    let finite = norm.is_finite();
+    match loss_scale {
+        Some(ls) => {
+            ls.update(finite);
+            if ls.skipped_in_a_row > step.max_skipped_steps {
+                let n = Some(ls.skipped_in_a_row);
+                return Err(gradient_not_finite(model, i, *norm, n));
+            }
+        }
+        None if !finite => return Err(gradient_not_finite(model, i, *norm, None)),
+        None => {}
+    }
+    Ok(finite)
+}
+
+/// The generator of the noise of step `i` (from 0) of `epoch`.
+fn noise_rng(seed: u64, epoch: usize, i: usize) -> StdRng {
+    crate::rng::stream(seed, Purpose::TrainNoise, epoch as u64, i as u64)
+}
+
+/// The KL penalty of the training loss: the total KL, or with free bits the KL of each latent
+/// dimension (channel and position) averaged over the global batch of `batch` images, floored
+/// at `free_bits` nats, times `batch`. With several ranks each holds the part of its images
+/// (the parts sum to the whole); which dimensions are floored is decided on the global sums,
+/// alike on every rank.
+///
+/// # Shapes
+/// - kl: `[images of this rank, latent_channels, h', w']`, nats
+fn kl_penalty(kl: Tensor<4>, free_bits: f64, batch: usize, world: &World) -> Tensor<1> {
+    if free_bits <= 0.0 {
+        return kl.sum();
+    }
+    let per_dimension = kl.sum_dim(0); // [1, latent_channels, h', w']: this rank's sums
+    let floor = free_bits * batch as f64;
+    let global = sum_over_ranks(per_dimension.clone().inner(), world);
+    let floored = global.lower_equal_elem(floor);
+    // Below the floor the value is the floor's share and the gradient zero.
+    let share = floor / world.size() as f64;
+    per_dimension.mask_fill(floored, share).sum()
+}
+
+/// `t` summed over the ranks (itself in a world of one, without leaving the device).
+fn sum_over_ranks(t: Tensor<4>, world: &World) -> Tensor<4> {
+    if world.size() == 1 {
+        return t;
+    }
+    let (dims, device) = (t.dims(), t.device());
+    let mut values: Vec<f32> = t
+        .cast(FloatDType::F32)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .expect("f32 sums");
+    world.sum_f32(&mut values);
+    Tensor::from_data(TensorData::new(values, dims), &device)
+}
+
+/// The error of a step whose gradients are not finite (f32 and bf16, or f16 past
+/// `max_skipped_steps` skipped steps in a row), naming the first parameter concerned.
+fn gradient_not_finite(
+    model: &Model,
+    i: usize,
+    norm: GradientNorm,
+    skipped: Option<usize>,
+) -> String {
+    let names = loss_scale::parameter_names(model);
+    let which = norm
+        .first_not_finite
+        .and_then(|p| names.get(p))
+        .map_or_else(|| "a parameter".to_string(), |n| format!("`{n}`"));
+    match skipped {
+        None => format!(
+            "step {}: the gradient of {which} is not finite (NaN or infinite), so no update can be taken; the weights before this step were finite",
+            i + 1
+        ),
+        Some(n) => format!(
+            "step {}: {n} steps in a row were skipped because their f16 gradients overflowed \
+             (the last at {which}), more than train.max_skipped_steps; the loss scale cannot \
+             fall further: train in bf16 or f32",
+            i + 1
+        ),
+    }
+}
+
+/// What the ranks agree on after their backward passes.
+struct Agreed {
+    /// The gradients of the global batch's loss, times the factor, on every rank the same.
+    grads: Flat,
+    /// Their global L2 norm (not finite when one of them is not).
+    norm: GradientNorm,
+    /// The summed totals (the batch's nats, and KL nats).
+    totals: Vec<f64>,
+    /// Whether any rank was asked to stop.
+    stop: bool,
+}
+
+/// Sums the ranks' gradients (a rank without any passes None), `totals` and stop flags, and
+/// multiplies the gradients by `factor`. A world of one keeps its gradients on the device and
+/// reads only their square sum (in f64) with the totals, in one transfer; several ranks exchange
+/// one host buffer.
+fn agree(
+    model: &Model,
+    grads: Option<GradientsParams>,
+    totals: Tensor<1>,
+    stop: bool,
+    factor: f64,
+    world: &World,
+    device: &Device,
+) -> Agreed {
+    if world.size() > 1 {
+        return all_reduce(model, grads, totals, stop, factor, world, device);
+    }
+    let grads = Flat::gradients(model, grads.expect("a world of one takes the whole batch"));
+    let grads = Flat {
+        values: if factor == 1.0 {
+            grads.values
+        } else {
+            grads.values * factor
+        },
+        layout: grads.layout,
+    };
+    let wide = grads.values.clone().cast(FloatDType::F64);
+    let read: Vec<f64> = Tensor::cat(vec![wide.square().sum(), totals.cast(FloatDType::F64)], 0)
+        .into_data()
+        .convert::<f64>()
+        .try_to_vec()
+        .expect("f64 sums");
+    let norm = if read[0].is_finite() {
+        GradientNorm {
+            norm: read[0].sqrt(),
+            first_not_finite: None,
+        }
+    } else {
+        norm_of_each(model, &grads)
+    };
+    Agreed {
+        grads,
+        norm,
+        totals: read[1..].to_vec(),
+        stop,
+    }
+}
+
+/// The norm from each parameter's square sum, to name the first whose gradient is not finite
+/// (only when the whole is not: a read per parameter).
+fn norm_of_each(model: &Model, grads: &Flat) -> GradientNorm {
+    let mut offset = 0;
+    let sums: Vec<Tensor<1>> = grads
+        .layout
+        .sizes
+        .iter()
+        .map(|&n| {
+            let part = grads.values.clone().narrow(0, offset, n);
+            offset += n;
+            part.cast(FloatDType::F64).square().sum()
+        })
+        .collect();
+    let sums: Vec<f64> = Tensor::cat(sums, 0)
+        .into_data()
+        .convert::<f64>()
+        .try_to_vec()
+        .expect("f64 sums");
+    let mut present = grads.layout.ids.iter().zip(sums).peekable();
+    GradientNorm::from_square_sums(
+        Layout::of(model)
+            .ids
+            .iter()
+            .map(|id| present.next_if(|(p, _)| *p == id).map(|(_, s)| s)),
+    )
+}
+
+/// [`agree`] over several ranks: every float parameter's gradient (zeros where this rank has
+/// none), the totals, a flag per parameter saying whether any rank had a gradient for it and
+/// the stop flags, summed over the ranks in one buffer. The norm is summed in f64 on the host.
+fn all_reduce(
+    model: &Model,
+    grads: Option<GradientsParams>,
+    totals: Tensor<1>,
+    stop: bool,
+    factor: f64,
+    world: &World,
+    device: &Device,
+) -> Agreed {
+    let layout = Layout::of(model);
+    let (mut parts, present): (Vec<Tensor<1>>, Vec<f32>) = match grads {
+        None => (Vec::new(), vec![0.0; layout.ids.len()]),
+        Some(grads) => {
+            let mine = Flat::gradients(model, grads);
+            // Zeros in the places of the parameters without a gradient here.
+            let mut parts = Vec::new();
+            let mut present = Vec::new();
+            let (mut offset, mut k) = (0, 0);
+            for (&id, &n) in layout.ids.iter().zip(&layout.sizes) {
+                if mine.layout.ids.get(k) == Some(&id) {
+                    parts.push(mine.values.clone().narrow(0, offset, n));
+                    offset += n;
+                    k += 1;
+                    present.push(1.0);
+                } else {
+                    parts.push(Tensor::zeros([n], device));
+                    present.push(0.0);
+                }
+            }
+            (parts, present)
+        }
+    };
+    if parts.is_empty() {
+        parts.push(Tensor::zeros([layout.values()], device));
+    }
+    let extras = totals.dims()[0];
+    parts.push(f32_flat(totals));
+    // One read of the device: the gradients and the totals.
+    let mut buffer: Vec<f32> = Tensor::cat(parts, 0)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec()
+        .expect("f32 gradients");
+    let values = buffer.len() - extras;
+    buffer.extend_from_slice(&present);
+    buffer.push(f32::from(stop));
+    world.sum_f32(&mut buffer);
+
+    let totals = buffer[values..values + extras]
+        .iter()
+        .map(|&t| f64::from(t))
+        .collect();
+    let present: Vec<bool> = buffer[values + extras..values + extras + layout.ids.len()]
+        .iter()
+        .map(|&p| p > 0.0)
+        .collect();
+    let stop = buffer[values + extras + layout.ids.len()] > 0.0;
+    // The parameters some rank had a gradient for, end to end.
+    let mut kept = Vec::with_capacity(values);
+    let mut agreed = Layout::default();
+    let mut sums = Vec::with_capacity(present.len());
+    let mut offset = 0;
+    for ((&id, &n), &p) in layout.ids.iter().zip(&layout.sizes).zip(&present) {
+        let part = &buffer[offset..offset + n];
+        offset += n;
+        if !p {
+            sums.push(None);
+            continue;
+        }
+        let start = kept.len();
+        kept.extend(part.iter().map(|&g| {
+            if factor == 1.0 {
+                g
+            } else {
+                (f64::from(g) * factor) as f32
+            }
+        }));
+        sums.push(Some(
+            kept[start..]
+                .iter()
+                .map(|&g| f64::from(g) * f64::from(g))
+                .sum::<f64>(),
+        ));
+        agreed.ids.push(id);
+        agreed.sizes.push(n);
+    }
+    let n = kept.len();
+    Agreed {
+        grads: Flat {
+            values: Tensor::from_data(TensorData::new(kept, [n]), device),
+            layout: agreed,
+        },
+        norm: GradientNorm::from_square_sums(sums),
+        totals,
+        stop,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,472 @@
+//! The training step: the norm, learning-rate decay, clipping, Adam's betas, EMA, free bits, and
+//! gradients that are not finite.
+
+use super::*;
+use crate::data::synthetic;
+use crate::device::Precision;
+use crate::model::{Context, GatedConfig, ModelConfig};
+use crate::train::{Ema, Epoch, LossScale, PassStats, train_epoch};
+
+/// Plain steps of `batch_size` images at learning rate 0.01, seed 1, epoch 1: what each test
+/// changes is written beside it.
+fn plain(batch_size: usize) -> Step {
+    Step {
+        batch_size,
+        learning_rate: 0.01,
+        lr_decay: 1.0,
+        clip_grad_norm: 0.0,
+        seed: 1,
+        epoch: 1,
+        kl_warmup_steps: 0,
+        free_bits: 0.0,
+        max_skipped_steps: 25,
+    }
+}
+
+/// A whole epoch from its first step, never stopped.
+fn epoch<'a>(images: &'a Images, order: &'a [usize], step: Step, device: &'a Device) -> Epoch<'a> {
+    Epoch {
+        images,
+        order,
+        step,
+        device,
+        start_step: 0,
+        so_far: PassStats::default(),
+        stop: &|| false,
+        world: Box::leak(Box::new(World::single())),
+    }
+}
+
+/// A few steps computed in bf16 or in f16 with dynamic loss scaling (f32 weights and Adam
+/// state) track the same steps in f32.
+#[test]
+fn bf16_and_f16_steps_track_f32() {
+    let spec = synthetic::Spec {
+        size: 8,
+        colours: 3,
+        train_images: 64,
+    };
+    let data = synthetic::generate(&spec, 4).train;
+    let cfg = ModelConfig::Gated(GatedConfig {
+        classes: Some(10),
+        ..GatedConfig::plain(3, 3, 3, 12)
+    });
+    let device = Device::flex().autodiff();
+    let order: Vec<usize> = (0..64).collect();
+    // Adam, as runs train, and plain SGD, whose steps scale with the gradients: a loss scale
+    // left in the gradients (65536 for f16) would throw SGD far off the f32 trajectory, where
+    // Adam, nearly invariant to the gradients' scale, would hide it.
+    let losses = |precision, sgd: bool| {
+        let model = cfg.init(2, &device).with_precision(precision);
+        let step = Step {
+            learning_rate: if sgd { 0.5 } else { 1e-3 },
+            seed: 2,
+            ..plain(16)
+        };
+        let mut per_epoch = Vec::new();
+        let mut state = TrainState {
+            model,
+            optimizer: if sgd {
+                crate::optim::Optimizer::new(crate::optim::Rule::Sgd)
+            } else {
+                crate::optim::adam()
+            },
+            loss_scale: (precision == Precision::F16).then(LossScale::default),
+            ema: None,
+        };
+        for _ in 0..3 {
+            let (next, stats, _) =
+                train_epoch(state, epoch(&data, &order, step, &device), |_| {}).unwrap();
+            state = next;
+            per_epoch.push(stats.bits_per_dim());
+        }
+        per_epoch
+    };
+    for sgd in [false, true] {
+        let full = losses(Precision::F32, sgd);
+        assert!(full[2] < full[0], "f32 learns (sgd: {sgd}): {full:?}");
+        for precision in [Precision::Bf16, Precision::F16] {
+            let half = losses(precision, sgd);
+            assert!(half[2] < half[0], "{precision:?} learns: {half:?}");
+            for (f, h) in full.iter().zip(&half) {
+                assert!(
+                    (f - h).abs() / f < 0.02,
+                    "{precision:?} (sgd: {sgd}) {half:?} vs f32 {full:?}"
+                );
+            }
+            assert_ne!(full, half, "{precision:?} really computed in low precision");
+        }
+    }
+}
+
+/// Every float parameter of `model`, flattened in visiting order.
+fn flat_parameters(model: &Model) -> Vec<f32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct Collect(Vec<f32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let v: Vec<f32> = param
+                .val()
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .unwrap();
+            self.0.extend(v);
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}
+
+/// `n` grey 6x6 training images and a small simple PixelCNN for them, on the autodiff device.
+fn tiny_simple(n: usize) -> (Images, Model, Device) {
+    let spec = synthetic::Spec {
+        size: 6,
+        colours: 1,
+        train_images: n,
+    };
+    let data = synthetic::generate(&spec, 1).train;
+    let cfg = ModelConfig::Simple(crate::model::SimpleConfig {
+        colours: 1,
+        layers: 2,
+        kernel: 3,
+        channels: 4,
+        likelihood: crate::model::Likelihood::Categorical,
+    });
+    let device = Device::flex().autodiff();
+    let model = cfg.init(1, &device);
+    (data, model, device)
+}
+
+/// The reported gradient norm is the size of the step plain SGD takes: |w1 - w0| = lr |g|.
+#[test]
+fn reported_gradient_norm_is_the_sgd_step_over_the_learning_rate() {
+    let (data, model, device) = tiny_simple(8);
+    let before = flat_parameters(&model);
+    let step = plain(8);
+    let state = TrainState {
+        model,
+        optimizer: crate::optim::Optimizer::new(crate::optim::Rule::Sgd),
+        loss_scale: None,
+        ema: None,
+    };
+    let order: Vec<usize> = (0..8).collect();
+    let mut norms = Vec::new();
+    let (state, _, _) = train_epoch(state, epoch(&data, &order, step, &device), |r| {
+        norms.push(r.gradient_norm)
+    })
+    .unwrap();
+    let after = flat_parameters(&state.model);
+    let moved: f64 = before
+        .iter()
+        .zip(&after)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert_eq!(norms.len(), 1);
+    let expected = 0.01 * norms[0];
+    assert!(norms[0] > 0.0);
+    assert!(
+        (moved - expected).abs() < 1e-3 * expected,
+        "{moved} vs {expected}"
+    );
+}
+
+/// One SGD (or Adam with `betas`) step per epoch over 8 images of a tiny model, `steps` times:
+/// the weights before and after each step, the reported norms and the final state.
+fn steps_of(
+    steps: usize,
+    configure: impl Fn(&mut Step),
+    optimizer: crate::optim::Optimizer,
+    ema: Option<f64>,
+) -> (Vec<Vec<f32>>, Vec<StepReport>, TrainState) {
+    let (data, model, device) = tiny_simple(8);
+    let mut state = TrainState {
+        ema: ema.map(|d| Ema::new(d, &model)),
+        model,
+        optimizer,
+        loss_scale: None,
+    };
+    let order: Vec<usize> = (0..8).collect();
+    let mut weights = vec![flat_parameters(&state.model)];
+    let mut reports = Vec::new();
+    for n in 1..=steps {
+        let mut step = Step {
+            epoch: n,
+            ..plain(8)
+        };
+        configure(&mut step);
+        let (next, _, _) = train_epoch(state, epoch(&data, &order, step, &device), |r| {
+            reports.push(*r)
+        })
+        .unwrap();
+        state = next;
+        weights.push(flat_parameters(&state.model));
+    }
+    (weights, reports, state)
+}
+
+fn distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// With `lr_decay`, step n moves the SGD weights by lr * decay^(n-1) * |g|, and reports that
+/// learning rate.
+#[test]
+fn lr_decay_multiplies_the_learning_rate_after_every_step() {
+    let sgd = || crate::optim::Optimizer::new(crate::optim::Rule::Sgd);
+    let (w, reports, _) = steps_of(3, |s| s.lr_decay = 0.5, sgd(), None);
+    for n in 0..3 {
+        let lr = 0.01 * 0.5f64.powi(n as i32);
+        assert!(
+            (reports[n].learning_rate - lr).abs() < 1e-15,
+            "{:?}",
+            reports[n]
+        );
+        let expected = lr * reports[n].gradient_norm;
+        let moved = distance(&w[n], &w[n + 1]);
+        assert!(
+            (moved - expected).abs() < 1e-3 * expected,
+            "step {n}: {moved} vs {expected}"
+        );
+    }
+}
+
+/// `clip_grad_norm` below the gradient's norm: the SGD step is lr * clip long, and the norm
+/// reported is the one before clipping. Above it: nothing changes.
+#[test]
+fn clipping_rescales_only_gradients_above_the_norm() {
+    let sgd = || crate::optim::Optimizer::new(crate::optim::Rule::Sgd);
+    let clip = 1e-3;
+    let (w, reports, _) = steps_of(1, |s| s.clip_grad_norm = clip, sgd(), None);
+    assert!(reports[0].gradient_norm > 10.0 * clip, "{:?}", reports[0]);
+    let moved = distance(&w[0], &w[1]);
+    assert!((moved - 0.01 * clip).abs() < 1e-3 * 0.01 * clip, "{moved}");
+    let (w, reports, _) = steps_of(1, |s| s.clip_grad_norm = 1e9, sgd(), None);
+    let expected = 0.01 * reports[0].gradient_norm;
+    assert!((distance(&w[0], &w[1]) - expected).abs() < 1e-3 * expected);
+}
+
+/// Adam's betas reach the optimizer: with both 0 every step is lr * g / |g| per weight (the
+/// second step too, where the default betas average it with the first).
+#[test]
+fn adam_betas_are_the_ones_configured() {
+    let moves = |b1, b2| {
+        let (w, ..) = steps_of(2, |_| {}, crate::optim::adam_with_betas(b1, b2), None);
+        w[1].iter()
+            .zip(&w[2])
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .collect::<Vec<_>>()
+    };
+    let zero = moves(0.0, 0.0);
+    let moved = zero.iter().filter(|&&m| m > 1e-4).count();
+    assert!(moved > zero.len() / 2, "most weights have a gradient");
+    // lr * g / (|g| + eps): exactly lr but for the few gradients within a few eps of 0.
+    let sign_steps = zero.iter().filter(|&&m| (m - 0.01).abs() < 1e-5).count();
+    assert!(sign_steps * 10 >= moved * 9, "{sign_steps} of {moved}");
+    assert!(zero.iter().all(|&m| m < 0.01 + 1e-5), "never more than lr");
+    let default = moves(0.9, 0.999);
+    let off = default
+        .iter()
+        .filter(|&&m| m > 1e-4 && (m - 0.01).abs() > 1e-3)
+        .count();
+    assert!(off > 0, "the default betas do not give sign steps");
+}
+
+/// The bias-corrected average after two steps with decay d is (d w1 + w2) / (1 + d), without
+/// the initial weights w0, and the state's evaluation weights are the average.
+#[test]
+fn ema_is_the_decayed_average_of_the_weights_after_each_step() {
+    let sgd = crate::optim::Optimizer::new(crate::optim::Rule::Sgd);
+    let d = 0.75f32;
+    let (w, _, state) = steps_of(2, |_| {}, sgd, Some(f64::from(d)));
+    let ema = flat_parameters(state.ema.as_ref().unwrap().model());
+    let eval = flat_parameters(state.eval_model());
+    assert_eq!(ema, eval);
+    for i in 0..ema.len() {
+        let expected = (d * w[1][i] + w[2][i]) / (1.0 + d);
+        assert!(
+            (ema[i] - expected).abs() < 1e-6,
+            "{i}: {} vs {expected}",
+            ema[i]
+        );
+    }
+    assert!(distance(&ema, &w[2]) > 1e-4, "the average lags the weights");
+}
+
+/// Free bits floor each latent dimension's batch-mean KL; without them the penalty is the KL.
+/// The gradient reaches only the dimensions above the floor.
+#[test]
+fn free_bits_floor_each_latent_dimension() {
+    let device = Device::flex().autodiff();
+    // Two images, two latent dimensions: batch means 0.1 and 1.0 nats.
+    let kl = Tensor::<4>::from_data(
+        TensorData::new(vec![0.0f32, 1.5, 0.2, 0.5], [2, 2, 1, 1]),
+        &device,
+    );
+    let total: f32 = kl_penalty(kl.clone(), 0.0, 2, &World::single()).into_scalar();
+    assert!((total - 2.2).abs() < 1e-6, "{total}");
+    // max(0.1, 0.3) + max(1.0, 0.3) = 1.3 nats per image, times 2 images.
+    let kl = kl.require_grad();
+    let penalty = kl_penalty(kl.clone(), 0.3, 2, &World::single());
+    let floored: f32 = penalty.clone().into_scalar();
+    assert!((floored - 2.6).abs() < 1e-6, "{floored}");
+    let grads = penalty.backward();
+    let grad: Vec<f32> = kl.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+    assert_eq!(
+        grad,
+        [0.0, 1.0, 0.0, 1.0],
+        "the floored dimension has no gradient"
+    );
+}
+
+/// The agreement (one process) on a real backward pass of `tiny_simple`'s model, with every
+/// gradient value of parameter `at` (a 4-d weight) replaced by `value`.
+fn agreed_with(at: usize, value: f32) -> (Model, Agreed) {
+    let (data, model, device) = tiny_simple(4);
+    let batch = Batch::gather(&data, &[0, 1, 2, 3], &device);
+    let loss = nll_nats(model.forward(batch.input, &batch.context), batch.target);
+    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+    let id = Layout::of(&model).ids[at];
+    let g: Tensor<4> = grads.remove(id).expect("a 4-d weight");
+    grads.register(id, g.clone().mask_fill(g.ones_like().bool(), value));
+    let inner = device.clone().without_autodiff();
+    let totals = Tensor::<1>::zeros([1], &inner);
+    let agreed = agree(
+        &model,
+        Some(grads),
+        totals,
+        false,
+        1.0,
+        &World::single(),
+        &inner,
+    );
+    (model, agreed)
+}
+
+/// A gradient that is not finite is found where the step's gradients are agreed on, and the
+/// error names the step and that parameter (its first infinite value planted in a real
+/// backward pass: no finite loss of these small models has one, and a gradient merely too
+/// large to square in f32 is summed in f64).
+#[test]
+fn a_gradient_that_is_not_finite_is_named() {
+    let bad = 2; // the second layer's weight
+    let (model, agreed) = agreed_with(bad, f32::INFINITY);
+    let names = loss_scale::parameter_names(&model);
+    assert!(!agreed.norm.is_finite());
+    assert_eq!(agreed.norm.first_not_finite, Some(bad));
+    let err = gradient_not_finite(&model, 6, agreed.norm, None);
+    assert!(
+        err.starts_with(&format!(
+            "step 7: the gradient of `{}` is not finite",
+            names[bad]
+        )),
+        "{err}"
+    );
+}
+
+/// A gradient too large to square in f32 still has a finite norm: the sums are in f64.
+#[test]
+fn the_norm_is_summed_in_f64() {
+    let (model, agreed) = agreed_with(0, 1e30);
+    let n = Layout::of(&model).sizes[0] as f64;
+    assert!(agreed.norm.is_finite());
+    let expected = 1e30 * n.sqrt();
+    assert!(
+        (agreed.norm.norm / expected - 1.0).abs() < 1e-3,
+        "{}",
+        agreed.norm.norm
+    );
+}
+
+/// The norm of square sums: f64 over the parameters, the first that is not finite named
+/// (parameters without a gradient skipped).
+#[test]
+fn the_norm_names_the_first_parameter_that_is_not_finite() {
+    let ok = GradientNorm::from_square_sums([Some(9.0), None, Some(16.0)]);
+    assert_eq!((ok.norm, ok.first_not_finite), (5.0, None));
+    let bad =
+        GradientNorm::from_square_sums([Some(1.0), None, Some(f64::NAN), Some(f64::INFINITY)]);
+    assert_eq!(bad.first_not_finite, Some(2));
+    assert!(bad.norm.is_nan());
+}
+
+/// f16: more than `max_skipped_steps` overflowing steps in a row stop the run.
+#[test]
+fn f16_stops_after_too_many_skipped_steps_in_a_row() {
+    let (data, model, device) = tiny_simple(16);
+    let state = TrainState {
+        model: model.with_precision(Precision::F16),
+        optimizer: crate::optim::adam(),
+        loss_scale: Some(LossScale {
+            scale: 1e9,
+            ..LossScale::default()
+        }),
+        ema: None,
+    };
+    let step = Step {
+        max_skipped_steps: 1,
+        ..plain(8)
+    };
+    let order: Vec<usize> = (0..16).collect();
+    let mut skipped = Vec::new();
+    let err = train_epoch(state, epoch(&data, &order, step, &device), |r| {
+        skipped.push(r.skipped)
+    })
+    .err()
+    .expect("two overflows in a row with max_skipped_steps = 1");
+    assert_eq!(skipped, [true], "the first is reported, the second stops");
+    assert!(err.contains("2 steps in a row were skipped"), "{err}");
+}
+
+/// An overflowing f16 step is skipped (the weights stay as they were) and the scale halves.
+#[test]
+fn overflowing_f16_step_is_skipped() {
+    let (data, model, device) = tiny_simple(16);
+    let model = model.with_precision(Precision::F16);
+    let before: f32 = model
+        .forward(
+            Batch::gather(&data, &[0], &device).input,
+            &Context::from_labels(&[0], &device),
+        )
+        .values()
+        .sum()
+        .into_scalar();
+    // A scale at which the loss stays finite in f32 (a few bits per sub-pixel times 1e9) but
+    // the gradients overflow f16 (largest value 65504) in the backward pass.
+    let loss_scale = Some(LossScale {
+        scale: 1e9,
+        ..LossScale::default()
+    });
+    let step = plain(16);
+    let order: Vec<usize> = (0..16).collect();
+    let state = TrainState {
+        model,
+        optimizer: crate::optim::adam(),
+        loss_scale,
+        ema: None,
+    };
+    let (
+        TrainState {
+            model, loss_scale, ..
+        },
+        _,
+        _,
+    ) = train_epoch(state, epoch(&data, &order, step, &device), |_| {}).unwrap();
+    let ls = loss_scale.unwrap();
+    assert_eq!((ls.scale, ls.skipped), (5e8, 1), "{ls:?}");
+    let after: f32 = model
+        .forward(
+            Batch::gather(&data, &[0], &device).input,
+            &Context::from_labels(&[0], &device),
+        )
+        .values()
+        .sum()
+        .into_scalar();
+    assert_eq!(before, after, "the overflowing step changed the weights");
+}
