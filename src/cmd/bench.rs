@@ -158,20 +158,10 @@ pub fn run(
     let root = world.is_root();
     let valid = state.model.valid();
     let inference = opened.device.clone();
-    let indices: Vec<usize> = (0..batch).map(|i| i % splits.test.len()).collect();
-    let mut forward = Vec::new();
-    for i in 0..if root { steps + 2 } else { 0 } {
-        let b = train::Batch::gather(&splits.test, &indices, &inference);
-        let start = Instant::now();
-        // A PixelVAE encodes, then decodes: what evaluating a batch costs.
-        let mut rng = rng::stream(t.seed, Purpose::EvalNoise, 0, 0);
-        let (prediction, _) = valid.forward_with_kl(b.input, &b.context, &mut rng);
-        let sum: f32 = prediction.values().sum().into_scalar();
-        std::hint::black_box(sum);
-        if i >= 2 {
-            forward.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-    }
+    let forward = match root {
+        true => forward_ms(&valid, &splits.test, batch, steps, t.seed, &inference),
+        false => Vec::new(),
+    };
 
     let time_grid = |method| {
         let mut rng = rng::stream(t.seed, Purpose::Sampling, 0, 0);
@@ -226,6 +216,32 @@ pub fn run(
             Vec::new()
         },
     })
+}
+
+/// Milliseconds of each timed forward pass over a batch of test images (after two of warm-up).
+fn forward_ms(
+    valid: &crate::model::Model,
+    test: &crate::data::Images,
+    batch: usize,
+    steps: usize,
+    seed: u64,
+    device: &burn::tensor::Device,
+) -> Vec<f64> {
+    let indices: Vec<usize> = (0..batch).map(|i| i % test.len()).collect();
+    let mut forward = Vec::new();
+    for i in 0..steps + 2 {
+        let b = train::Batch::gather(test, &indices, device);
+        let start = Instant::now();
+        // A PixelVAE encodes, then decodes: what evaluating a batch costs.
+        let mut rng = rng::stream(seed, Purpose::EvalNoise, 0, 0);
+        let (prediction, _) = valid.forward_with_kl(b.input, &b.context, &mut rng);
+        let sum: f32 = prediction.values().sum().into_scalar();
+        std::hint::black_box(sum);
+        if i >= 2 {
+            forward.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    forward
 }
 
 impl Report {
