@@ -13,6 +13,17 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Where stderr is not a terminal (a Slurm log, a pipe): log a long pass's progress (images
+    /// done, rate, bits/dim) every this many seconds; 0 turns the lines off. On a terminal a bar
+    /// shows it instead.
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 60.0,
+        value_name = "SECONDS",
+        allow_negative_numbers = true
+    )]
+    pub log_every: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -198,6 +209,16 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             message,
         })?,
     };
+    if !(cli.log_every.is_finite() && cli.log_every >= 0.0) {
+        return Err(Error::Usage {
+            flag: format!("--log-every {}", cli.log_every),
+            message: "expected a number of seconds, 0 or more (0: no progress lines)".into(),
+        });
+    }
+    crate::progress::configure(
+        world.is_root(),
+        std::time::Duration::from_secs_f64(cli.log_every),
+    );
     let outcome = route(cli, &world);
     match outcome {
         Err(e) if world.size() > 1 => {

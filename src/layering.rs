@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Top-level modules from the bottom layer up. A module may import modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
-    &["rng", "cluster", "atomic"],
+    &["rng", "cluster", "atomic", "progress"],
     &["device"],
     &["data", "model"],
     &["loss", "optim"],

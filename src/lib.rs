@@ -16,6 +16,7 @@ pub mod experiment;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod progress;
 pub mod results;
 pub mod rng;
 pub mod run;

@@ -8,6 +8,7 @@ use crate::device::Precision;
 use crate::error::{Error, Result};
 use crate::experiment::Plan;
 use crate::model::Model;
+use crate::progress::Progress;
 use crate::results::tensorboard::Board;
 use crate::results::{self, MetricsRow, RankInfo, RunDir, RunInfo, Status};
 use crate::rng::{self, Purpose};
@@ -16,7 +17,6 @@ use crate::session::{self, Session, Weights};
 use crate::train::{self, EpochEnd, PassStats};
 use burn::module::Module;
 use burn::tensor::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -310,7 +310,11 @@ impl Epochs<'_> {
         let (plan, world) = (self.plan, self.world);
         let t = &plan.experiment.train;
         let order = data::epoch_order(self.splits.train.len(), t.seed, epoch);
-        let bar = progress_bar(epoch, t.epochs, order.len(), world.is_root());
+        let bar = Progress::new(
+            &format!("epoch {epoch}/{}", t.epochs),
+            order.len() as u64,
+            "images",
+        );
         let work = train::Epoch {
             images: &self.splits.train,
             order: &order,
@@ -333,8 +337,8 @@ impl Epochs<'_> {
                     )
                 });
             }
-            bar.set_position(report.images_done as u64);
-            bar.set_message(format!("{:.3} bits/dim", report.bits_per_dim));
+            let message = format!("{:.3} bits/dim", report.bits_per_dim);
+            bar.update(report.images_done as u64, Some(message));
             if let Some(board) = board.as_mut() {
                 board.step(epoch, report);
             }
@@ -349,7 +353,7 @@ impl Epochs<'_> {
         });
         // A loss that is not finite is the same sum on every rank.
         let trained = session::agree(world, trained)?;
-        bar.finish_and_clear();
+        bar.finish();
         Ok(trained)
     }
 
@@ -396,12 +400,12 @@ impl Epochs<'_> {
         // The averaged weights with `train.ema`; the checksum is of the trained ones.
         let model = state.eval_model();
         let (batch, seed) = (t.eval_batch_size, t.seed);
-        let test = train::evaluate_sharded(model, &self.splits.test, batch, seed, device, world);
-        let validation = self
-            .splits
-            .validation
-            .as_ref()
-            .map(|v| train::evaluate_sharded(model, v, batch, seed, device, world));
+        let test =
+            train::evaluate_sharded("test", model, &self.splits.test, batch, seed, device, world);
+        let validation =
+            self.splits.validation.as_ref().map(|v| {
+                train::evaluate_sharded("validation", model, v, batch, seed, device, world)
+            });
         // The sums are the same on every rank, so every rank stops here alike.
         let finite = test
             .check_finite("test")
@@ -504,22 +508,6 @@ fn check_same_weights(model: &crate::model::Model, world: &World) -> Result<Vec<
         )));
     }
     Ok(sums)
-}
-
-fn progress_bar(epoch: usize, epochs: usize, images: usize, shown: bool) -> ProgressBar {
-    if !shown {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(images as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "epoch {prefix} [{bar:30}] {pos}/{len} images, {per_sec}, {eta} left, {msg}",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("{epoch}/{epochs}"));
-    bar
 }
 
 /// Where a PixelVAE's reconstructions go beside the grid at `grid`: `reconstructions-<name>`.

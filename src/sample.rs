@@ -5,6 +5,7 @@
 use crate::data::Images;
 use crate::loss::logistic;
 use crate::model::{Cache, Context, Likelihood, Model};
+use crate::progress::Progress;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::RngExt;
 use rand::rngs::StdRng;
@@ -56,6 +57,7 @@ pub fn fill(
     temperature: f64,
     rng: &mut StdRng,
     device: &Device,
+    progress: &Progress,
 ) {
     let (n, c, h, w) = (canvas.len(), canvas.colours, canvas.height, canvas.width);
     if n == 0 {
@@ -109,6 +111,7 @@ pub fn fill(
             if let Some(cache) = &mut cache {
                 cache.commit(rows(canvas, y, 1, device).narrow(3, x, 1));
             }
+            progress.advance(1);
         }
         if let Some(cache) = &mut cache {
             cache.end_row(y, rows(canvas, y, 1, device));
@@ -164,7 +167,16 @@ pub fn grid(
     let (c, h, w) = (test.colours, test.height, test.width);
     let half = grid / 2;
     let labels: Vec<u8> = (0..half * grid).map(|i| ((i % grid) % 10) as u8).collect();
-    let scratch = from_scratch(model, &labels, (c, h, w), method, temperature, rng, device);
+    let progress = Progress::new("sample grid", ((h + h - h / 2) * w) as u64, "pixels");
+    let scratch = from_scratch(
+        model,
+        &labels,
+        (c, h, w),
+        (method, temperature),
+        rng,
+        device,
+        &progress,
+    );
 
     // Completions, ordered as the grid's cells: row r of the bottom half, column q.
     let indices: Vec<usize> = (0..half * grid)
@@ -188,7 +200,9 @@ pub fn grid(
         temperature,
         rng,
         device,
+        &progress,
     );
+    progress.finish();
 
     let mut cells = scratch;
     cells.extend(completions.pixels);
@@ -198,15 +212,14 @@ pub fn grid(
 /// Images drawn from scratch, one per label (`[labels.len(), colours, height, width]` bytes): the
 /// top half of a grid without the grid, for `pixel sample --count`. A PixelVAE draws z from the
 /// prior.
-#[allow(clippy::too_many_arguments)]
 pub fn from_scratch(
     model: &Model,
     labels: &[u8],
     (colours, height, width): (usize, usize, usize),
-    method: Method,
-    temperature: f64,
+    (method, temperature): (Method, f64),
     rng: &mut StdRng,
     device: &Device,
+    progress: &Progress,
 ) -> Vec<u8> {
     let mut canvas = Images {
         pixels: vec![0; labels.len() * colours * height * width],
@@ -225,6 +238,7 @@ pub fn from_scratch(
         temperature,
         rng,
         device,
+        progress,
     );
     canvas.pixels
 }
@@ -293,6 +307,7 @@ pub fn reconstructions(
     let context = sampling_context(model, &originals, Latent::Posterior, rng, device);
     let mut decoded = originals.clone();
     decoded.pixels.fill(0);
+    let progress = Progress::new("reconstructions", (h * w) as u64, "pixels");
     fill(
         model,
         &mut decoded,
@@ -302,7 +317,9 @@ pub fn reconstructions(
         temperature,
         rng,
         device,
+        &progress,
     );
+    progress.finish();
     let dims = c * h * w;
     let mut cells = Vec::with_capacity(grid * grid * dims);
     for pair in 0..half {

@@ -113,6 +113,7 @@ pub fn eval_results(
         },
         None => {
             let stats = evaluate(
+                "test",
                 &model,
                 &splits.test,
                 batch,

@@ -4,13 +4,13 @@
 use crate::cluster::World;
 use crate::error::{Error, Result};
 use crate::experiment::{self, Conditional};
+use crate::progress::Progress;
 use crate::results::{self, SAMPLES_DIR};
 use crate::rng::{self, Purpose};
 use crate::run;
 use crate::sample::{self, Method};
 use crate::session::{self, Session, Weights};
 use burn::module::Module;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
 /// `pixel sample --count N`: single images instead of a grid.
@@ -165,14 +165,7 @@ fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
     let model = session.state.eval_model().valid();
     let device = session.device.device.clone();
     let s = &session.plan.experiment;
-    let bar = ProgressBar::new(d.count as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "sampling [{bar:30}] {pos}/{len} images, {per_sec}, {eta} left",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
+    let bar = Progress::new("sampling", d.count as u64, "images");
     let started = std::time::Instant::now();
     // The array is streamed to its file batch by batch: memory does not grow with the count.
     let npy_path = out.join("samples.npy");
@@ -197,10 +190,10 @@ fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
             &model,
             &labels,
             shape,
-            Method::Cached,
-            s.sample.temperature,
+            (Method::Cached, s.sample.temperature),
             &mut rng,
             &device,
+            &Progress::hidden(),
         );
         let dims = shape.0 * shape.1 * shape.2;
         for (i, image) in batch.clone().zip(pixels.chunks(dims)) {
@@ -213,9 +206,9 @@ fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
         if let Some(file) = npy.as_mut() {
             file.write_all(&pixels).map_err(Error::io(&npy_path))?;
         }
-        bar.inc(batch.len() as u64);
+        bar.advance(batch.len() as u64);
     }
-    bar.finish_and_clear();
+    bar.finish();
     let seconds = started.elapsed().as_secs_f64();
     if let Some(file) = npy {
         file.finish().map_err(Error::io(&npy_path))?;

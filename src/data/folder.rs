@@ -3,6 +3,7 @@
 //! The label of an image is the index of its subfolder in sorted order.
 
 use super::{DataError, Images, Splits};
+use crate::progress::Progress;
 use std::path::{Path, PathBuf};
 
 /// Every image is read as RGB; the size is the files' (all alike).
@@ -40,11 +41,17 @@ fn read_split(dir: &Path, shape: Option<(usize, usize)>) -> Result<Images, DataE
         .into_iter()
         .filter(|p| p.is_dir())
         .collect();
-    for (label, sub) in subdirs.iter().enumerate() {
-        for file in sorted_entries(sub)? {
-            if file.extension().and_then(|e| e.to_str()) != Some("png") {
-                continue;
-            }
+    let mut listed = Vec::with_capacity(subdirs.len());
+    for sub in &subdirs {
+        let files = sorted_entries(sub)?.into_iter();
+        listed.push(files.filter(|f| f.extension().and_then(|e| e.to_str()) == Some("png")));
+    }
+    let listed: Vec<Vec<PathBuf>> = listed.into_iter().map(Iterator::collect).collect();
+    let total = listed.iter().map(Vec::len).sum::<usize>() as u64;
+    let progress = Progress::new(&format!("reading {}", dir.display()), total, "images");
+    for (label, files) in listed.into_iter().enumerate() {
+        for file in files {
+            progress.advance(1);
             let (w, h, rgb) = read_png_rgb(&file)?;
             if images.labels.is_empty() && images.height == 0 {
                 images.height = h;
@@ -63,6 +70,7 @@ fn read_split(dir: &Path, shape: Option<(usize, usize)>) -> Result<Images, DataE
             images.labels.push((label % 256) as u8);
         }
     }
+    progress.finish();
     if images.is_empty() {
         return Err(DataError::format(
             dir,

@@ -6,6 +6,7 @@ use super::{Batch, PassStats};
 use crate::data::Images;
 use crate::loss::{nll_nats, nll_per_image};
 use crate::model::{Context, Model, vae};
+use crate::progress::Progress;
 use crate::rng::{self, Purpose};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -34,17 +35,27 @@ fn per_image_noise(
 /// z per image, with noise from a stream of `seed` and the image's index: every epoch and every
 /// `batch_size` sees the same.
 pub fn evaluate(
+    label: &str,
     model: &Model,
     images: &Images,
     batch_size: usize,
     seed: u64,
     device: &Device,
 ) -> PassStats {
-    evaluate_range(model, images, 0..images.len(), batch_size, seed, device)
+    evaluate_range(
+        label,
+        model,
+        images,
+        0..images.len(),
+        batch_size,
+        seed,
+        device,
+    )
 }
 
 /// [`evaluate`] on the images `range` of `images` (a rank's share of a split).
 pub fn evaluate_range(
+    label: &str,
     model: &Model,
     images: &Images,
     range: std::ops::Range<usize>,
@@ -57,6 +68,7 @@ pub fn evaluate_range(
     let device = device.clone().without_autodiff();
     let mut stats = PassStats::default();
     let all: Vec<usize> = range.collect();
+    let progress = Progress::new(label, all.len() as u64, "images");
     for indices in all.chunks(batch_size.max(1)) {
         let batch = Batch::gather(images, indices, &device);
         let dims = batch.target.shape().num_elements() as u64;
@@ -71,7 +83,9 @@ pub fn evaluate_range(
         stats.nats += f64::from(nats.into_scalar::<f32>());
         stats.subpixels += dims;
         stats.images += indices.len();
+        progress.advance(indices.len() as u64);
     }
+    progress.finish();
     stats.seconds = start.elapsed().as_secs_f64();
     stats
 }
@@ -378,8 +392,8 @@ mod tests {
         let model = tiny_vae().init(3, &device);
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs();
         let (one, some) = (
-            evaluate(&model, &test, 1, 4, &device),
-            evaluate(&model, &test, 5, 4, &device),
+            evaluate("test", &model, &test, 1, 4, &device),
+            evaluate("test", &model, &test, 5, 4, &device),
         );
         assert!(
             close(one.bits_per_dim(), some.bits_per_dim()),

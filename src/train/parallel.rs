@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 /// noise from its own index) and sums the totals: the same numbers on every rank, and up to
 /// float summation the same as one process.
 pub fn evaluate_sharded(
+    label: &str,
     model: &Model,
     images: &Images,
     batch_size: usize,
@@ -22,10 +23,10 @@ pub fn evaluate_sharded(
     world: &World,
 ) -> PassStats {
     if world.size() == 1 {
-        return evaluate(model, images, batch_size, seed, device);
+        return evaluate(label, model, images, batch_size, seed, device);
     }
     let share = world.share(images.len());
-    let local = evaluate_range(model, images, share, batch_size, seed, device);
+    let local = evaluate_range(label, model, images, share, batch_size, seed, device);
     let mut sums = [
         local.nats,
         local.subpixels as f64,

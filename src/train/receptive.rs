@@ -6,6 +6,7 @@
 use crate::data::Images;
 use crate::loss::log_prob_per_pixel;
 use crate::model::{Context, Model, vae};
+use crate::progress::Progress;
 use crate::rng::{self, Purpose};
 use burn::tensor::Device;
 
@@ -69,9 +70,11 @@ pub fn receptive_fields(
         let z = mean + (log_var * 0.5).exp() * eps;
         context.latent = Some(z.detach());
     }
-    pixels
+    let progress = Progress::new("receptive field", pixels.len() as u64, "pixels");
+    let fields = pixels
         .iter()
         .map(|&[y, x]| {
+            progress.advance(1);
             let input = batch.input.clone().detach().require_grad();
             let log_p =
                 log_prob_per_pixel(model.forward(input.clone(), &context), batch.target.clone());
@@ -83,7 +86,9 @@ pub fn receptive_fields(
                 .unwrap_or_else(|| vec![0.0; n * c * h * w]);
             field([y, x], &g, (n, c, h, w))
         })
-        .collect()
+        .collect();
+    progress.finish();
+    fields
 }
 
 /// Sums a gradient `[n, c, h, w]` into one pixel's field; an error when a value is not finite.

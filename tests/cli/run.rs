@@ -402,3 +402,48 @@ fn pixel_vae_runs_reports_the_elbo_terms_and_evaluates() {
         text(&zero)
     );
 }
+
+/// Where stderr is not a terminal (here a pipe, as in a Slurm log), long passes log their progress
+/// every `--log-every` seconds: the epoch with images done, rate and bits/dim, the test pass, the
+/// sample grid. `--log-every 0` turns the lines off; a negative value is refused.
+#[test]
+fn progress_is_logged_where_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tiny.toml"), TINY).unwrap();
+    let run = |every: &str, results: &str| {
+        Command::new(env!("CARGO_BIN_EXE_pixel"))
+            .args([
+                "run",
+                "tiny.toml",
+                "--results",
+                results,
+                "--log-every",
+                every,
+            ])
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("pixel runs")
+    };
+    let out = run("0.000001", "a");
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    for expected in [
+        "epoch 2/2: ",
+        " images/s, ",
+        " bits/dim",
+        "test: ",
+        "sample grid: ",
+    ] {
+        assert!(log.contains(expected), "{expected:?} in {log}");
+    }
+    let quiet = text(&run("0", "b"));
+    assert!(
+        !quiet.contains("epoch 2/2: ") && quiet.contains("epoch done"),
+        "{quiet}"
+    );
+    let bad = run("-1", "c");
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(text(&bad).contains("--log-every -1"), "{}", text(&bad));
+    assert!(!dir.path().join("c").exists());
+}
