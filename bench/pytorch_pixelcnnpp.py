@@ -1,4 +1,4 @@
-"""The PyTorch twin of pixel's PixelCNN++ (src/model/pixelcnnpp.rs), for `pixel bench` comparisons.
+"""The PyTorch twin of pixel's PixelCNN++ (src/model/pixelcnnpp/), for `pixel bench` comparisons.
 
 The same layout as openai/pixel-cnn and as pixel's network, layer for layer (no weight norm, PyTorch's
 default initialisation, both as in pixel): two streams of down-shifted and down-right-shifted
@@ -36,28 +36,33 @@ def right_shift(x):
     return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
 
 
-class ShiftedConv(nn.Module):
+class ShiftedConv(nn.Conv2d):
     """`down`: the kernel's last row on the pixel's row, columns centred; else down-right."""
 
     def __init__(self, n_in, n_out, kernel, down=True, stride=1):
-        super().__init__()
+        super().__init__(n_in, n_out, kernel, stride=stride)
         kh, kw = kernel
         self.pad = (kw // 2, kw // 2, kh - 1, 0) if down else (kw - 1, 0, kh - 1, 0)
-        self.conv = nn.Conv2d(n_in, n_out, kernel, stride=stride)
 
     def forward(self, x):
-        return self.conv(F.pad(x, self.pad))
+        return super().forward(F.pad(x, self.pad))
 
 
-class ShiftedDeconv(nn.Module):
+class ShiftedDeconv(nn.ConvTranspose2d):
     def __init__(self, filters, kernel, down=True):
-        super().__init__()
-        self.deconv = nn.ConvTranspose2d(filters, filters, kernel, stride=2)
+        super().__init__(filters, filters, kernel, stride=2)
         self.left = (kernel[1] - 1) // 2 if down else 0
 
     def forward(self, x, size):
         h, w = size
-        return self.deconv(x)[:, :, :h, self.left:self.left + w]
+        return super().forward(x)[:, :, :h, self.left:self.left + w]
+
+
+class Nin(nn.Linear):
+    """A 1x1 convolution as a matrix over the channels: weight `[out, in]`, as pixel keeps it."""
+
+    def forward(self, x):
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
 class GatedResnet(nn.Module):
@@ -65,11 +70,13 @@ class GatedResnet(nn.Module):
         super().__init__()
         kernel = (2, 3) if down else (2, 2)
         self.conv1 = ShiftedConv(2 * filters, filters, kernel, down)
-        self.aux = nn.Conv2d(2 * aux, filters, 1) if aux else None
+        self.aux = Nin(2 * aux, filters) if aux else None
         self.conv2 = ShiftedConv(2 * filters, 2 * filters, kernel, down)
         self.dropout = nn.Dropout(dropout)
-        self.cls = (nn.Parameter(torch.empty(classes, 2 * filters).uniform_(-0.05, 0.05))
-                    if classes else None)
+        # pixel's name for the label's weights, `[classes, 2 filters]` ("class" is Python's word).
+        self.register_parameter(
+            "class", nn.Parameter(torch.empty(classes, 2 * filters).uniform_(-0.05, 0.05))
+            if classes else None)
 
     def forward(self, x, aux=None, label=None):
         c1 = self.conv1(concat_elu(x))
@@ -77,19 +84,37 @@ class GatedResnet(nn.Module):
             c1 = c1 + self.aux(concat_elu(aux))
         c2 = self.conv2(self.dropout(concat_elu(c1)))
         if label is not None:
-            c2 = c2 + (label @ self.cls)[:, :, None, None]
+            c2 = c2 + (label @ getattr(self, "class"))[:, :, None, None]
         a, b = c2.chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
 
 
+class InPixel(nn.Module):
+    """The categorical head of an RGB network: `out(elu(features + colours(pixel)))`, causal per
+    sub-pixel (green sees red, blue sees red and green), as pixel's."""
+
+    def __init__(self, colours, width):
+        super().__init__()
+        from pytorch_reference import MaskedConv, groups
+        g = lambda n: groups(n, colours)  # noqa: E731
+        self.colours = MaskedConv("A", "point", 1, g(colours), g(colours * width))
+        self.out = MaskedConv("B", "point", 1, g(colours * width), g(256 * colours))
+
+    def forward(self, features, pixel):
+        return self.out(F.elu(features + self.colours(pixel)))
+
+
 class PixelCnnPp(nn.Module):
+    """Parameter names as pixel's (`pixel export` writes them so). `mixtures=0`: 256 logits per
+    colour (pixel's `likelihood = "categorical"`) instead of the logistic mixture."""
+
     def __init__(self, colours, filters, resnets, mixtures, classes=0, dropout=0.5):
         super().__init__()
         f, r, n_in = filters, resnets, colours + 1
         self.r = r
         self.u_first = ShiftedConv(n_in, f, (2, 3))
-        self.ul_above = ShiftedConv(n_in, f, (1, 3))
-        self.ul_left = ShiftedConv(n_in, f, (2, 1), down=False)
+        self.ul_first_above = ShiftedConv(n_in, f, (1, 3))
+        self.ul_first_left = ShiftedConv(n_in, f, (2, 1), down=False)
         block = lambda down, aux: GatedResnet(f, aux, down, classes, dropout)  # noqa: E731
         self.up_u = nn.ModuleList([block(True, 0) for _ in range(3 * r)])
         self.up_ul = nn.ModuleList([block(False, f) for _ in range(3 * r)])
@@ -99,14 +124,23 @@ class PixelCnnPp(nn.Module):
         self.down_ul = nn.ModuleList([block(False, 2 * f) for _ in range(3 * r + 2)])
         self.double_u = nn.ModuleList([ShiftedDeconv(f, (2, 3)) for _ in range(2)])
         self.double_ul = nn.ModuleList([ShiftedDeconv(f, (2, 2), False) for _ in range(2)])
-        out = mixtures * (3 if colours == 1 else 10)
-        self.out = nn.Conv2d(f, out, 1)
+        if mixtures:
+            self.out = Nin(f, mixtures * (3 if colours == 1 else 10))
+            self.in_pixel = None
+        elif colours == 1:
+            self.out = Nin(f, 256)
+            self.in_pixel = None
+        else:
+            self.out = Nin(f, colours * f)
+            self.in_pixel = InPixel(colours, f)
 
     def forward(self, x, label=None):
+        """x: `[b, colours, h, w]`, values 0..255; label: one-hot `[b, classes]`."""
         b, _, h, w = x.shape
-        x = torch.cat([(x - 127.5) / 127.5, torch.ones(b, 1, h, w, device=x.device)], dim=1)
+        pixel = (x - 127.5) / 127.5
+        x = torch.cat([pixel, torch.ones(b, 1, h, w, device=x.device, dtype=x.dtype)], dim=1)
         us = [down_shift(self.u_first(x))]
-        uls = [down_shift(self.ul_above(x)) + right_shift(self.ul_left(x))]
+        uls = [down_shift(self.ul_first_above(x)) + right_shift(self.ul_first_left(x))]
         for stage in range(3):
             for i in range(stage * self.r, (stage + 1) * self.r):
                 us.append(self.up_u[i](us[-1], None, label))
@@ -124,11 +158,13 @@ class PixelCnnPp(nn.Module):
             if stage < 2:
                 size = us[-1].shape[2:]
                 u, ul = self.double_u[stage](u, size), self.double_ul[stage](ul, size)
-        return self.out(F.elu(ul))
+        out = self.out(F.elu(ul))
+        return out if self.in_pixel is None else self.in_pixel(out, pixel)
 
 
-def logistic_nll(params, x, k):
-    """Summed negative log-likelihood in nats of 0..255 images `x` [b, c, h, w]: openai's formula."""
+def logistic_log_prob(params, x, k):
+    """Log-likelihood in nats of each pixel (its colours jointly) of 0..255 images `x`
+    `[b, c, h, w]` under the mixture `params`: openai's formula, `[b, h, w]`."""
     b, c, h, w = x.shape
     y = (x - 127.5) / 127.5
     logits = params[:, :k]
@@ -156,7 +192,12 @@ def logistic_nll(params, x, k):
     log_p = torch.where(yy < -0.999, plus - F.softplus(plus),
                         torch.where(yy > 0.999, -F.softplus(minus), inner))
     total = log_p.sum(dim=1) + F.log_softmax(logits, dim=1)
-    return -torch.logsumexp(total, dim=1).sum()
+    return torch.logsumexp(total, dim=1)
+
+
+def logistic_nll(params, x, k):
+    """Summed negative log-likelihood in nats of 0..255 images `x` [b, c, h, w]."""
+    return -logistic_log_prob(params, x, k).sum()
 
 
 def peak_rss_mib():

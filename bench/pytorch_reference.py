@@ -50,7 +50,9 @@ class MaskedConv(nn.Conv2d):
             "point": (1, 1, 0, 0),
         }[shape]
         super().__init__(len(in_groups), len(out_groups), (kh, kw))
-        self.register_buffer("mask", mask(kind, in_groups, out_groups, kh, kw, cy, cx))
+        # Rebuilt from the layout, never saved: pixel's exported files hold no masks.
+        self.register_buffer("mask", mask(kind, in_groups, out_groups, kh, kw, cy, cx),
+                             persistent=False)
         self.pad = (cx, kw - 1 - cx, cy, kh - 1 - cy)
 
     def forward(self, x):
@@ -58,58 +60,81 @@ class MaskedConv(nn.Conv2d):
 
 
 class Simple(nn.Module):
-    def __init__(self, colours, layers, k, ch):
+    """`outputs`: the head's values per pixel (256 per colour, or a grey mixture's 3K)."""
+
+    def __init__(self, colours, layers, k, ch, outputs=None):
         super().__init__()
         self.convs = nn.ModuleList(
             MaskedConv("A" if l == 0 else "B", "square", k,
                        groups(colours if l == 0 else ch, colours), groups(ch, colours))
             for l in range(layers))
-        self.head = MaskedConv("B", "point", 1, groups(ch, colours), groups(256 * colours, colours))
+        self.head = MaskedConv("B", "point", 1, groups(ch, colours),
+                               groups(outputs or 256 * colours, colours))
 
-    def forward(self, x):
+    def forward(self, x, labels=None):
         for c in self.convs:
             x = F.relu(c(x))
         return self.head(x)
 
 
+def gate(x):
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
 class GatedLayer(nn.Module):
-    def __init__(self, colours, k, ch, first):
+    """pixel's gated layer: `classes` adds a learned bias per class to both stacks; `residual`,
+    `gates` and `link` are the seed's ablations (False: no residual, ReLU instead of the gate, no
+    vertical-to-horizontal link)."""
+
+    def __init__(self, colours, k, ch, first, classes=0, residual=True, gates=True, link=True):
         super().__init__()
         ins = groups(colours if first else ch, colours)
-        gates, hidden = gate_groups(ch, colours), groups(ch, colours)
-        self.vertical = MaskedConv("full", "rows_above", k, ins, gates)
-        self.horizontal = MaskedConv("A" if first else "B", "row_left", k, ins, gates)
-        self.link = MaskedConv("full", "point", 1, gates, gates)
+        hidden = groups(ch, colours)
+        outs = gate_groups(ch, colours) if gates else hidden
+        self.vertical = MaskedConv("full", "rows_above", k, ins, outs)
+        self.horizontal = MaskedConv("A" if first else "B", "row_left", k, ins, outs)
+        self.link = MaskedConv("full", "point", 1, outs, outs) if link else None
         self.out = MaskedConv("B", "point", 1, hidden, hidden)
         self.skip = MaskedConv("B", "point", 1, hidden, hidden)
-        self.residual = not first
+        bound = 1 / len(outs) ** 0.5
+        self.class_v, self.class_h = (
+            (nn.Parameter(torch.empty(classes, len(outs)).uniform_(-bound, bound)),
+             nn.Parameter(torch.empty(classes, len(outs)).uniform_(-bound, bound)))
+            if classes else (None, None))
+        self.residual = residual and not first
+        self.activate = gate if gates else F.relu
 
-    @staticmethod
-    def gate(x):
-        a, b = x.chunk(2, dim=1)
-        return torch.tanh(a) * torch.sigmoid(b)
-
-    def forward(self, v, h):
+    def forward(self, v, h, labels=None):
         vc = self.vertical(v)
-        shifted = F.pad(vc, (0, 0, 1, 0))[:, :, :-1, :]
-        hc = self.horizontal(h) + self.link(shifted)
-        gated = self.gate(hc)
+        hc = self.horizontal(h)
+        if self.link is not None:
+            shifted = F.pad(vc, (0, 0, 1, 0))[:, :, :-1, :]
+            hc = hc + self.link(shifted)
+        if self.class_v is not None:
+            vc = vc + self.class_v[labels][:, :, None, None]
+            hc = hc + self.class_h[labels][:, :, None, None]
+        gated = self.activate(hc)
         h_out = self.out(gated) + (h if self.residual else 0)
-        return self.gate(vc), h_out, self.skip(gated)
+        return self.activate(vc), h_out, self.skip(gated)
 
 
 class Gated(nn.Module):
-    def __init__(self, colours, layers, k, ch):
+    def __init__(self, colours, layers, k, ch, outputs=None, classes=0, residual=True,
+                 gates=True, link=True):
         super().__init__()
-        self.layers = nn.ModuleList(GatedLayer(colours, k, ch, l == 0) for l in range(layers))
+        self.layers = nn.ModuleList(
+            GatedLayer(colours, k, ch, l == 0, classes, residual, gates, link)
+            for l in range(layers))
         self.head_hidden = MaskedConv("B", "point", 1, groups(ch, colours), groups(ch, colours))
-        self.head_out = MaskedConv("B", "point", 1, groups(ch, colours), groups(256 * colours, colours))
+        self.head_out = MaskedConv("B", "point", 1, groups(ch, colours),
+                                   groups(outputs or 256 * colours, colours))
 
-    def forward(self, x):
+    def forward(self, x, labels=None):
         v = h = x
         skips = 0
         for layer in self.layers:
-            v, h, s = layer(v, h)
+            v, h, s = layer(v, h, labels)
             skips = skips + s
         return self.head_out(F.relu(self.head_hidden(F.relu(skips))))
 

@@ -104,6 +104,21 @@ pub enum Command {
         )]
         images: usize,
     },
+    /// Write a run's weights (its last finished epoch) as safetensors for PyTorch: the
+    /// parameters under the names of the twins in bench/ (`bench/pixel_twins.py` loads them) and
+    /// the model and the resolved experiment as metadata; the average too where the run keeps one.
+    Export {
+        /// A results folder written by `pixel run`.
+        results_dir: PathBuf,
+        /// The weights file (default RESULTS_DIR/model.safetensors); the average goes beside it
+        /// as <name>-ema.safetensors.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Also write the first N test images (or `all`) beside it, with their labels and pixel's
+        /// log-likelihood of each sub-pixel (the mixture: of each pixel) in nats, as .npy.
+        #[arg(long, value_name = "N|all")]
+        test_images: Option<crate::cmd::export::TestImages>,
+    },
     /// Run a sweep: every combination of a grid of values over a base experiment, into
     /// results/<sweep name>/<run name>/; finished runs are skipped, unfinished ones resumed.
     Sweep {
@@ -288,6 +303,11 @@ fn route(cli: Cli, world: &World) -> Result<()> {
             true => cmd::eval::print_receptive_field(&results_dir, images),
             false => cmd::eval::eval(&results_dir, importance_samples, batch_size),
         },
+        Command::Export {
+            results_dir,
+            out,
+            test_images,
+        } => cmd::export::export(&results_dir, out, test_images),
         Command::Sweep {
             file,
             dry_run,

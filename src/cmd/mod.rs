@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod check;
 pub mod eval;
+pub mod export;
 pub mod figures;
 pub mod run;
 pub mod sample;

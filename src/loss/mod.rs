@@ -71,6 +71,27 @@ pub fn log_prob_per_pixel(prediction: Prediction, targets: Tensor<4, Int>) -> Te
     }
 }
 
+/// The log-likelihood of each factor of a prediction's likelihood: each sub-pixel under the
+/// categorical (p(R), p(G | R), p(B | R, G): `[batch, colours, h, w]`), each pixel under the
+/// logistic mixture (its colours jointly: `[batch, 1, h, w]`). Their sum is the images'.
+///
+/// # Shapes
+/// - prediction: as [`nll_nats`]
+/// - targets: `[batch, colours, h, w]`
+pub fn log_prob_per_factor(prediction: Prediction, targets: Tensor<4, Int>) -> Tensor<4> {
+    match prediction {
+        Prediction::Categorical(logits) => {
+            let [b, c, _, h, w] = logits.dims();
+            log_softmax(logits, 2)
+                .gather(2, targets.unsqueeze_dim(2)) // [b, c, 1, h, w]
+                .reshape([b, c, h, w])
+        }
+        Prediction::LogisticMixture { params, components } => {
+            logistic::log_prob(params, targets, components).unsqueeze_dim(1)
+        }
+    }
+}
+
 /// Bits per dimension from a total in nats over `dims` sub-pixels: nats / (dims * ln 2).
 pub fn bits_per_dim(total_nats: f64, dims: u64) -> f64 {
     total_nats / (dims as f64 * std::f64::consts::LN_2)

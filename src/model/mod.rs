@@ -6,6 +6,7 @@
 mod cache;
 pub mod causality;
 mod estimate;
+pub mod export;
 pub mod gated;
 pub mod masked_conv;
 pub mod native;

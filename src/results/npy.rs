@@ -1,5 +1,6 @@
-//! NumPy's `.npy` format (version 1.0) for uint8 arrays: what FID and other downstream tools
-//! read samples from (`numpy.load`).
+//! NumPy's `.npy` format (version 1.0) for uint8 and little-endian f32 arrays: what FID and
+//! other downstream tools read samples from (`numpy.load`), and the test images and
+//! log-probabilities `pixel export` writes for the PyTorch twins.
 
 /// The bytes of a `.npy` file holding `data` as a C-ordered uint8 array of `shape`.
 pub fn u8_array(shape: &[usize], data: &[u8]) -> Vec<u8> {
@@ -16,12 +17,30 @@ pub fn u8_array(shape: &[usize], data: &[u8]) -> Vec<u8> {
 /// The start of a `.npy` file of a C-ordered uint8 array of `shape`, which its values follow:
 /// for writing one in pieces.
 pub fn header(shape: &[usize]) -> Vec<u8> {
+    header_of("|u1", shape)
+}
+
+/// The bytes of a `.npy` file holding `data` as a C-ordered little-endian f32 array of `shape`.
+pub fn f32_array(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    assert_eq!(
+        shape.iter().product::<usize>(),
+        data.len(),
+        "shape and data agree"
+    );
+    let mut out = header_of("<f4", shape);
+    out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    out
+}
+
+/// The header of an array of NumPy type `descr` and `shape`.
+fn header_of(descr: &str, shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
     let shape_text = match dims.len() {
         1 => format!("({},)", dims[0]),
         _ => format!("({})", dims.join(", ")),
     };
-    let mut header = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': {shape_text}, }}");
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
     // Magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64 bytes.
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
@@ -62,5 +81,13 @@ mod tests {
                 .unwrap()
                 .contains("'shape': (3,)")
         );
+        let floats = f32_array(&[2], &[1.5, -0.25]);
+        let len = u16::from_le_bytes([floats[8], floats[9]]) as usize;
+        assert!(
+            std::str::from_utf8(&floats[10..10 + len])
+                .unwrap()
+                .starts_with("{'descr': '<f4'")
+        );
+        assert_eq!(&floats[10 + len..], &[0, 0, 192, 63, 0, 0, 128, 190]);
     }
 }

@@ -3,6 +3,7 @@
 //! helpers and the small experiments they share are here.
 
 mod errors;
+mod export;
 mod files;
 mod resume;
 mod run;
