@@ -136,14 +136,17 @@ pub enum Command {
         /// Only write summary.csv and summary.md over the runs so far.
         #[arg(long)]
         summarize: bool,
-        /// With --emit: MPI ranks (Slurm tasks) that train each run together (default 1).
-        #[arg(long, value_name = "R", requires = "emit", default_value_t = 1)]
-        ranks: usize,
-        /// With --emit: GPUs for each rank (Slurm's --gpus-per-task; default none).
+        /// With --emit: MPI ranks (Slurm tasks) that train each run together (default: the
+        /// sweep file's `slurm.ranks`, else 1).
+        #[arg(long, value_name = "R", requires = "emit")]
+        ranks: Option<usize>,
+        /// With --emit: GPUs for each rank (Slurm's --gpus-per-task; default: the sweep file's
+        /// `slurm.gpus_per_rank`, else none).
         #[arg(long, value_name = "G", requires = "emit")]
         gpus_per_rank: Option<usize>,
         /// With --emit: one more `#SBATCH --KEY=VALUE` line for every task, e.g. --sbatch
-        /// time=04:00:00 --sbatch mem=16G --sbatch partition=gpu --sbatch account=lab (repeatable).
+        /// time=04:00:00 --sbatch mem=16G --sbatch partition=gpu --sbatch account=lab
+        /// (repeatable; replaces the sweep file's `slurm.sbatch` value of the same key).
         #[arg(long, value_name = "KEY=VALUE", requires = "emit")]
         sbatch: Vec<String>,
         /// Folder holding the results folders.
@@ -323,11 +326,11 @@ fn route(cli: Cli, world: &World) -> Result<()> {
             let action = if dry_run {
                 Action::DryRun
             } else if emit.is_some() {
-                Action::EmitSlurm {
+                Action::EmitSlurm(crate::experiment::sweep::SlurmFlags {
                     ranks,
                     gpus_per_rank,
                     sbatch,
-                }
+                })
             } else if summarize {
                 Action::Summarize
             } else {

@@ -463,16 +463,8 @@ fn record_epoch(
     rec.run.append_metrics(row)?;
     board.epoch(row)?;
     rec.run.write_curve(&plan.name)?;
-    let every = plan.experiment.sample.every;
-    if epoch == plan.experiment.train.epochs || (every > 0 && epoch.is_multiple_of(every)) {
-        let path = rec.run.sample_path(epoch);
-        write_grid(plan, state.eval_model(), test, epoch, &path, device)?;
-        board.image("samples/grid", epoch, &path)?;
-        let recon = reconstructions_path(&path);
-        if recon.is_file() {
-            board.image("samples/reconstructions", epoch, &recon)?;
-        }
-    }
+    // The checkpoint first: a grid can take minutes, and a stop or a kill during it loses only
+    // the grid.
     let at = Position {
         epochs_done: epoch,
         loss_scale: state.loss_scale,
@@ -487,6 +479,24 @@ fn record_epoch(
         &at,
         keep,
     )?;
+    let every = plan.experiment.sample.every;
+    if epoch == plan.experiment.train.epochs || (every > 0 && epoch.is_multiple_of(every)) {
+        let path = rec.run.sample_path(epoch);
+        let model = state.eval_model();
+        if write_grid(plan, model, test, epoch, &path, device, &stop_requested)? {
+            board.image("samples/grid", epoch, &path)?;
+            let recon = reconstructions_path(&path);
+            if recon.is_file() {
+                board.image("samples/reconstructions", epoch, &recon)?;
+            }
+        } else {
+            tracing::warn!(
+                "the sample grid of epoch {epoch} was not finished: stopped; `pixel sample {}` \
+                 draws it from this epoch's checkpoint",
+                rec.run.path.display()
+            );
+        }
+    }
     rec.info.epochs_completed = epoch;
     for (rank, sum) in rec.info.ranks.iter_mut().zip(sums) {
         rank.weights_checksum = Some(format!("{sum:016x}"));
@@ -529,7 +539,9 @@ fn write_cells(cells: &[u8], test: &data::Images, grid: usize, path: &Path) -> R
     .map_err(Error::io(path))
 }
 
-/// Samples the grid with a generator seeded by the run's seed and the epoch, and writes it.
+/// Samples the grid with a generator seeded by the run's seed and the epoch, and writes it (a
+/// PixelVAE's reconstructions beside it). Returns false, with nothing written, when `stop` says
+/// so before the grid is finished (asked before each pixel).
 pub fn write_grid(
     plan: &Plan,
     model: &Model,
@@ -537,7 +549,8 @@ pub fn write_grid(
     epoch: usize,
     path: &Path,
     device: &Device,
-) -> Result<()> {
+    stop: &dyn Fn() -> bool,
+) -> Result<bool> {
     let s = &plan.experiment.sample;
     let mut rng = rng::stream(
         plan.experiment.train.seed,
@@ -547,34 +560,25 @@ pub fn write_grid(
     );
     let started = std::time::Instant::now();
     let (model, device) = (model.valid(), device.clone().without_autodiff());
-    let cells = sample::grid(
-        &model,
-        test,
-        s.grid,
-        sample::Method::Cached,
-        s.temperature,
-        &mut rng,
-        &device,
-    );
+    let how = (sample::Method::Cached, s.temperature);
+    let Some(cells) = sample::grid_until(&model, test, s.grid, how, &mut rng, &device, stop) else {
+        return Ok(false);
+    };
+    // A PixelVAE also shows what it makes of test images: `reconstructions-epoch-N.png`.
+    let recon = sample::reconstructions(&model, test, s.grid, how, &mut rng, &device, stop);
+    if stop() {
+        return Ok(false);
+    }
     write_cells(&cells, test, s.grid, path)?;
     tracing::info!(
         path = %path.display(),
         seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
         "wrote sample grid"
     );
-    // A PixelVAE also shows what it makes of test images: `reconstructions-epoch-N.png`.
-    if let Some(cells) = sample::reconstructions(
-        &model,
-        test,
-        s.grid,
-        sample::Method::Cached,
-        s.temperature,
-        &mut rng,
-        &device,
-    ) {
+    if let Some(cells) = recon {
         let path = reconstructions_path(path);
         write_cells(&cells, test, s.grid, &path)?;
         tracing::info!(path = %path.display(), "wrote reconstructions");
     }
-    Ok(())
+    Ok(true)
 }

@@ -46,7 +46,8 @@ pub enum Method {
 /// sub-pixel at a time, R -> G -> B within a pixel; with a logistic mixture, a pixel at a time
 /// (the component by Gumbel-max, then each colour given the ones drawn, as
 /// `loss::logistic::sample_pixel`). Both methods draw in the same order from `rng`, so they give
-/// the same images for the same seed.
+/// the same images for the same seed. Asks `stop` before each pixel, and returns false, the
+/// canvas unfinished, when it says so.
 #[allow(clippy::too_many_arguments)]
 pub fn fill(
     model: &Model,
@@ -57,11 +58,11 @@ pub fn fill(
     temperature: f64,
     rng: &mut StdRng,
     device: &Device,
-    progress: &Progress,
-) {
+    (progress, stop): (&Progress, &dyn Fn() -> bool),
+) -> bool {
     let (n, c, h, w) = (canvas.len(), canvas.colours, canvas.height, canvas.width);
     if n == 0 {
-        return;
+        return true;
     }
     let mut cache = match method {
         Method::Cached => model.cache(context, h, w),
@@ -89,6 +90,9 @@ pub fn fill(
     let at = |i: usize, colour: usize, y: usize, x: usize| ((i * c + colour) * h + y) * w + x;
     for y in from_row..h {
         for x in 0..w {
+            if stop() {
+                return false;
+            }
             match model.likelihood() {
                 Likelihood::Categorical => {
                     for colour in 0..c {
@@ -117,6 +121,7 @@ pub fn fill(
             cache.end_row(y, rows(canvas, y, 1, device));
         }
     }
+    true
 }
 
 fn to_vec<const D: usize>(logits: Tensor<D>) -> Vec<f32> {
@@ -154,16 +159,36 @@ fn window(canvas: &Images, top: usize, rows: usize) -> Vec<f32> {
 /// scratch, with label `q mod 10` in column `q` (what a class-conditional model is asked to draw;
 /// other models ignore it); in the bottom half column `q` holds `grid / 2` completions of test image `q`, each
 /// given the image's top half. Returns `[grid * grid, colours, h, w]` bytes.
-#[allow(clippy::too_many_arguments)]
 pub fn grid(
     model: &Model,
     test: &Images,
     grid: usize,
-    method: Method,
-    temperature: f64,
+    (method, temperature): (Method, f64),
     rng: &mut StdRng,
     device: &Device,
 ) -> Vec<u8> {
+    grid_until(
+        model,
+        test,
+        grid,
+        (method, temperature),
+        rng,
+        device,
+        &|| false,
+    )
+    .expect("never asked to stop")
+}
+
+/// [`grid`], or None as soon as `stop` says so (asked before each pixel).
+pub fn grid_until(
+    model: &Model,
+    test: &Images,
+    grid: usize,
+    (method, temperature): (Method, f64),
+    rng: &mut StdRng,
+    device: &Device,
+    stop: &dyn Fn() -> bool,
+) -> Option<Vec<u8>> {
     let (c, h, w) = (test.colours, test.height, test.width);
     let half = grid / 2;
     let labels: Vec<u8> = (0..half * grid).map(|i| ((i % grid) % 10) as u8).collect();
@@ -175,8 +200,8 @@ pub fn grid(
         (method, temperature),
         rng,
         device,
-        &progress,
-    );
+        (&progress, stop),
+    )?;
 
     // Completions, ordered as the grid's cells: row r of the bottom half, column q.
     let indices: Vec<usize> = (0..half * grid)
@@ -191,7 +216,7 @@ pub fn grid(
         width: w,
     };
     let context = sampling_context(model, &completions, Latent::Posterior, rng, device);
-    fill(
+    let finished = fill(
         model,
         &mut completions,
         h / 2,
@@ -200,18 +225,20 @@ pub fn grid(
         temperature,
         rng,
         device,
-        &progress,
+        (&progress, stop),
     );
     progress.finish();
-
+    if !finished {
+        return None;
+    }
     let mut cells = scratch;
     cells.extend(completions.pixels);
-    cells
+    Some(cells)
 }
 
 /// Images drawn from scratch, one per label (`[labels.len(), colours, height, width]` bytes): the
 /// top half of a grid without the grid, for `pixel sample --count`. A PixelVAE draws z from the
-/// prior.
+/// prior. None as soon as `stop` says so.
 pub fn from_scratch(
     model: &Model,
     labels: &[u8],
@@ -219,8 +246,8 @@ pub fn from_scratch(
     (method, temperature): (Method, f64),
     rng: &mut StdRng,
     device: &Device,
-    progress: &Progress,
-) -> Vec<u8> {
+    watch: (&Progress, &dyn Fn() -> bool),
+) -> Option<Vec<u8>> {
     let mut canvas = Images {
         pixels: vec![0; labels.len() * colours * height * width],
         labels: labels.to_vec(),
@@ -238,9 +265,9 @@ pub fn from_scratch(
         temperature,
         rng,
         device,
-        progress,
-    );
-    canvas.pixels
+        watch,
+    )
+    .then_some(canvas.pixels)
 }
 
 /// Where a PixelVAE's latents come from when sampling.
@@ -281,16 +308,16 @@ pub fn sampling_context(
 
 /// A PixelVAE's reconstruction grid, `grid x grid` cells: rows 1, 3, 5, ... hold test images
 /// `0..grid * grid / 2` in order, and the row below each holds their reconstructions, decoded
-/// pixel by pixel with z drawn from q(z|x) for the whole image. None for other models.
-#[allow(clippy::too_many_arguments)]
+/// pixel by pixel with z drawn from q(z|x) for the whole image. None for other models, and as
+/// soon as `stop` says so.
 pub fn reconstructions(
     model: &Model,
     test: &Images,
     grid: usize,
-    method: Method,
-    temperature: f64,
+    (method, temperature): (Method, f64),
     rng: &mut StdRng,
     device: &Device,
+    stop: &dyn Fn() -> bool,
 ) -> Option<Vec<u8>> {
     let (h, w, c) = (test.height, test.width, test.colours);
     model.latent_shape(h, w)?;
@@ -308,7 +335,7 @@ pub fn reconstructions(
     let mut decoded = originals.clone();
     decoded.pixels.fill(0);
     let progress = Progress::new("reconstructions", (h * w) as u64, "pixels");
-    fill(
+    let finished = fill(
         model,
         &mut decoded,
         0,
@@ -317,9 +344,12 @@ pub fn reconstructions(
         temperature,
         rng,
         device,
-        &progress,
+        (&progress, stop),
     );
     progress.finish();
+    if !finished {
+        return None;
+    }
     let dims = c * h * w;
     let mut cells = Vec::with_capacity(grid * grid * dims);
     for pair in 0..half {
@@ -435,7 +465,7 @@ mod tests {
                 let model = cfg.init(5, &device).with_precision(*precision);
                 let grid_of = |method| {
                     let mut rng = StdRng::seed_from_u64(11);
-                    grid(&model, &test, 4, method, 1.0, &mut rng, &device)
+                    grid(&model, &test, 4, (method, 1.0), &mut rng, &device)
                 };
                 let (cached, naive) = (grid_of(Method::Cached), grid_of(Method::Naive));
                 assert_eq!(cached, naive, "{cfg:?} {precision:?} on {device:?}");

@@ -170,8 +170,7 @@ pub fn run(
             &valid,
             &splits.test,
             plan.experiment.sample.grid,
-            method,
-            plan.experiment.sample.temperature,
+            (method, plan.experiment.sample.temperature),
             &mut rng,
             &inference,
         );

@@ -93,6 +93,7 @@ pub fn sample_results(
         0,
         &out,
         &device.device,
+        &|| false,
     )?;
     println!("wrote {}", out.display());
     Ok(())
@@ -193,8 +194,9 @@ fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
             (Method::Cached, s.sample.temperature),
             &mut rng,
             &device,
-            &Progress::hidden(),
-        );
+            (&Progress::hidden(), &|| false),
+        )
+        .expect("never asked to stop");
         let dims = shape.0 * shape.1 * shape.2;
         for (i, image) in batch.clone().zip(pixels.chunks(dims)) {
             let path = out.join(format!("sample-{i:05}.png"));

@@ -19,12 +19,7 @@ pub enum Action {
     DryRun,
     /// Write a Slurm job-array script and the list of runs; each array task trains its run on
     /// `ranks` MPI ranks with `gpus_per_rank` GPUs each.
-    EmitSlurm {
-        ranks: usize,
-        gpus_per_rank: Option<usize>,
-        /// `--sbatch KEY=VALUE`: more `#SBATCH` options.
-        sbatch: Vec<String>,
-    },
+    EmitSlurm(sweep::SlurmFlags),
     /// Only write the summary of the runs so far.
     Summarize,
 }
@@ -46,26 +41,8 @@ pub fn sweep(file: &Path, results_root: &Path, action: Action, world: &World) ->
             print!("{}", sweep::run_list(&sweep));
             Ok(())
         }
-        Action::EmitSlurm {
-            ranks,
-            gpus_per_rank,
-            sbatch,
-        } => {
-            if ranks == 0 {
-                return Err(Error::Usage {
-                    flag: "--ranks 0".into(),
-                    message: "expected at least one rank per run".into(),
-                });
-            }
-            let directives = sbatch
-                .iter()
-                .map(|s| sweep::sbatch_directive(s))
-                .collect::<Result<Vec<_>>>()?;
-            let slurm = sweep::Slurm {
-                ranks,
-                gpus_per_rank,
-                directives,
-            };
+        Action::EmitSlurm(flags) => {
+            let slurm = sweep.slurm(&flags)?;
             std::fs::create_dir_all(&root).map_err(Error::io(&root))?;
             let script = root.join("slurm.sh");
             results::write_atomic(&root.join("runs.txt"), sweep::run_list(&sweep).as_bytes())?;

@@ -19,6 +19,36 @@ pub struct SweepFile {
     /// Dotted experiment keys and the values each takes, e.g. `"model.layers" = [5, 9]`.
     /// Runs are the Cartesian product, keys in sorted order.
     pub grid: BTreeMap<String, Vec<serde_json::Value>>,
+    /// How `pixel sweep --emit slurm` asks for each run's resources; `--ranks`,
+    /// `--gpus-per-rank` and `--sbatch` override it.
+    #[serde(default)]
+    pub slurm: SlurmFile,
+}
+
+/// `[slurm]` of a sweep file.
+#[derive(Deserialize, schemars::JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmFile {
+    /// MPI ranks (Slurm tasks) that train each run together. Default: 1.
+    pub ranks: Option<usize>,
+    /// GPUs for each rank (Slurm's `--gpus-per-task`). Default: none.
+    pub gpus_per_rank: Option<usize>,
+    /// `srun`'s MPI plugin for runs of several ranks; `$SLURM_MPI_TYPE` at submission overrides
+    /// it. Default: "pmix".
+    pub mpi: Option<String>,
+    /// More `#SBATCH --KEY=VALUE` lines, e.g. `time = "04:00:00"` (without a time limit the
+    /// checkpoint-and-requeue signal never comes), `mem = "16G"`, `partition = "gpu"`,
+    /// `account = "lab"`, `cpus-per-task = 4`.
+    #[serde(default)]
+    pub sbatch: BTreeMap<String, SbatchValue>,
+}
+
+/// The value of an sbatch option: text or a whole number.
+#[derive(Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum SbatchValue {
+    Text(String),
+    Number(u64),
 }
 
 /// One run of a sweep.
@@ -37,6 +67,8 @@ pub struct Sweep {
     pub file: PathBuf,
     pub base: PathBuf,
     pub runs: Vec<SweepRun>,
+    /// The file's `[slurm]` table.
+    pub slurm: SlurmFile,
 }
 
 /// The JSON Schema of the sweep format, as written to `schemas/sweep.schema.json`.
@@ -70,7 +102,10 @@ pub fn load(path: &Path) -> Result<(Sweep, Vec<Plan>)> {
         }
     })?;
     let base = path.parent().unwrap_or(Path::new(".")).join(&file.base);
-    let sweep = expand(path, base, &file.grid)?;
+    let sweep = Sweep {
+        slurm: file.slurm,
+        ..expand(path, base, &file.grid)?
+    };
     let plans = sweep
         .runs
         .iter()
@@ -175,6 +210,7 @@ pub fn expand(
         file: path.to_path_buf(),
         base,
         runs,
+        slurm: SlurmFile::default(),
     })
 }
 
@@ -214,6 +250,8 @@ pub struct Slurm {
     pub ranks: usize,
     /// GPUs for each of them.
     pub gpus_per_rank: Option<usize>,
+    /// `srun`'s MPI plugin when there are several ranks.
+    pub mpi: String,
     /// More `#SBATCH --KEY="VALUE"` lines (time, memory, partition, account...).
     pub directives: Vec<(String, String)>,
 }
@@ -223,8 +261,85 @@ impl Default for Slurm {
         Slurm {
             ranks: 1,
             gpus_per_rank: None,
+            mpi: "pmix".into(),
             directives: Vec::new(),
         }
+    }
+}
+
+/// The flags of `pixel sweep --emit slurm` that override the sweep file's `[slurm]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlurmFlags {
+    pub ranks: Option<usize>,
+    pub gpus_per_rank: Option<usize>,
+    /// `--sbatch KEY=VALUE`, each replacing the file's value of the same key.
+    pub sbatch: Vec<String>,
+}
+
+impl Sweep {
+    /// What each task asks for: the flags over the file's `[slurm]` over the defaults. Every
+    /// value is checked, naming the flag or the file and key it came from.
+    pub fn slurm(&self, flags: &SlurmFlags) -> Result<Slurm> {
+        let file = &self.slurm;
+        let origin = format!("{} [slurm]", self.file.display());
+        let ranks = match (flags.ranks, file.ranks) {
+            (Some(0), _) => {
+                return Err(Error::Usage {
+                    flag: "--ranks 0".into(),
+                    message: "expected at least one rank per run".into(),
+                });
+            }
+            (Some(r), _) => r,
+            (None, Some(0)) => {
+                return Err(Error::Invalid {
+                    source_name: origin,
+                    key: "slurm.ranks".into(),
+                    value: "0".into(),
+                    expected: "at least one rank per run".into(),
+                });
+            }
+            (None, r) => r.unwrap_or(1),
+        };
+        let mpi = file.mpi.clone().unwrap_or_else(|| "pmix".into());
+        if mpi.is_empty() || !mpi.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(Error::Invalid {
+                source_name: origin,
+                key: "slurm.mpi".into(),
+                value: format!("{mpi:?}"),
+                expected: "the name of one of srun's MPI plugins (`srun --mpi=list`), e.g. \
+                           \"pmix\" or \"pmi2\""
+                    .into(),
+            });
+        }
+        let mut directives: Vec<(String, String)> = Vec::new();
+        for (key, value) in &file.sbatch {
+            let text = match value {
+                SbatchValue::Text(t) => t.clone(),
+                SbatchValue::Number(n) => n.to_string(),
+            };
+            let (key, value) =
+                sbatch_directive(&format!("{key}={text}")).map_err(|e| Error::Invalid {
+                    source_name: origin.clone(),
+                    key: format!("slurm.sbatch.{key}"),
+                    value: format!("{text:?}"),
+                    expected: match e {
+                        Error::Usage { message, .. } => message,
+                        other => other.to_string(),
+                    },
+                })?;
+            directives.push((key, value));
+        }
+        for flag in &flags.sbatch {
+            let (key, value) = sbatch_directive(flag)?;
+            directives.retain(|(k, _)| *k != key);
+            directives.push((key, value));
+        }
+        Ok(Slurm {
+            ranks,
+            gpus_per_rank: flags.gpus_per_rank.or(file.gpus_per_rank),
+            mpi,
+            directives,
+        })
     }
 }
 
@@ -290,23 +405,35 @@ pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: &Slurm, pixel: &P
     for (key, value) in &slurm.directives {
         resources += &format!("#SBATCH --{key}={}\n", sbatch_value(value));
     }
-    let (launch, what) = match slurm.ranks {
-        1 => (String::new(), "one per array task".to_string()),
+    // One rank runs in the batch shell, which gets the time limit's signal (B:) and passes it
+    // on. Several run under `srun`: a signal to `srun` makes it kill the step's tasks, so the
+    // shell signals the job's steps instead (scancel without --batch), every rank gets it,
+    // checkpoints at the same step and exits 130, and so does `srun`.
+    let (launch, what, forward) = match slurm.ranks {
+        1 => (
+            String::new(),
+            "one per array task".to_string(),
+            "kill -TERM \"$pid\" 2>/dev/null || true",
+        ),
         r => (
-            "srun --mpi=\"${SLURM_MPI_TYPE:-pmix}\" ".to_string(),
+            format!("srun --mpi=\"${{SLURM_MPI_TYPE:-{}}}\" ", slurm.mpi),
             format!(
                 "one per array task, each on {r} MPI ranks (srun with the MPI plugin \
-                 $SLURM_MPI_TYPE, pmix unless set; PIXEL must be built with --features mpi)"
+                 $SLURM_MPI_TYPE, {} unless set; PIXEL must be built with --features mpi)",
+                slurm.mpi
             ),
+            "scancel --signal=TERM \"$SLURM_JOB_ID\" || true",
         ),
     };
     format!(
         "#!/usr/bin/env bash\n\
          # Slurm job array for the sweep {file}: {n} runs, {what} (see runs.txt).\n\
          # Submit from anywhere: sbatch {script}\n\
-         # Two minutes before a task's time limit Slurm sends SIGTERM: pixel finishes its step,\n\
-         # writes a checkpoint and exits with 130, and the task requeues itself; the requeued\n\
-         # task resumes the run from that checkpoint.\n\
+         # Two minutes before a task's time limit Slurm sends SIGTERM to this script, which\n\
+         # passes it to pixel (to every rank: all of them finish the same step); pixel writes a\n\
+         # checkpoint and exits with 130, and the task requeues itself; the requeued task\n\
+         # resumes the run from that checkpoint. Without a time limit (--sbatch time=...) no\n\
+         # signal comes.\n\
          #SBATCH --job-name={name}\n\
          #SBATCH --array=0-{last}\n\
          {resources}\
@@ -320,7 +447,7 @@ pub fn slurm_script(sweep: &Sweep, results_root: &Path, slurm: &Slurm, pixel: &P
          {launch}\"$PIXEL\" sweep {file} --results {root} --only \"$SLURM_ARRAY_TASK_ID\" &\n\
          pid=$!\n\
          term=0\n\
-         trap 'term=1; kill -TERM \"$pid\" 2>/dev/null || true' TERM\n\
+         trap 'term=1; {forward}' TERM\n\
          status=0\n\
          wait \"$pid\" || status=$?\n\
          # A trapped signal interrupts `wait`; wait again for pixel's own exit status.\n\

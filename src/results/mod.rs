@@ -189,6 +189,18 @@ pub struct FolderLock {
 }
 
 impl FolderLock {
+    /// Whether a process holds the lock of `dir` now (a shared lock cannot be had), without
+    /// writing anything.
+    pub fn held(dir: &Path) -> bool {
+        let Ok(file) = std::fs::File::open(dir.join(LOCK_FILE)) else {
+            return false; // never locked
+        };
+        matches!(
+            file.try_lock_shared(),
+            Err(std::fs::TryLockError::WouldBlock)
+        )
+    }
+
     /// Takes the lock of the existing folder `dir`, or says who holds it.
     pub fn take(dir: &Path) -> Result<FolderLock> {
         use std::io::Write;
@@ -357,19 +369,71 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<MetricsRow>> {
         })
 }
 
-/// Reads `run.json`.
+/// Reads `run.json`. A run that says "running" while no process holds its folder's lock ended
+/// without recording how (killed with SIGKILL, out of memory, its machine lost): it is read as
+/// interrupted, with that said in its error, so that no table shows it running for ever.
 pub fn read_info(dir: &Path) -> Result<RunInfo> {
     let path = dir.join(RUN_FILE);
     let text = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
-    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+    let mut info: RunInfo = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
         path,
         message: format!("not a run.json written by pixel: {e}"),
-    })
+    })?;
+    if info.status == Status::Running && !FolderLock::held(dir) {
+        info.status = Status::Interrupted;
+        info.error.get_or_insert_with(|| {
+            "its process ended without recording how (killed?); `pixel run --resume` goes on \
+             from its last checkpoint"
+                .into()
+        });
+    }
+    Ok(info)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run.json left "running" by a process that is gone reads as interrupted; one whose
+    /// folder is locked (a live run) reads as running.
+    #[test]
+    fn a_running_run_whose_lock_is_free_reads_as_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let info = RunInfo {
+            name: "x".into(),
+            crate_version: "0".into(),
+            git_revision: "0".into(),
+            backend: "flex".into(),
+            backend_choice: String::new(),
+            device: "flex:cpu".into(),
+            float_dtype: "f32".into(),
+            seed: 1,
+            parameters: 1,
+            started: now(),
+            ended: None,
+            status: Status::Running,
+            epochs_completed: 2,
+            error: None,
+            overrides: Vec::new(),
+            resumed: Vec::new(),
+            hardware: String::new(),
+            validation_images: 0,
+            world_size: 1,
+            ranks: Vec::new(),
+        };
+        let json = serde_json::to_string(&info).unwrap();
+        std::fs::write(d.join(RUN_FILE), &json).unwrap();
+        let read = read_info(d).unwrap();
+        assert_eq!(read.status, Status::Interrupted);
+        assert!(read.error.unwrap().contains("--resume"));
+        let lock = FolderLock::take(d).unwrap();
+        assert_eq!(read_info(d).unwrap().status, Status::Running);
+        drop(lock);
+        assert_eq!(read_info(d).unwrap().status, Status::Interrupted);
+        // The file itself is not changed by reading it.
+        assert_eq!(std::fs::read_to_string(d.join(RUN_FILE)).unwrap(), json);
+    }
 
     /// The lock is exclusive (two opens of the file conflict even in one process), says who holds
     /// it, and is free again once dropped.

@@ -236,3 +236,68 @@ fn checkpoint_of_a_different_model_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("already completed"), "{}", text(&out));
 }
+
+/// SIGTERM during the final sample grid (a PixelCNN++ draws it a forward pass per pixel: seconds
+/// here, minutes on real sizes) ends the grid at once: the epoch's checkpoint was written before
+/// it, the run completes, and the warning says how to draw the grid later.
+#[test]
+fn sigterm_during_the_final_grid_stops_it_and_keeps_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let slow_grid = r#"
+[model]
+variant = "pixelcnnpp"
+channels = 16
+likelihood = "categorical"
+[model.pixelcnnpp]
+resnets = 2
+dropout = 0.0
+[data]
+dataset = "synthetic"
+synthetic_size = 16
+synthetic_images = 16
+[train]
+epochs = 1
+batch_size = 16
+[sample]
+grid = 12
+"#;
+    std::fs::write(d.join("slow.toml"), slow_grid).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pixel"))
+        .args(["run", "slow.toml"])
+        .current_dir(d)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The epoch's checkpoint is written before its grid is drawn.
+    let checkpoint = d.join("results/slow/checkpoints/0001-000000");
+    let t0 = std::time::Instant::now();
+    while !checkpoint.is_dir() {
+        assert!(t0.elapsed().as_secs() < 120, "the epoch never ended");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let signalled = std::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let stopped_after = signalled.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("sample grid of epoch 1 was not finished"),
+        "{}",
+        text(&out)
+    );
+    assert!(!d.join("results/slow/samples/epoch-0001.png").exists());
+    let info = std::fs::read_to_string(d.join("results/slow/run.json")).unwrap();
+    assert!(info.contains("\"status\": \"completed\""), "{info}");
+    // The whole grid takes many times longer (144 images of 256 pixels, a pass per pixel).
+    assert!(stopped_after.as_secs() < 20, "{stopped_after:?}");
+    // The epoch is there for `pixel eval` and `pixel sample` (which would draw the same grid).
+    let out = pixel(d, &["eval", "results/slow"]);
+    assert!(out.status.success(), "{}", text(&out));
+}

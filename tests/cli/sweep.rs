@@ -140,6 +140,74 @@ fn sweep_emits_slurm_tasks_of_several_ranks() {
     assert!(text(&out).contains("--ranks 0"), "{}", text(&out));
 }
 
+/// The sweep file's `[slurm]` table sets what each task asks for; the flags override it, an
+/// `--sbatch` key replacing the file's; bad values name the file and key.
+#[test]
+fn sweep_file_slurm_settings_and_their_overrides() {
+    let dir = sweep_dir();
+    let d = dir.path();
+    let sweep = std::fs::read_to_string(d.join("sw.toml")).unwrap();
+    let with = |slurm: &str| std::fs::write(d.join("sw.toml"), format!("{sweep}{slurm}")).unwrap();
+    with(
+        "[slurm]\nranks = 2\nmpi = \"pmi2\"\n[slurm.sbatch]\ntime = \"01:00:00\"\n\
+         cpus-per-task = 4\nmem = \"8G\"\n",
+    );
+    let script = d.join("results/sw/slurm.sh");
+    let out = pixel(d, &["sweep", "sw.toml", "--emit", "slurm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let body = std::fs::read_to_string(&script).unwrap();
+    for line in [
+        "#SBATCH --ntasks=2\n",
+        "#SBATCH --time=\"01:00:00\"\n",
+        "#SBATCH --cpus-per-task=\"4\"\n",
+        "#SBATCH --mem=\"8G\"\n",
+        "srun --mpi=\"${SLURM_MPI_TYPE:-pmi2}\" ",
+        // Several ranks: the shell signals the job's steps, not srun (which would kill them).
+        "trap 'term=1; scancel --signal=TERM \"$SLURM_JOB_ID\" || true' TERM\n",
+    ] {
+        assert!(body.contains(line), "{line} in {body}");
+    }
+    let out = pixel(
+        d,
+        &[
+            "sweep",
+            "sw.toml",
+            "--emit",
+            "slurm",
+            "--ranks",
+            "1",
+            "--sbatch",
+            "time=02:00:00",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let body = std::fs::read_to_string(&script).unwrap();
+    assert!(
+        !body.contains("--ntasks") && !body.contains("srun"),
+        "{body}"
+    );
+    assert!(body.contains("trap 'term=1; kill -TERM \"$pid\" 2>/dev/null || true' TERM"));
+    assert_eq!(body.matches("--time=").count(), 1, "{body}");
+    assert!(body.contains("#SBATCH --time=\"02:00:00\"\n") && body.contains("--mem=\"8G\""));
+
+    for (slurm, said) in [
+        ("[slurm]\nranks = 0\n", "`slurm.ranks` = 0"),
+        ("[slurm]\nmpi = \"pm ix\"\n", "`slurm.mpi`"),
+        (
+            "[slurm.sbatch]\n\"my option\" = \"1\"\n",
+            "`slurm.sbatch.my option`",
+        ),
+        ("[slurm.sbatch]\nmem = \"8\\\"G\"\n", "`slurm.sbatch.mem`"),
+        ("[slurm]\nnodes = 2\n", "unknown field `nodes`"),
+    ] {
+        with(slurm);
+        let out = pixel(d, &["sweep", "sw.toml", "--emit", "slurm"]);
+        assert_eq!(out.status.code(), Some(2), "{slurm}: {}", text(&out));
+        assert!(text(&out).contains(said), "{slurm}: {}", text(&out));
+        assert!(text(&out).contains("sw.toml"), "{slurm}: {}", text(&out));
+    }
+}
+
 /// A binary without the `mpi` feature that a launcher started as one of several ranks stops
 /// before anything is written (each copy would train the whole run into one folder).
 #[cfg(not(feature = "mpi"))]
