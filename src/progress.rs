@@ -31,7 +31,6 @@ struct Lines {
     label: String,
     unit: &'static str,
     total: u64,
-    done: u64,
     message: String,
     started: Instant,
     last: Instant,
@@ -65,7 +64,6 @@ impl Progress {
                 label: label.into(),
                 unit,
                 total,
-                done: 0,
                 message: String::new(),
                 started: now,
                 last: now,
@@ -91,23 +89,19 @@ impl Progress {
         }
         if let Some(lines) = &self.lines {
             let mut l = lines.lock().unwrap_or_else(|e| e.into_inner());
-            l.done = done;
             if let Some(m) = message {
                 l.message = m;
             }
             if l.last.elapsed() >= l.every {
                 l.last = Instant::now();
-                tracing::info!("{}", l.line());
+                tracing::info!("{}", l.line(done));
             }
         }
     }
 
-    /// `n` more items done.
+    /// `n` more items done. (A hidden bar keeps its position too: it is the one count.)
     pub fn advance(&self, n: u64) {
-        let done = self.lines.as_ref().map_or(self.bar.position(), |l| {
-            l.lock().unwrap_or_else(|e| e.into_inner()).done
-        });
-        self.update(done + n, None);
+        self.update(self.bar.position() + n, None);
     }
 
     /// Runs `f` (a log line, say) with the bar out of the way.
@@ -122,16 +116,17 @@ impl Progress {
 }
 
 impl Lines {
-    fn line(&self) -> String {
+    /// The line for `done` items so far.
+    fn line(&self, done: u64) -> String {
         let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
-        let percent = 100.0 * self.done as f64 / self.total.max(1) as f64;
+        let percent = 100.0 * done as f64 / self.total.max(1) as f64;
         let mut line = format!(
             "{}: {}/{} {} ({percent:.0}%), {:.1} {}/s",
             self.label,
-            self.done,
+            done,
             self.total,
             self.unit,
-            self.done as f64 / seconds,
+            done as f64 / seconds,
             self.unit
         );
         if !self.message.is_empty() {
@@ -146,6 +141,18 @@ impl Lines {
 mod tests {
     use super::*;
 
+    /// A hidden bar (where nothing is drawn, and where log lines are written) still counts.
+    #[test]
+    fn advancing_counts_whatever_is_shown() {
+        let p = Progress::hidden();
+        p.advance(3);
+        p.advance(2);
+        assert_eq!(p.bar.position(), 5);
+        p.update(7, Some("x".into()));
+        p.advance(1);
+        assert_eq!(p.bar.position(), 8);
+    }
+
     /// A line says the pass, how far, the rate and the message.
     #[test]
     fn a_line_says_how_far_and_how_fast() {
@@ -154,13 +161,12 @@ mod tests {
             label: "epoch 2/5".into(),
             unit: "images",
             total: 200,
-            done: 50,
             message: "1.234 bits/dim".into(),
             started: now - Duration::from_secs(10),
             last: now,
             every: Duration::from_secs(60),
         };
-        let line = l.line();
+        let line = l.line(50);
         assert!(
             line.starts_with("epoch 2/5: 50/200 images (25%), 5.0 images/s, 1.234 bits/dim"),
             "{line}"

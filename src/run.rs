@@ -533,10 +533,7 @@ fn reconstructions_path(grid: &Path) -> PathBuf {
 fn write_cells(cells: &[u8], test: &data::Images, grid: usize, path: &Path) -> Result<()> {
     let (planes, gh, gw) =
         results::png::tile(cells, test.colours, test.height, test.width, grid, grid);
-    crate::atomic::publish(path, |tmp| {
-        results::png::write_rgb_or_grey(tmp, &planes, test.colours, gh, gw)
-    })
-    .map_err(Error::io(path))
+    results::png::write_rgb_or_grey(path, &planes, test.colours, gh, gw).map_err(Error::io(path))
 }
 
 /// Samples the grid with a generator seeded by the run's seed and the epoch, and writes it (a

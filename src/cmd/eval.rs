@@ -216,10 +216,7 @@ pub fn receptive_field(dir: &Path, images: usize) -> Result<FieldReport> {
     }
     let (planes, gh, gw) = crate::results::png::tile(&cells, 3, sh, sw, 1, fields.len());
     let png = dir.join(RECEPTIVE_PNG);
-    crate::atomic::publish(&png, |tmp| {
-        crate::results::png::write_rgb_or_grey(tmp, &planes, 3, gh, gw)
-    })
-    .map_err(Error::io(&png))?;
+    crate::results::png::write_rgb_or_grey(&png, &planes, 3, gh, gw).map_err(Error::io(&png))?;
     let report = FieldReport {
         epochs: position.epochs_done,
         images: n,

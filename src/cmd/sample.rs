@@ -200,10 +200,8 @@ fn write_draws(session: &Session, d: &Draws, out: &Path) -> Result<()> {
         let dims = shape.0 * shape.1 * shape.2;
         for (i, image) in batch.clone().zip(pixels.chunks(dims)) {
             let path = out.join(format!("sample-{i:05}.png"));
-            crate::atomic::publish(&path, |tmp| {
-                results::png::write_rgb_or_grey(tmp, image, shape.0, shape.1, shape.2)
-            })
-            .map_err(Error::io(&path))?;
+            results::png::write_rgb_or_grey(&path, image, shape.0, shape.1, shape.2)
+                .map_err(Error::io(&path))?;
         }
         if let Some(file) = npy.as_mut() {
             file.write_all(&pixels).map_err(Error::io(&npy_path))?;

@@ -13,6 +13,8 @@ pub mod sweep;
 pub(crate) use load::line_column;
 pub use load::{Override, environment_overrides, load, load_recorded, parse, parse_set};
 pub use plan::Plan;
+pub use plan::model::pixelcnnpp::PixelCnnPpSection;
+pub use plan::model::vae::{VaeConditioningKind, VaeSection};
 // The kinds the format names live with the layers that use them; the format re-exports them.
 pub use crate::data::DatasetKind;
 pub use crate::device::{BackendKind, Precision};
@@ -82,78 +84,6 @@ pub enum LikelihoodKind {
     Categorical,
     /// A discretized mixture of logistics per pixel (Salimans et al. 2017).
     LogisticMixture,
-}
-
-/// PixelCNN++'s depth and regularisation (openai/pixel-cnn's `nr_resnet` and `dropout_p`).
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct PixelCnnPpSection {
-    /// Gated resnets per stage of the up pass (the down pass has one more in its last two
-    /// stages); three stages at full, half and quarter resolution. Default: 5.
-    pub resnets: usize,
-    /// Dropout probability inside every gated resnet, in training only. Default: 0.5.
-    pub dropout: f64,
-}
-
-impl Default for PixelCnnPpSection {
-    fn default() -> Self {
-        PixelCnnPpSection {
-            resnets: 5,
-            dropout: 0.5,
-        }
-    }
-}
-
-/// The PixelVAE's latent, encoder, conditioning and objective.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct VaeSection {
-    /// Channels of the latent z. Default: 4.
-    pub latent_channels: usize,
-    /// Stride-2 convolutions of the encoder: z has ceil(side / 2^downsample) positions per side
-    /// (28x28 MNIST with 2: 7x7). Default: 2.
-    pub downsample: usize,
-    /// Channels of the encoder's and the upsampler's convolutions. Default: 32.
-    pub hidden: usize,
-    /// Channels of the feature maps computed from z ("gates" and "concat"). Default: 16.
-    pub maps: usize,
-    /// How the decoder sees z: "gates" (upsampled maps into every gate through 1x1 convolutions),
-    /// "concat" (the maps concatenated with the image, as in the paper), or "linear" (the paper's
-    /// variant without upsampling: a linear map of z in every layer). Default: "gates".
-    pub conditioning: VaeConditioningKind,
-    /// Steps over which the KL term's weight rises linearly from 0 to 1 (0 = always 1).
-    /// Default: 0.
-    pub kl_warmup_steps: usize,
-    /// Free bits (Kingma et al. 2016): the KL of each latent dimension (channel and position),
-    /// averaged over the batch, counts at least this many nats in the training loss (0 = off).
-    /// Reported numbers always use the real KL. Default: 0.
-    pub free_bits: f64,
-}
-
-impl Default for VaeSection {
-    fn default() -> Self {
-        VaeSection {
-            latent_channels: 4,
-            downsample: 2,
-            hidden: 32,
-            maps: 16,
-            conditioning: VaeConditioningKind::Gates,
-            kl_warmup_steps: 0,
-            free_bits: 0.0,
-        }
-    }
-}
-
-/// How the PixelVAE decoder sees z.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum VaeConditioningKind {
-    /// Upsampled feature maps into every gate through 1x1 convolutions.
-    Gates,
-    /// Upsampled feature maps concatenated with the image (into the first layer's kernels).
-    Concat,
-    /// Without upsampling: z repeated over its block of pixels, a 1x1 into every gate.
-    Linear,
 }
 
 impl Default for ModelSection {

@@ -84,7 +84,7 @@ mod tests {
             dropout: 0.5,
         };
         let (names, scalars) = written(ModelConfig::PixelCnnPp(pp));
-        assert_eq!(scalars, pp.parameters());
+        assert_eq!(scalars, pp.parameters() as usize);
         for name in [
             "up_ul.0.aux.weight",
             "down_u.4.class",

@@ -203,6 +203,47 @@ pub struct GatedPixelCnn {
 }
 
 impl GatedConfig {
+    /// Trained parameters, counted from the layout (in u128; a test compares the count with the
+    /// built model's).
+    pub fn parameters(&self) -> u128 {
+        use super::estimate::conv;
+        let (col, ch, k) = (
+            self.colours as u128,
+            self.channels as u128,
+            self.kernel as u128,
+        );
+        let g = if self.gates { 2 * ch } else { ch };
+        let half = k / 2 + 1;
+        let s = self.spatial_channels as u128;
+        let layer = |input: u128, first: bool| {
+            let mut n = conv(input, g, half, k) + conv(input, g, 1, half);
+            n += 2 * conv(ch, ch, 1, 1); // out, skip
+            if self.link {
+                n += conv(g, g, 1, 1);
+            }
+            if let Some(classes) = self.classes {
+                n += 2 * classes as u128 * g;
+            }
+            if s > 0 && !self.concat {
+                n += 2 * conv(s, g, 1, 1);
+            }
+            if s > 0 && self.concat && first {
+                n += conv(s, g, half, k) + conv(s, g, 1, half);
+            }
+            n
+        };
+        let rest = (self.layers as u128).saturating_sub(1) * layer(ch, false);
+        let head =
+            conv(ch, ch, 1, 1) + conv(ch, self.likelihood.outputs(self.colours) as u128, 1, 1);
+        layer(col, true) + rest + head
+    }
+
+    /// f32 values a training step keeps per image pixel for the backward pass, the likelihood's
+    /// aside: about 14 per channel of each layer (two stacks, gates and skips).
+    pub fn activations_per_pixel(&self) -> u128 {
+        self.layers as u128 * 14 * self.channels as u128
+    }
+
     /// The gated model as the paper draws it: unconditioned, every ablation off (residual, gates
     /// and link on), 256 logits per sub-pixel. Tests and tools start here and change what they
     /// need with `..GatedConfig::plain(...)`.

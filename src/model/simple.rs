@@ -28,6 +28,26 @@ pub struct SimplePixelCnn {
 }
 
 impl SimpleConfig {
+    /// Trained parameters, counted from the layout (in u128: a config may ask for more than u64
+    /// holds; a test compares the count with the built model's).
+    pub fn parameters(&self) -> u128 {
+        use super::estimate::conv;
+        let (col, ch, k) = (
+            self.colours as u128,
+            self.channels as u128,
+            self.kernel as u128,
+        );
+        let first = conv(col, ch, k, k);
+        let rest = (self.layers as u128).saturating_sub(1) * conv(ch, ch, k, k);
+        first + rest + conv(ch, self.likelihood.outputs(self.colours) as u128, 1, 1)
+    }
+
+    /// f32 values a training step keeps per image pixel for the backward pass, the likelihood's
+    /// aside: about 3 per channel of each ReLU layer.
+    pub fn activations_per_pixel(&self) -> u128 {
+        self.layers as u128 * 3 * self.channels as u128
+    }
+
     pub fn init(&self, rng: &mut StdRng, device: &Device) -> SimplePixelCnn {
         let mut convs = Vec::with_capacity(self.layers);
         for l in 0..self.layers {

@@ -130,6 +130,34 @@ pub fn latent_side(side: usize, downsample: usize) -> usize {
 }
 
 impl VaeConfig {
+    /// Trained parameters, counted from the layout (in u128; a test compares the count with the
+    /// built model's): the encoder, the maps from z and the gated decoder.
+    pub fn parameters(&self) -> u128 {
+        use super::estimate::conv;
+        let (h, l, d) = (
+            self.hidden as u128,
+            self.latent_channels as u128,
+            self.downsample as u128,
+        );
+        let encoder =
+            conv(self.colours as u128, h, 3, 3) + d * conv(h, h, 3, 3) + conv(h, 2 * l, 3, 3);
+        let maps = match self.conditioning {
+            VaeConditioning::Linear => 0,
+            _ => {
+                conv(l, h, 3, 3)
+                    + d * conv(h, h, 3, 3)
+                    + conv(h, self.decoder.spatial_channels as u128, 1, 1)
+            }
+        };
+        encoder + maps + self.decoder.parameters()
+    }
+
+    /// f32 values a training step keeps per image pixel for the backward pass, the likelihood's
+    /// aside: the decoder's, and about 3 per hidden channel of the encoder and maps per layer.
+    pub fn activations_per_pixel(&self) -> u128 {
+        self.decoder.layers as u128 * (14 * self.decoder.channels as u128 + 3 * self.hidden as u128)
+    }
+
     pub fn init(&self, rng: &mut StdRng, device: &Device) -> PixelVae {
         let (h, l) = (self.hidden, self.latent_channels);
         let encoder = Encoder {

@@ -340,8 +340,7 @@ impl RunDir {
     pub fn write_curve(&self, title: &str) -> Result<()> {
         let rows = read_metrics(&self.path)?;
         let path = self.path.join(CURVE_FILE);
-        crate::atomic::publish(&path, |tmp| plot::learning_curve(title, &rows, tmp))
-            .map_err(Error::io(&path))
+        plot::learning_curve(title, &rows, &path).map_err(Error::io(&path))
     }
 
     pub fn sample_path(&self, epoch: usize) -> PathBuf {

@@ -74,7 +74,6 @@ pub fn receptive_fields(
     let fields = pixels
         .iter()
         .map(|&[y, x]| {
-            progress.advance(1);
             let input = batch.input.clone().detach().require_grad();
             let log_p =
                 log_prob_per_pixel(model.forward(input.clone(), &context), batch.target.clone());
@@ -84,6 +83,7 @@ pub fn receptive_fields(
                 .grad(&grads)
                 .map(|g| g.into_data().convert::<f32>().try_into_vec().expect("f32"))
                 .unwrap_or_else(|| vec![0.0; n * c * h * w]);
+            progress.advance(1);
             field([y, x], &g, (n, c, h, w))
         })
         .collect();

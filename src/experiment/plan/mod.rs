@@ -4,7 +4,7 @@
 //! (the memory estimate); `Plan::new` composes them in the order the checks are reported.
 
 mod data;
-mod model;
+pub(crate) mod model;
 mod settings;
 mod size;
 

@@ -428,30 +428,46 @@ impl PixelCnnPpConfig {
         (self.colours > 1 && self.likelihood == Likelihood::Categorical).then_some(self.filters)
     }
 
-    /// Trained parameters, counted from the layout (equal to the built network's; a test checks).
-    pub fn parameters(&self) -> usize {
-        let (f, r, c) = (self.filters, self.resnets.max(1), self.colours);
-        let conv = |n_in: usize, n_out: usize, taps: usize| n_out * n_in * taps + n_out;
-        let classes = self.classes.unwrap_or(0);
+    /// Trained parameters, counted from the layout (equal to the built network's; a test checks),
+    /// in u128: a config may ask for more than u64 holds.
+    pub fn parameters(&self) -> u128 {
+        let (f, r, c) = (
+            self.filters as u128,
+            self.resnets.max(1) as u128,
+            self.colours as u128,
+        );
+        let conv = |n_in: u128, n_out: u128, taps: u128| n_out * n_in * taps + n_out;
+        let classes = self.classes.unwrap_or(0) as u128;
         // conv1 (2f -> f), the auxiliary input's 1x1 (2 aux -> f), conv2 (2f -> 2f), the label.
-        let block = |taps: usize, aux: usize| {
+        let block = |taps: u128, aux: u128| {
             conv(2 * f, f, taps)
                 + if aux > 0 { conv(2 * aux, f, 1) } else { 0 }
                 + conv(2 * f, 2 * f, taps)
                 + classes * 2 * f
         };
         let (down, right) = (6, 4); // 2x3 and 2x2 kernels
+        let stages = STAGES as u128;
         let first = conv(c + 1, f, 6) + conv(c + 1, f, 3) + conv(c + 1, f, 2);
-        let up = STAGES * r * (block(down, 0) + block(right, f));
-        let resample = (STAGES - 1) * (conv(f, f, down) + conv(f, f, right));
-        let down_pass = (STAGES * r + STAGES - 1) * (block(down, f) + block(right, 2 * f));
+        let up = stages * r * (block(down, 0) + block(right, f));
+        let resample = (stages - 1) * (conv(f, f, down) + conv(f, f, right));
+        let down_pass = (stages * r + stages - 1) * (block(down, f) + block(right, 2 * f));
+        let outputs = self.output_channels() as u128;
         let head = match self.in_pixel_channels() {
-            None => conv(f, self.output_channels(), 1),
+            None => conv(f, outputs, 1),
             Some(g) => {
-                conv(f, c * g, 1) + conv(c, c * g, 1) + conv(c * g, self.output_channels(), 1)
+                let g = g as u128;
+                conv(f, c * g, 1) + conv(c, c * g, 1) + conv(c * g, outputs, 1)
             }
         };
         first + up + 2 * resample + down_pass + head
+    }
+
+    /// f32 values a training step keeps per image pixel for the backward pass, the likelihood's
+    /// aside: about 24 per filter of each gated resnet in each of the two streams (two
+    /// concat_elus, dropout's mask and product, the gate, the auxiliary input), 2r + 1 blocks per
+    /// stage and stream at (1 + 1/4 + 1/16) = 21/16 of full resolution.
+    pub fn activations_per_pixel(&self) -> u128 {
+        (2 * self.resnets.max(1) as u128 + 1) * 21 / 16 * 2 * 24 * self.filters as u128
     }
 
     /// The network with weights drawn from `rng`.

@@ -230,7 +230,7 @@ fn parameters_are_counted_exactly() {
         },
     ] {
         let net = cfg.init(&mut StdRng::seed_from_u64(1), &device);
-        assert_eq!(net.num_params(), cfg.parameters(), "{cfg:?}");
+        assert_eq!(net.num_params(), cfg.parameters() as usize, "{cfg:?}");
     }
     // openai/pixel-cnn's CIFAR-10 network (160 filters, 5 resnets, 10 mixtures): 53.6 M
     // (the same layout; its weight norm adds one scale per output channel).

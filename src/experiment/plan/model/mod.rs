@@ -1,16 +1,19 @@
 //! The `[model]` table: the keys each variant reads, their checks, the likelihood, and the model
-//! configuration that will be built. A new variant is one function here and one arm in `config`.
+//! configuration that will be built. A variant with a table of its own has a file here with the
+//! table's keys and defaults, their checks and its configuration (`pixelcnnpp.rs`, `vae.rs`);
+//! its network and its size are in `model/`. A new variant is such a file, one arm in `config`
+//! and one in `model::ModelConfig`.
+
+pub mod pixelcnnpp;
+pub mod vae;
 
 use super::Checker;
 use crate::error::Result;
 use crate::experiment::{
     Conditional, DatasetKind, Experiment, LikelihoodKind, ModelSection, PixelCnnPpSection,
-    VaeConditioningKind, VaeSection, Variant,
+    VaeSection, Variant,
 };
-use crate::model::{
-    GatedConfig, Likelihood, ModelConfig, PixelCnnPpConfig, SimpleConfig, VaeConditioning,
-    VaeConfig,
-};
+use crate::model::{GatedConfig, Likelihood, ModelConfig, SimpleConfig};
 
 /// The network's depth, kernel and width: the masked-convolution variants' `layers`, `kernel` and
 /// `channels` (one group per colour), PixelCNN++'s `channels` as its filters.
@@ -67,11 +70,11 @@ pub(super) fn config(
     let classes = classes(ctx, e)?;
     check_tables(ctx, e)?;
     if m.variant == Variant::Pixelcnnpp {
-        check_pixelcnnpp(ctx, &m.pixelcnnpp)?;
+        pixelcnnpp::check(ctx, &m.pixelcnnpp)?;
     }
     let (likelihood_kind, likelihood) = likelihood(ctx, e, colours)?;
     if m.variant == Variant::Vae {
-        check_vae(ctx, &m.vae)?;
+        vae::check(ctx, &m.vae)?;
     }
     let gated = |spatial_channels, concat| GatedConfig {
         classes,
@@ -92,30 +95,10 @@ pub(super) fn config(
             likelihood,
         }),
         Variant::Gated => ModelConfig::Gated(gated(0, false)),
-        Variant::Vae => {
-            let v = &m.vae;
-            let (conditioning, maps) = match v.conditioning {
-                VaeConditioningKind::Gates => (VaeConditioning::Gates, v.maps),
-                VaeConditioningKind::Concat => (VaeConditioning::Concat, v.maps),
-                VaeConditioningKind::Linear => (VaeConditioning::Linear, v.latent_channels),
-            };
-            ModelConfig::Vae(VaeConfig {
-                colours,
-                latent_channels: v.latent_channels,
-                downsample: v.downsample,
-                hidden: v.hidden,
-                conditioning,
-                decoder: gated(maps, conditioning == VaeConditioning::Concat),
-            })
+        Variant::Vae => ModelConfig::Vae(vae::config(&m.vae, colours, gated)),
+        Variant::Pixelcnnpp => {
+            ModelConfig::PixelCnnPp(pixelcnnpp::config(e, colours, likelihood, classes))
         }
-        Variant::Pixelcnnpp => ModelConfig::PixelCnnPp(PixelCnnPpConfig {
-            colours,
-            filters: m.channels,
-            resnets: m.pixelcnnpp.resnets,
-            likelihood,
-            classes,
-            dropout: m.pixelcnnpp.dropout,
-        }),
     };
     Ok((model, likelihood_kind))
 }
@@ -179,56 +162,6 @@ fn check_tables(ctx: &Checker, e: &Experiment) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// `[model.pixelcnnpp]`.
-fn check_pixelcnnpp(ctx: &Checker, pp: &PixelCnnPpSection) -> Result<()> {
-    ctx.require(
-        pp.resnets >= 1,
-        "model.pixelcnnpp.resnets",
-        pp.resnets,
-        "at least 1 gated resnet per stage",
-    )?;
-    ctx.require(
-        pp.dropout.is_finite() && (0.0..1.0).contains(&pp.dropout),
-        "model.pixelcnnpp.dropout",
-        pp.dropout,
-        "a probability from 0 (off) up to, not including, 1",
-    )
-}
-
-/// `[model.vae]`.
-fn check_vae(ctx: &Checker, v: &VaeSection) -> Result<()> {
-    ctx.require(
-        v.latent_channels >= 1,
-        "model.vae.latent_channels",
-        v.latent_channels,
-        "at least 1",
-    )?;
-    ctx.require(
-        v.downsample <= 6,
-        "model.vae.downsample",
-        v.downsample,
-        "0 to 6 stride-2 convolutions",
-    )?;
-    ctx.require(
-        v.hidden >= 1,
-        "model.vae.hidden",
-        v.hidden,
-        "at least 1 channel",
-    )?;
-    ctx.require(
-        v.maps >= 1 || v.conditioning == VaeConditioningKind::Linear,
-        "model.vae.maps",
-        v.maps,
-        "at least 1 channel",
-    )?;
-    ctx.require(
-        v.free_bits.is_finite() && v.free_bits >= 0.0,
-        "model.vae.free_bits",
-        v.free_bits,
-        "0 (off) or a positive number of nats per latent dimension",
-    )
 }
 
 /// `likelihood` and `mixtures`: the logistic mixture by default for PixelCNN++, the 256-way
