@@ -190,7 +190,11 @@ pub enum Command {
         sets: Vec<String>,
     },
     /// Print the JSON Schema of the experiment format.
-    Schema,
+    Schema {
+        /// Instead: the reference of the experiment and sweep files as Markdown (docs/reference.md).
+        #[arg(long)]
+        reference: bool,
+    },
 }
 
 /// Cluster schedulers `pixel sweep --emit` writes scripts for.
@@ -365,8 +369,11 @@ fn route(cli: Cli, world: &World) -> Result<()> {
             naive_grid,
             world,
         ),
-        Command::Schema => {
-            print!("{}", experiment::schema_json());
+        Command::Schema { reference } => {
+            match reference {
+                true => print!("{}", experiment::reference::markdown()),
+                false => print!("{}", experiment::schema_json()),
+            }
             Ok(())
         }
     }

@@ -8,6 +8,7 @@
 
 mod load;
 pub mod plan;
+pub mod reference;
 pub mod sweep;
 
 pub(crate) use load::line_column;
@@ -48,8 +49,8 @@ pub struct ModelSection {
     pub kernel: usize,
     /// Hidden channels per layer; must be divisible by the number of colours. Default: 30.
     pub channels: usize,
-    /// Conditioning: "none", or "class" for a learned per-layer bias from the image's class label
-    /// inside every gate (gated variant only). Default: "none".
+    /// Conditioning: "none", or "class" for the image's class label inside every gate or block
+    /// (variants "gated", "vae" and "pixelcnnpp"; 10 classes). Default: "none".
     pub conditional: Conditional,
     /// Gated only, an ablation when false: the residual connection of the horizontal stack.
     /// Default: true.

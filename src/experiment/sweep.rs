@@ -25,7 +25,8 @@ pub struct SweepFile {
     pub slurm: SlurmFile,
 }
 
-/// `[slurm]` of a sweep file.
+/// What each array task of `pixel sweep --emit slurm` asks Slurm for; `--ranks`,
+/// `--gpus-per-rank` and `--sbatch` override it.
 #[derive(Deserialize, schemars::JsonSchema, Clone, Debug, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SlurmFile {

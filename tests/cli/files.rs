@@ -30,6 +30,28 @@ fn sweep_schema_file_is_fresh() {
     );
 }
 
+/// The reference page is generated from the schemas and kept current.
+#[test]
+fn reference_page_is_fresh() {
+    let path = repo().join("docs/reference.md");
+    let current = pixel_models::experiment::reference::markdown();
+    if std::env::var_os("UPDATE_SCHEMA").is_some() {
+        std::fs::write(&path, &current).unwrap();
+    }
+    assert!(
+        std::fs::read_to_string(&path).unwrap_or_default() == current,
+        "docs/reference.md is stale: run `UPDATE_SCHEMA=1 cargo test --test cli schema` or \
+         `pixel schema --reference > docs/reference.md`"
+    );
+    for key in [
+        "`model.pixelcnnpp.dropout`",
+        "`train.adam_betas`",
+        "`slurm.ranks`",
+    ] {
+        assert!(current.contains(key), "{key} in the reference");
+    }
+}
+
 #[test]
 fn every_shipped_experiment_has_a_schema_line_and_checks() {
     let mut files = Vec::new();
