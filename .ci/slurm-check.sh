@@ -99,7 +99,15 @@ TOML
   done
   grep -q '"status": "interrupted"' "$run/run.json" ||
     { echo "not interrupted:"; cat "$run/run.json"; cat "$work/requeue/requeue$ranks"/slurm-*.out; exit 1; }
-  # A requeued task waits for its begin time (about two minutes); start it now.
+  # A requeued task waits for its begin time (about two minutes); start it now, but only once
+  # the node has finished with its first run and a new second has begun: slurmd revokes the
+  # task's credential when it is killed, with a resolution of one second, and refuses a launch
+  # whose credential is not newer ("Job credential revoked"; the task then fails for good).
+  for _ in $(seq 120); do
+    [ "$(sinfo -h -o %T | sort -u)" = idle ] && break
+    sleep 0.5
+  done
+  sleep 2
   scontrol update JobId="${jid}_0" StartTime=now
   wait_done "$jid" 300
   all_completed "$work/requeue/requeue$ranks" 1
