@@ -1,6 +1,8 @@
-//! Records the git revision for `run.json`, and, for libtorch builds that use the Python package's
-//! libtorch (`LIBTORCH_USE_PYTORCH=1`), adds its library folder to the binary's rpath so that
-//! `pixel` runs without `LD_LIBRARY_PATH`.
+//! Records the git revision for `run.json`. For libtorch builds it compiles
+//! `src/native/cuda_memory.cpp` (the CUDA allocator's peak, which tch does not expose) against the
+//! headers of the libtorch that torch-sys links, and, where that is the Python package's libtorch
+//! (`LIBTORCH_USE_PYTORCH=1`), adds its library folder to the binary's rpath so that `pixel` runs
+//! without `LD_LIBRARY_PATH`.
 
 use std::process::Command;
 
@@ -21,6 +23,8 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_TCH").is_none() {
         return;
     }
+    #[cfg(feature = "tch")]
+    compile_cuda_memory();
     let lib = if let Some(root) = std::env::var_os("LIBTORCH") {
         Some(std::path::PathBuf::from(root).join("lib"))
     } else if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
@@ -41,4 +45,63 @@ fn main() {
     if let Some(lib) = lib {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     }
+}
+
+/// The same value of `_GLIBCXX_USE_CXX11_ABI` as torch-sys compiles its own C++ with: the Python
+/// package's where it is used, else `LIBTORCH_CXX11_ABI`, else 1.
+#[cfg(feature = "tch")]
+fn cxx11_abi() -> String {
+    if let Ok(abi) = std::env::var("LIBTORCH_CXX11_ABI") {
+        return abi;
+    }
+    if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
+        let out = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+            .args([
+                "-c",
+                "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))",
+            ])
+            .output()
+            .expect("python3 runs (LIBTORCH_USE_PYTORCH is set)");
+        return String::from_utf8_lossy(&out.stdout).trim().to_string();
+    }
+    "1".into()
+}
+
+/// Compiles the CUDA allocator's statistics against libtorch's headers (beside the library folder
+/// torch-sys reports, or under `LIBTORCH_INCLUDE`) and links it with c10.
+#[cfg(feature = "tch")]
+fn compile_cuda_memory() {
+    println!("cargo:rerun-if-changed=src/native/cuda_memory.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let root = match std::env::var_os("LIBTORCH_INCLUDE") {
+        Some(include) => std::path::PathBuf::from(include),
+        None => {
+            let lib = std::env::var_os("DEP_TCH_LIBTORCH_LIB")
+                .expect("torch-sys reports its libtorch (DEP_TCH_LIBTORCH_LIB)");
+            std::path::PathBuf::from(lib).join("..")
+        }
+    };
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        .file("src/native/cuda_memory.cpp");
+    if let Err(e) = build.clone().try_compile("pixel_cuda_memory") {
+        // An older or newer libtorch whose allocator interface differs: build without the
+        // statistics, and say so (`pixel bench` then says it on CUDA too).
+        println!(
+            "cargo:warning=no GPU memory statistics in this build: src/native/cuda_memory.cpp \
+             does not compile against {} ({e})",
+            root.display()
+        );
+        build
+            .define("PIXEL_NO_ALLOCATOR_STATS", None)
+            .compile("pixel_cuda_memory");
+    }
+    println!("cargo:rustc-link-lib=c10");
 }

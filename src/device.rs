@@ -178,9 +178,7 @@ pub fn open(choice: &DeviceChoice, seed: u64, place: Place) -> Result<Opened, St
         }
     };
     device.seed(crate::rng::derive(seed, crate::rng::Purpose::Backend, 0, 0));
-    let gpu = description
-        .strip_prefix("libtorch:cuda:")
-        .and_then(|i| gpu_name(i.parse().ok()?));
+    let gpu = cuda_index(&description).and_then(gpu_name);
     Ok(Opened {
         device,
         description,
@@ -189,6 +187,51 @@ pub fn open(choice: &DeviceChoice, seed: u64, place: Place) -> Result<Opened, St
         reason,
         threads: place.threads,
     })
+}
+
+/// The CUDA device an opened device's description names, if it is one.
+fn cuda_index(description: &str) -> Option<usize> {
+    description.strip_prefix("libtorch:cuda:")?.parse().ok()
+}
+
+impl Opened {
+    /// The most bytes libtorch's CUDA allocator has held in tensors on this GPU since the process
+    /// started or [`Opened::reset_gpu_peak`] (what `torch.cuda.max_memory_allocated` reads); None
+    /// off CUDA.
+    pub fn gpu_peak_bytes(&self) -> Option<u64> {
+        let index = i8::try_from(cuda_index(&self.description)?).ok()?;
+        #[cfg(feature = "tch")]
+        {
+            // SAFETY: a plain C function of src/native/cuda_memory.cpp; it catches every C++
+            // exception and answers -1 where there is no CUDA allocator.
+            let bytes = unsafe { native::pixel_cuda_peak_allocated(index) };
+            u64::try_from(bytes).ok()
+        }
+        #[cfg(not(feature = "tch"))]
+        {
+            let _ = index;
+            None
+        }
+    }
+
+    /// Starts a new peak for [`Opened::gpu_peak_bytes`] at what is held now (as
+    /// `torch.cuda.reset_peak_memory_stats`); nothing off CUDA.
+    pub fn reset_gpu_peak(&self) {
+        #[cfg(feature = "tch")]
+        if let Some(index) = cuda_index(&self.description).and_then(|i| i8::try_from(i).ok()) {
+            // SAFETY: as above.
+            unsafe { native::pixel_cuda_reset_peak(index) };
+        }
+    }
+}
+
+/// The CUDA allocator's statistics (src/native/cuda_memory.cpp, compiled by build.rs).
+#[cfg(feature = "tch")]
+mod native {
+    unsafe extern "C" {
+        pub fn pixel_cuda_peak_allocated(device: i8) -> i64;
+        pub fn pixel_cuda_reset_peak(device: i8) -> i32;
+    }
 }
 
 /// What a user is told when CUDA device `index` is asked for and libtorch sees `visible`.
@@ -307,6 +350,27 @@ mod tests {
             panic!("opened a CUDA device past the last one")
         };
         assert!(err.contains("libtorch sees"), "{err}");
+    }
+
+    /// The GPU peak is None off CUDA, and where no CUDA allocator answers (a machine without a
+    /// GPU) the C++ side's exception is caught, not an abort.
+    #[test]
+    fn the_gpu_peak_is_none_off_cuda_and_without_a_gpu() {
+        let opened = |description: &str| Opened {
+            device: Device::flex(),
+            description: description.into(),
+            gpu: None,
+            backend: BackendKind::Flex,
+            reason: String::new(),
+            threads: None,
+        };
+        assert_eq!(opened("flex:cpu").gpu_peak_bytes(), None);
+        assert_eq!(opened("libtorch:cpu").gpu_peak_bytes(), None);
+        if !cuda_available() {
+            let absent = opened("libtorch:cuda:0");
+            absent.reset_gpu_peak();
+            assert_eq!(absent.gpu_peak_bytes(), None);
+        }
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct Report {
     /// With several ranks: each rank's peak resident memory, MiB.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peak_rss_mib_per_rank: Vec<f64>,
+    /// On CUDA: the most memory held in tensors on the GPU during the steps and forward passes,
+    /// MiB, as the twins' `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`;
+    /// with several ranks the largest. None off CUDA.
+    pub peak_gpu_mib: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -90,6 +94,12 @@ pub fn bench(
         "{}",
         serde_json::to_string(&report).expect("a report serialises")
     );
+    if report.device.starts_with("libtorch:cuda") && report.peak_gpu_mib.is_none() {
+        eprintln!(
+            "note: no peak GPU memory: this build has no allocator statistics (see the \
+             warning of its build)"
+        );
+    }
     Ok(())
 }
 
@@ -114,6 +124,7 @@ pub fn run(
     let t = &plan.experiment.train;
     let batch = t.batch_size;
     let order: Vec<usize> = (0..batch).map(|i| i % splits.train.len()).collect();
+    opened.reset_gpu_peak();
     let mut times = Vec::new();
     let mut phases = Vec::new();
     let (mut collective, mut waiting) = (0.0, 0.0);
@@ -163,6 +174,13 @@ pub fn run(
         false => Vec::new(),
     };
 
+    let (_, peak_gpu_mib) = every_rank(
+        world,
+        opened
+            .gpu_peak_bytes()
+            .map(|b| b as f64 / f64::from(1 << 20)),
+    );
+
     let time_grid = |method| {
         let mut rng = rng::stream(t.seed, Purpose::Sampling, 0, 0);
         let start = Instant::now();
@@ -178,12 +196,7 @@ pub fn run(
     };
     let grid_seconds = (with_grid && root).then(|| time_grid(sample::Method::Cached));
     let naive_grid_seconds = (with_naive && root).then(|| time_grid(sample::Method::Naive));
-    let peak = peak_rss_mib();
-    let per_rank: Vec<f64> = world
-        .gather_u64(peak.unwrap_or(0.0).to_bits())
-        .into_iter()
-        .map(f64::from_bits)
-        .collect();
+    let (per_rank, peak_rss_mib) = every_rank(world, peak_rss_mib());
 
     Ok(Report {
         experiment: plan.name.clone(),
@@ -204,17 +217,29 @@ pub fn run(
         naive_grid_seconds,
         collective_share,
         waiting_share,
-        peak_rss_mib: per_rank
-            .iter()
-            .copied()
-            .reduce(f64::max)
-            .filter(|_| peak.is_some()),
+        peak_rss_mib,
         peak_rss_mib_per_rank: if world.size() > 1 {
             per_rank
         } else {
             Vec::new()
         },
+        peak_gpu_mib,
     })
+}
+
+/// Every rank's value (0 where a rank has none), and the largest where this rank has one.
+fn every_rank(world: &World, mine: Option<f64>) -> (Vec<f64>, Option<f64>) {
+    let all: Vec<f64> = world
+        .gather_u64(mine.unwrap_or(0.0).to_bits())
+        .into_iter()
+        .map(f64::from_bits)
+        .collect();
+    let largest = all
+        .iter()
+        .copied()
+        .reduce(f64::max)
+        .filter(|_| mine.is_some());
+    (all, largest)
 }
 
 /// Milliseconds of each timed forward pass over a batch of test images (after two of warm-up).
@@ -245,7 +270,7 @@ fn forward_ms(
 
 impl Report {
     /// A Markdown table row: experiment, device, precision, batch, s/step, images/s, forward ms,
-    /// grid seconds (cached, naive), peak MiB.
+    /// grid seconds (cached, naive), peak MiB (on the GPU on CUDA, as the twins print it).
     pub fn markdown_row(&self) -> String {
         let seconds = |s: Option<f64>| s.map_or("-".into(), |s| format!("{s:.1}"));
         format!(
@@ -259,7 +284,10 @@ impl Report {
             self.forward_ms,
             seconds(self.grid_seconds),
             seconds(self.naive_grid_seconds),
-            self.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}")),
+            match (self.peak_gpu_mib, self.peak_rss_mib) {
+                (Some(gpu), _) => format!("{gpu:.0} GPU"),
+                (None, rss) => rss.map_or("-".into(), |m| format!("{m:.0}")),
+            },
         )
     }
 }
