@@ -1,5 +1,6 @@
 //! Records the git revision for `run.json`. For libtorch builds it compiles
-//! `src/native/cuda_memory.cpp` (the CUDA allocator's peak, which tch does not expose) against the
+//! `src/native/torch_extras.cpp` (the CUDA allocator's peak and the determinism switches, which tch
+//! does not expose) against the
 //! headers of the libtorch that torch-sys links, and, where that is the Python package's libtorch
 //! (`LIBTORCH_USE_PYTORCH=1`), adds its library folder to the binary's rpath so that `pixel` runs
 //! without `LD_LIBRARY_PATH`.
@@ -24,7 +25,7 @@ fn main() {
         return;
     }
     #[cfg(feature = "tch")]
-    compile_cuda_memory();
+    compile_torch_extras();
     let lib = if let Some(root) = std::env::var_os("LIBTORCH") {
         Some(std::path::PathBuf::from(root).join("lib"))
     } else if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
@@ -67,11 +68,11 @@ fn cxx11_abi() -> String {
     "1".into()
 }
 
-/// Compiles the CUDA allocator's statistics against libtorch's headers (beside the library folder
+/// Compiles what tch does not expose of libtorch against its headers (beside the library folder
 /// torch-sys reports, or under `LIBTORCH_INCLUDE`) and links it with c10.
 #[cfg(feature = "tch")]
-fn compile_cuda_memory() {
-    println!("cargo:rerun-if-changed=src/native/cuda_memory.cpp");
+fn compile_torch_extras() {
+    println!("cargo:rerun-if-changed=src/native/torch_extras.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let root = match std::env::var_os("LIBTORCH_INCLUDE") {
@@ -90,18 +91,18 @@ fn compile_cuda_memory() {
         .include(root.join("include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
-        .file("src/native/cuda_memory.cpp");
-    if let Err(e) = build.clone().try_compile("pixel_cuda_memory") {
+        .file("src/native/torch_extras.cpp");
+    if let Err(e) = build.clone().try_compile("pixel_torch_extras") {
         // An older or newer libtorch whose allocator interface differs: build without the
         // statistics, and say so (`pixel bench` then says it on CUDA too).
         println!(
-            "cargo:warning=no GPU memory statistics in this build: src/native/cuda_memory.cpp \
+            "cargo:warning=no GPU memory statistics in this build: src/native/torch_extras.cpp \
              does not compile against {} ({e})",
             root.display()
         );
         build
             .define("PIXEL_NO_ALLOCATOR_STATS", None)
-            .compile("pixel_cuda_memory");
+            .compile("pixel_torch_extras");
     }
     println!("cargo:rustc-link-lib=c10");
 }

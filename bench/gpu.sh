@@ -14,7 +14,8 @@
 # and 64 in bf16; PixelCNN++ with the CIFAR-10 settings (experiments/cifar10-pixelcnnpp.toml on
 # synthetic 32x32 RGB images) at batch 16 with dropout 0.5 and 0, at 64 in f32 and bf16.
 # Determinism: a 20-step PixelCNN++ run (experiments/smoke/pixelcnnpp-synthetic-rgb.toml) twice on
-# the GPU; the metrics and the checkpoint's bytes must be equal.
+# the GPU with runtime.deterministic = true (the metrics and the checkpoint's bytes must be equal),
+# then twice with the default (false: libtorch's defaults, as the twins).
 # Output in OUT (default gpu-out/): gpu.txt, everything printed.
 # A dry run on a CPU (python3 with torch on PATH):
 #   DEVICE=cpu STEPS=2 ROUNDS=1 GATED_ROWS="8 f32" PP_ROWS="2 0.5 f32" bash bench/gpu.sh target/gpu/pixel 600
@@ -77,22 +78,26 @@ for r in $(seq "$rounds"); do
   done
 done
 
-section "determinism: the same 20-step PixelCNN++ run twice on the GPU"
-if time_left 60 "determinism"; then
+# Twice with runtime.deterministic = true (must repeat to the bit), then twice with the default.
+sums() { (cd "$1/pixelcnnpp-synthetic-rgb/checkpoints" && find . -type f -name '*.bpk' | sort | xargs sha256sum); }
+for det in true false; do
+  section "determinism: the same 20-step PixelCNN++ run twice on the GPU, runtime.deterministic = $det"
+  time_left 60 "determinism ($det)" || continue
   for i in 1 2; do
-    rm -rf "$out/det$i"
-    "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml --results "$out/det$i" \
+    rm -rf "$out/det-$det-$i"
+    "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml --results "$out/det-$det-$i" \
       --set runtime.backend=libtorch --set runtime.device="$device" --set train.epochs=1 \
-      --set data.synthetic_images=320 --set train.batch_size=16 > "$out/det$i.log" 2>&1 || echo "run $i failed: $(tail -3 "$out/det$i.log")"
+      --set data.synthetic_images=320 --set train.batch_size=16 --set runtime.deterministic=$det \
+      > "$out/det-$det-$i.log" 2>&1 || echo "run $i failed: $(tail -3 "$out/det-$det-$i.log")"
+    cut -d, -f2,3,13- "$out/det-$det-$i/pixelcnnpp-synthetic-rgb/metrics.csv" > "$out/det-$det-$i.csv"
   done
-  cut -d, -f2,3,13- "$out/det1/pixelcnnpp-synthetic-rgb/metrics.csv" > "$out/det1.csv"
-  cut -d, -f2,3,13- "$out/det2/pixelcnnpp-synthetic-rgb/metrics.csv" > "$out/det2.csv"
-  cat "$out/det1.csv"
-  sums() { (cd "$1/pixelcnnpp-synthetic-rgb/checkpoints" && find . -type f -name '*.bpk' | sort | xargs sha256sum); }
-  if cmp -s "$out/det1.csv" "$out/det2.csv" && [ "$(sums "$out/det1")" = "$(sums "$out/det2")" ]; then
-    echo "deterministic: the same metrics and checkpoint bytes ($(sums "$out/det1" | wc -l) files)"
+  cat "$out/det-$det-1.csv"
+  if cmp -s "$out/det-$det-1.csv" "$out/det-$det-2.csv" &&
+     [ "$(sums "$out/det-$det-1")" = "$(sums "$out/det-$det-2")" ]; then
+    echo "deterministic: the same metrics and checkpoint bytes ($(sums "$out/det-$det-1" | wc -l) files)"
   else
-    echo "NOT deterministic:"; diff "$out/det1.csv" "$out/det2.csv"; sums "$out/det1"; sums "$out/det2"
+    echo "NOT deterministic:"; diff "$out/det-$det-1.csv" "$out/det-$det-2.csv"
+    sums "$out/det-$det-1"; sums "$out/det-$det-2"
   fi
-fi
+done
 section "done"

@@ -46,6 +46,9 @@ pub struct DeviceChoice {
     pub backend: BackendKind,
     pub target: Target,
     pub precision: Precision,
+    /// libtorch's deterministic algorithms (`runtime.deterministic`); the CPU backends are
+    /// deterministic either way.
+    pub deterministic: bool,
 }
 
 /// Where the tensors live.
@@ -166,7 +169,7 @@ pub fn open(choice: &DeviceChoice, seed: u64, place: Place) -> Result<Opened, St
         }
     }
     let (device, description) = match backend {
-        BackendKind::Libtorch => libtorch(target, place.threads),
+        BackendKind::Libtorch => libtorch(target, place.threads, choice.deterministic)?,
         _ => {
             if let Some(n) = place.threads {
                 // The global pool flex computes on; only the first configuration takes effect.
@@ -202,7 +205,7 @@ impl Opened {
         let index = i8::try_from(cuda_index(&self.description)?).ok()?;
         #[cfg(feature = "tch")]
         {
-            // SAFETY: a plain C function of src/native/cuda_memory.cpp; it catches every C++
+            // SAFETY: a plain C function of src/native/torch_extras.cpp; it catches every C++
             // exception and answers -1 where there is no CUDA allocator.
             let bytes = unsafe { native::pixel_cuda_peak_allocated(index) };
             u64::try_from(bytes).ok()
@@ -225,12 +228,13 @@ impl Opened {
     }
 }
 
-/// The CUDA allocator's statistics (src/native/cuda_memory.cpp, compiled by build.rs).
+/// What tch does not expose of libtorch (src/native/torch_extras.cpp, compiled by build.rs).
 #[cfg(feature = "tch")]
 mod native {
     unsafe extern "C" {
         pub fn pixel_cuda_peak_allocated(device: i8) -> i64;
         pub fn pixel_cuda_reset_peak(device: i8) -> i32;
+        pub fn pixel_set_deterministic(on: bool) -> i32;
     }
 }
 
@@ -271,20 +275,43 @@ fn gpu_name(index: usize) -> Option<String> {
     (out.status.success() && !name.is_empty()).then_some(name)
 }
 
+/// The cuBLAS workspace setting under which its matrix products are deterministic (NVIDIA's
+/// cuBLAS documentation, "Results reproducibility"); libtorch refuses them in deterministic mode
+/// without it.
+pub const CUBLAS_WORKSPACE: (&str, &str) = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
+
 #[cfg(feature = "tch")]
 #[allow(deprecated)] // burn-tch is deprecated upstream but is the fast path on CPU and CUDA here.
-fn libtorch(target: Target, threads: Option<usize>) -> (Device, String) {
+fn libtorch(
+    target: Target,
+    threads: Option<usize>,
+    deterministic: bool,
+) -> Result<(Device, String), String> {
     if let Some(n) = threads {
         tch::set_num_threads(n as i32);
     }
-    match target {
+    if deterministic && std::env::var_os(CUBLAS_WORKSPACE.0).is_none() {
+        // SAFETY: set before libtorch creates its first cuBLAS handle (none exists before the
+        // device is opened here), while no other thread of pixel reads the environment.
+        unsafe { std::env::set_var(CUBLAS_WORKSPACE.0, CUBLAS_WORKSPACE.1) };
+    }
+    // SAFETY: a plain C function of src/native/torch_extras.cpp that catches every exception.
+    let taken = unsafe { native::pixel_set_deterministic(deterministic) };
+    if taken != 1 {
+        return Err(format!(
+            "runtime.deterministic = {deterministic}: libtorch did not take its deterministic \
+             switches (answer {taken}); expected a libtorch with at::Context's \
+             setDeterministicAlgorithms"
+        ));
+    }
+    Ok(match target {
         Target::Cpu | Target::Auto => (Device::libtorch(), "libtorch:cpu".into()),
         Target::Cuda(i) => (Device::libtorch_cuda(i), format!("libtorch:cuda:{i}")),
-    }
+    })
 }
 
 #[cfg(not(feature = "tch"))]
-fn libtorch(_: Target, _: Option<usize>) -> (Device, String) {
+fn libtorch(_: Target, _: Option<usize>, _: bool) -> Result<(Device, String), String> {
     unreachable!("the plan rejects the libtorch backend when it is not compiled in")
 }
 
@@ -345,6 +372,7 @@ mod tests {
             backend: BackendKind::Libtorch,
             target: Target::Cuda(cuda_devices()),
             precision: Precision::F32,
+            deterministic: false,
         };
         let Err(err) = open(&choice, 1, Place::default()) else {
             panic!("opened a CUDA device past the last one")
@@ -379,6 +407,7 @@ mod tests {
             backend,
             target,
             precision: Precision::F32,
+            deterministic: false,
         };
         let auto = choice(BackendKind::Auto, Target::Auto);
         let pick = |c: &DeviceChoice, tch, cuda| {

@@ -188,6 +188,16 @@ impl Session {
     pub fn train_device(&self) -> Device {
         self.device.device.clone().autodiff()
     }
+
+    /// The trained weights of the run in `dir`, in one process, for a command that reads its
+    /// checkpoint and writes into its folder (`pixel eval`, `pixel export`): the folder's lock is
+    /// taken first, so that no live run replaces the checkpoint or writes beside it meanwhile,
+    /// and it is held as long as the returned guard lives.
+    pub fn open_trained(dir: &Path, plan: Plan) -> Result<(results::FolderLock, Session)> {
+        let lock = results::FolderLock::take(dir)?;
+        let session = Session::open(plan, Weights::Trained(dir), &World::single())?;
+        Ok((lock, session))
+    }
 }
 
 /// The plan recorded in the results folder `dir` (its resolved `experiment.toml`, the name and

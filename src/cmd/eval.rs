@@ -2,11 +2,10 @@
 //! the PixelCNNs; for a PixelVAE an importance-sampled estimate (Burda et al. 2016) with K draws
 //! from q(z|x) per image, beside the ELBO from the same draws, which bounds it from above.
 
-use crate::cluster::World;
 use crate::error::{Error, Result};
 use crate::loss::bits_per_dim;
 use crate::results::{EVAL_FILE, RECEPTIVE_JSON, RECEPTIVE_PNG, write_atomic};
-use crate::session::{self, Session, Weights};
+use crate::session::{self, Session};
 use crate::train::receptive::{self, Field};
 use crate::train::{evaluate, importance_bounds};
 use burn::module::Module;
@@ -78,16 +77,17 @@ pub fn eval_results(
         });
     }
     let plan = session::recorded_plan(dir, &[], "pixel eval")?;
-    // Writes into the folder: not while a run (or another eval) writes it.
-    let _lock = crate::results::FolderLock::take(dir)?;
-    let Session {
-        plan,
-        device: opened,
-        splits,
-        state,
-        position,
-        ..
-    } = Session::open(plan, Weights::Trained(dir), &World::single())?;
+    let (
+        _lock,
+        Session {
+            plan,
+            device: opened,
+            splits,
+            state,
+            position,
+            ..
+        },
+    ) = Session::open_trained(dir, plan)?;
     let epochs = position.epochs_done;
     let model = state.eval_model().valid();
     let device = opened.device.clone().without_autodiff();
@@ -166,16 +166,17 @@ pub fn receptive_field(dir: &Path, images: usize) -> Result<FieldReport> {
         });
     }
     let plan = session::recorded_plan(dir, &[], "pixel eval")?;
-    // Writes into the folder: not while a run (or another eval) writes it.
-    let _lock = crate::results::FolderLock::take(dir)?;
-    let Session {
-        plan,
-        device: opened,
-        splits,
-        state,
-        position,
-        ..
-    } = Session::open(plan, Weights::Trained(dir), &World::single())?;
+    let (
+        _lock,
+        Session {
+            plan,
+            device: opened,
+            splits,
+            state,
+            position,
+            ..
+        },
+    ) = Session::open_trained(dir, plan)?;
     let test = &splits.test;
     let (c, h, w) = (test.colours, test.height, test.width);
     let n = images.min(test.len());

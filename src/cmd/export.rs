@@ -3,14 +3,13 @@
 //! the first test images beside it, with pixel's log-likelihood of each sub-pixel (or, under the
 //! logistic mixture, each pixel), so that the twin's numbers can be checked against pixel's.
 
-use crate::cluster::World;
 use crate::data::Images;
 use crate::error::{Error, Result};
 use crate::loss::log_prob_per_factor;
 use crate::model::{Model, ModelConfig};
 use crate::progress::Progress;
 use crate::results::{npy, write_atomic};
-use crate::session::{self, Session, Weights};
+use crate::session::{self, Session};
 use crate::train::Batch;
 use burn::module::Module;
 use burn::tensor::Device;
@@ -71,16 +70,17 @@ pub fn export(dir: &Path, out: Option<PathBuf>, test_images: Option<TestImages>)
                 .into(),
         });
     }
-    // Reads a checkpoint that a live run could be replacing, and may write into the folder.
-    let _lock = crate::results::FolderLock::take(dir)?;
-    let Session {
-        plan,
-        device: opened,
-        splits,
-        state,
-        position,
-        ..
-    } = Session::open(plan, Weights::Trained(dir), &World::single())?;
+    let (
+        _lock,
+        Session {
+            plan,
+            device: opened,
+            splits,
+            state,
+            position,
+            ..
+        },
+    ) = Session::open_trained(dir, plan)?;
     // Refused before anything is written.
     let test_count = match test_images {
         None => None,

@@ -280,6 +280,11 @@ pub struct RuntimeSection {
     /// activations of a batch) exceeds this machine's memory; without it such a plan is refused
     /// before any data is read. Default: false.
     pub allow_large: bool,
+    /// libtorch only: deterministic algorithms (an operation without one is an error), cuDNN's
+    /// deterministic algorithms and no benchmarking, and cuBLAS's deterministic workspace
+    /// (`CUBLAS_WORKSPACE_CONFIG=:4096:8` unless set), so that a CUDA run repeats to the bit, at
+    /// some cost in speed. The CPU backends repeat to the bit either way. Default: false.
+    pub deterministic: bool,
 }
 
 impl Default for RuntimeSection {
@@ -289,6 +294,7 @@ impl Default for RuntimeSection {
             device: "auto".into(),
             precision: Precision::F32,
             allow_large: false,
+            deterministic: false,
         }
     }
 }

@@ -15,7 +15,7 @@ pub mod simple;
 pub mod vae;
 
 use crate::rng::Purpose;
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use serde::Serialize;
@@ -169,7 +169,7 @@ impl ModelConfig {
             ModelConfig::PixelCnnPp(c) => Net::PixelCnnPp(c.init(&mut rng, device)),
         };
         Model {
-            net,
+            net: number_parameters(net),
             compute: None,
             likelihood: self.likelihood(),
         }
@@ -477,4 +477,27 @@ impl Model {
     pub fn parameters(&self) -> usize {
         self.num_params()
     }
+}
+
+/// Numbers a new network's parameters 0, 1, 2, ... in visiting order. Burn draws each parameter's
+/// id at random from the system, and checkpoints record the ids (the optimizer's state is keyed by
+/// them), so without this the same experiment would write different checkpoint bytes each time.
+fn number_parameters(net: Net) -> Net {
+    struct Number(u64);
+    impl ModuleMapper for Number {
+        fn map_float<const D: usize>(&mut self, mut param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            param.id = ParamId::from(self.0);
+            self.0 += 1;
+            param
+        }
+        fn map_int<const D: usize>(
+            &mut self,
+            mut param: Param<Tensor<D, Int>>,
+        ) -> Param<Tensor<D, Int>> {
+            param.id = ParamId::from(self.0);
+            self.0 += 1;
+            param
+        }
+    }
+    net.map(&mut Number(0))
 }

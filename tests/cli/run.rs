@@ -295,6 +295,87 @@ fn a_validation_split_is_held_out_evaluated_and_recorded() {
     );
 }
 
+/// The same experiment run twice writes the same files to the byte: metrics (but for times), the
+/// grids, and the checkpoint's files (Burn's random parameter ids, which the weights and the
+/// optimizer's state record, are numbered instead).
+#[test]
+fn the_same_experiment_twice_writes_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    let mut runs = Vec::new();
+    for results in ["first", "second"] {
+        let out = pixel(
+            d,
+            &[
+                "run",
+                "tiny.toml",
+                "--results",
+                results,
+                "--set",
+                "train.ema=0.9",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        runs.push(d.join(results).join("tiny"));
+    }
+    assert_eq!(
+        metrics_without_times(&runs[0]),
+        metrics_without_times(&runs[1])
+    );
+    let checkpoint = runs[0].join("checkpoints/0002-000000");
+    let mut compared = 0;
+    for entry in std::fs::read_dir(&checkpoint).unwrap() {
+        let name = entry.unwrap().file_name();
+        let [a, b] = [0, 1]
+            .map(|i| std::fs::read(runs[i].join("checkpoints/0002-000000").join(&name)).unwrap());
+        assert!(
+            a == b,
+            "{} differs between the two runs",
+            name.to_string_lossy()
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, 5, "model, average, optimizer, state and manifest");
+    for grid in ["samples/epoch-0001.png", "samples/epoch-0002.png"] {
+        assert_eq!(
+            std::fs::read(runs[0].join(grid)).unwrap(),
+            std::fs::read(runs[1].join(grid)).unwrap(),
+            "{grid}"
+        );
+    }
+}
+
+/// `runtime.deterministic` is taken by libtorch (else the run fails) and no operation of the
+/// model refuses it; on the CPU the numbers are the same either way.
+#[cfg(feature = "tch")]
+#[test]
+fn libtorch_takes_deterministic_algorithms_and_its_cpu_numbers_do_not_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    let mut metrics = Vec::new();
+    for on in ["true", "false"] {
+        let out = pixel(
+            d,
+            &[
+                "run",
+                "tiny.toml",
+                "--force",
+                "--set",
+                "runtime.backend=libtorch",
+                "--set",
+                &format!("runtime.deterministic={on}"),
+                "--set",
+                "train.epochs=1",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        metrics.push(metrics_without_times(&d.join("results/tiny")));
+    }
+    assert_eq!(metrics[0], metrics[1]);
+}
+
 /// `backend = "auto"` runs on the fastest backend compiled in, and run.json says which and why.
 #[test]
 fn auto_backend_records_what_it_chose() {

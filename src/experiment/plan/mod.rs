@@ -62,6 +62,7 @@ impl Plan {
                 backend: experiment.runtime.backend,
                 target,
                 precision: experiment.runtime.precision,
+                deterministic: experiment.runtime.deterministic,
             },
             experiment,
             overrides,

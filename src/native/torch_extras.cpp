@@ -1,0 +1,60 @@
+// What tch does not expose of libtorch, compiled by build.rs for libtorch builds against the
+// headers of the libtorch it links (no CUDA headers needed):
+// - the CUDA caching allocator's statistics, what torch.cuda.max_memory_allocated and
+//   torch.cuda.reset_peak_memory_stats read and reset (c10's device-allocator interface, PyTorch
+//   2.9 and later; where it does not compile, build.rs defines PIXEL_NO_ALLOCATOR_STATS: none);
+// - the global switches of torch.use_deterministic_algorithms and torch.backends.cudnn.
+#include <ATen/Context.h>
+
+#include <cstdint>
+
+#ifndef PIXEL_NO_ALLOCATOR_STATS
+#include <c10/core/CachingDeviceAllocator.h>
+#endif
+
+extern "C" {
+
+// Deterministic algorithms everywhere (an operation without one is an error, not a warning),
+// deterministic cuDNN algorithms and no cuDNN benchmarking; or libtorch's defaults. Reads the
+// switches back: 1 when all three are as asked, 0 when not, -1 on an exception.
+int pixel_set_deterministic(bool on) {
+  try {
+    auto& context = at::globalContext();
+    context.setDeterministicAlgorithms(on, /*warn_only=*/false);
+    context.setDeterministicCuDNN(on);
+    context.setBenchmarkCuDNN(false);
+    return context.deterministicAlgorithms() == on && context.deterministicCuDNN() == on &&
+        !context.benchmarkCuDNN();
+  } catch (...) {
+    return -1;
+  }
+}
+
+#ifndef PIXEL_NO_ALLOCATOR_STATS
+
+// Peak bytes held in tensors on CUDA device `device` since the process started or the last
+// reset; -1 where libtorch has no CUDA allocator (no GPU, a CPU-only libtorch) or it fails.
+int64_t pixel_cuda_peak_allocated(int8_t device) {
+  try {
+    auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)->getDeviceStats(device);
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
+        .peak;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Starts a new peak at the bytes held now; 0 on success, -1 as above.
+int pixel_cuda_reset_peak(int8_t device) {
+  try {
+    c10::getDeviceAllocator(c10::DeviceType::CUDA)->resetPeakStats(device);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+#else
+int64_t pixel_cuda_peak_allocated(int8_t) { return -1; }
+int pixel_cuda_reset_peak(int8_t) { return -1; }
+#endif
+}
