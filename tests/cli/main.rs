@@ -28,6 +28,28 @@ fn pixel(dir: &Path, args: &[&str]) -> Output {
         .expect("pixel runs")
 }
 
+/// `pixel ARGS` started in `dir` in the background, its output piped.
+fn pixel_in_background(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_pixel"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .env_remove("PIXEL_DATA")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pixel starts")
+}
+
+/// Waits until `path` exists, failing the test with `what` after `seconds`.
+fn wait_for(path: &Path, seconds: u64, what: &str) {
+    let t0 = std::time::Instant::now();
+    while !path.exists() {
+        assert!(t0.elapsed().as_secs() < seconds, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",

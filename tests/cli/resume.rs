@@ -51,20 +51,9 @@ fn a_results_folder_in_use_is_refused_to_a_second_writer() {
     let dir = tempfile::tempdir().unwrap();
     let long = LONG.replace("epochs = 2", "epochs = 50");
     std::fs::write(dir.path().join("long.toml"), long).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pixel"))
-        .args(["run", "long.toml", "--results", "r"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = pixel_in_background(dir.path(), &["run", "long.toml", "--results", "r"]);
     let run_dir = dir.path().join("r/long");
-    let t0 = std::time::Instant::now();
-    while !run_dir.join("run.json").exists() {
-        assert!(t0.elapsed().as_secs() < 60, "the run never started");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_for(&run_dir.join("run.json"), 60, "the run never started");
     let holder = format!("in use by another pixel (pid {} on ", child.id());
     let before = std::fs::read_to_string(run_dir.join("experiment.toml")).unwrap();
     let attempts: [&[&str]; 3] = [
@@ -94,20 +83,9 @@ fn interrupted_and_resumed(long: &str) {
     let whole = pixel(dir.path(), &["run", "long.toml", "--results", "whole"]);
     assert!(whole.status.success(), "{}", text(&whole));
 
-    let child = Command::new(env!("CARGO_BIN_EXE_pixel"))
-        .args(["run", "long.toml", "--results", "cut"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = pixel_in_background(dir.path(), &["run", "long.toml", "--results", "cut"]);
     let run_json = dir.path().join("cut/long/run.json");
-    let t0 = std::time::Instant::now();
-    while !run_json.exists() {
-        assert!(t0.elapsed().as_secs() < 60, "the run never started");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_for(&run_json, 60, "the run never started");
     // Training starts right after run.json is written: the signal lands in the first epoch (it has
     // 750 steps), and the run stops after the step in progress.
     let killed = Command::new("kill")
@@ -263,21 +241,10 @@ batch_size = 16
 grid = 12
 "#;
     std::fs::write(d.join("slow.toml"), slow_grid).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pixel"))
-        .args(["run", "slow.toml"])
-        .current_dir(d)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = pixel_in_background(d, &["run", "slow.toml"]);
     // The epoch's checkpoint is written before its grid is drawn.
     let checkpoint = d.join("results/slow/checkpoints/0001-000000");
-    let t0 = std::time::Instant::now();
-    while !checkpoint.is_dir() {
-        assert!(t0.elapsed().as_secs() < 120, "the epoch never ended");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_for(&checkpoint, 120, "the epoch never ended");
     let signalled = std::time::Instant::now();
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -214,20 +214,9 @@ fn a_write_failing_during_the_run_exits_with_1() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("long.toml"), TINY).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pixel"))
-        .args(["run", "long.toml", "--set", "train.epochs=100000"])
-        .current_dir(d)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = pixel_in_background(d, &["run", "long.toml", "--set", "train.epochs=100000"]);
     let samples = d.join("results/long/samples");
-    let t0 = std::time::Instant::now();
-    while !samples.is_dir() {
-        assert!(t0.elapsed().as_secs() < 60, "the run never started");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_for(&samples, 60, "the run never started");
     // The next epoch's grid has nowhere to go.
     std::fs::remove_dir_all(&samples).unwrap();
     std::fs::write(&samples, "not a folder").unwrap();

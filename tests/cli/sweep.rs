@@ -421,14 +421,11 @@ fn slurm_task_checkpoints_and_requeues_on_sigterm() {
         .spawn()
         .unwrap();
     let run = d.join("results/long/epochs=100000");
-    let t0 = std::time::Instant::now();
-    while !run.join("checkpoints").exists() {
-        assert!(
-            t0.elapsed().as_secs() < 60,
-            "the task never finished an epoch"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for(
+        &run.join("checkpoints"),
+        60,
+        "the task never finished an epoch",
+    );
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
