@@ -96,8 +96,8 @@ pub fn bench(
     );
     if report.device.starts_with("libtorch:cuda") && report.peak_gpu_mib.is_none() {
         eprintln!(
-            "note: no peak GPU memory: this build has no allocator statistics (see the \
-             warning of its build)"
+            "note: no peak GPU memory: libtorch's CUDA allocator did not report its statistics \
+             (a build without them says so in a warning when it is built)"
         );
     }
     Ok(())
