@@ -7,6 +7,7 @@
 //! K mixture logits, then per colour K means, K raw log-scales and (RGB) K raw coefficients. The
 //! coefficients of colour 0 move green by red, of colour 1 blue by red, of colour 2 blue by green.
 
+use crate::model::native;
 use burn::tensor::activation::{log_softmax, sigmoid, softplus};
 use burn::tensor::{Int, Tensor};
 use rand::RngExt;
@@ -94,7 +95,11 @@ fn log_prob_colour(x: Tensor<4>, mean: Tensor<4>, log_s: Tensor<4>) -> Tensor<4>
 }
 
 /// Total negative log-likelihood in nats over the batch, as `loss::nll_nats` for the categorical.
+/// On libtorch it is one operation, forward and backward in libtorch (`native::logistic_nll`).
 pub fn nll_nats(params: Tensor<4>, targets: Tensor<4, Int>, k: usize) -> Tensor<1> {
+    if native::runs_fused(&params.device()) {
+        return native::logistic_nll(params, targets, k, MIN_LOG_SCALE);
+    }
     log_prob(params, targets, k).sum().neg()
 }
 
@@ -492,6 +497,55 @@ mod tests {
                         g.iter().all(|v| v.is_finite()),
                         "{params:?}: gradient {g:?}"
                     );
+                }
+            }
+        }
+    }
+
+    /// `nll_nats` (one libtorch operation on libtorch) against `log_prob`, which defines it: the
+    /// value and the gradient of every parameter, grey and RGB, one and several components, random
+    /// parameters over every target class (0, 255, interior) and parameters at the extremes.
+    #[test]
+    fn the_summed_loss_is_the_sum_of_log_prob_on_every_backend() {
+        use burn::tensor::{Distribution, Tolerance};
+        let mut rng = StdRng::seed_from_u64(8);
+        for device in crate::device::test_devices() {
+            let device = device.autodiff();
+            device.seed(8);
+            for (colours, k) in [(1, 1), (1, 4), (3, 1), (3, 3)] {
+                let n = channels(colours, k);
+                let (b, h, w) = (2, 3, 5);
+                let spread =
+                    Tensor::<4>::random([b, n, h, w], Distribution::Normal(0.0, 2.0), &device);
+                let extreme: Vec<f32> = (0..b * n * h * w)
+                    .map(|_| {
+                        [100.0f32, -100.0, 1e4, -1e4, 0.0, 30.0, -30.0][rng.random_range(0..7)]
+                    })
+                    .collect();
+                let extreme = Tensor::from_data(TensorData::new(extreme, [b, n, h, w]), &device);
+                let bytes: Vec<i64> = (0..b * colours * h * w)
+                    .map(|i| [0, 255, rng.random_range(1..255)][i % 3])
+                    .collect();
+                let t = Tensor::<4, Int>::from_data(
+                    TensorData::new(bytes, [b, colours, h, w]),
+                    &device,
+                );
+                for params in [spread, extreme] {
+                    let run = |summed: bool| {
+                        let p = params.clone().require_grad();
+                        let loss = if summed {
+                            nll_nats(p.clone(), t.clone(), k)
+                        } else {
+                            log_prob(p.clone(), t.clone(), k).sum().neg()
+                        };
+                        let grads = loss.backward();
+                        (loss.into_data(), p.grad(&grads).unwrap().into_data())
+                    };
+                    let (ours, theirs) = (run(true), run(false));
+                    let tol = Tolerance::<f32>::rel_abs(1e-4, 1e-3);
+                    ours.0.assert_approx_eq::<f32>(&theirs.0, tol);
+                    ours.1.assert_approx_eq::<f32>(&theirs.1, tol);
+                    assert!(ours.1.iter::<f32>().all(f32::is_finite));
                 }
             }
         }

@@ -126,6 +126,30 @@ mod tests {
         Device::flex().autodiff()
     }
 
+    /// `cfg`'s model with the weights that its masks hide (zeros at initialisation) drawn at
+    /// random: after training they are anything, and only the masks applied in the forward pass
+    /// keep a model causal, which a freshly initialised model's zeros would not show.
+    fn redrawn(cfg: &ModelConfig, seed: u64, dev: &Device) -> crate::model::Model {
+        use burn::module::{Module, ModuleMapper, Param};
+        use burn::tensor::Distribution;
+        struct Redraw;
+        impl ModuleMapper for Redraw {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+                let (id, tensor, mapper) = param.consume();
+                let inner = tensor.clone().inner();
+                let hidden = inner.clone().equal_elem(0.0);
+                let drawn = inner.random_like(Distribution::Uniform(-0.3, 0.3));
+                let mut value = Tensor::from_inner(inner.mask_where(hidden, drawn));
+                if tensor.is_require_grad() {
+                    value = value.require_grad();
+                }
+                Param::from_mapped_value(id, value, mapper)
+            }
+        }
+        dev.seed(seed);
+        cfg.init(seed, dev).map(&mut Redraw)
+    }
+
     /// A model whose values overflow (here: a NaN gradient everywhere) fails the measurement with
     /// its own message instead of reporting every input as a dependency.
     #[test]
@@ -157,7 +181,7 @@ mod tests {
             likelihood: crate::model::Likelihood::Categorical,
         });
         let dev = dev.clone();
-        let model = cfg.init(3, &dev);
+        let model = redrawn(&cfg, 3, &dev);
         let ctx = Context::from_labels(&[0], &dev);
         let deps = dependencies(
             |x| model.forward(x, &ctx).values(),
@@ -193,7 +217,7 @@ mod tests {
         let colours = cfg.colours();
         for dev in crate::device::test_devices() {
             let dev = dev.autodiff();
-            let model = cfg.init(5, &dev);
+            let model = redrawn(cfg, 5, &dev);
             let ctx = Context::from_labels(&[3], &dev);
             let deps = dependencies(
                 |x| model.forward(x, &ctx).values(),
@@ -237,7 +261,7 @@ mod tests {
                 channels: 8,
                 likelihood: mixture,
             });
-            let model = cfg.init(3, &dev);
+            let model = redrawn(&cfg, 3, &dev);
             let ctx = Context::from_labels(&[0], &dev);
             let deps = dependencies(|x| model.forward(x, &ctx).values(), 1, 6, 6, &dev);
             assert_eq!(leaks(&deps), vec![], "{cfg:?} leaks");
@@ -279,7 +303,7 @@ mod tests {
         let cfg = gated(3, 3, 5, Some(10));
         check_exact(&cfg, 6);
         let dev = Device::flex();
-        let model = cfg.init(5, &dev);
+        let model = redrawn(&cfg, 5, &dev);
         let x = Tensor::<4>::from_data(TensorData::new(vec![100.0f32; 3 * 16], [1, 3, 4, 4]), &dev);
         let out = |label: u8| {
             model
@@ -315,7 +339,7 @@ mod tests {
             ..GatedConfig::plain(1, 3, 5, 8)
         });
         let dev = device();
-        let model = cfg.init(9, &dev);
+        let model = redrawn(&cfg, 9, &dev);
         let maps = |v: f32| Tensor::<4>::full([1, 2, 6, 6], v, &dev);
         let mut ctx = Context::from_labels(&[0], &dev);
         ctx.maps = Some(maps(0.5));
@@ -362,7 +386,7 @@ mod tests {
                     ..GatedConfig::plain(colours, 3, 5, 6 * colours)
                 },
             });
-            let model = cfg.init(4, &dev);
+            let model = redrawn(&cfg, 4, &dev);
             let z = |v: f32| Tensor::<4>::full([1, 2, 3, 3], v, &dev);
             let mut ctx = Context::from_labels(&[0], &dev);
             ctx.latent = Some(z(0.7));
@@ -401,7 +425,7 @@ mod tests {
             // at a pixel of the first row for one set of weights, whatever the earlier pixels).
             let mut union = vec![Vec::new(); colours * side * side];
             for seed in [side as u64, side as u64 + 1000] {
-                let model = cfg.init(seed, &dev);
+                let model = redrawn(&cfg, seed, &dev);
                 let deps = dependencies(|x| model.forward(x, &ctx).values(), colours, side, side, &dev);
                 proptest::prop_assert_eq!(leaks(&deps), vec![]);
                 for (all, some) in union.iter_mut().zip(deps) {
@@ -430,13 +454,13 @@ mod tests {
         check_exact(&with(false, true, true), 8);
         let cfg = with(true, false, true);
         let dev = device();
-        let model = cfg.init(5, &dev);
+        let model = redrawn(&cfg, 5, &dev);
         let ctx = Context::from_labels(&[0], &dev);
         let deps = dependencies(|x| model.forward(x, &ctx).values(), 1, 8, 8, &dev);
         assert_eq!(leaks(&deps), vec![], "no gates: ReLUs, still causal");
         // Without the link the horizontal stack never hears of the rows above.
         let cfg = with(true, true, false);
-        let model = cfg.init(5, &dev);
+        let model = redrawn(&cfg, 5, &dev);
         let deps = dependencies(|x| model.forward(x, &ctx).values(), 1, 8, 8, &dev);
         assert_eq!(leaks(&deps), vec![]);
         assert!(
@@ -458,7 +482,7 @@ mod tests {
             likelihood: crate::model::Likelihood::Categorical,
         });
         let dev = device();
-        let model = cfg.init(5, &dev);
+        let model = redrawn(&cfg, 5, &dev);
         let ctx = Context::from_labels(&[0], &dev);
         let deps = dependencies(|x| model.forward(x, &ctx).values(), 1, 8, 8, &dev);
         assert_eq!(leaks(&deps), vec![]);

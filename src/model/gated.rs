@@ -168,6 +168,55 @@ impl GatedLayer {
     }
 }
 
+impl GatedLayer {
+    /// `forward` as one operation where the backend has it (libtorch: one node of its autograd
+    /// graph, see `native::gated_layer`). The stacks travel as one state: the image for the
+    /// first layer, else `[v, h, skips so far]` on the channels (`[h, skips]` without the
+    /// link); returns the next state, or for the last layer the summed skips.
+    fn forward_fused(
+        &self,
+        state: Tensor<4>,
+        [first, last]: [bool; 2],
+        cond: &Conditioning,
+    ) -> Tensor<4> {
+        let dtype = state.dtype();
+        let maps = cond.maps.map(|m| m.clone().cast(dtype));
+        let conv = |c: &Option<MaskedConv2d>| Some(c.as_ref()?.forward(maps.clone()?));
+        let class = |b: &Option<Param<Tensor<2>>>| {
+            b.as_ref().map(|b| per_class(b, cond.labels).cast(dtype))
+        };
+        let sum = |terms: Vec<Option<Tensor<4>>>| terms.into_iter().flatten().reduce(|a, b| a + b);
+        // Without the link the vertical stack reaches nothing: no terms for it.
+        let vertical = self.link.is_some();
+        let inputs = native::GatedLayerInputs {
+            vertical: self.vertical.masked(),
+            horizontal: self.horizontal.masked(),
+            out: self.out.masked(),
+            skip: self.skip.masked(),
+            link: self.link.as_ref().map(MaskedConv2d::masked),
+            v_pre: vertical.then(|| conv(&self.concat_v)).flatten(),
+            // After the link, the vertical gate feeds only the next layer.
+            v_post: (vertical && !last)
+                .then(|| sum(vec![class(&self.class_v), conv(&self.spatial_v)]))
+                .flatten(),
+            h_terms: sum(vec![
+                conv(&self.concat_h),
+                class(&self.class_h),
+                conv(&self.spatial_h),
+            ]),
+            shape: native::LayerShape {
+                vertical_padding: self.vertical.padding(),
+                horizontal_padding: self.horizontal.padding(),
+                first,
+                last,
+                residual: self.residual,
+                gates: self.gates,
+            },
+        };
+        native::gated_layer(state, inputs)
+    }
+}
+
 /// `[classes, n]` biases picked by label, as `[batch, n, 1, 1]` to broadcast over the image.
 fn per_class(bias: &Param<Tensor<2>>, labels: &Tensor<1, Int>) -> Tensor<4> {
     let [batch] = labels.dims();
@@ -186,12 +235,8 @@ fn gate<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// Moves every row down by one, filling the top row with zeros: row i then holds what the vertical
 /// stack computed for row i - 1, which saw only rows above i.
 fn shift_down(x: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    let zeros = Tensor::<4>::zeros([b, c, 1, w], &x.device()).cast(x.dtype());
-    if h == 1 {
-        return zeros;
-    }
-    Tensor::cat(vec![zeros, x.narrow(2, 0, h - 1)], 2)
+    let h = x.dims()[2];
+    native::pad_zeros(x, [1, 0, 0, 0]).narrow(2, 0, h)
 }
 
 #[derive(Module, Debug)]
@@ -289,6 +334,23 @@ impl GatedPixelCnn {
     /// - x: `[batch, colours, h, w]`, scaled inputs
     /// - returns: `[batch, outputs, h, w]`, logits grouped by colour or a mixture's parameters
     pub fn forward(&self, x: Tensor<4>, cond: &Conditioning) -> Tensor<4> {
+        if native::runs_fused(&x.device()) {
+            let skips = self.skips_fused(x, cond);
+            let (hidden, out) = (self.head_hidden.masked(), self.head_out.masked());
+            return native::gated_head(skips, hidden, out);
+        }
+        self.head(self.skips(x, cond))
+    }
+
+    /// ReLU, 1x1, ReLU, 1x1 over the summed skips (`[batch, channels, h, w]`).
+    pub(crate) fn head(&self, skips: Tensor<4>) -> Tensor<4> {
+        self.head_out
+            .forward(relu(self.head_hidden.forward(relu(skips))))
+    }
+
+    /// The layers' summed skips, `[batch, channels, h, w]`, layer by layer with Burn's
+    /// operations: what defines the model.
+    pub(crate) fn skips(&self, x: Tensor<4>, cond: &Conditioning) -> Tensor<4> {
         let (mut v, mut h) = (x.clone(), x);
         let mut skips: Option<Tensor<4>> = None;
         for layer in &self.layers {
@@ -299,9 +361,18 @@ impl GatedPixelCnn {
                 Some(acc) => acc + s,
             });
         }
-        let skips = skips.expect("at least one layer"); // [b, ch, h, w]
-        self.head_out
-            .forward(relu(self.head_hidden.forward(relu(skips))))
+        skips.expect("at least one layer")
+    }
+
+    /// `skips` with each layer one operation (`GatedLayer::forward_fused`), where
+    /// `native::runs_fused`.
+    pub(crate) fn skips_fused(&self, x: Tensor<4>, cond: &Conditioning) -> Tensor<4> {
+        let mut state = x;
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            state = layer.forward_fused(state, [i == 0, i == last], cond);
+        }
+        state
     }
 }
 

@@ -190,6 +190,17 @@ impl MaskedConv2d {
         )
     }
 
+    /// Weight, bias and mask, for an operation that masks the weight itself
+    /// (`native::gated_layer`).
+    pub fn masked(&self) -> (Tensor<4>, Tensor<1>, Tensor<4>) {
+        (self.weight.val(), self.bias.val(), self.mask.clone())
+    }
+
+    /// Zero padding of the input that keeps the image size, `[top, bottom, left, right]`.
+    pub fn padding(&self) -> [usize; 4] {
+        self.padding
+    }
+
     /// Width of the kernel.
     pub fn kernel_width(&self) -> usize {
         self.weight.dims()[3]

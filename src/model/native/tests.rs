@@ -399,3 +399,202 @@ fn pad_zeros_matches_burns_pad() {
         |x| x.pad((1, 3, 2, 0), PadMode::Constant(0.0)),
     );
 }
+
+/// Each float parameter's gradient (None where it has none), in the order `model` visits them.
+fn parameter_gradients(
+    model: &impl burn::module::Module,
+    grads: burn::optim::GradientsParams,
+) -> Vec<Option<TensorData>> {
+    use burn::module::{ModuleVisitor, Param};
+    struct Visit(burn::optim::GradientsParams, Vec<Option<TensorData>>);
+    impl ModuleVisitor for Visit {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let grad = self.0.get::<D>(param.id);
+            self.1.push(grad.map(Tensor::into_data));
+        }
+    }
+    let mut visit = Visit(grads, Vec::new());
+    model.visit(&mut visit);
+    visit.1
+}
+
+/// The gated layers and head as one libtorch operation each against `GatedLayer::forward` and
+/// `GatedPixelCnn::head`, which define them: the output and the gradients of the image, the maps
+/// and every parameter, for every
+/// layout (grey and RGB, each ablation, class and spatial conditioning, concat), in f32 and bf16,
+/// with and without autodiff. Flex has no fused layer.
+#[test]
+fn fused_gated_layers_match_burns_layers() {
+    use crate::model::gated::{Conditioning, GatedConfig};
+    use burn::optim::GradientsParams;
+    use rand::SeedableRng;
+    assert!(!runs_fused(&Device::flex()));
+    let (b, h, w) = (2, 5, 6);
+    let plain = |colours| GatedConfig::plain(colours, 3, 3, 2 * colours);
+    let layouts = [
+        ("grey", plain(1), DType::F32),
+        ("rgb", plain(3), DType::F32),
+        (
+            "no residual",
+            GatedConfig {
+                residual: false,
+                ..plain(1)
+            },
+            DType::F32,
+        ),
+        (
+            "no gates",
+            GatedConfig {
+                gates: false,
+                ..plain(3)
+            },
+            DType::F32,
+        ),
+        (
+            "no link",
+            GatedConfig {
+                link: false,
+                ..plain(1)
+            },
+            DType::F32,
+        ),
+        (
+            "class",
+            GatedConfig {
+                classes: Some(4),
+                ..plain(3)
+            },
+            DType::F32,
+        ),
+        (
+            "spatial and class",
+            GatedConfig {
+                spatial_channels: 2,
+                classes: Some(3),
+                ..plain(1)
+            },
+            DType::F32,
+        ),
+        (
+            "concat",
+            GatedConfig {
+                spatial_channels: 2,
+                concat: true,
+                ..plain(3)
+            },
+            DType::F32,
+        ),
+        (
+            "one row",
+            GatedConfig {
+                kernel: 5,
+                ..plain(1)
+            },
+            DType::F32,
+        ),
+        (
+            "rgb bf16",
+            GatedConfig {
+                classes: Some(2),
+                ..plain(3)
+            },
+            DType::BF16,
+        ),
+    ];
+    for device in test_devices().into_iter().filter(runs_fused) {
+        for (name, cfg, dtype) in &layouts {
+            let device = device.clone().autodiff();
+            device.seed(5);
+            let rows = if *name == "one row" { 1 } else { h };
+            let model = cfg.init(&mut rand::rngs::StdRng::seed_from_u64(3), &device);
+            let x = random([b, cfg.colours, rows, w], &device).require_grad();
+            let maps = random([b, cfg.spatial_channels.max(1), rows, w], &device).require_grad();
+            let labels = Tensor::<1, Int>::from_ints([1, 0], &device);
+            let outputs = cfg.likelihood.outputs(cfg.colours);
+            let weights = random([b, outputs, rows, w], &device);
+            let run = |fused: bool, dtype: DType| {
+                let cond = Conditioning {
+                    labels: &labels,
+                    maps: (cfg.spatial_channels > 0).then_some(&maps),
+                };
+                let input = x.clone().cast(dtype);
+                let out = if fused {
+                    model.forward(input, &cond)
+                } else {
+                    model.head(model.skips(input, &cond))
+                };
+                let out = out.cast(DType::F32);
+                let grads = (out.clone() * weights.clone()).sum().backward();
+                let mut all = vec![Some(out.into_data()), x.grad(&grads).map(Tensor::into_data)];
+                if cfg.spatial_channels > 0 {
+                    all.push(maps.grad(&grads).map(Tensor::into_data));
+                }
+                all.extend(parameter_gradients(
+                    &model,
+                    GradientsParams::from_grads(grads, &model),
+                ));
+                all
+            };
+            let (ours, theirs) = (run(true, *dtype), run(false, *dtype));
+            assert_eq!(ours.len(), theirs.len(), "{name}");
+            // What the output does not reach: the last layer's `out` (and its vertical gate's
+            // class bias or maps), without the link every vertical stack.
+            let missing = |all: &[Option<TensorData>]| {
+                (0..all.len())
+                    .filter(|&i| all[i].is_none())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(missing(&ours), missing(&theirs), "{name}");
+            assert!(missing(&ours).len() < ours.len() / 2, "{name}");
+            if *dtype == DType::F32 {
+                let tol = Tolerance::<f32>::rel_abs(1e-4, 1e-4);
+                for (a, b) in ours.iter().zip(&theirs) {
+                    if let (Some(a), Some(b)) = (a, b) {
+                        a.assert_approx_eq::<f32>(b, tol);
+                    }
+                }
+            } else {
+                // bf16 rounds after each of Burn's ~50 operations per layer and at far fewer
+                // places in the fused one, which must be at least as close to the f32 result.
+                let exact = run(false, DType::F32);
+                for (i, ((a, b), e)) in ours.iter().zip(&theirs).zip(&exact).enumerate() {
+                    let (Some(a), Some(b), Some(e)) = (a, b, e) else {
+                        continue;
+                    };
+                    let error = |t: &TensorData| {
+                        let pairs = t.iter::<f32>().zip(e.iter::<f32>());
+                        pairs.fold(0.0f32, |m, (v, w)| m.max((v - w).abs()))
+                    };
+                    let scale = e.iter::<f32>().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let (fused, burns) = (error(a), error(b));
+                    // Measured: fused within 1.5 % of each tensor's largest entry, Burn's 9 %.
+                    assert!(
+                        fused <= burns + 1e-3 * scale && fused <= 3e-2 * scale,
+                        "{name}: tensor {i}: bf16 error {fused} fused, {burns} Burn's (scale {scale})"
+                    );
+                }
+            }
+            for (i, a) in ours.iter().flatten().enumerate() {
+                assert!(a.iter::<f32>().all(f32::is_finite), "{name}: tensor {i}");
+            }
+            // Without autodiff (evaluation, sampling).
+            let valid = burn::module::Module::valid(&model);
+            let maps = maps.clone().inner();
+            let cond = Conditioning {
+                labels: &labels.clone().inner(),
+                maps: (cfg.spatial_channels > 0).then_some(&maps),
+            };
+            let input = x.clone().inner().cast(*dtype);
+            let fused = valid.forward(input.clone(), &cond).cast(DType::F32);
+            let burns = valid.head(valid.skips(input, &cond)).cast(DType::F32);
+            let tol = if *dtype == DType::F32 {
+                Tolerance::<f32>::rel_abs(1e-4, 1e-4)
+            } else {
+                Tolerance::<f32>::rel_abs(2e-2, 5e-2)
+            };
+            fused
+                .into_data()
+                .assert_approx_eq::<f32>(&burns.into_data(), tol);
+        }
+    }
+}
