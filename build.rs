@@ -1,6 +1,6 @@
 //! Records the git revision for `run.json`. For libtorch builds it compiles
-//! `src/native/torch_extras.cpp` (the CUDA allocator's peak and the determinism switches, which tch
-//! does not expose) against the
+//! `src/native/torch_extras.cpp` (the CUDA allocator's peak, the determinism switches and a
+//! backward pass from a given gradient, which tch does not expose) against the
 //! headers of the libtorch that torch-sys links, and, where that is the Python package's libtorch
 //! (`LIBTORCH_USE_PYTORCH=1`), adds its library folder to the binary's rpath so that `pixel` runs
 //! without `LD_LIBRARY_PATH`.
@@ -89,6 +89,7 @@ fn compile_torch_extras() {
         .pic(true)
         .warnings(false)
         .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
         .file("src/native/torch_extras.cpp");

@@ -3,10 +3,15 @@
 // - the CUDA caching allocator's statistics, what torch.cuda.max_memory_allocated and
 //   torch.cuda.reset_peak_memory_stats read and reset (c10's device-allocator interface, PyTorch
 //   2.9 and later; where it does not compile, build.rs defines PIXEL_NO_ALLOCATOR_STATS: none);
-// - the global switches of torch.use_deterministic_algorithms and torch.backends.cudnn.
+// - the global switches of torch.use_deterministic_algorithms and torch.backends.cudnn;
+// - a backward pass from a given output gradient (tch's starts from a scalar only).
 #include <ATen/Context.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cstdint>
+#include <cstring>
+#include <exception>
 
 #ifndef PIXEL_NO_ALLOCATOR_STATS
 #include <c10/core/CachingDeviceAllocator.h>
@@ -26,6 +31,38 @@ int pixel_set_deterministic(bool on) {
     return context.deterministicAlgorithms() == on && context.deterministicCuDNN() == on &&
         !context.benchmarkCuDNN();
   } catch (...) {
+    return -1;
+  }
+}
+
+// The vector-Jacobian product through libtorch's graph: the gradients of the `n` tensors `inputs`
+// (each requiring a gradient) given `grad`, the gradient of `output`, as new tensors in `results`
+// (undefined where the output does not depend on an input), the graph freed. 0 on success, else -1
+// with the exception's message in `error` (`error_len` bytes, terminated).
+int pixel_vjp(const at::Tensor* output, const at::Tensor* grad, const at::Tensor* const* inputs,
+              int n, at::Tensor** results, char* error, size_t error_len) {
+  try {
+    torch::autograd::edge_list roots{torch::autograd::impl::gradient_edge(*output)};
+    torch::autograd::edge_list edges;
+    edges.reserve(n);
+    for (int i = 0; i < n; ++i) {
+      edges.push_back(torch::autograd::impl::gradient_edge(*inputs[i]));
+    }
+    torch::autograd::variable_list grads{*grad};
+    auto out = torch::autograd::Engine::get_default_engine().execute(
+        roots, grads, /*keep_graph=*/false, /*create_graph=*/false, /*accumulate_grad=*/false,
+        edges);
+    for (int i = 0; i < n; ++i) {
+      results[i] = new at::Tensor(out[i]);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::strncpy(error, e.what(), error_len - 1);
+    error[error_len - 1] = 0;
+    return -1;
+  } catch (...) {
+    std::strncpy(error, "an exception that is not a std::exception", error_len - 1);
+    error[error_len - 1] = 0;
     return -1;
   }
 }

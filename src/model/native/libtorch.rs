@@ -410,21 +410,78 @@ impl<const N: usize> Backward<LibTorch, N> for TorchBackward {
         if wanted.is_empty() {
             return;
         }
-        // The gradient of <output, grad> with respect to the leaves is the vector-Jacobian
-        // product that Burn asks for; libtorch's engine runs the operation's own backward.
-        let dot = (&output.tensor * &grad.tensor).sum(output.tensor.kind());
+        // The vector-Jacobian product that Burn asks for: libtorch's engine runs the
+        // operation's own backward from the output's gradient.
         let inputs: Vec<&tch::Tensor> = wanted.iter().map(|&i| &leaves[i].tensor).collect();
-        let results = tch::Tensor::run_backward(&[dot], &inputs, false, false);
+        let results = vjp(&output.tensor, &grad.tensor, &inputs);
         for (&i, g) in wanted.iter().zip(results) {
-            // An input that the output does not depend on has no gradient (undefined).
-            if !g.defined() {
+            // An input that the output does not depend on has no gradient.
+            let Some(g) = g else {
                 continue;
-            }
+            };
             if let Some(node) = &ops.parents[i] {
                 grads.register::<LibTorch>(node.id, TchTensor::new(g));
             }
         }
     }
+}
+
+unsafe extern "C" {
+    /// src/native/torch_extras.cpp (compiled by build.rs): tensors are `at::Tensor*`, what tch's
+    /// `as_ptr` gives and `from_ptr` takes.
+    fn pixel_vjp(
+        output: *const std::ffi::c_void,
+        grad: *const std::ffi::c_void,
+        inputs: *const *const std::ffi::c_void,
+        n: i32,
+        results: *mut *mut std::ffi::c_void,
+        error: *mut std::ffi::c_char,
+        error_len: usize,
+    ) -> i32;
+}
+
+/// The gradients of `inputs` (leaves that require one) given the gradient `grad` of `output`,
+/// through libtorch's graph, which is freed; None where the output does not depend on an input.
+/// (tch's `run_backward` starts from a scalar: `(output * grad).sum()`, a product and a sum the
+/// size of the output, and a `ones_like`, per node.)
+fn vjp(
+    output: &tch::Tensor,
+    grad: &tch::Tensor,
+    inputs: &[&tch::Tensor],
+) -> Vec<Option<tch::Tensor>> {
+    let pointers: Vec<*const std::ffi::c_void> = inputs.iter().map(|t| t.as_ptr().cast()).collect();
+    let mut results = vec![std::ptr::null_mut(); inputs.len()];
+    let mut error = [0 as std::ffi::c_char; 1024];
+    let n = i32::try_from(inputs.len()).expect("a node has few inputs");
+    // SAFETY: every pointer is a live tensor of tch for the call; the function writes `n` new
+    // tensors to `results` on success, catches every C++ exception and terminates `error`.
+    let status = unsafe {
+        pixel_vjp(
+            output.as_ptr().cast(),
+            grad.as_ptr().cast(),
+            pointers.as_ptr(),
+            n,
+            results.as_mut_ptr(),
+            error.as_mut_ptr(),
+            error.len(),
+        )
+    };
+    if status != 0 {
+        // SAFETY: terminated by the function.
+        let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+        panic!(
+            "libtorch's backward pass failed: {}",
+            message.to_string_lossy()
+        );
+    }
+    results
+        .into_iter()
+        .map(|p| {
+            // SAFETY: a tensor allocated by the function for us; tch frees it on drop.
+            let t = unsafe { tch::Tensor::from_ptr(p.cast()) };
+            t.defined().then_some(t)
+        })
+        .collect()
 }
 
 /// Runs `forward` on libtorch leaves of `inputs` (requiring a gradient where Burn tracks the

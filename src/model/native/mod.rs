@@ -15,11 +15,14 @@
 //! convolutions and padding are Burn's. The tests compare values and gradients with Burn's own
 //! operations on every compiled backend.
 //!
-//! Each libtorch node costs one product of its output with its output gradient in Burn's backward
-//! pass (tch 0.22 has no backward from a given gradient, only from a scalar), so a chain of
+//! Each libtorch node costs Burn's graph a node and libtorch's engine a backward call (from the
+//! output's gradient, through `src/native/torch_extras.cpp`: tch 0.22 starts a backward pass from a
+//! scalar only, which cost a product and a sum the size of the output per node), so a chain of
 //! operations that always go together is one node: PixelCNN++'s gated resnet (`gated_resnet`),
 //! whose two convolutions, 1x1 convolution, three concat_elus, dropout and gate are one libtorch
-//! graph between Burn's.
+//! graph between Burn's; a layer of the gated model (`gated_layer`) and its head (`gated_head`);
+//! the logistic mixture's likelihood (`logistic_nll`). The last three exist on libtorch only
+//! ([`runs_fused`]): elsewhere the Burn operations that define them run.
 
 // burn-tch is deprecated upstream but is the fast path on CPU and CUDA here.
 #![allow(deprecated)]
