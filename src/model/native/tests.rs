@@ -429,6 +429,16 @@ fn fused_gated_layers_match_burns_layers() {
     use burn::optim::GradientsParams;
     use rand::SeedableRng;
     assert!(!runs_fused(&Device::flex()));
+    assert!(!runs_fused(&Device::flex().autodiff()));
+    // Not vacuous: with libtorch compiled in, its devices (with or without autodiff) fuse, so the
+    // comparisons below run there (and `loss::logistic`'s test compares the fused likelihood).
+    #[cfg(feature = "tch")]
+    #[allow(deprecated)]
+    {
+        assert!(runs_fused(&Device::libtorch()));
+        assert!(runs_fused(&Device::libtorch().autodiff()));
+        assert!(test_devices().iter().any(runs_fused));
+    }
     let (b, h, w) = (2, 5, 6);
     let plain = |colours| GatedConfig::plain(colours, 3, 3, 2 * colours);
     let layouts = [
