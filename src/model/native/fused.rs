@@ -1,0 +1,176 @@
+//! The operations that exist on libtorch only ([`runs_fused`]), each one node of libtorch's
+//! autograd graph: a layer of the gated model, its head, the logistic mixture's likelihood. Their
+//! arguments, and their `Tensor` entry points (see `NativeBackward` for what each computes).
+
+use super::{Maybe, NativeBackward};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, ExtensionType};
+use burn::tensor::{Device, Int, Tensor};
+
+/// The four masked convolutions that every gated layer has: weight, bias and mask of each.
+#[derive(ExtensionType, Debug)]
+pub struct LayerConvs<B: Backend> {
+    pub vertical: FloatTensor<B>,
+    pub vertical_bias: FloatTensor<B>,
+    pub vertical_mask: FloatTensor<B>,
+    pub horizontal: FloatTensor<B>,
+    pub horizontal_bias: FloatTensor<B>,
+    pub horizontal_mask: FloatTensor<B>,
+    pub out: FloatTensor<B>,
+    pub out_bias: FloatTensor<B>,
+    pub out_mask: FloatTensor<B>,
+    pub skip: FloatTensor<B>,
+    pub skip_bias: FloatTensor<B>,
+    pub skip_mask: FloatTensor<B>,
+}
+
+/// The gated PixelCNN head's two 1x1 convolutions: weight, bias and mask of each.
+#[derive(ExtensionType, Debug)]
+pub struct HeadConvs<B: Backend> {
+    pub hidden: FloatTensor<B>,
+    pub hidden_bias: FloatTensor<B>,
+    pub hidden_mask: FloatTensor<B>,
+    pub out: FloatTensor<B>,
+    pub out_bias: FloatTensor<B>,
+    pub out_mask: FloatTensor<B>,
+}
+
+/// A gated layer's 1x1 convolution from the vertical into the horizontal stack, when it has one.
+#[derive(ExtensionType, Debug)]
+pub enum Link<B: Backend> {
+    None,
+    Some {
+        weight: FloatTensor<B>,
+        bias: FloatTensor<B>,
+        mask: FloatTensor<B>,
+    },
+}
+
+/// The layout of a gated layer that is not a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerShape {
+    /// Zero padding of the vertical and horizontal stacks' inputs, `[top, bottom, left, right]`.
+    pub vertical_padding: [usize; 4],
+    pub horizontal_padding: [usize; 4],
+    /// The first layer: the state is the image.
+    pub first: bool,
+    /// The last layer: it returns only the summed skips (what the stacks would carry on, nothing
+    /// reads; `out` gets no gradient, as in Burn's layer).
+    pub last: bool,
+    /// The horizontal stack's input added to its output.
+    pub residual: bool,
+    /// tanh * sigmoid gates, else a ReLU.
+    pub gates: bool,
+}
+
+/// A masked convolution's weight, bias and mask.
+pub type Masked = (Tensor<4>, Tensor<1>, Tensor<4>);
+
+/// What a gated layer computes with, besides its state (see [`NativeBackward::gated_layer`]).
+pub struct GatedLayerInputs {
+    pub vertical: Masked,
+    pub horizontal: Masked,
+    pub out: Masked,
+    pub skip: Masked,
+    pub link: Option<Masked>,
+    pub v_pre: Option<Tensor<4>>,
+    pub v_post: Option<Tensor<4>>,
+    pub h_terms: Option<Tensor<4>>,
+    pub shape: LayerShape,
+}
+
+/// Whether `device` has the operations that exist on libtorch only, each one node of libtorch's
+/// autograd graph ([`gated_layer`], [`gated_head`], [`logistic_nll`]): whether it is libtorch.
+pub fn runs_fused(device: &Device) -> bool {
+    #[cfg(feature = "tch")]
+    {
+        let device = device.clone().without_autodiff();
+        matches!(
+            device.as_dispatch(),
+            burn::backend::DispatchDevice::LibTorch(_)
+        )
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// A gated layer as one operation, where [`runs_fused`] (see
+/// [`NativeBackward::gated_layer`]).
+pub fn gated_layer(state: Tensor<4>, inputs: GatedLayerInputs) -> Tensor<4> {
+    let GatedLayerInputs {
+        vertical,
+        horizontal,
+        out,
+        skip,
+        link,
+        v_pre,
+        v_post,
+        h_terms,
+        shape,
+    } = inputs;
+    let convs = LayerConvs {
+        vertical: vertical.0.into_dispatch(),
+        vertical_bias: vertical.1.into_dispatch(),
+        vertical_mask: vertical.2.into_dispatch(),
+        horizontal: horizontal.0.into_dispatch(),
+        horizontal_bias: horizontal.1.into_dispatch(),
+        horizontal_mask: horizontal.2.into_dispatch(),
+        out: out.0.into_dispatch(),
+        out_bias: out.1.into_dispatch(),
+        out_mask: out.2.into_dispatch(),
+        skip: skip.0.into_dispatch(),
+        skip_bias: skip.1.into_dispatch(),
+        skip_mask: skip.2.into_dispatch(),
+    };
+    let link = link.map_or(Link::None, |(weight, bias, mask)| Link::Some {
+        weight: weight.into_dispatch(),
+        bias: bias.into_dispatch(),
+        mask: mask.into_dispatch(),
+    });
+    let maybe = |t: Option<Tensor<4>>| t.map_or(Maybe::None, |t| Maybe::Some(t.into_dispatch()));
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::gated_layer(
+        state.into_dispatch(),
+        convs,
+        link,
+        maybe(v_pre),
+        maybe(v_post),
+        maybe(h_terms),
+        shape,
+    ))
+}
+
+/// The gated PixelCNN's head as one operation, where [`runs_fused`] (see
+/// [`NativeBackward::gated_head`]).
+pub fn gated_head(skips: Tensor<4>, hidden: Masked, out: Masked) -> Tensor<4> {
+    let convs = HeadConvs {
+        hidden: hidden.0.into_dispatch(),
+        hidden_bias: hidden.1.into_dispatch(),
+        hidden_mask: hidden.2.into_dispatch(),
+        out: out.0.into_dispatch(),
+        out_bias: out.1.into_dispatch(),
+        out_mask: out.2.into_dispatch(),
+    };
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::gated_head(
+        skips.into_dispatch(),
+        convs,
+    ))
+}
+
+/// The logistic mixture's summed negative log-likelihood in nats as one operation, where
+/// [`runs_fused`] (see [`NativeBackward::logistic_nll`]).
+pub fn logistic_nll(
+    params: Tensor<4>,
+    targets: Tensor<4, Int>,
+    components: usize,
+    min_log_scale: f64,
+) -> Tensor<1> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::logistic_nll(
+        params.into_dispatch(),
+        targets.into_dispatch(),
+        components,
+        min_log_scale,
+    ))
+}

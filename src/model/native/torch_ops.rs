@@ -1,0 +1,299 @@
+//! The libtorch-only and libtorch-side operations' bodies on libtorch tensors (what
+//! `libtorch.rs` records in libtorch's autograd graph or runs without it), and the order in which
+//! the fused operations take their inputs.
+
+use super::{HeadConvs, LayerConvs, LayerShape, Link, Maybe, ResnetShape};
+use burn::backend::Backend;
+use burn::backend::tensor::FloatTensor;
+
+/// The gated resnet on libtorch tensors: `t` holds x, conv1's weight and bias, conv2's, then
+/// (`aux`) the auxiliary input and its 1x1 convolution's weight and bias, then (`shift`)
+/// the shift of conv2's output.
+pub(super) fn resnet(
+    t: &[&tch::Tensor],
+    aux: bool,
+    shift: bool,
+    dropped: Option<&tch::Tensor>,
+    shape: ResnetShape,
+) -> tch::Tensor {
+    let (x, w1, b1, w2, b2) = (t[0], t[1], t[2], t[3], t[4]);
+    let mut c1 = conv(&[&pad(&concat_elu(x), shape.padding), w1, b1]);
+    let mut rest = &t[5..];
+    if aux {
+        let (a, w, b) = (rest[0], rest[1], rest[2]);
+        let [n_out, n_in] = [0, 1].map(|d| w.size()[d]);
+        c1 += conv(&[&concat_elu(a), &w.reshape([n_out, n_in, 1, 1]), b]);
+        rest = &rest[3..];
+    }
+    let mut c1 = concat_elu(&c1);
+    if let Some(d) = dropped {
+        c1 = c1.masked_fill(d, 0.0) * shape.keep;
+    }
+    let mut c2 = conv(&[&pad(&c1, shape.padding), w2, b2]);
+    if shift {
+        c2 += rest[0];
+    }
+    x + c2.glu(1)
+}
+
+/// Which optional inputs of a gated layer are there (the others hold a placeholder).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Present {
+    pub(super) link: bool,
+    pub(super) v_pre: bool,
+    pub(super) v_post: bool,
+    pub(super) h_terms: bool,
+}
+
+impl Present {
+    /// Whether each of the `LAYER_INPUTS` is a real input, not a placeholder.
+    pub(super) fn used(self, shape: LayerShape) -> [bool; LAYER_INPUTS] {
+        let mut used = [true; LAYER_INPUTS];
+        // The last layer has no horizontal output; without the link, no vertical stack.
+        used[5] = !shape.last;
+        used[6] = !shape.last;
+        used[1] = self.link;
+        used[2] = self.link;
+        used[9] = self.link;
+        used[10] = self.link;
+        used[11] = self.v_pre;
+        used[12] = self.v_post;
+        used[13] = self.h_terms;
+        used
+    }
+}
+
+/// The state; weight and bias of the vertical stack, the horizontal, out, skip and link;
+/// v_pre, v_post and h_terms.
+pub(super) const LAYER_INPUTS: usize = 14;
+
+/// A gated layer's inputs in `layer`'s order (the state stands in for any that is absent), its
+/// masks (vertical, horizontal, out, skip, link) and which inputs are there.
+pub(super) fn layer_inputs<B: Backend>(
+    state: FloatTensor<B>,
+    convs: LayerConvs<B>,
+    link: Link<B>,
+    v_pre: Maybe<B>,
+    v_post: Maybe<B>,
+    h_terms: Maybe<B>,
+) -> ([FloatTensor<B>; LAYER_INPUTS], Vec<FloatTensor<B>>, Present) {
+    let c = convs;
+    let some = |m: Maybe<B>| match m {
+        Maybe::Some(t) => Some(t),
+        Maybe::None => None,
+        Maybe::Aux { .. } => unreachable!("a gated layer's terms are Some or None"),
+    };
+    let (v_pre, v_post, h_terms) = (some(v_pre), some(v_post), some(h_terms));
+    let present = Present {
+        link: matches!(link, Link::Some { .. }),
+        v_pre: v_pre.is_some(),
+        v_post: v_post.is_some(),
+        h_terms: h_terms.is_some(),
+    };
+    let mut masks = vec![c.vertical_mask, c.horizontal_mask, c.out_mask, c.skip_mask];
+    let (lw, lb) = match link {
+        Link::Some { weight, bias, mask } => {
+            masks.push(mask);
+            (weight, bias)
+        }
+        Link::None => (state.clone(), state.clone()),
+    };
+    let or_state = |t: Option<FloatTensor<B>>| t.unwrap_or_else(|| state.clone());
+    let inputs = [
+        state.clone(),
+        c.vertical,
+        c.vertical_bias,
+        c.horizontal,
+        c.horizontal_bias,
+        c.out,
+        c.out_bias,
+        c.skip,
+        c.skip_bias,
+        lw,
+        lb,
+        or_state(v_pre),
+        or_state(v_post),
+        or_state(h_terms),
+    ];
+    (inputs, masks, present)
+}
+
+/// The gated head's inputs (skips, then weight and bias of hidden and out) and its two masks.
+pub(super) fn head_inputs<B: Backend>(
+    skips: FloatTensor<B>,
+    c: HeadConvs<B>,
+) -> ([FloatTensor<B>; 5], Vec<FloatTensor<B>>) {
+    let inputs = [skips, c.hidden, c.hidden_bias, c.out, c.out_bias];
+    (inputs, vec![c.hidden_mask, c.out_mask])
+}
+
+/// The gated head on libtorch tensors `t` (in `head_inputs`' order) with its `masks`.
+pub(super) fn head(t: &[&tch::Tensor], masks: &[tch::Tensor]) -> tch::Tensor {
+    let kind = t[0].kind();
+    let hidden = masked_conv(&t[0].relu(), t[1], t[2], &masks[0], kind);
+    masked_conv(&hidden.relu(), t[3], t[4], &masks[1], kind)
+}
+
+/// A convolution without padding by `weight * mask` plus `bias`, both cast to `kind` (weights are
+/// f32; the model computes in its input's float type).
+pub(super) fn masked_conv(
+    x: &tch::Tensor,
+    weight: &tch::Tensor,
+    bias: &tch::Tensor,
+    mask: &tch::Tensor,
+    kind: tch::Kind,
+) -> tch::Tensor {
+    let weight = (weight * mask).to_kind(kind);
+    let bias = bias.to_kind(kind);
+    tch::Tensor::conv2d(x, &weight, Some(&bias), [1, 1], [0, 0], [1, 1], 1)
+}
+
+/// The gated layer on libtorch tensors `t` (in `layer_inputs`' order) with its `masks`.
+pub(super) fn layer(
+    t: &[&tch::Tensor],
+    masks: &[tch::Tensor],
+    present: Present,
+    shape: LayerShape,
+) -> tch::Tensor {
+    let state = t[0];
+    let kind = state.kind();
+    let masked = |at: usize, mask: usize, x: &tch::Tensor| {
+        masked_conv(x, t[at], t[at + 1], &masks[mask], kind)
+    };
+    // Without the link the vertical stack reaches nothing, and the state does not carry it.
+    let stacks = if present.link { 3 } else { 2 };
+    let (v, h, skips) = if shape.first {
+        let v = present.link.then(|| state.shallow_clone());
+        (v, state.shallow_clone(), None)
+    } else {
+        let mut parts = state.chunk(stacks, 1);
+        let skips = parts.pop();
+        let h = parts.pop().expect("a gated layer's state holds its stacks");
+        (parts.pop(), h, skips)
+    };
+    let mut hc = masked(3, 1, &pad(&h, shape.horizontal_padding));
+    let vc = v.map(|v| {
+        let mut vc = masked(1, 0, &pad(&v, shape.vertical_padding));
+        if present.v_pre {
+            vc += t[11];
+        }
+        // The vertical stack shifted down one row (zeros on top): row i sees only rows above i.
+        let rows = vc.size()[2];
+        let shifted = vc.constant_pad_nd([0, 0, 1, 0]).narrow(2, 0, rows);
+        hc = &hc + masked(9, 4, &shifted);
+        if present.v_post {
+            vc += t[12];
+        }
+        vc
+    });
+    if present.h_terms {
+        hc += t[13];
+    }
+    let activate = |x: tch::Tensor| if shape.gates { gate(&x) } else { x.relu() };
+    let gated = activate(hc);
+    let skip = masked(7, 3, &gated);
+    let skips = match skips {
+        Some(s) => s + skip,
+        None => skip,
+    };
+    if shape.last {
+        return skips;
+    }
+    let mut h_out = masked(5, 2, &gated);
+    if shape.residual {
+        h_out += h;
+    }
+    let mut next: Vec<tch::Tensor> = vc.map(activate).into_iter().collect();
+    next.extend([h_out, skips]);
+    tch::Tensor::cat(&next, 1)
+}
+
+/// `loss::logistic::log_prob` (which defines it), summed and negated, `[1]`, on libtorch tensors.
+pub(super) fn logistic_nll(
+    params: &tch::Tensor,
+    targets: &tch::Tensor,
+    components: usize,
+    min_log_scale: f64,
+) -> tch::Tensor {
+    let k = components as i64;
+    let colours = targets.size()[1];
+    let kind = params.kind();
+    let x = (targets.to_kind(kind) - 127.5) / 127.5; // [b, colours, h, w]
+    let per_colour = if colours == 1 { 2 * k } else { 3 * k };
+    let block = |c: i64, j: i64| params.narrow(1, k + c * per_colour + j * k, k);
+    let colour = |c: i64| x.narrow(1, c, 1);
+    let mut total = params.narrow(1, 0, k).log_softmax(1, kind);
+    for c in 0..colours {
+        let mut mean = block(c, 0);
+        let log_s = block(c, 1).clamp_min(min_log_scale);
+        if colours == 3 && c > 0 {
+            let coef = |i: i64| block(i, 2).tanh();
+            mean = match c {
+                1 => mean + coef(0) * colour(0),
+                _ => mean + coef(1) * colour(0) + coef(2) * colour(1),
+            };
+        }
+        // Not in place: log_softmax's backward reads its output.
+        total = &total + logistic_colour(&colour(c), &mean, &log_s);
+    }
+    total.logsumexp([1], false).sum(kind).neg().reshape([1])
+}
+
+/// `loss::logistic::log_prob_colour` on libtorch tensors: log P(value | component), `[b, k, h, w]`.
+pub(super) fn logistic_colour(
+    x: &tch::Tensor,
+    mean: &tch::Tensor,
+    log_s: &tch::Tensor,
+) -> tch::Tensor {
+    let d = x - mean;
+    let inv_s = log_s.neg().exp();
+    let plus = &inv_s * (&d + 1.0 / 255.0);
+    let minus = &inv_s * (&d - 1.0 / 255.0);
+    let log_cdf_plus = &plus - plus.softplus();
+    let log_one_minus_cdf_minus = minus.softplus().neg();
+    let mid = &inv_s * &d;
+    let left = plus.sigmoid() - minus.sigmoid();
+    let right = minus.neg().sigmoid() - plus.neg().sigmoid();
+    let cdf_delta = right.where_self(&mid.gt(0.0), &left);
+    let log_pdf_mid = &mid - log_s - mid.softplus() * 2.0;
+    let interior = (log_pdf_mid - 127.5f64.ln())
+        .where_self(&cdf_delta.lt(1e-5), &cdf_delta.clamp_min(1e-12).log());
+    let x = x.expand_as(&interior);
+    let interior = log_one_minus_cdf_minus.where_self(&x.gt(0.999), &interior);
+    log_cdf_plus.where_self(&x.lt(-0.999), &interior)
+}
+
+pub(super) fn concat_elu(x: &tch::Tensor) -> tch::Tensor {
+    tch::Tensor::cat(&[x, &x.neg()], 1).elu()
+}
+
+pub(super) fn pad(x: &tch::Tensor, padding: [usize; 4]) -> tch::Tensor {
+    let [top, bottom, left, right] = padding.map(|p| p as i64);
+    x.constant_pad_nd([left, right, top, bottom])
+}
+
+pub(super) fn gate(x: &tch::Tensor) -> tch::Tensor {
+    let halves = x.chunk(2, 1);
+    halves[0].tanh() * halves[1].sigmoid()
+}
+
+pub(super) fn nll(logits: &tch::Tensor, targets: &tch::Tensor) -> tch::Tensor {
+    // [b, c, 256, h, w] -> [b, 256, c, h, w]: the classes in dimension 1.
+    logits
+        .transpose(1, 2)
+        .cross_entropy_loss::<tch::Tensor>(targets, None, tch::Reduction::Sum, -100, 0.0)
+        .reshape([1])
+}
+
+pub(super) fn conv(t: &[&tch::Tensor]) -> tch::Tensor {
+    tch::Tensor::conv2d(t[0], t[1], Some(t[2]), [1, 1], [0, 0], [1, 1], 1)
+}
+
+pub(super) fn strided(t: &[&tch::Tensor], stride: usize) -> tch::Tensor {
+    let s = stride as i64;
+    tch::Tensor::conv2d(t[0], t[1], Some(t[2]), [s, s], [0, 0], [1, 1], 1)
+}
+
+pub(super) fn transposed(t: &[&tch::Tensor]) -> tch::Tensor {
+    t[0].conv_transpose2d(t[1], Some(t[2]), [2, 2], [0, 0], [0, 0], 1, [1, 1])
+}
