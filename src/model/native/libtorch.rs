@@ -228,12 +228,13 @@ fn record_used<C: CheckpointStrategy, const N: usize>(
     used: [bool; N],
     forward: impl FnOnce(&[&tch::Tensor]) -> tch::Tensor,
 ) -> FloatTensor<Autodiff<LibTorch, C>> {
-    let mut i = 0;
-    let tracked = inputs.each_ref().map(|t| {
-        i += 1;
-        used[i - 1]
+    let tracked: [bool; N] = std::array::from_fn(|i| {
+        used[i]
             && matches!(
-                Probe.prepare::<C>([t.node()]).compute_bound().stateful(),
+                Probe
+                    .prepare::<C>([inputs[i].node()])
+                    .compute_bound()
+                    .stateful(),
                 OpsKind::Tracked(_)
             )
     });

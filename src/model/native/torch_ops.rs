@@ -50,21 +50,29 @@ impl Present {
     pub(super) fn used(self, shape: LayerShape) -> [bool; LAYER_INPUTS] {
         let mut used = [true; LAYER_INPUTS];
         // The last layer has no horizontal output; without the link, no vertical stack.
-        used[5] = !shape.last;
-        used[6] = !shape.last;
-        used[1] = self.link;
-        used[2] = self.link;
-        used[9] = self.link;
-        used[10] = self.link;
-        used[11] = self.v_pre;
-        used[12] = self.v_post;
-        used[13] = self.h_terms;
+        used[OUT] = !shape.last;
+        used[OUT + 1] = !shape.last;
+        for at in [VERTICAL, VERTICAL + 1, LINK, LINK + 1] {
+            used[at] = self.link;
+        }
+        used[V_PRE] = self.v_pre;
+        used[V_POST] = self.v_post;
+        used[H_TERMS] = self.h_terms;
         used
     }
 }
 
-/// The state; weight and bias of the vertical stack, the horizontal, out, skip and link;
-/// v_pre, v_post and h_terms.
+/// Where a gated layer's inputs sit in `layer_inputs`' order: the state; the weight of each
+/// masked convolution, its bias right after it (the masks in the same order, one each); the
+/// optional terms.
+const VERTICAL: usize = 1;
+const HORIZONTAL: usize = 3;
+const OUT: usize = 5;
+const SKIP: usize = 7;
+const LINK: usize = 9;
+const V_PRE: usize = 11;
+const V_POST: usize = 12;
+const H_TERMS: usize = 13;
 pub(super) const LAYER_INPUTS: usize = 14;
 
 /// A gated layer's inputs in `layer`'s order (the state stands in for any that is absent), its
@@ -157,8 +165,8 @@ pub(super) fn layer(
 ) -> tch::Tensor {
     let state = t[0];
     let kind = state.kind();
-    let masked = |at: usize, mask: usize, x: &tch::Tensor| {
-        masked_conv(x, t[at], t[at + 1], &masks[mask], kind)
+    let masked = |at: usize, x: &tch::Tensor| {
+        masked_conv(x, t[at], t[at + 1], &masks[(at - VERTICAL) / 2], kind)
     };
     // Without the link the vertical stack reaches nothing, and the state does not carry it.
     let stacks = if present.link { 3 } else { 2 };
@@ -171,27 +179,27 @@ pub(super) fn layer(
         let h = parts.pop().expect("a gated layer's state holds its stacks");
         (parts.pop(), h, skips)
     };
-    let mut hc = masked(3, 1, &pad(&h, shape.horizontal_padding));
+    let mut hc = masked(HORIZONTAL, &pad(&h, shape.horizontal_padding));
     let vc = v.map(|v| {
-        let mut vc = masked(1, 0, &pad(&v, shape.vertical_padding));
+        let mut vc = masked(VERTICAL, &pad(&v, shape.vertical_padding));
         if present.v_pre {
-            vc += t[11];
+            vc += t[V_PRE];
         }
         // The vertical stack shifted down one row (zeros on top): row i sees only rows above i.
         let rows = vc.size()[2];
         let shifted = vc.constant_pad_nd([0, 0, 1, 0]).narrow(2, 0, rows);
-        hc = &hc + masked(9, 4, &shifted);
+        hc = &hc + masked(LINK, &shifted);
         if present.v_post {
-            vc += t[12];
+            vc += t[V_POST];
         }
         vc
     });
     if present.h_terms {
-        hc += t[13];
+        hc += t[H_TERMS];
     }
     let activate = |x: tch::Tensor| if shape.gates { gate(&x) } else { x.relu() };
     let gated = activate(hc);
-    let skip = masked(7, 3, &gated);
+    let skip = masked(SKIP, &gated);
     let skips = match skips {
         Some(s) => s + skip,
         None => skip,
@@ -199,7 +207,7 @@ pub(super) fn layer(
     if shape.last {
         return skips;
     }
-    let mut h_out = masked(5, 2, &gated);
+    let mut h_out = masked(OUT, &gated);
     if shape.residual {
         h_out += h;
     }
