@@ -93,17 +93,41 @@ fn compile_torch_extras() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
         .file("src/native/torch_extras.cpp");
-    if let Err(e) = build.clone().try_compile("pixel_torch_extras") {
-        // An older or newer libtorch whose allocator interface differs: build without the
-        // statistics, and say so (`pixel bench` then says it on CUDA too).
-        println!(
-            "cargo:warning=no GPU memory statistics in this build: src/native/torch_extras.cpp \
-             does not compile against {} ({e})",
-            root.display()
-        );
-        build
-            .define("PIXEL_NO_ALLOCATOR_STATS", None)
-            .compile("pixel_torch_extras");
+    // An older or newer libtorch whose allocator or profiler interface differs: build without
+    // what does not compile, and say so (`pixel bench` then says it on CUDA and when asked to
+    // profile too).
+    let mut first_error = None;
+    for missing in [
+        &[][..],
+        &["ALLOCATOR_STATS"],
+        &["PROFILER"],
+        &["ALLOCATOR_STATS", "PROFILER"],
+    ] {
+        let mut attempt = build.clone();
+        for m in missing {
+            attempt.define(&format!("PIXEL_NO_{m}"), None);
+        }
+        match attempt.try_compile("pixel_torch_extras") {
+            Ok(()) => {
+                if let Some(e) = first_error {
+                    let lacks = missing.join(" and ").to_lowercase().replace('_', " ");
+                    println!(
+                        "cargo:warning=no {lacks} in this build: src/native/torch_extras.cpp does \
+                         not compile against {} ({e})",
+                        root.display()
+                    );
+                }
+                println!("cargo:rustc-link-lib=c10");
+                return;
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    println!("cargo:rustc-link-lib=c10");
+    panic!(
+        "src/native/torch_extras.cpp does not compile against {}: {}",
+        root.display(),
+        first_error.expect("tried")
+    );
 }

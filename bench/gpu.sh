@@ -15,7 +15,9 @@
 # synthetic 32x32 RGB images) at batch 16 with dropout 0.5 and 0, at 64 in f32 and bf16.
 # Determinism: a 20-step PixelCNN++ run (experiments/smoke/pixelcnnpp-synthetic-rgb.toml) twice on
 # the GPU with runtime.deterministic = true (the metrics and the checkpoint's bytes must be equal),
-# then twice with the default (false: libtorch's defaults, as the twins).
+# then twice with the default (false: libtorch's defaults, as the twins). Between the two, the
+# phases synchronised at each boundary and a profile of 3 steps of gated b64 and PixelCNN++ b16,
+# each side's (profile_summary.py: kernels, GPU time and busy share, host waits per step).
 # Output in OUT (default gpu-out/): gpu.txt, everything printed.
 # A dry run on a CPU (python3 with torch on PATH):
 #   DEVICE=cpu STEPS=2 ROUNDS=1 GATED_ROWS="8 f32" PP_ROWS="2 0.5 f32" bash bench/gpu.sh target/gpu/pixel 600
@@ -77,6 +79,22 @@ for r in $(seq "$rounds"); do
     echo "twin:  $("${twin_pp[@]}" --batch "$1" --dropout "$2" --precision "$3" 2>&1 | grep -E '^\| |^step phases' | paste -sd' ')"
   done
 done
+
+# Where the time goes: phases synchronised at each boundary (--sync on both sides) and 3 steps
+# under the profiler (--profile), pixel's trace beside the twin's (bench/profile_summary.py).
+section "profiles: gated b64 f32 and PixelCNN++ b16 dropout 0.5 f32, phases synchronised"
+if time_left 60 "gated profile"; then
+  echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size=64 --sync --profile "$out/gated-pixel.json")"
+  python3 bench/pytorch_reference.py --variant gated --batch 64 --steps "$steps" --device "$device" \
+    --threads 4 --profile "$out/gated-twin.json" 2>&1 | grep '^| '
+  python3 bench/profile_summary.py "$out/gated-pixel.json" "$out/gated-twin.json" --top 20
+fi
+if time_left 120 "pixelcnn++ profile"; then
+  echo "pixel: $(pixel_row "${cifar[@]}" --set train.batch_size=16 --sync --profile "$out/pp-pixel.json")"
+  echo "twin:  $("${twin_pp[@]}" --batch 16 --dropout 0.5 --sync --profile "$out/pp-twin.json" 2>&1 |
+    grep -E '^\| |^step phases' | paste -sd' ')"
+  python3 bench/profile_summary.py "$out/pp-pixel.json" "$out/pp-twin.json" --top 25
+fi
 
 # Twice with runtime.deterministic = true (must repeat to the bit), then twice with the default.
 sums() { (cd "$1/pixelcnnpp-synthetic-rgb/checkpoints" && find . -type f -name '*.bpk' | sort | xargs sha256sum); }

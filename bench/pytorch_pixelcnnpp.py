@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import profiling
+
 
 def concat_elu(x):
     return F.elu(torch.cat([x, -x], dim=1))
@@ -225,6 +227,9 @@ def main():
                         "pixel's train.ema (0: off)")
     p.add_argument("--sync", action="store_true",
                    help="wait for the GPU at each phase boundary, so that the phases are the GPU's")
+    p.add_argument("--profile", metavar="TRACE.json",
+                   help="after the timed steps, record %d more with torch.profiler and write its "
+                        "Chrome trace here (as pixel bench --profile)" % profiling.STEPS)
     p.add_argument("--params", action="store_true", help="print the parameter count and stop")
     a = p.parse_args()
     torch.manual_seed(1)
@@ -249,7 +254,9 @@ def main():
     phases = {k: [] for k in ("forward", "loss", "backward", "update")}
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for i in range(a.steps + 2):
+
+    def step(i):
+        """One training step; returns its loss and the times at its phase boundaries."""
         sync()
         start = time.perf_counter()
         x = batches[i % len(batches)].to(dev).float()
@@ -271,12 +278,16 @@ def main():
             with torch.no_grad():
                 torch._foreach_lerp_(ema, list(net.parameters()), 1 - a.ema)
         sync()
-        end = time.perf_counter()
+        return loss, [start, t_forward, t_loss, t_backward, time.perf_counter()]
+
+    for i in range(a.steps + 2):
+        loss, marks = step(i)
         if i >= 2:
-            times.append(end - start)
-            for k, (t0, t1) in zip(phases, [(start, t_forward), (t_forward, t_loss),
-                                            (t_loss, t_backward), (t_backward, end)]):
+            times.append(marks[-1] - marks[0])
+            for k, t0, t1 in zip(phases, marks, marks[1:]):
                 phases[k].append((t1 - t0) * 1e3)
+    if a.profile:
+        profiling.profile(step, a.profile, a.device)
     net.eval()
     forward = []
     x = batches[0].to(dev).float()

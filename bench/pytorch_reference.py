@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import profiling
+
 
 def groups(n, colours):
     return [ch * colours // n for ch in range(n)]
@@ -154,6 +156,9 @@ def main():
                    help="bf16: torch.autocast (f32 weights, Adam state and loss)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: the first GPU (each timed step ends with .item(), which waits for it)")
+    p.add_argument("--profile", metavar="TRACE.json",
+                   help="after the timed steps, record %d more with torch.profiler and write its "
+                        "Chrome trace here (as pixel bench --profile)" % profiling.STEPS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(1)
@@ -192,6 +197,8 @@ def main():
         step(i)
         if i >= 2:
             times.append(time.perf_counter() - t)
+    if a.profile:
+        profiling.profile(step, a.profile, a.device)
     fwd = []
     with torch.no_grad():
         for i in range(a.steps + 2):

@@ -185,6 +185,15 @@ pub enum Command {
         /// Also time the grid with the naive sampler (one forward pass per sub-pixel: slow).
         #[arg(long, conflicts_with = "no_grid")]
         naive_grid: bool,
+        /// Wait for the device at each phase boundary of a training step, so that the phases it
+        /// prints are the GPU's time, not the time to queue its work (as the twins' --sync).
+        #[arg(long)]
+        sync: bool,
+        /// After the timed steps, record 3 more with libtorch's profiler (host operators; GPU
+        /// kernels and copies on CUDA) and write its Chrome trace to this file (libtorch only;
+        /// `bench/profile_summary.py` compares it with a twin's).
+        #[arg(long, value_name = "TRACE.json")]
+        profile: Option<PathBuf>,
         /// Override one key, e.g. --set runtime.backend=libtorch (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
@@ -360,13 +369,19 @@ fn route(cli: Cli, world: &World) -> Result<()> {
             steps,
             no_grid,
             naive_grid,
+            sync,
+            profile,
             sets,
         } => cmd::bench::bench(
             &experiment,
             &parse_sets(&sets)?,
-            steps,
-            !no_grid,
-            naive_grid,
+            &cmd::bench::Options {
+                steps,
+                grid: !no_grid,
+                naive_grid,
+                sync,
+                profile,
+            },
             world,
         ),
         Command::Schema { reference } => {

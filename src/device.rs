@@ -228,13 +228,142 @@ impl Opened {
     }
 }
 
+impl Opened {
+    /// Starts libtorch's profiler (what `torch.profiler` runs): the operators this thread and
+    /// the autograd engine call, and on CUDA the GPU's kernels and copies, until
+    /// [`Profiler::save`]. Only libtorch has one.
+    pub fn start_profiler(&self) -> Result<Profiler, String> {
+        if self.backend != BackendKind::Libtorch {
+            return Err(format!(
+                "{} has no profiler; expected runtime.backend = \"libtorch\" (libtorch's, as \
+                 torch.profiler runs)",
+                self.description
+            ));
+        }
+        #[cfg(feature = "tch")]
+        {
+            let cuda = cuda_index(&self.description).is_some();
+            let mut error = [0u8; 1024];
+            // SAFETY: a plain C function of src/native/torch_extras.cpp that catches every
+            // exception and writes a terminated message of at most `error.len()` bytes.
+            let status = unsafe {
+                native::pixel_profiler_start(cuda, error.as_mut_ptr().cast(), error.len())
+            };
+            match status {
+                0 => Ok(Profiler { running: true }),
+                _ => Err(format!(
+                    "libtorch's profiler did not start: {}",
+                    text(&error)
+                )),
+            }
+        }
+        #[cfg(not(feature = "tch"))]
+        unreachable!("the plan rejects the libtorch backend when it is not compiled in")
+    }
+}
+
+/// libtorch's profiler while it runs; dropped without [`Profiler::save`], it stops and keeps
+/// nothing.
+pub struct Profiler {
+    running: bool,
+}
+
+/// A named range of a profile (a user annotation in the trace), from [`Profiler::range`] until
+/// dropped.
+pub struct Range(#[cfg_attr(not(feature = "tch"), allow(dead_code))] *mut std::ffi::c_void);
+
+impl Profiler {
+    /// Marks what runs until the returned range is dropped as `name` in the trace (as
+    /// `torch.profiler.record_function`).
+    pub fn range(&self, name: &str) -> Range {
+        #[cfg(feature = "tch")]
+        {
+            let name = std::ffi::CString::new(name).expect("a range's name has no NUL");
+            // SAFETY: a plain C function that catches every exception; null where no profiler
+            // records (then `pixel_range_end` does nothing).
+            Range(unsafe { native::pixel_range_begin(name.as_ptr()) })
+        }
+        #[cfg(not(feature = "tch"))]
+        {
+            let _ = name;
+            Range(std::ptr::null_mut())
+        }
+    }
+
+    /// Stops the profiler and writes what it saw to `path`, a Chrome trace (JSON; Perfetto,
+    /// chrome://tracing and `bench/profile_summary.py` read it).
+    pub fn save(mut self, path: &std::path::Path) -> Result<(), String> {
+        self.running = false;
+        stop(Some(path))
+    }
+}
+
+impl Drop for Profiler {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = stop(None);
+        }
+    }
+}
+
+impl Drop for Range {
+    fn drop(&mut self) {
+        #[cfg(feature = "tch")]
+        // SAFETY: the pointer pixel_range_begin gave, ended once.
+        unsafe {
+            native::pixel_range_end(self.0)
+        };
+    }
+}
+
+/// Stops libtorch's profiler, saving its trace at `path` (or at /dev/null: nowhere).
+fn stop(path: Option<&std::path::Path>) -> Result<(), String> {
+    #[cfg(feature = "tch")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = path.unwrap_or(std::path::Path::new("/dev/null"));
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| format!("{} has a NUL byte", path.display()))?;
+        let mut error = [0u8; 1024];
+        // SAFETY: as in `start_profiler`.
+        let status = unsafe {
+            native::pixel_profiler_stop(c_path.as_ptr(), error.as_mut_ptr().cast(), error.len())
+        };
+        match status {
+            0 => Ok(()),
+            _ => Err(format!(
+                "libtorch's profiler did not save {}: {}",
+                path.display(),
+                text(&error)
+            )),
+        }
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
+/// A C message written into `buffer`, up to its first NUL.
+#[cfg(feature = "tch")]
+fn text(buffer: &[u8]) -> String {
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    String::from_utf8_lossy(&buffer[..end]).into_owned()
+}
+
 /// What tch does not expose of libtorch (src/native/torch_extras.cpp, compiled by build.rs).
 #[cfg(feature = "tch")]
 mod native {
+    use std::ffi::{c_char, c_void};
     unsafe extern "C" {
         pub fn pixel_cuda_peak_allocated(device: i8) -> i64;
         pub fn pixel_cuda_reset_peak(device: i8) -> i32;
         pub fn pixel_set_deterministic(on: bool) -> i32;
+        pub fn pixel_profiler_start(cuda: bool, error: *mut c_char, error_len: usize) -> i32;
+        pub fn pixel_profiler_stop(path: *const c_char, error: *mut c_char, len: usize) -> i32;
+        pub fn pixel_range_begin(name: *const c_char) -> *mut c_void;
+        pub fn pixel_range_end(range: *mut c_void);
     }
 }
 

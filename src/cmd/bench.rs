@@ -65,17 +65,31 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// What `pixel bench` measures besides the timed training steps.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Timed training steps and forward passes (after two of warm-up each).
+    pub steps: usize,
+    /// Time the cached sampler's grid, and the naive sampler's.
+    pub grid: bool,
+    pub naive_grid: bool,
+    /// Wait for the device at each phase boundary of a step.
+    pub sync: bool,
+    /// Profile [`PROFILED_STEPS`] more steps after the timed ones with libtorch's profiler and
+    /// write its Chrome trace here.
+    pub profile: Option<std::path::PathBuf>,
+}
+
+/// Training steps `--profile` records, after the timed ones (whose times it would change).
+pub const PROFILED_STEPS: usize = 3;
+
 /// `pixel bench FILE`: measures the experiment and prints a Markdown row and the JSON report.
-pub fn bench(
-    experiment: &Path,
-    sets: &[Override],
-    steps: usize,
-    with_grid: bool,
-    with_naive: bool,
-    world: &World,
-) -> Result<()> {
+pub fn bench(experiment: &Path, sets: &[Override], options: &Options, world: &World) -> Result<()> {
     let plan = crate::session::agree(world, plan_file(experiment, sets))?;
-    let report = run(plan, steps.max(1), with_grid, with_naive, world)?;
+    if let Some(path) = &options.profile {
+        check_profile(path, &plan, world)?;
+    }
+    let report = run(plan, options, world)?;
     if !world.is_root() {
         return Ok(());
     }
@@ -105,13 +119,8 @@ pub fn bench(
 
 /// Runs `steps` timed training steps (after two for warm-up) on the ranks of `world`, then on
 /// rank 0 as many forward passes, and optionally one sample grid with each sampler.
-pub fn run(
-    plan: Plan,
-    steps: usize,
-    with_grid: bool,
-    with_naive: bool,
-    world: &World,
-) -> Result<Report> {
+pub fn run(plan: Plan, options: &Options, world: &World) -> Result<Report> {
+    let steps = options.steps.max(1);
     let session = Session::open(plan, Weights::Initial, world)?;
     let train_device = session.train_device();
     let Session {
@@ -129,13 +138,16 @@ pub fn run(
     let mut phases = Vec::new();
     let (mut collective, mut waiting) = (0.0, 0.0);
     world.separate_waiting(true);
-    for i in 0..steps + 2 {
-        let start = Instant::now();
-        let (before, waited) = (world.collective_seconds(), world.waiting_seconds());
+    let step = train::Step {
+        sync_phases: options.sync,
+        ..plan.step(1)
+    };
+    // One training step of `batch` images.
+    let one_step = |state| {
         let work = train::Epoch {
             images: &splits.train,
             order: &order,
-            step: plan.step(1),
+            step,
             device: &train_device,
             start_step: 0,
             so_far: PassStats::default(),
@@ -145,6 +157,12 @@ pub fn run(
         let mut step_phases = None;
         let (next, _, _) =
             train::train_epoch(state, work, |r| step_phases = r.phases).map_err(Error::Run)?;
+        Ok::<_, Error>((next, step_phases))
+    };
+    for i in 0..steps + 2 {
+        let start = Instant::now();
+        let (before, waited) = (world.collective_seconds(), world.waiting_seconds());
+        let (next, step_phases) = one_step(state)?;
         state = next;
         if i >= 2 {
             times.push(start.elapsed().as_secs_f64());
@@ -154,6 +172,18 @@ pub fn run(
         }
     }
     world.separate_waiting(false);
+    if let Some(path) = &options.profile {
+        let profiler = opened.start_profiler().map_err(Error::Run)?;
+        for _ in 0..PROFILED_STEPS {
+            let _range = profiler.range("step");
+            state = one_step(state)?.0;
+        }
+        // The last update's kernels, queued after the step's host read, into the trace.
+        train_device
+            .sync()
+            .map_err(|e| Error::Run(format!("the device failed: {e:?}")))?;
+        save_trace(profiler, path)?;
+    }
     let collective_share = collective / times.iter().sum::<f64>();
     let waiting_share = waiting / times.iter().sum::<f64>();
     let seconds_per_step = median(times);
@@ -194,8 +224,8 @@ pub fn run(
         );
         start.elapsed().as_secs_f64()
     };
-    let grid_seconds = (with_grid && root).then(|| time_grid(sample::Method::Cached));
-    let naive_grid_seconds = (with_naive && root).then(|| time_grid(sample::Method::Naive));
+    let grid_seconds = (options.grid && root).then(|| time_grid(sample::Method::Cached));
+    let naive_grid_seconds = (options.naive_grid && root).then(|| time_grid(sample::Method::Naive));
     let (per_rank, peak_rss_mib) = every_rank(world, peak_rss_mib());
 
     Ok(Report {
@@ -224,6 +254,56 @@ pub fn run(
             Vec::new()
         },
         peak_gpu_mib,
+    })
+}
+
+/// Refuses `--profile PATH` before anything runs where it cannot be written: another backend
+/// than libtorch, several ranks, or a folder that is not there.
+fn check_profile(path: &Path, plan: &Plan, world: &World) -> Result<()> {
+    let usage = |message: String| Error::Usage {
+        flag: format!("--profile {}", path.display()),
+        message,
+    };
+    if plan.device.backend != crate::device::BackendKind::Libtorch {
+        return Err(usage(format!(
+            "the profiler is libtorch's, and this run's backend is {}; expected --set \
+             runtime.backend=libtorch",
+            plan.device.backend.name()
+        )));
+    }
+    if world.size() > 1 {
+        return Err(usage(
+            "expected one process: the profile is of one process's steps".into(),
+        ));
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() || path.is_dir() {
+        return Err(usage(format!(
+            "expected a file in a folder that exists ({} is not a folder{})",
+            folder.display(),
+            if path.is_dir() {
+                ", or the path is one"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// Saves the profiler's trace at `path` through a temporary file beside it, so that a trace
+/// there is whole.
+fn save_trace(profiler: crate::device::Profiler, path: &Path) -> Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    profiler.save(&partial).map_err(Error::Run)?;
+    std::fs::rename(&partial, path).map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        Error::Run(format!("could not write {}: {e}", path.display()))
     })
 }
 

@@ -4,7 +4,10 @@
 //   torch.cuda.reset_peak_memory_stats read and reset (c10's device-allocator interface, PyTorch
 //   2.9 and later; where it does not compile, build.rs defines PIXEL_NO_ALLOCATOR_STATS: none);
 // - the global switches of torch.use_deterministic_algorithms and torch.backends.cudnn;
-// - a backward pass from a given output gradient (tch's starts from a scalar only).
+// - a backward pass from a given output gradient (tch's starts from a scalar only);
+// - libtorch's profiler (Kineto, what torch.profiler runs): operators on the host, kernels and
+//   copies on the GPU, saved as a Chrome trace (where it does not compile, build.rs defines
+//   PIXEL_NO_PROFILER: none).
 #include <ATen/Context.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/variable.h>
@@ -15,6 +18,10 @@
 
 #ifndef PIXEL_NO_ALLOCATOR_STATS
 #include <c10/core/CachingDeviceAllocator.h>
+#endif
+#ifndef PIXEL_NO_PROFILER
+#include <ATen/record_function.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #endif
 
 extern "C" {
@@ -93,5 +100,87 @@ int pixel_cuda_reset_peak(int8_t device) {
 #else
 int64_t pixel_cuda_peak_allocated(int8_t) { return -1; }
 int pixel_cuda_reset_peak(int8_t) { return -1; }
+#endif
+
+// Copies `e`'s message into `error` (`error_len` bytes, terminated).
+static void message(const char* what, char* error, size_t error_len) {
+  std::strncpy(error, what, error_len - 1);
+  error[error_len - 1] = 0;
+}
+
+#ifndef PIXEL_NO_PROFILER
+
+// Starts libtorch's profiler on the calling thread (and the autograd engine's threads it starts):
+// operators on the host, and with `cuda` the GPU's kernels and copies. 0 on success, else -1 with
+// the message in `error`.
+int pixel_profiler_start(bool cuda, char* error, size_t error_len) {
+  try {
+    using namespace torch::profiler::impl;
+    ProfilerConfig config(ProfilerState::KINETO, /*report_input_shapes=*/true);
+    std::set<ActivityType> activities{ActivityType::CPU};
+    if (cuda) {
+      activities.insert(ActivityType::CUDA);
+    }
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+    return 0;
+  } catch (const std::exception& e) {
+    message(e.what(), error, error_len);
+    return -1;
+  }
+}
+
+// Stops the profiler started by pixel_profiler_start and saves what it saw as a Chrome trace
+// (JSON) at `path`. 0 on success, else -1 with the message in `error`.
+int pixel_profiler_stop(const char* path, char* error, size_t error_len) {
+  try {
+    auto result = torch::autograd::profiler::disableProfiler();
+    result->save(path);
+    return 0;
+  } catch (const std::exception& e) {
+    message(e.what(), error, error_len);
+    return -1;
+  }
+}
+
+// A named range of the trace (a user annotation, as torch.profiler.record_function): begun here,
+// ended by pixel_range_end with what this returns (null where no profiler records it).
+void* pixel_range_begin(const char* name) {
+  try {
+    auto* range = new at::RecordFunction(at::RecordScope::USER_SCOPE);
+    if (!range->isActive()) {
+      delete range;
+      return nullptr;
+    }
+    range->before(name);
+    return range;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+void pixel_range_end(void* range) {
+  if (range != nullptr) {
+    auto* r = static_cast<at::RecordFunction*>(range);
+    try {
+      r->end();
+    } catch (...) {
+    }
+    delete r;
+  }
+}
+#else
+int pixel_profiler_start(bool, char* error, size_t error_len) {
+  message("this build has no profiler: src/native/torch_extras.cpp's profiler did not compile "
+          "against its libtorch (see the build's warning)",
+          error, error_len);
+  return -1;
+}
+int pixel_profiler_stop(const char*, char* error, size_t error_len) {
+  message("this build has no profiler", error, error_len);
+  return -1;
+}
+void* pixel_range_begin(const char*) { return nullptr; }
+void pixel_range_end(void*) {}
 #endif
 }

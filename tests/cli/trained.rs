@@ -211,6 +211,96 @@ fn bench_reports_every_measure() {
     }
 }
 
+/// `--sync` waits for the device at each phase boundary and still reports every phase;
+/// `--profile` is libtorch's: on flex it is refused before anything runs (exit code 2, the flag
+/// and the backend named), and so is a trace in a folder that is not there.
+#[test]
+fn bench_syncs_phases_and_refuses_a_profile_it_cannot_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    let out = pixel(
+        d,
+        &["bench", "tiny.toml", "--steps", "1", "--no-grid", "--sync"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(
+        json["step_phases_ms"]["update"].as_f64().unwrap() > 0.0,
+        "{json}"
+    );
+
+    let out = pixel(
+        d,
+        &[
+            "bench",
+            "tiny.toml",
+            "--steps",
+            "1",
+            "--profile",
+            "trace.json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let msg = text(&out);
+    assert!(
+        msg.contains("--profile trace.json") && msg.contains("runtime.backend=libtorch"),
+        "{msg}"
+    );
+    assert!(!d.join("trace.json").exists());
+}
+
+/// On libtorch, `--profile` writes a Chrome trace of 3 training steps, each a "step" range
+/// holding libtorch's operators; a folder that is not there is refused first.
+#[cfg(feature = "tch")]
+#[test]
+fn bench_profiles_three_steps_on_libtorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    let args = |trace: &'static str| {
+        [
+            "bench",
+            "tiny.toml",
+            "--steps",
+            "1",
+            "--no-grid",
+            "--set",
+            "runtime.backend=libtorch",
+            "--profile",
+            trace,
+        ]
+    };
+    let out = pixel(d, &args("missing/trace.json"));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("missing"), "{}", text(&out));
+
+    let out = pixel(d, &args("trace.json"));
+    assert!(out.status.success(), "{}", text(&out));
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("trace.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let steps: Vec<&serde_json::Value> = events.iter().filter(|e| e["name"] == "step").collect();
+    assert_eq!(steps.len(), 3, "{:?}", steps);
+    let inside = |e: &serde_json::Value| {
+        let ts = e["ts"].as_f64().unwrap_or(-1.0);
+        steps.iter().any(|s| {
+            let (start, dur) = (s["ts"].as_f64().unwrap(), s["dur"].as_f64().unwrap());
+            ts >= start && ts <= start + dur
+        })
+    };
+    let convolutions = events
+        .iter()
+        .filter(|e| e["name"] == "aten::convolution_backward" && inside(e))
+        .count();
+    assert!(
+        convolutions >= 3,
+        "{convolutions} convolution backward passes in the steps"
+    );
+    assert!(!d.join("trace.json.partial").exists());
+}
+
 /// A trained PixelCNN++ (logistic mixture, EMA, dropout): `pixel eval --receptive-field` writes a
 /// PNG with one heat map per pixel and a JSON whose counts say the trained model sees no later
 /// pixel and most of the earlier ones; `pixel eval` and `pixel sample` work on it as on the others.

@@ -84,6 +84,7 @@ impl Plan {
             kl_warmup_steps: e.model.vae.kl_warmup_steps,
             free_bits: e.model.vae.free_bits,
             max_skipped_steps: e.train.max_skipped_steps,
+            sync_phases: false,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct Step {
     pub free_bits: f64,
     /// f16: the steps skipped in a row (gradients that overflow) after which the run stops.
     pub max_skipped_steps: usize,
+    /// Wait for the device at each phase boundary (`pixel bench --sync`), so that
+    /// [`StepPhases`] are the device's time rather than the host's.
+    pub sync_phases: bool,
 }
 
 impl Step {
@@ -93,8 +96,8 @@ pub struct StepReport {
 }
 
 /// Seconds of one training step in each of its phases. Backends that queue work (CUDA) are
-/// timed when they hand it over, not when it runs: the phases add up on the CPU, where each
-/// operation finishes before the next starts.
+/// timed when they hand it over, not when it runs, unless [`Step::sync_phases`] asks to wait for
+/// the device at each boundary; on the CPU each operation finishes before the next starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct StepPhases {
     /// The batch's tensors and the model's forward pass.
@@ -169,6 +172,14 @@ pub(super) fn take(
     let inner = device.clone().without_autodiff();
     // Seconds at the end of the forward pass, the loss and the backward pass.
     let mut marks = [0.0f64; 3];
+    let mark = || -> Result<f64, String> {
+        if step.sync_phases {
+            device
+                .sync()
+                .map_err(|e| format!("step {}: the device failed: {e:?}", i + 1))?;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    };
     let (grads, totals) = if local.is_empty() {
         // A rank without images this step (a global batch smaller than the world) adds zeros,
         // to the free bits' sums too.
@@ -192,7 +203,7 @@ pub(super) fn take(
             let mine = all[share.start * per_image..share.end * per_image].to_vec();
             Tensor::from_data(TensorData::new(mine, shape), dev)
         });
-        marks[0] = started.elapsed().as_secs_f64();
+        marks[0] = mark()?;
         let nats = nll_nats(logits, batch.target);
         // The batch's nats (and KL), read with the gradients' norm after the backward pass.
         let mut totals = vec![nats.clone().inner().cast(FloatDType::F32)];
@@ -205,9 +216,9 @@ pub(super) fn take(
         if loss_scale.is_some() {
             loss = loss * scale;
         }
-        marks[1] = started.elapsed().as_secs_f64();
+        marks[1] = mark()?;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        marks[2] = started.elapsed().as_secs_f64();
+        marks[2] = mark()?;
         (Some(grads), Tensor::cat(totals, 0))
     };
     // Unscaled (f16) and measured: the norm is what a step's update is made of.
@@ -229,11 +240,12 @@ pub(super) fn take(
             ema.update(&weights, &model, run_step);
         }
     }
+    let end = mark()?;
     let phases = (world.size() == 1).then(|| StepPhases {
         forward: marks[0],
         loss: marks[1] - marks[0],
         backward: marks[2] - marks[1],
-        update: started.elapsed().as_secs_f64() - marks[2],
+        update: end - marks[2],
     });
     let state = TrainState {
         model,

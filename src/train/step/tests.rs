@@ -20,6 +20,7 @@ fn plain(batch_size: usize) -> Step {
         kl_warmup_steps: 0,
         free_bits: 0.0,
         max_skipped_steps: 25,
+        sync_phases: false,
     }
 }
 
