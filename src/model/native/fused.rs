@@ -1,11 +1,12 @@
 //! The operations that exist on libtorch only ([`runs_fused`]), each one node of libtorch's
-//! autograd graph: a layer of the gated model, its head, the logistic mixture's likelihood. Their
-//! arguments, and their `Tensor` entry points (see `NativeBackward` for what each computes).
+//! autograd graph: a layer of the gated model, its head, the logistic mixture's likelihood; and
+//! PixelCNN++'s dropout masks in 32-bit integers. Their arguments, and their `Tensor` entry points
+//! (see `NativeBackward` for what each computes).
 
 use super::{Maybe, NativeBackward};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, ExtensionType};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 /// The four masked convolutions that every gated layer has: weight, bias and mask of each.
 #[derive(ExtensionType, Debug)]
@@ -172,5 +173,21 @@ pub fn logistic_nll(
         targets.into_dispatch(),
         components,
         min_log_scale,
+    ))
+}
+
+/// PixelCNN++'s dropout mask of `images` (their places in the global batch), where
+/// [`runs_fused`] (see [`NativeBackward::dropout_mask`]).
+pub fn dropout_mask(
+    images: Tensor<1, Int>,
+    key: u32,
+    elements: usize,
+    threshold: i64,
+) -> Tensor<2, Bool> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::dropout_mask(
+        images.into_dispatch(),
+        key,
+        elements,
+        threshold,
     ))
 }

@@ -2,8 +2,8 @@
 //! of libtorch in Burn's backward pass.
 
 use super::torch_ops::{
-    LAYER_INPUTS, concat_elu, conv, gate, head, head_inputs, layer, layer_inputs, logistic_nll,
-    nll, pad, resnet, strided, transposed,
+    LAYER_INPUTS, concat_elu, conv, dropout_mask, gate, head, head_inputs, layer, layer_inputs,
+    logistic_nll, nll, pad, resnet, strided, transposed,
 };
 use super::{Autodiff, Backward, CheckpointStrategy, Checkpointer, Gradients, Ops, OpsKind};
 use super::{
@@ -11,7 +11,7 @@ use super::{
 };
 use burn::backend::LibTorch;
 use burn::backend::libtorch::TchTensor;
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 
 /// Without autodiff (evaluation, sampling): libtorch's own kernels, without Burn's
 /// decompositions (its padding fills a tensor on the host and copies it over).
@@ -69,6 +69,10 @@ impl NativeBackward for LibTorch {
         let _guard = tch::no_grad_guard();
         let nll = logistic_nll(&params.tensor, &targets.tensor, components, min_log_scale);
         TchTensor::new(nll)
+    }
+
+    fn dropout_mask(images: TchTensor, key: u32, elements: usize, threshold: i64) -> TchTensor {
+        TchTensor::new(dropout_mask(&images.tensor, key, elements, threshold))
     }
 
     fn gated_resnet(
@@ -354,6 +358,15 @@ impl<C: CheckpointStrategy> NativeBackward for Autodiff<LibTorch, C> {
         record::<C, 1>([params], move |t| {
             logistic_nll(t[0], &targets, components, min_log_scale)
         })
+    }
+
+    fn dropout_mask(
+        images: IntTensor<Self>,
+        key: u32,
+        elements: usize,
+        threshold: i64,
+    ) -> BoolTensor<Self> {
+        TchTensor::new(dropout_mask(&images.tensor, key, elements, threshold))
     }
 
     fn gated_resnet(

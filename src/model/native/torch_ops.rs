@@ -307,3 +307,44 @@ pub(super) fn strided(t: &[&tch::Tensor], stride: usize) -> tch::Tensor {
 pub(super) fn transposed(t: &[&tch::Tensor]) -> tch::Tensor {
     t[0].conv_transpose2d(t[1], Some(t[2]), [2, 2], [0, 0], [0, 0], 1, [1, 1])
 }
+
+/// [`NativeBackward::dropout_mask`](super::NativeBackward::dropout_mask) in 32-bit integers:
+/// products and sums wrap modulo 2^32 (what the 64-bit definition masks them to), right shifts
+/// are masked to be logical, and the unsigned comparison is a signed one with the sign bit
+/// flipped on both sides. In place where it can: half the memory traffic of 64-bit operations,
+/// and no new buffer per operation.
+pub(super) fn dropout_mask(
+    images: &tch::Tensor,
+    key: u32,
+    elements: usize,
+    threshold: i64,
+) -> tch::Tensor {
+    use tch::Kind;
+    assert!(
+        elements < 1 << 31,
+        "{elements} elements per image: at most 2^31 - 1"
+    );
+    let batch = images.size()[0];
+    // Bit patterns as i32 (`as` wraps, as libtorch's casts from i64 do).
+    let keys =
+        hash32(images.to_kind(Kind::Int).bitwise_xor(i64::from(key as i32))).reshape([batch, 1]);
+    let counters = tch::Tensor::arange(elements as i64, (Kind::Int, images.device()))
+        .g_mul_scalar_(0x61C8_8647)
+        .reshape([1, elements as i64]);
+    let hashed = hash32(counters + keys);
+    let flipped = hashed.bitwise_xor(i64::from(i32::MIN));
+    flipped.lt(threshold + i64::from(i32::MIN))
+}
+
+/// `hash32` of `model::pixelcnnpp` on i32 bit patterns, in place.
+fn hash32(mut x: tch::Tensor) -> tch::Tensor {
+    for (shift, multiplier) in [(16, Some(0x7FEB_352D)), (15, Some(0x5BD1_E995)), (16, None)] {
+        let mut high = x.bitwise_right_shift_tensor_scalar(shift);
+        let _ = high.bitwise_and_((1i64 << (32 - shift)) - 1);
+        let _ = x.bitwise_xor_tensor_(&high);
+        if let Some(m) = multiplier {
+            let _ = x.g_mul_scalar_(m);
+        }
+    }
+    x
+}

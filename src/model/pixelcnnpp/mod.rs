@@ -335,7 +335,8 @@ fn hash32<const D: usize>(x: Tensor<D, Int>) -> Tensor<D, Int> {
 
 /// The dropout mask of `dims` for the images `first..first + b` of the global batch, layer key
 /// `key`: element `e` of image `i` is dropped when `hash32((e * 0x61C88647 + hash32(image ^ key))
-/// mod 2^32) < p * 2^32`. Made on `device` from two `arange`s, no upload.
+/// mod 2^32) < p * 2^32`. Made on `device` from two `arange`s, no upload; on libtorch by the
+/// same hash in 32-bit integers (`native::dropout_mask`, the same bits).
 fn dropout_mask(
     dims: [usize; 4],
     first: u64,
@@ -346,15 +347,18 @@ fn dropout_mask(
     use burn::tensor::DType;
     let [b, c, h, w] = dims;
     let n = c * h * w;
-    debug_assert!(first + (b as u64) < 1 << 32 && (n as u64) < 1 << 32);
+    debug_assert!(first + (b as u64) < 1 << 32 && (n as u64) < 1 << 31);
+    let threshold = (p * 4_294_967_296.0) as i64;
     let images = Tensor::<1, Int>::arange(
         first as i64..(first + b as u64) as i64,
         (device, DType::I64),
     );
+    if super::native::runs_fused(device) {
+        return super::native::dropout_mask(images, key, n, threshold).reshape(dims);
+    }
     let images = hash32(images.bitwise_xor_scalar(i64::from(key))).reshape([b, 1]);
     let elements = Tensor::<1, Int>::arange(0..n as i64, (device, DType::I64)).reshape([1, n]);
     let counters = (elements.mul_scalar(0x61C8_8647) + images).bitwise_and_scalar(LOW32);
-    let threshold = (p * 4_294_967_296.0) as i64;
     hash32(counters).lower_elem(threshold).reshape(dims)
 }
 

@@ -128,7 +128,10 @@ fn dropout_only_in_training_and_seeded() {
 }
 
 /// The device's masks are the hash written with plain u32 wrapping arithmetic, bit for bit,
-/// on every backend; about p of the elements are dropped, independently of each other.
+/// on every backend (libtorch's in 32-bit integers, flex's in 64-bit), at friendly and extreme
+/// values: keys and image numbers with the top bit set, near 2^32, probabilities near 0 and 1,
+/// masks longer than any vector width; about p of the elements are dropped, independently of
+/// each other.
 #[test]
 fn dropout_masks_are_the_hash_on_every_backend() {
     fn hash(mut x: u32) -> u32 {
@@ -138,24 +141,31 @@ fn dropout_masks_are_the_hash_on_every_backend() {
         x = x.wrapping_mul(0x5BD1_E995);
         x ^ (x >> 16)
     }
-    let (dims, first, key, p) = ([3, 4, 5, 6], 7u64, 0xDEAD_BEEFu32, 0.3);
-    let n = 4 * 5 * 6;
-    let expected: Vec<bool> = (0..3u32)
-        .flat_map(|i| {
-            let image = hash((first as u32 + i) ^ key);
-            (0..n as u32).map(move |e| {
-                u64::from(hash(e.wrapping_mul(0x61C8_8647).wrapping_add(image)))
-                    < (p * 4_294_967_296.0) as u64
+    let cases = [
+        ([3, 4, 5, 6], 7u64, 0xDEAD_BEEFu32, 0.3),
+        ([2, 3, 7, 9], (1 << 32) - 3, u32::MAX, 0.999_999),
+        ([4, 1, 1, 13], 0, 0x8000_0000, 1e-9),
+        ([1, 8, 33, 35], 1 << 31, 12_345, 0.5),
+    ];
+    for (dims, first, key, p) in cases {
+        let n = (dims[1] * dims[2] * dims[3]) as u32;
+        let expected: Vec<bool> = (0..dims[0] as u32)
+            .flat_map(|i| {
+                let image = hash((first as u32).wrapping_add(i) ^ key);
+                (0..n).map(move |e| {
+                    u64::from(hash(e.wrapping_mul(0x61C8_8647).wrapping_add(image)))
+                        < (p * 4_294_967_296.0) as u64
+                })
             })
-        })
-        .collect();
-    for device in crate::device::test_devices() {
-        let mask: Vec<bool> = dropout_mask(dims, first, key, p, &device)
-            .into_data()
-            .convert::<bool>()
-            .try_into_vec()
-            .unwrap();
-        assert_eq!(mask, expected, "{device:?}");
+            .collect();
+        for device in crate::device::test_devices() {
+            let mask: Vec<bool> = dropout_mask(dims, first, key, p, &device)
+                .into_data()
+                .convert::<bool>()
+                .try_into_vec()
+                .unwrap();
+            assert_eq!(mask, expected, "{device:?} {dims:?} {first} {key} {p}");
+        }
     }
     // The fraction and the independence of neighbours, over a large mask.
     let device = Device::flex();
