@@ -229,12 +229,15 @@ pub(super) fn logistic_nll(
     let colours = targets.size()[1];
     let kind = params.kind();
     let x = (targets.to_kind(kind) - 127.5) / 127.5; // [b, colours, h, w]
-    let per_colour = if colours == 1 { 2 * k } else { 3 * k };
-    let block = |c: i64, j: i64| params.narrow(1, k + c * per_colour + j * k, k);
+    let per_colour = if colours == 1 { 2 } else { 3 };
+    // One split, whose backward pass is one concatenation (a narrow per block would each fill a
+    // tensor of the parameters' size with zeros in the backward pass, and add them up).
+    let blocks = params.split(k, 1);
+    let block = |c: i64, j: i64| &blocks[(1 + c * per_colour + j) as usize];
     let colour = |c: i64| x.narrow(1, c, 1);
-    let mut total = params.narrow(1, 0, k).log_softmax(1, kind);
+    let mut total = blocks[0].log_softmax(1, kind);
     for c in 0..colours {
-        let mut mean = block(c, 0);
+        let mut mean = block(c, 0).shallow_clone();
         let log_s = block(c, 1).clamp_min(min_log_scale);
         if colours == 3 && c > 0 {
             let coef = |i: i64| block(i, 2).tanh();
