@@ -334,15 +334,17 @@ pub(super) fn dropout_mask(
     let counters = tch::Tensor::arange(elements as i64, (Kind::Int, images.device()))
         .g_mul_scalar_(0x61C8_8647)
         .reshape([1, elements as i64]);
-    let hashed = hash32(counters + keys);
-    let flipped = hashed.bitwise_xor(i64::from(i32::MIN));
-    flipped.lt(threshold + i64::from(i32::MIN))
+    let mut hashed = hash32(counters + keys);
+    let _ = hashed.bitwise_xor_(i64::from(i32::MIN));
+    hashed.lt(threshold + i64::from(i32::MIN))
 }
 
-/// `hash32` of `model::pixelcnnpp` on i32 bit patterns, in place.
+/// `hash32` of `model::pixelcnnpp` on i32 bit patterns, in place (with one buffer for the
+/// shifted values).
 fn hash32(mut x: tch::Tensor) -> tch::Tensor {
+    let high = x.empty_like();
     for (shift, multiplier) in [(16, Some(0x7FEB_352D)), (15, Some(0x5BD1_E995)), (16, None)] {
-        let mut high = x.bitwise_right_shift_tensor_scalar(shift);
+        let mut high = x.bitwise_right_shift_tensor_scalar_out(&high, shift);
         let _ = high.bitwise_and_((1i64 << (32 - shift)) - 1);
         let _ = x.bitwise_xor_tensor_(&high);
         if let Some(m) = multiplier {
