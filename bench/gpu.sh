@@ -67,7 +67,7 @@ for r in $(seq "$rounds"); do
     echo "--- gated b$1 $2"
     echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size="$1" --set runtime.precision="$2")"
     echo "twin:  $(python3 bench/pytorch_reference.py --variant gated --batch "$1" --steps "$steps" \
-      --device "$device" --precision "$2" --threads 4 2>&1 | grep '^| ')"
+      --device "$device" --precision "$2" --threads 4 2>&1 | grep -E '^\| |^step phases' | paste -sd' ')"
   done
   section "round $r of $rounds: PixelCNN++ CIFAR-10 settings (53.6M parameters), 32x32 RGB, EMA 0.9995"
   for row in "${pp_rows[@]}"; do
@@ -85,8 +85,9 @@ done
 section "profiles: gated b64 f32 and PixelCNN++ b16 dropout 0.5 f32, phases synchronised"
 if time_left 60 "gated profile"; then
   echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size=64 --sync --profile "$out/gated-pixel.json")"
-  python3 bench/pytorch_reference.py --variant gated --batch 64 --steps "$steps" --device "$device" \
-    --threads 4 --profile "$out/gated-twin.json" 2>&1 | grep '^| '
+  echo "twin:  $(python3 bench/pytorch_reference.py --variant gated --batch 64 --steps "$steps" \
+    --device "$device" --threads 4 --sync --profile "$out/gated-twin.json" 2>&1 |
+    grep -E '^\| |^step phases' | paste -sd' ')"
   python3 bench/profile_summary.py "$out/gated-pixel.json" "$out/gated-twin.json" --top 20
 fi
 if time_left 120 "pixelcnn++ profile"; then

@@ -17,9 +17,9 @@ import json
 import sys
 from collections import defaultdict
 
-# CUDA runtime calls after which the host waits for the GPU.
-WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-         "cudaStreamWaitEvent")
+# CUDA runtime calls in which the host waits for the GPU (a blocking copy to the host is
+# cudaMemcpyAsync then cudaStreamSynchronize; plain cudaMemcpy waits itself).
+WAITS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 
 
 def load(path):
@@ -64,8 +64,8 @@ def summarise(path):
     top_ops = outermost(ops)
     kernels = [e for e in events if e.get("cat") == "kernel"]
     copies = [e for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset")]
-    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
-    waits = [e for e in runtime if e["name"].startswith(WAITS)]
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    waits = [e for e in runtime if e["name"] in WAITS]
     wall = sum(e["dur"] for e in steps)
     span = (min(e["ts"] for e in steps),
             max(max(e["ts"] + e["dur"] for e in steps),
@@ -130,7 +130,7 @@ def main():
         cells = []
         for _, by_name, _ in results:
             ms, count = by_name.get(name, (0.0, 0))
-            cells.append(f"{ms:.3f} ({count:.0f})" if count else "-")
+            cells.append(f"{ms:.3f} ({round(count, 1):g})" if count else "-")
         short = name if len(name) <= 70 else name[:67] + "..."
         print(f"| {short} | {' | '.join(c.rjust(width) for c in cells)} |")
 

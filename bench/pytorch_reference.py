@@ -5,8 +5,9 @@ so that the speed ratio to PyTorch is measured side by side on one machine with 
         --batch 64 --size 28 --colours 1 --steps 10 --threads 2
 
 Prints the median seconds per training step (forward, 256-way cross-entropy, backward, Adam) and of a
-forward pass without gradients, after two warm-up steps each. Random data: the speed does not depend on
-the pixel values.
+forward pass without gradients, after two warm-up steps each, then the median time of each phase of a
+step as `pixel bench` prints them (--sync: the GPU's). Random data: the speed does not depend on the
+pixel values.
 """
 import argparse
 import statistics
@@ -156,6 +157,8 @@ def main():
                    help="bf16: torch.autocast (f32 weights, Adam state and loss)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: the first GPU (each timed step ends with .item(), which waits for it)")
+    p.add_argument("--sync", action="store_true",
+                   help="wait for the GPU at each phase boundary, so that the phases are the GPU's")
     p.add_argument("--profile", metavar="TRACE.json",
                    help="after the timed steps, record %d more with torch.profiler and write its "
                         "Chrome trace here (as pixel bench --profile)" % profiling.STEPS)
@@ -176,29 +179,43 @@ def main():
                 return model(x).float()
         return model(x)
 
+    sync = (lambda: torch.cuda.synchronize()) if (a.sync and a.device == "cuda") else (lambda: None)
+
     def step(i):
+        """One training step; returns the times at its phase boundaries (those of `pixel bench`:
+        forward with the upload, loss, backward, update with the host's reads of the loss and
+        the gradients' norm)."""
+        sync()
+        start = time.perf_counter()
         target = batches[i % len(batches)].to(a.device).long()
         x = target.float() / 255
         logits = forward(x).view(a.batch, a.colours, 256, a.size, a.size).transpose(1, 2)
+        sync()
+        t_forward = time.perf_counter()
         loss = F.cross_entropy(logits, target)
+        sync()
+        t_loss = time.perf_counter()
         opt.zero_grad()
         loss.backward()
-        loss = loss.item()
+        sync()
+        t_backward = time.perf_counter()
+        loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
         opt.step()
-        return loss
+        sync()
+        return [start, t_forward, t_loss, t_backward, time.perf_counter()]
 
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     x = batches[0].to(a.device).float() / 255
     times = []
+    phases = {k: [] for k in ("forward", "loss", "backward", "update")}
     for i in range(a.steps + 2):
-        t = time.perf_counter()
-        step(i)
+        marks = step(i)
         if i >= 2:
-            times.append(time.perf_counter() - t)
-    if a.profile:
-        profiling.profile(step, a.profile, a.device)
+            times.append(marks[-1] - marks[0])
+            for k, t0, t1 in zip(phases, marks, marks[1:]):
+                phases[k].append((t1 - t0) * 1e3)
     fwd = []
     with torch.no_grad():
         for i in range(a.steps + 2):
@@ -209,9 +226,14 @@ def main():
     s = statistics.median(times)
     peak = (f" {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU peak |"
             if a.device == "cuda" else "")
+    if a.profile:  # last, so that the profiler is in no measure above
+        profiling.profile(step, a.profile, a.device)
     print(f"| pytorch {torch.__version__} {a.device} {a.precision} | {a.variant} {a.layers}x{a.kernel} c{a.channels} | "
           f"{a.batch} | {s:.4f} s/step | {a.batch / s:.1f} images/s | {statistics.median(fwd):.1f} ms forward |"
           f"{peak}")
+    p = {k: statistics.median(v) for k, v in phases.items()}
+    print(f"step phases (median ms): forward {p['forward']:.1f}, loss {p['loss']:.1f}, "
+          f"backward {p['backward']:.1f}, update {p['update']:.1f}")
 
 
 if __name__ == "__main__":

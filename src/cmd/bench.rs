@@ -172,18 +172,6 @@ pub fn run(plan: Plan, options: &Options, world: &World) -> Result<Report> {
         }
     }
     world.separate_waiting(false);
-    if let Some(path) = &options.profile {
-        let profiler = opened.start_profiler().map_err(Error::Run)?;
-        for _ in 0..PROFILED_STEPS {
-            let _range = profiler.range("step");
-            state = one_step(state)?.0;
-        }
-        // The last update's kernels, queued after the step's host read, into the trace.
-        train_device
-            .sync()
-            .map_err(|e| Error::Run(format!("the device failed: {e:?}")))?;
-        save_trace(profiler, path)?;
-    }
     let collective_share = collective / times.iter().sum::<f64>();
     let waiting_share = waiting / times.iter().sum::<f64>();
     let seconds_per_step = median(times);
@@ -227,6 +215,19 @@ pub fn run(plan: Plan, options: &Options, world: &World) -> Result<Report> {
     let grid_seconds = (options.grid && root).then(|| time_grid(sample::Method::Cached));
     let naive_grid_seconds = (options.naive_grid && root).then(|| time_grid(sample::Method::Naive));
     let (per_rank, peak_rss_mib) = every_rank(world, peak_rss_mib());
+    // Last, so that the profiler's own memory and time are in no measure above.
+    if let Some(path) = &options.profile {
+        let profiler = opened.start_profiler().map_err(Error::Run)?;
+        for _ in 0..PROFILED_STEPS {
+            let _range = profiler.range("step");
+            state = one_step(state)?.0;
+        }
+        // The last update's kernels, queued after the step's host read, into the trace.
+        train_device
+            .sync()
+            .map_err(|e| Error::Run(format!("the device failed: {e:?}")))?;
+        save_trace(profiler, path)?;
+    }
 
     Ok(Report {
         experiment: plan.name.clone(),
