@@ -128,7 +128,8 @@ pub trait NativeBackward: Backend {
 
     /// PixelCNN++'s gated resnet in one operation: `x + glu(c2)` with
     /// `c2 = conv2(pad(drop(concat_elu(c1)))) [+ shift]` and
-    /// `c1 = conv1(pad(concat_elu(x))) [+ nin(concat_elu(aux))]`, every `pad` by
+    /// `c1 = conv1(concat_elu(pad(x))) [+ nin(concat_elu(aux))]` (concat_elu keeps padded zeros
+    /// zero: the same as padding after it), every `pad` by
     /// `shape.padding`, `drop` zeroing where `dropped` is true and scaling the rest by
     /// `shape.keep`, `nin` a 1x1 convolution. On libtorch the whole block is one node of
     /// libtorch's autograd graph; elsewhere it is the operations above one by one.
@@ -151,7 +152,9 @@ pub trait NativeBackward: Backend {
         #[extension_type] dropped: MaybeBool<Self>,
         shape: ResnetShape,
     ) -> FloatTensor<Self> {
-        let padded = Self::pad_zeros(Self::concat_elu(x.clone()), shape.padding);
+        // Padded before concat_elu, which keeps zeros zero: the padded tensor is then concat_elu's
+        // output too, and a graph keeps one copy of it for both backward passes, not two.
+        let padded = Self::concat_elu(Self::pad_zeros(x.clone(), shape.padding));
         let mut c1 = Self::valid_conv2d(padded, w1, b1);
         if let Maybe::Aux {
             input,

@@ -17,7 +17,8 @@ pub(super) fn resnet(
     shape: ResnetShape,
 ) -> tch::Tensor {
     let (x, w1, b1, w2, b2) = (t[0], t[1], t[2], t[3], t[4]);
-    let mut c1 = conv(&[&pad(&concat_elu(x), shape.padding), w1, b1]);
+    // concat_elu after the padding (it keeps zeros zero), as Burn's definition: one saved tensor.
+    let mut c1 = conv(&[&concat_elu(&pad(x, shape.padding)), w1, b1]);
     let mut rest = &t[5..];
     if aux {
         let (a, w, b) = (rest[0], rest[1], rest[2]);
