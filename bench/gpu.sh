@@ -9,7 +9,8 @@
 #
 # PIXEL: a `pixel` built with --features tch against the machine's PyTorch (default target/gpu/pixel,
 #        made by `bash bench/gpu-build.sh VERSION`); LD_LIBRARY_PATH is set here from `import torch`.
-# SECONDS: the budget (default 540); a row that would start past it is skipped, and said.
+# SECONDS: the budget (default 540); a row that would start past it is skipped, and said. The rows
+#   leave RESERVE seconds (default 240) for the profiles and the determinism checks.
 # Rows: gated 5x5 c30 (experiments/quickstart.toml as a gated model) at batch 64, 256, 1024 in f32
 # and 64 in bf16; PixelCNN++ with the CIFAR-10 settings (experiments/cifar10-pixelcnnpp.toml on
 # synthetic 32x32 RGB images) at batch 16 with dropout 0.5 and 0, at 64 in f32 and bf16.
@@ -29,6 +30,8 @@ out=${OUT:-gpu-out}
 device=${DEVICE:-cuda}
 steps=${STEPS:-12}
 rounds=${ROUNDS:-2}
+# Seconds the rows leave for the profiles and the determinism checks after them.
+reserve=${RESERVE:-240}
 # Rows as "batch precision" and "batch dropout precision", one per word group (';'-separated).
 IFS=';' read -r -a gated_rows <<< "${GATED_ROWS:-64 f32;256 f32;1024 f32;64 bf16}"
 IFS=';' read -r -a pp_rows <<< "${PP_ROWS:-16 0.5 f32;16 0.0 f32;64 0.5 f32;64 0.5 bf16}"
@@ -63,7 +66,7 @@ for r in $(seq "$rounds"); do
   section "round $r of $rounds: gated 5x5 c30, 28x28 grey"
   for row in "${gated_rows[@]}"; do
     set -- $row
-    time_left 40 "gated b$1 $2" || continue
+    time_left $((40 + reserve)) "gated b$1 $2" || continue
     echo "--- gated b$1 $2"
     echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size="$1" --set runtime.precision="$2")"
     echo "twin:  $(python3 bench/pytorch_reference.py --variant gated --batch "$1" --steps "$steps" \
@@ -72,7 +75,7 @@ for r in $(seq "$rounds"); do
   section "round $r of $rounds: PixelCNN++ CIFAR-10 settings (53.6M parameters), 32x32 RGB, EMA 0.9995"
   for row in "${pp_rows[@]}"; do
     set -- $row
-    time_left 90 "pixelcnn++ b$1 dropout $2 $3" || continue
+    time_left $((90 + reserve)) "pixelcnn++ b$1 dropout $2 $3" || continue
     echo "--- pixelcnn++ b$1 dropout $2 $3"
     echo "pixel: $(pixel_row "${cifar[@]}" --set train.batch_size="$1" --set model.pixelcnnpp.dropout="$2" \
       --set runtime.precision="$3")"
@@ -83,14 +86,14 @@ done
 # Where the time goes: phases synchronised at each boundary (--sync on both sides) and 3 steps
 # under the profiler (--profile), pixel's trace beside the twin's (bench/profile_summary.py).
 section "profiles: gated b64 f32 and PixelCNN++ b16 dropout 0.5 f32, phases synchronised"
-if time_left 60 "gated profile"; then
+if time_left 130 "gated profile"; then  # and 60 s for each determinism check after
   echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size=64 --sync --profile "$out/gated-pixel.json")"
   echo "twin:  $(python3 bench/pytorch_reference.py --variant gated --batch 64 --steps "$steps" \
     --device "$device" --threads 4 --sync --profile "$out/gated-twin.json" 2>&1 |
     grep -E '^\| |^step phases' | paste -sd' ')"
   python3 bench/profile_summary.py "$out/gated-pixel.json" "$out/gated-twin.json" --top 20
 fi
-if time_left 120 "pixelcnn++ profile"; then
+if time_left 200 "pixelcnn++ profile"; then
   echo "pixel: $(pixel_row "${cifar[@]}" --set train.batch_size=16 --sync --profile "$out/pp-pixel.json")"
   echo "twin:  $("${twin_pp[@]}" --batch 16 --dropout 0.5 --sync --profile "$out/pp-twin.json" 2>&1 |
     grep -E '^\| |^step phases' | paste -sd' ')"
