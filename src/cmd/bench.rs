@@ -261,15 +261,26 @@ pub fn run(plan: Plan, options: &Options, world: &World) -> Result<Report> {
 /// Refuses `--profile PATH` before anything runs where it cannot be written: another backend
 /// than libtorch, several ranks, or a folder that is not there.
 fn check_profile(path: &Path, plan: &Plan, world: &World) -> Result<()> {
+    use crate::device::BackendKind;
     let usage = |message: String| Error::Usage {
         flag: format!("--profile {}", path.display()),
         message,
     };
-    if plan.device.backend != crate::device::BackendKind::Libtorch {
+    // `auto` is libtorch wherever libtorch is compiled in.
+    let libtorch = match plan.device.backend {
+        BackendKind::Libtorch => true,
+        BackendKind::Auto => cfg!(feature = "tch"),
+        BackendKind::Flex => false,
+    };
+    if !libtorch {
         return Err(usage(format!(
-            "the profiler is libtorch's, and this run's backend is {}; expected --set \
-             runtime.backend=libtorch",
-            plan.device.backend.name()
+            "the profiler is libtorch's, and this run's backend is {}{}; expected --set \
+             runtime.backend=libtorch (in a build with --features tch)",
+            plan.device.backend.name(),
+            match plan.device.backend {
+                BackendKind::Auto => " (flex: this build has no libtorch)",
+                _ => "",
+            }
         )));
     }
     if world.size() > 1 {
