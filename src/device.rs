@@ -226,9 +226,7 @@ impl Opened {
             unsafe { native::pixel_cuda_reset_peak(index) };
         }
     }
-}
 
-impl Opened {
     /// Starts libtorch's profiler (what `torch.profiler` runs): the operators this thread and
     /// the autograd engine call, and on CUDA the GPU's kernels and copies, until
     /// [`Profiler::save`]. Only libtorch has one.
