@@ -149,8 +149,16 @@ pub struct Context {
 impl Context {
     pub fn from_labels(labels: &[u8], device: &Device) -> Self {
         let v: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+        Context::with_labels(Tensor::from_data(
+            TensorData::new(v, [labels.len()]),
+            device,
+        ))
+    }
+
+    /// A context of class labels already on the device, `[batch]`.
+    pub fn with_labels(labels: Tensor<1, Int>) -> Self {
         Context {
-            labels: Tensor::from_data(TensorData::new(v, [labels.len()]), device),
+            labels,
             maps: None,
             latent: None,
             dropout: None,

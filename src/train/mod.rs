@@ -116,20 +116,31 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Builds a batch from the images at `indices`. Targets come from the bytes, never from floats.
+    /// Builds a batch from the images at `indices`, in one upload (on a GPU each upload waits for
+    /// the device): the bytes and the labels as one f32 buffer, cut and cast on the device. The
+    /// targets are the bytes' values exactly (integers up to 2^24 are exact in f32).
     pub fn gather(images: &Images, indices: &[usize], device: &Device) -> Batch {
         let (pixels, labels) = images.gather(indices);
         let shape = [indices.len(), images.colours, images.height, images.width];
-        Batch::from_bytes(&pixels, &labels, shape, device)
-    }
-
-    pub fn from_bytes(pixels: &[u8], labels: &[u8], shape: [usize; 4], device: &Device) -> Batch {
-        let floats: Vec<f32> = pixels.iter().map(|&p| f32::from(p)).collect();
-        let ints: Vec<i64> = pixels.iter().map(|&p| i64::from(p)).collect();
+        let (n, k) = (pixels.len(), labels.len());
+        let bytes = pixels
+            .iter()
+            .chain(&labels)
+            .map(|&b| f32::from(b))
+            .collect();
+        let all = Tensor::<1>::from_data(TensorData::new(bytes, [n + k]), device);
+        if n == 0 {
+            return Batch {
+                input: all.clone().reshape(shape),
+                target: all.int().reshape(shape),
+                context: Context::from_labels(&[], device),
+            };
+        }
+        let input = all.clone().narrow(0, 0, n).reshape(shape);
         Batch {
-            input: Tensor::from_data(TensorData::new(floats, shape), device),
-            target: Tensor::from_data(TensorData::new(ints, shape), device),
-            context: Context::from_labels(labels, device),
+            target: input.clone().int(),
+            input,
+            context: Context::with_labels(all.narrow(0, n, k).int()),
         }
     }
 }
@@ -284,5 +295,39 @@ mod tests {
         assert!(collapse_warning(Some(5e-7), Some(0.5), 0.0).is_none());
         assert!(collapse_warning(Some(5e-7), Some(1.0), 0.25).is_none());
         assert!(collapse_warning(Some(0.07), Some(1.0), 0.0).is_none());
+    }
+
+    /// The one upload of a batch gives inputs and targets equal to the bytes, every byte value
+    /// among them, and the labels, in the order of the indices; an empty batch is empty.
+    #[test]
+    fn a_batch_is_its_bytes_and_labels() {
+        let first: Vec<u8> = (0..=255).collect();
+        let second: Vec<u8> = first.iter().rev().copied().collect();
+        let images = Images {
+            pixels: [first.clone(), second.clone()].concat(),
+            labels: vec![9, 0],
+            colours: 1,
+            height: 16,
+            width: 16,
+        };
+        let ints = |t: Tensor<4, Int>| t.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+        for device in crate::device::test_devices() {
+            let batch = Batch::gather(&images, &[1, 0], &device);
+            let expected: Vec<i64> = second.iter().chain(&first).map(|&b| i64::from(b)).collect();
+            assert_eq!(batch.target.dims(), [2, 1, 16, 16]);
+            assert_eq!(ints(batch.target), expected);
+            let input = batch
+                .input
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap();
+            assert!(input.iter().zip(&expected).all(|(&x, &b)| x == b as f32));
+            let labels = batch.context.labels.into_data().convert::<i64>();
+            assert_eq!(labels.try_to_vec::<i64>().unwrap(), [0, 9]);
+            let empty = Batch::gather(&images, &[], &device);
+            assert_eq!(empty.target.dims(), [0, 1, 16, 16]);
+            assert_eq!(empty.context.labels.dims(), [0]);
+        }
     }
 }

@@ -176,17 +176,17 @@ pub fn logistic_nll(
     ))
 }
 
-/// PixelCNN++'s dropout mask of `images` (their places in the global batch), where
-/// [`runs_fused`] (see [`NativeBackward::dropout_mask`]).
-pub fn dropout_mask(
+/// PixelCNN++'s dropout masks of `images` (their places in the global batch), one per key, where
+/// [`runs_fused`] (see [`NativeBackward::dropout_masks`]).
+pub fn dropout_masks(
     images: Tensor<1, Int>,
-    key: u32,
+    keys: Vec<u32>,
     elements: usize,
     threshold: i64,
-) -> Tensor<2, Bool> {
-    Tensor::from_dispatch(<Dispatch as NativeBackward>::dropout_mask(
+) -> Tensor<3, Bool> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::dropout_masks(
         images.into_dispatch(),
-        key,
+        keys,
         elements,
         threshold,
     ))

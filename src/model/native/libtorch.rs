@@ -2,7 +2,7 @@
 //! of libtorch in Burn's backward pass.
 
 use super::torch_ops::{
-    LAYER_INPUTS, concat_elu, conv, dropout_mask, gate, head, head_inputs, layer, layer_inputs,
+    LAYER_INPUTS, concat_elu, conv, dropout_masks, gate, head, head_inputs, layer, layer_inputs,
     logistic_nll, nll, pad, resnet, strided, transposed,
 };
 use super::{Autodiff, Backward, CheckpointStrategy, Checkpointer, Gradients, Ops, OpsKind};
@@ -71,8 +71,13 @@ impl NativeBackward for LibTorch {
         TchTensor::new(nll)
     }
 
-    fn dropout_mask(images: TchTensor, key: u32, elements: usize, threshold: i64) -> TchTensor {
-        TchTensor::new(dropout_mask(&images.tensor, key, elements, threshold))
+    fn dropout_masks(
+        images: TchTensor,
+        keys: Vec<u32>,
+        elements: usize,
+        threshold: i64,
+    ) -> TchTensor {
+        TchTensor::new(dropout_masks(&images.tensor, &keys, elements, threshold))
     }
 
     fn gated_resnet(
@@ -360,13 +365,13 @@ impl<C: CheckpointStrategy> NativeBackward for Autodiff<LibTorch, C> {
         })
     }
 
-    fn dropout_mask(
+    fn dropout_masks(
         images: IntTensor<Self>,
-        key: u32,
+        keys: Vec<u32>,
         elements: usize,
         threshold: i64,
     ) -> BoolTensor<Self> {
-        TchTensor::new(dropout_mask(&images.tensor, key, elements, threshold))
+        TchTensor::new(dropout_masks(&images.tensor, &keys, elements, threshold))
     }
 
     fn gated_resnet(

@@ -22,7 +22,7 @@
 //! whose two convolutions, 1x1 convolution, three concat_elus, dropout and gate are one libtorch
 //! graph between Burn's; a layer of the gated model (`gated_layer`) and its head (`gated_head`);
 //! the logistic mixture's likelihood (`logistic_nll`). The last three, and PixelCNN++'s dropout
-//! masks in 32-bit integers (`dropout_mask`), exist on libtorch only ([`runs_fused`]): elsewhere
+//! masks in 32-bit integers (`dropout_masks`), exist on libtorch only ([`runs_fused`]): elsewhere
 //! the Burn operations that define them run.
 
 // burn-tch is deprecated upstream but is the fast path on CPU and CUDA here.
@@ -249,23 +249,24 @@ pub trait NativeBackward: Backend {
         unreachable!("logistic_nll runs on libtorch only (`runs_fused` says where)")
     }
 
-    /// PixelCNN++'s dropout mask, what `model::pixelcnnpp`'s `dropout_mask` defines in 64-bit
-    /// integer operations: for image `i` (`images[i]`, the image's place in the global batch) and
-    /// element `e` of `elements`, whether `hash32((e * 0x61C88647 + hash32(image ^ key)) mod 2^32)`
-    /// is below `threshold`. It exists on libtorch only ([`runs_fused`]), in 32-bit integers
-    /// whose products and sums wrap (the same bits at half the memory traffic, a test checks).
+    /// PixelCNN++'s dropout masks, what `model::pixelcnnpp`'s `dropout_masks` defines in 64-bit
+    /// integer operations: for key `k` of `keys`, image `i` (`images[i]`, the image's place in
+    /// the global batch) and element `e` of `elements`, whether
+    /// `hash32((e * 0x61C88647 + hash32(image ^ k)) mod 2^32)` is below `threshold`. It exists on
+    /// libtorch only ([`runs_fused`]), in 32-bit integers whose products and sums wrap (the same
+    /// bits at half the memory traffic, a test checks).
     ///
     /// # Shapes
     /// - images: `[batch]`
-    /// - returns: `[batch, elements]`
-    fn dropout_mask(
+    /// - returns: `[keys, batch, elements]`
+    fn dropout_masks(
         images: IntTensor<Self>,
-        key: u32,
+        keys: Vec<u32>,
         elements: usize,
         threshold: i64,
     ) -> BoolTensor<Self> {
-        let _ = (images, key, elements, threshold);
-        unreachable!("dropout_mask runs on libtorch only (`runs_fused` says where)")
+        let _ = (images, keys, elements, threshold);
+        unreachable!("dropout_masks runs on libtorch only (`runs_fused` says where)")
     }
 
     /// The summed negative log-likelihood of `targets` under a softmax over dimension 2.
@@ -586,7 +587,7 @@ mod libtorch;
 mod torch_ops;
 
 pub use fused::{
-    GatedLayerInputs, HeadConvs, LayerConvs, LayerShape, Link, Masked, dropout_mask, gated_head,
+    GatedLayerInputs, HeadConvs, LayerConvs, LayerShape, Link, Masked, dropout_masks, gated_head,
     gated_layer, logistic_nll, runs_fused,
 };
 

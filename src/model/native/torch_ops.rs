@@ -312,14 +312,15 @@ pub(super) fn transposed(t: &[&tch::Tensor]) -> tch::Tensor {
     t[0].conv_transpose2d(t[1], Some(t[2]), [2, 2], [0, 0], [0, 0], 1, [1, 1])
 }
 
-/// [`NativeBackward::dropout_mask`](super::NativeBackward::dropout_mask) in 32-bit integers:
+/// [`NativeBackward::dropout_masks`](super::NativeBackward::dropout_masks) in 32-bit integers:
 /// products and sums wrap modulo 2^32 (what the 64-bit definition masks them to), right shifts
 /// are masked to be logical, and the unsigned comparison is a signed one with the sign bit
 /// flipped on both sides. In place where it can: half the memory traffic of 64-bit operations,
-/// and no new buffer per operation.
-pub(super) fn dropout_mask(
+/// and no new buffer per operation. The keys reach the device in one small copy that does not
+/// wait for it (`non_blocking`: from pageable memory CUDA stages the bytes before returning).
+pub(super) fn dropout_masks(
     images: &tch::Tensor,
-    key: u32,
+    keys: &[u32],
     elements: usize,
     threshold: i64,
 ) -> tch::Tensor {
@@ -328,13 +329,17 @@ pub(super) fn dropout_mask(
         elements < 1 << 31,
         "{elements} elements per image: at most 2^31 - 1"
     );
-    let batch = images.size()[0];
+    let (batch, masks) = (images.size()[0], keys.len() as i64);
     // Bit patterns as i32 (`as` wraps, as libtorch's casts from i64 do).
-    let keys =
-        hash32(images.to_kind(Kind::Int).bitwise_xor(i64::from(key as i32))).reshape([batch, 1]);
-    let counters = tch::Tensor::arange(elements as i64, (Kind::Int, images.device()))
+    let bits: Vec<i32> = keys.iter().map(|&k| k as i32).collect();
+    let keys = tch::Tensor::from_slice(&bits)
+        .to_device_(images.device(), Kind::Int, true, false)
+        .reshape([masks, 1]);
+    let images = images.to_kind(Kind::Int).reshape([1, batch]);
+    let keys = hash32(images.bitwise_xor_tensor(&keys)).reshape([masks, batch, 1]);
+    let counters = tch::Tensor::arange(elements as i64, (Kind::Int, keys.device()))
         .g_mul_scalar_(0x61C8_8647)
-        .reshape([1, elements as i64]);
+        .reshape([1, 1, elements as i64]);
     let mut hashed = hash32(counters + keys);
     let _ = hashed.bitwise_xor_(i64::from(i32::MIN));
     hashed.lt(threshold + i64::from(i32::MIN))

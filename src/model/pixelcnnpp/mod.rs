@@ -20,7 +20,9 @@ use super::native::{
     ResnetShape, gated_resnet, pad_zeros, strided_conv2d, transposed_conv2d_stride2, valid_conv2d,
 };
 use burn::module::{Module, Param};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
+use dropout::Dropout;
+pub use dropout::DropoutDraws;
 use rand::RngExt;
 use rand::rngs::StdRng;
 
@@ -300,84 +302,6 @@ impl GatedResnet {
     }
 }
 
-/// Where a training step's dropout masks come from: the masks of image `i` of the batch are a
-/// hash of (`seed`, step `step`, image `first + i` of the global batch, the mask's place in the
-/// network, the element), computed on the device. The masks of an image do not depend on how the
-/// global batch is cut into batches (or over ranks), nor on the backend, and a resumed run draws
-/// them again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DropoutDraws {
-    pub seed: u64,
-    pub step: u64,
-    pub first: u64,
-}
-
-/// Dropout in one forward pass: the next mask's place in the network, and the batch's images.
-struct Dropout {
-    p: f64,
-    draws: DropoutDraws,
-    layer: u64,
-}
-
-/// The low 32 bits.
-const LOW32: i64 = 0xFFFF_FFFF;
-
-/// A 32-bit integer hash (xor-shift-multiply, as in Wang's and MurmurHash's finalisers) of values
-/// in 0..2^32 held in i64, in tensor operations: every product stays below 2^63 (multipliers
-/// below 2^31), so i64 arithmetic gives the same bits on every backend, CPU or GPU.
-fn hash32<const D: usize>(x: Tensor<D, Int>) -> Tensor<D, Int> {
-    let x = x.clone().bitwise_xor(x.bitwise_right_shift_scalar(16));
-    let x = x.mul_scalar(0x7FEB_352D).bitwise_and_scalar(LOW32);
-    let x = x.clone().bitwise_xor(x.bitwise_right_shift_scalar(15));
-    let x = x.mul_scalar(0x5BD1_E995).bitwise_and_scalar(LOW32);
-    x.clone().bitwise_xor(x.bitwise_right_shift_scalar(16))
-}
-
-/// The dropout mask of `dims` for the images `first..first + b` of the global batch, layer key
-/// `key`: element `e` of image `i` is dropped when `hash32((e * 0x61C88647 + hash32(image ^ key))
-/// mod 2^32) < p * 2^32`. Made on `device` from two `arange`s, no upload; on libtorch by the
-/// same hash in 32-bit integers (`native::dropout_mask`, the same bits).
-fn dropout_mask(
-    dims: [usize; 4],
-    first: u64,
-    key: u32,
-    p: f64,
-    device: &Device,
-) -> Tensor<4, Bool> {
-    use burn::tensor::DType;
-    let [b, c, h, w] = dims;
-    let n = c * h * w;
-    debug_assert!(first + (b as u64) < 1 << 32 && (n as u64) < 1 << 31);
-    let threshold = (p * 4_294_967_296.0) as i64;
-    let images = Tensor::<1, Int>::arange(
-        first as i64..(first + b as u64) as i64,
-        (device, DType::I64),
-    );
-    if super::native::runs_fused(device) {
-        return super::native::dropout_mask(images, key, n, threshold).reshape(dims);
-    }
-    let images = hash32(images.bitwise_xor_scalar(i64::from(key))).reshape([b, 1]);
-    let elements = Tensor::<1, Int>::arange(0..n as i64, (device, DType::I64)).reshape([1, n]);
-    let counters = (elements.mul_scalar(0x61C8_8647) + images).bitwise_and_scalar(LOW32);
-    hash32(counters).lower_elem(threshold).reshape(dims)
-}
-
-impl Dropout {
-    /// The mask of the elements that dropout zeroes, with probability `p` each, and the factor
-    /// 1 / (1 - p) of the others (no mask for p = 0). Each mask has its own key: the step's
-    /// stream (`rng::derive`) at the mask's place in the network.
-    fn mask(&mut self, dims: [usize; 4], device: &Device) -> (Option<Tensor<4, Bool>>, f64) {
-        if self.p <= 0.0 {
-            return (None, 1.0);
-        }
-        let d = self.draws;
-        let key = crate::rng::derive(d.seed, crate::rng::Purpose::Dropout, d.step, self.layer);
-        self.layer += 1;
-        let mask = dropout_mask(dims, d.first, key as u32, self.p, device);
-        (Some(mask), 1.0 / (1.0 - self.p))
-    }
-}
-
 /// The two-stream network; see the module's documentation.
 #[derive(Module, Debug)]
 pub struct PixelCnnPp {
@@ -566,12 +490,18 @@ impl PixelCnnPp {
         label: Option<&Tensor<2>>,
         dropout: Option<DropoutDraws>,
     ) -> Tensor<4> {
+        let mut dropout = dropout.map(|draws| Dropout::new(self.dropout, draws, self.resnets));
+        self.forward_with(x, label, &mut dropout)
+    }
+
+    /// [`PixelCnnPp::forward`] with the masks from `dropout`.
+    fn forward_with(
+        &self,
+        x: Tensor<4>,
+        label: Option<&Tensor<2>>,
+        dropout: &mut Option<Dropout>,
+    ) -> Tensor<4> {
         let [b, _, h, w] = x.dims();
-        let mut dropout = dropout.map(|draws| Dropout {
-            p: self.dropout,
-            draws,
-            layer: 0,
-        });
         let scaled = (x - 127.5) / 127.5;
         let pixel = scaled.clone();
         let ones = Tensor::<4>::ones([b, 1, h, w], &scaled.device()).cast(scaled.dtype());
@@ -585,8 +515,8 @@ impl PixelCnnPp {
         ];
         for stage in 0..STAGES {
             for i in stage * r..(stage + 1) * r {
-                let u = self.up_u[i].forward(last(&us), None, label, &mut dropout);
-                let ul = self.up_ul[i].forward(last(&uls), Some(u.clone()), label, &mut dropout);
+                let u = self.up_u[i].forward(last(&us), None, label, dropout);
+                let ul = self.up_ul[i].forward(last(&uls), Some(u.clone()), label, dropout);
                 us.push(u);
                 uls.push(ul);
             }
@@ -600,9 +530,9 @@ impl PixelCnnPp {
         let mut block = 0;
         for stage in 0..STAGES {
             for _ in 0..r + usize::from(stage > 0) {
-                u = self.down_u[block].forward(u, Some(pop(&mut us)), label, &mut dropout);
+                u = self.down_u[block].forward(u, Some(pop(&mut us)), label, dropout);
                 let aux = Tensor::cat(vec![u.clone(), pop(&mut uls)], 1);
-                ul = self.down_ul[block].forward(ul, Some(aux), label, &mut dropout);
+                ul = self.down_ul[block].forward(ul, Some(aux), label, dropout);
                 block += 1;
             }
             if stage + 1 < STAGES {
@@ -636,5 +566,6 @@ fn pop(v: &mut Vec<Tensor<4>>) -> Tensor<4> {
     v.pop().expect("one up-pass activation per down-pass block")
 }
 
+mod dropout;
 #[cfg(test)]
 mod tests;

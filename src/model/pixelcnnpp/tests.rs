@@ -149,27 +149,30 @@ fn dropout_masks_are_the_hash_on_every_backend() {
     ];
     for (dims, first, key, p) in cases {
         let n = (dims[1] * dims[2] * dims[3]) as u32;
-        let expected: Vec<bool> = (0..dims[0] as u32)
-            .flat_map(|i| {
-                let image = hash((first as u32).wrapping_add(i) ^ key);
-                (0..n).map(move |e| {
-                    u64::from(hash(e.wrapping_mul(0x61C8_8647).wrapping_add(image)))
-                        < (p * 4_294_967_296.0) as u64
+        // Several masks at once, each its key's.
+        let keys = [key, key ^ 0x5555_5555, 0];
+        let expected: Vec<bool> = keys
+            .iter()
+            .flat_map(|&key| {
+                (0..dims[0] as u32).flat_map(move |i| {
+                    let image = hash((first as u32).wrapping_add(i) ^ key);
+                    (0..n).map(move |e| {
+                        u64::from(hash(e.wrapping_mul(0x61C8_8647).wrapping_add(image)))
+                            < (p * 4_294_967_296.0) as u64
+                    })
                 })
             })
             .collect();
         for device in crate::device::test_devices() {
-            let mask: Vec<bool> = dropout_mask(dims, first, key, p, &device)
-                .into_data()
-                .convert::<bool>()
-                .try_into_vec()
-                .unwrap();
-            assert_eq!(mask, expected, "{device:?} {dims:?} {first} {key} {p}");
+            let masks = dropout::dropout_masks(dims, first, &keys, p, &device);
+            assert_eq!(masks.dims()[..2], [3, dims[0]]);
+            let masks: Vec<bool> = masks.into_data().convert::<bool>().try_into_vec().unwrap();
+            assert_eq!(masks, expected, "{device:?} {dims:?} {first} {key} {p}");
         }
     }
     // The fraction and the independence of neighbours, over a large mask.
     let device = Device::flex();
-    let big: Vec<bool> = dropout_mask([4, 16, 32, 32], 0, 1, 0.5, &device)
+    let big: Vec<bool> = dropout::dropout_masks([4, 16, 32, 32], 0, &[1], 0.5, &device)
         .into_data()
         .convert::<bool>()
         .try_into_vec()
@@ -189,6 +192,63 @@ fn dropout_masks_are_the_hash_on_every_backend() {
         (same / per_image as f64 - 0.5).abs() < 0.02,
         "images agree: {same}"
     );
+}
+
+/// The masks made together, a few hashes per size, are each layer's own, on every backend: the
+/// output is the one of masks made one at a time, bit for bit, with one hash per size, and with
+/// the hashes cut into groups of a few masks; the sizes' layers are the layers the forward pass
+/// asks for at each size (odd sizes: 9x7 halves to 5x4 and 3x2).
+#[test]
+fn masks_made_together_are_each_layers_own() {
+    let draws = DropoutDraws {
+        seed: 11,
+        step: 3,
+        first: 5,
+    };
+    for device in crate::device::test_devices() {
+        for r in [1, 2] {
+            let cfg = PixelCnnPpConfig {
+                dropout: 0.5,
+                ..config(3, r)
+            };
+            let net = cfg.init(&mut StdRng::seed_from_u64(2), &device);
+            let pixels: Vec<f32> = (0..2 * 3 * 63).map(|i| ((i * 37) % 256) as f32).collect();
+            let x = Tensor::<4>::from_data(TensorData::new(pixels, [2, 3, 9, 7]), &device);
+            let run = |dropout: dropout::Dropout| {
+                let mut dropout = Some(dropout);
+                let out = net.forward_with(x.clone(), None, &mut dropout);
+                let out: Vec<f32> = out.into_data().convert::<f32>().try_into_vec().unwrap();
+                (out, dropout.unwrap())
+            };
+            let (alone, one) = run(dropout::Dropout::one_at_a_time(0.5, draws));
+            let (together, all) = run(dropout::Dropout::new(0.5, draws, r));
+            let mut few = dropout::Dropout::new(0.5, draws, r);
+            few.at_once = 2 * 2 * 6 * 9 * 7; // two masks of the largest size
+            let (grouped, some) = run(few);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&together), bits(&alone), "{device:?} r={r}");
+            assert_eq!(bits(&grouped), bits(&alone), "{device:?} r={r}");
+            assert_eq!(one.hashes, 12 * r + 4);
+            assert_eq!(all.hashes, 3, "one hash per size");
+            assert!(
+                some.hashes > 3 && some.hashes < one.hashes,
+                "{}",
+                some.hashes
+            );
+            // Each size's layers ask for one shape, each size its own.
+            let sizes = dropout::layers_by_size(r as u64);
+            assert_eq!(sizes.iter().map(Vec::len).sum::<usize>(), all.asked.len());
+            let shapes: Vec<[usize; 4]> = sizes
+                .iter()
+                .map(|layers| {
+                    let first = all.asked[layers[0] as usize];
+                    assert!(layers.iter().all(|&l| all.asked[l as usize] == first));
+                    first
+                })
+                .collect();
+            assert_eq!(shapes, [[2, 12, 9, 7], [2, 12, 5, 4], [2, 12, 3, 2]]);
+        }
+    }
 }
 
 /// An image's masks are its own: a batch of two gives each image what it gets alone with its
