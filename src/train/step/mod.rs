@@ -4,8 +4,12 @@
 //! exchange), and the update every rank then takes alike. The global batch's loss is the mean
 //! over all its sub-pixels whatever the number of ranks: each rank divides its nats by the global
 //! batch's sub-pixels, and the sum of the ranks' gradients is the gradient of the whole. A world
-//! of one exchanges nothing: its gradients stay on the device, and the step reads the host once,
-//! after the backward pass (each parameter's square sum and the batch's nats together).
+//! of one exchanges nothing: its gradients stay on the device, clipping's factor is computed
+//! there, and the step reads the host once, after the update (the gradients' square sum and the
+//! batch's nats together), so that a GPU runs the update right behind the backward pass instead
+//! of waiting for the host's decision. A loss or gradient that is not finite then stops the run
+//! with the step's update dropped: the state is not returned. In f16, whose overflowing steps
+//! are skipped and the run goes on, and over several ranks, the read comes before the update.
 
 use super::loss_scale::{self, GradientNorm};
 use super::{Batch, TrainState};
@@ -106,8 +110,9 @@ pub struct StepPhases {
     pub loss: f64,
     /// The backward pass.
     pub backward: f64,
-    /// The gradient norm with the loss read on the host (one wait for the device), clipping,
-    /// the optimizer's step and the EMA's update.
+    /// The gradient norm, clipping, the optimizer's step, the EMA's update, and the read of the
+    /// loss and the norm on the host (one wait for the device; in f16 and over several ranks it
+    /// comes before the update).
     pub update: f64,
 }
 
@@ -221,25 +226,47 @@ pub(super) fn take(
         marks[2] = mark()?;
         (Some(grads), Tensor::cat(totals, 0))
     };
-    // Unscaled (f16) and measured: the norm is what a step's update is made of.
-    let agreed = agree(&model, grads, totals, stop(), 1.0 / scale, world, &inner);
-    let nats = agreed.totals[0];
-    let kl_nats = latent.map(|_| agreed.totals[1]);
-    let loss = nats + kl_nats.unwrap_or(0.0);
-    let norm = agreed.norm;
-    let finite = check_finite(loss, &norm, loss_scale.as_mut(), &model, i, step)?;
     let learning_rate = step.learning_rate_at(run_step);
-    if finite {
-        let mut grads = agreed.grads;
-        if step.clip_grad_norm > 0.0 && norm.norm > step.clip_grad_norm {
-            grads.values = grads.values * (step.clip_grad_norm / norm.norm);
-        }
+    let (agreed, finite) = if world.size() == 1 && loss_scale.is_none() {
+        // Update first, read after: an error drops the state, so the update need not wait.
+        let grads = grads.expect("a world of one takes the whole batch");
+        let gathered = gather(&model, grads, totals, stop(), 1.0);
+        let grads = clipped(
+            gathered.grads.clone(),
+            &gathered.square_sum,
+            step.clip_grad_norm,
+        );
         let (next, weights) = optimizer.step(learning_rate, model, grads);
         model = next;
         if let Some(ema) = ema.as_mut() {
             ema.update(&weights, &model, run_step);
         }
-    }
+        let agreed = gathered.read(&model);
+        let loss = agreed.totals.iter().sum();
+        let finite = check_finite(loss, &agreed.norm, None, &model, i, step)?;
+        (agreed, finite)
+    } else {
+        // Unscaled (f16) and measured: the norm is what a step's update is made of.
+        let agreed = agree(&model, grads, totals, stop(), 1.0 / scale, world, &inner);
+        let loss = agreed.totals.iter().sum();
+        let norm = agreed.norm;
+        let finite = check_finite(loss, &norm, loss_scale.as_mut(), &model, i, step)?;
+        if finite {
+            let mut grads = agreed.grads.clone();
+            if step.clip_grad_norm > 0.0 && norm.norm > step.clip_grad_norm {
+                grads.values = grads.values * (step.clip_grad_norm / norm.norm);
+            }
+            let (next, weights) = optimizer.step(learning_rate, model, grads);
+            model = next;
+            if let Some(ema) = ema.as_mut() {
+                ema.update(&weights, &model, run_step);
+            }
+        }
+        (agreed, finite)
+    };
+    let nats = agreed.totals[0];
+    let kl_nats = latent.map(|_| agreed.totals[1]);
+    let norm = agreed.norm;
     let end = mark()?;
     let phases = (world.size() == 1).then(|| StepPhases {
         forward: marks[0],
@@ -393,7 +420,27 @@ fn agree(
     if world.size() > 1 {
         return all_reduce(model, grads, totals, stop, factor, world, device);
     }
-    let grads = Flat::gradients(model, grads.expect("a world of one takes the whole batch"));
+    let grads = grads.expect("a world of one takes the whole batch");
+    gather(model, grads, totals, stop, factor).read(model)
+}
+
+/// A world of one's gradients (times a factor), flat, with their square sum (f64, `[1]`) and the
+/// totals still on the device, until [`Gathered::read`].
+struct Gathered {
+    grads: Flat,
+    square_sum: Tensor<1>,
+    totals: Tensor<1>,
+    stop: bool,
+}
+
+fn gather(
+    model: &Model,
+    grads: GradientsParams,
+    totals: Tensor<1>,
+    stop: bool,
+    factor: f64,
+) -> Gathered {
+    let grads = Flat::gradients(model, grads);
     let grads = Flat {
         values: if factor == 1.0 {
             grads.values
@@ -402,25 +449,55 @@ fn agree(
         },
         layout: grads.layout,
     };
-    let wide = grads.values.clone().cast(FloatDType::F64);
-    let read: Vec<f64> = Tensor::cat(vec![wide.square().sum(), totals.cast(FloatDType::F64)], 0)
-        .into_data()
-        .convert::<f64>()
-        .try_to_vec()
-        .expect("f64 sums");
-    let norm = if read[0].is_finite() {
-        GradientNorm {
-            norm: read[0].sqrt(),
-            first_not_finite: None,
-        }
-    } else {
-        norm_of_each(model, &grads)
-    };
-    Agreed {
+    let square_sum = grads.values.clone().cast(FloatDType::F64).square().sum();
+    Gathered {
         grads,
-        norm,
-        totals: read[1..].to_vec(),
+        square_sum,
+        totals,
         stop,
+    }
+}
+
+impl Gathered {
+    /// The square sum and the totals in one read of the device (each parameter's square sum in
+    /// a second one when the whole is not finite, to name the first parameter concerned).
+    fn read(self, model: &Model) -> Agreed {
+        let read: Vec<f64> =
+            Tensor::cat(vec![self.square_sum, self.totals.cast(FloatDType::F64)], 0)
+                .into_data()
+                .convert::<f64>()
+                .try_to_vec()
+                .expect("f64 sums");
+        let norm = if read[0].is_finite() {
+            GradientNorm {
+                norm: read[0].sqrt(),
+                first_not_finite: None,
+            }
+        } else {
+            norm_of_each(model, &self.grads)
+        };
+        Agreed {
+            grads: self.grads,
+            norm,
+            totals: read[1..].to_vec(),
+            stop: self.stop,
+        }
+    }
+}
+
+/// `grads` rescaled to norm `clip` where their norm exceeds it (0: never), on the device: times
+/// `min(1, clip / sqrt(square_sum))`, computed in f64 and then rounded to f32, the factor the host
+/// would give them (times 1 when the norm is below `clip`: the same values).
+fn clipped(grads: Flat, square_sum: &Tensor<1>, clip: f64) -> Flat {
+    if clip <= 0.0 {
+        return grads;
+    }
+    let device = square_sum.device();
+    let clip = Tensor::<1>::full([1], clip, (&device, burn::tensor::DType::F64));
+    let factor = (clip / square_sum.clone().sqrt()).clamp_max(1.0);
+    Flat {
+        values: grads.values * factor.cast(FloatDType::F32),
+        layout: grads.layout,
     }
 }
 

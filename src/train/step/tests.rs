@@ -471,3 +471,35 @@ fn overflowing_f16_step_is_skipped() {
         .into_scalar();
     assert_eq!(before, after, "the overflowing step changed the weights");
 }
+
+/// A step whose loss is not finite stops the run with an error naming the step, though in f32
+/// its update is taken before the loss is read (clipping on the device too): nothing is
+/// reported and no state comes back.
+#[test]
+fn a_loss_that_is_not_finite_stops_the_run() {
+    use crate::optim::{Flat, Layout, flatten, unflatten};
+    let (data, model, device) = tiny_simple(8);
+    let layout = Layout::of(&model);
+    let values = flatten(&model, &layout);
+    let n = layout.values();
+    let nan = values.clone().narrow(0, 0, 1).mul_scalar(f32::NAN);
+    let values = Tensor::cat(vec![nan, values.narrow(0, 1, n - 1)], 0);
+    let model = unflatten(model, &Flat { values, layout });
+    let state = TrainState {
+        ema: Some(Ema::new(0.9, &model)),
+        model,
+        optimizer: crate::optim::adam(),
+        loss_scale: None,
+    };
+    let step = Step {
+        clip_grad_norm: 1.0,
+        ..plain(8)
+    };
+    let order: Vec<usize> = (0..8).collect();
+    let mut reports = 0;
+    let err = train_epoch(state, epoch(&data, &order, step, &device), |_| reports += 1)
+        .err()
+        .expect("a NaN weight gives a NaN loss");
+    assert_eq!(err, "step 1: the training loss became NaN");
+    assert_eq!(reports, 0);
+}
