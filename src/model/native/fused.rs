@@ -182,12 +182,14 @@ pub fn dropout_masks(
     images: Tensor<1, Int>,
     keys: Vec<u32>,
     elements: usize,
+    bits: u32,
     threshold: i64,
 ) -> Tensor<3, Bool> {
     Tensor::from_dispatch(<Dispatch as NativeBackward>::dropout_masks(
         images.into_dispatch(),
         keys,
         elements,
+        bits,
         threshold,
     ))
 }

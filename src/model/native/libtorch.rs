@@ -75,9 +75,16 @@ impl NativeBackward for LibTorch {
         images: TchTensor,
         keys: Vec<u32>,
         elements: usize,
+        bits: u32,
         threshold: i64,
     ) -> TchTensor {
-        TchTensor::new(dropout_masks(&images.tensor, &keys, elements, threshold))
+        TchTensor::new(dropout_masks(
+            &images.tensor,
+            &keys,
+            elements,
+            bits,
+            threshold,
+        ))
     }
 
     fn gated_resnet(
@@ -369,9 +376,16 @@ impl<C: CheckpointStrategy> NativeBackward for Autodiff<LibTorch, C> {
         images: IntTensor<Self>,
         keys: Vec<u32>,
         elements: usize,
+        bits: u32,
         threshold: i64,
     ) -> BoolTensor<Self> {
-        TchTensor::new(dropout_masks(&images.tensor, &keys, elements, threshold))
+        TchTensor::new(dropout_masks(
+            &images.tensor,
+            &keys,
+            elements,
+            bits,
+            threshold,
+        ))
     }
 
     fn gated_resnet(

@@ -251,10 +251,11 @@ pub trait NativeBackward: Backend {
 
     /// PixelCNN++'s dropout masks, what `model::pixelcnnpp`'s `dropout_masks` defines in 64-bit
     /// integer operations: for key `k` of `keys`, image `i` (`images[i]`, the image's place in
-    /// the global batch) and element `e` of `elements`, whether
-    /// `hash32((e * 0x61C88647 + hash32(image ^ k)) mod 2^32)` is below `threshold`. It exists on
-    /// libtorch only ([`runs_fused`]), in 32-bit integers whose products and sums wrap (the same
-    /// bits at half the memory traffic, a test checks).
+    /// the global batch) and element `e` of `elements`, with `w = 32 / bits` elements per hash,
+    /// whether bits `bits * (e mod w)` on of `hash32(((e / w) * 0x61C88647 + hash32(image ^ k))
+    /// mod 2^32)` (`bits` of them) are below `threshold`. It exists on libtorch only
+    /// ([`runs_fused`]), in 32-bit integers whose products and sums wrap, their bytes read in place
+    /// (the same bits at a fraction of the memory traffic, a test checks).
     ///
     /// # Shapes
     /// - images: `[batch]`
@@ -263,9 +264,10 @@ pub trait NativeBackward: Backend {
         images: IntTensor<Self>,
         keys: Vec<u32>,
         elements: usize,
+        bits: u32,
         threshold: i64,
     ) -> BoolTensor<Self> {
-        let _ = (images, keys, elements, threshold);
+        let _ = (images, keys, elements, bits, threshold);
         unreachable!("dropout_masks runs on libtorch only (`runs_fused` says where)")
     }
 

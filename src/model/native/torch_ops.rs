@@ -314,14 +314,18 @@ pub(super) fn transposed(t: &[&tch::Tensor]) -> tch::Tensor {
 
 /// [`NativeBackward::dropout_masks`](super::NativeBackward::dropout_masks) in 32-bit integers:
 /// products and sums wrap modulo 2^32 (what the 64-bit definition masks them to), right shifts
-/// are masked to be logical, and the unsigned comparison is a signed one with the sign bit
-/// flipped on both sides. In place where it can: half the memory traffic of 64-bit operations,
-/// and no new buffer per operation. The keys reach the device in one small copy that does not
-/// wait for it (`non_blocking`: from pageable memory CUDA stages the bytes before returning).
+/// are masked to be logical, and an unsigned comparison of 16 or 32 bits is a signed one with the
+/// sign bit flipped on both sides. In place where it can, and the hashes' bytes (8 bits per
+/// element) or halves (16) are compared where they lie, viewed as `uint8` or `int16`: bits
+/// `8s..8s + 8` of an i32 are its byte `s` on a little-endian machine (every GPU, and the CPUs
+/// this builds for: big-endian builds are refused). The keys reach the device in one small copy
+/// that does not wait for it (`non_blocking`: from pageable memory CUDA stages the bytes before
+/// returning).
 pub(super) fn dropout_masks(
     images: &tch::Tensor,
     keys: &[u32],
     elements: usize,
+    bits: u32,
     threshold: i64,
 ) -> tch::Tensor {
     use tch::Kind;
@@ -330,20 +334,40 @@ pub(super) fn dropout_masks(
         "{elements} elements per image: at most 2^31 - 1"
     );
     let (batch, masks) = (images.size()[0], keys.len() as i64);
+    let per_hash = i64::from(32 / bits);
+    let hashes = elements.div_ceil(per_hash as usize) as i64;
     // Bit patterns as i32 (`as` wraps, as libtorch's casts from i64 do).
-    let bits: Vec<i32> = keys.iter().map(|&k| k as i32).collect();
-    let keys = tch::Tensor::from_slice(&bits)
+    let bits_of: Vec<i32> = keys.iter().map(|&k| k as i32).collect();
+    let keys = tch::Tensor::from_slice(&bits_of)
         .to_device_(images.device(), Kind::Int, true, false)
         .reshape([masks, 1]);
     let images = images.to_kind(Kind::Int).reshape([1, batch]);
     let keys = hash32(images.bitwise_xor_tensor(&keys)).reshape([masks, batch, 1]);
-    let counters = tch::Tensor::arange(elements as i64, (Kind::Int, keys.device()))
+    let counters = tch::Tensor::arange(hashes, (Kind::Int, keys.device()))
         .g_mul_scalar_(0x61C8_8647)
-        .reshape([1, 1, elements as i64]);
+        .reshape([1, 1, hashes]);
     let mut hashed = hash32(counters + keys);
-    let _ = hashed.bitwise_xor_(i64::from(i32::MIN));
-    hashed.lt(threshold + i64::from(i32::MIN))
+    match bits {
+        8 => hashed
+            .view_dtype(Kind::Uint8)
+            .narrow(2, 0, elements as i64)
+            .lt(threshold),
+        16 => {
+            let mut halves = hashed.view_dtype(Kind::Int16);
+            let _ = halves.bitwise_xor_(i64::from(i16::MIN));
+            halves
+                .narrow(2, 0, elements as i64)
+                .lt(threshold + i64::from(i16::MIN))
+        }
+        _ => {
+            let _ = hashed.bitwise_xor_(i64::from(i32::MIN));
+            hashed.lt(threshold + i64::from(i32::MIN))
+        }
+    }
 }
+
+#[cfg(target_endian = "big")]
+compile_error!("libtorch's dropout masks read bytes of i32 hashes as little-endian");
 
 /// `hash32` of `model::pixelcnnpp` on i32 bit patterns, in place (with one buffer for the
 /// shifted values).

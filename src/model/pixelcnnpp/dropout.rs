@@ -18,9 +18,10 @@ pub struct DropoutDraws {
     pub first: u64,
 }
 
-/// At most this many mask elements are hashed at once (on libtorch two 32-bit buffers of this
-/// size, 256 MiB): the masks of one size are made in as many groups as that takes.
-const ELEMENTS_AT_ONCE: usize = 1 << 25;
+/// At most this many hashes at once (on libtorch two 32-bit buffers of this length, 256 MiB; at
+/// 8 bits per element four times as many mask elements): the masks of one size are made in as
+/// many groups as that takes.
+const HASHES_AT_ONCE: usize = 1 << 25;
 
 /// Dropout in one forward pass: the next mask's place in the network, the batch's images, and
 /// the masks made ahead of their layers.
@@ -31,7 +32,7 @@ pub(super) struct Dropout {
     /// Each size's layers (places in the network), in the order the forward pass asks for them.
     sizes: Vec<Vec<u64>>,
     ready: HashMap<u64, Tensor<4, Bool>>,
-    /// At most this many mask elements per hash ([`ELEMENTS_AT_ONCE`]; tests make it small).
+    /// At most this many hashes at once ([`HASHES_AT_ONCE`]; tests make it small).
     pub at_once: usize,
     /// The dims asked for, layer by layer, and the hashes made (what tests check).
     #[cfg(test)]
@@ -49,7 +50,7 @@ impl Dropout {
             layer: 0,
             sizes: layers_by_size(resnets as u64),
             ready: HashMap::new(),
-            at_once: ELEMENTS_AT_ONCE,
+            at_once: HASHES_AT_ONCE,
             #[cfg(test)]
             asked: Vec::new(),
             #[cfg(test)]
@@ -91,7 +92,8 @@ impl Dropout {
             });
         let layers = if later.is_empty() { vec![layer] } else { later };
         let per_mask = dims.iter().product::<usize>().max(1);
-        for group in layers.chunks((self.at_once / per_mask).max(1)) {
+        let elements = self.at_once * (32 / bits_per_element(self.p)) as usize;
+        for group in layers.chunks((elements / per_mask).max(1)) {
             #[cfg(test)]
             {
                 self.hashes += 1;
@@ -139,11 +141,25 @@ fn hash32<const D: usize>(x: Tensor<D, Int>) -> Tensor<D, Int> {
     x.clone().bitwise_xor(x.bitwise_right_shift_scalar(16))
 }
 
+/// How many bits of a hash decide each element whether it is dropped: 8 where `p` is a multiple
+/// of 1/256 (0.5 among them: four elements per hash), 16 where it is one of 2^-16 (two), else 32
+/// (one). Fewer bits, fewer hashes: the same probability `p` exactly, for a quarter of the work.
+pub(super) fn bits_per_element(p: f64) -> u32 {
+    if (p * 256.0).fract() == 0.0 {
+        8
+    } else if (p * 65536.0).fract() == 0.0 {
+        16
+    } else {
+        32
+    }
+}
+
 /// The dropout masks of `dims` for the images `first..first + b` of the global batch, one per
-/// layer key in `keys`: element `e` of image `i` is dropped under key `k` when
-/// `hash32((e * 0x61C88647 + hash32(image ^ k)) mod 2^32) < p * 2^32`. Made on `device` from
-/// `arange`s and the keys; on libtorch by the same hash in 32-bit integers
-/// (`native::dropout_masks`, the same bits).
+/// layer key in `keys`. With `bits` = [`bits_per_element`]`(p)` and `w = 32 / bits` elements per
+/// hash, element `e` of image `i` is dropped under key `k` when bits `bits * (e mod w)` on of
+/// `hash32(((e / w) * 0x61C88647 + hash32(image ^ k)) mod 2^32)`, as a number below `2^bits`, are
+/// below `p * 2^bits`. Made on `device` from `arange`s and the keys; on libtorch by the same hash
+/// in 32-bit integers whose bytes are read in place (`native::dropout_masks`, the same bits).
 ///
 /// # Shapes
 /// - returns: `[keys, b, c, h, w]`
@@ -157,21 +173,34 @@ pub(super) fn dropout_masks(
     let [b, c, h, w] = dims;
     let (n, m) = (c * h * w, keys.len());
     debug_assert!(first + (b as u64) < 1 << 32 && (n as u64) < 1 << 31);
-    let threshold = (p * 4_294_967_296.0) as i64;
+    let bits = bits_per_element(p);
+    let threshold = (p * 2f64.powi(bits as i32)) as i64;
     let images = Tensor::<1, Int>::arange(
         first as i64..(first + b as u64) as i64,
         (device, DType::I64),
     );
     if crate::model::native::runs_fused(device) {
-        return crate::model::native::dropout_masks(images, keys.to_vec(), n, threshold)
+        return crate::model::native::dropout_masks(images, keys.to_vec(), n, bits, threshold)
             .reshape([m, b, c, h, w]);
     }
+    let per_hash = (32 / bits) as usize;
+    let hashes = n.div_ceil(per_hash);
     let keys: Vec<i64> = keys.iter().map(|&k| i64::from(k)).collect();
     let keys = Tensor::<1, Int>::from_data(TensorData::new(keys, [m]), (device, DType::I64));
     let keys = hash32(images.reshape([1, b]).bitwise_xor(keys.reshape([m, 1]))).reshape([m, b, 1]);
-    let elements = Tensor::<1, Int>::arange(0..n as i64, (device, DType::I64)).reshape([1, 1, n]);
-    let counters = (elements.mul_scalar(0x61C8_8647) + keys).bitwise_and_scalar(LOW32);
-    hash32(counters)
-        .lower_elem(threshold)
-        .reshape([m, b, c, h, w])
+    let counters = Tensor::<1, Int>::arange(0..hashes as i64, (device, DType::I64));
+    let counters = counters.reshape([1, 1, hashes]).mul_scalar(0x61C8_8647);
+    let hashed = hash32((counters + keys).bitwise_and_scalar(LOW32));
+    let parts = if per_hash == 1 {
+        hashed
+    } else {
+        let shifts = Tensor::<1, Int>::arange_step(0..32, bits as usize, (device, DType::I64));
+        hashed
+            .reshape([m, b, hashes, 1])
+            .bitwise_right_shift(shifts.reshape([1, 1, 1, per_hash]))
+            .bitwise_and_scalar((1i64 << bits) - 1)
+            .reshape([m, b, hashes * per_hash])
+            .narrow(2, 0, n)
+    };
+    parts.lower_elem(threshold).reshape([m, b, c, h, w])
 }

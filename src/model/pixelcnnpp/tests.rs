@@ -130,8 +130,9 @@ fn dropout_only_in_training_and_seeded() {
 /// The device's masks are the hash written with plain u32 wrapping arithmetic, bit for bit,
 /// on every backend (libtorch's in 32-bit integers, flex's in 64-bit), at friendly and extreme
 /// values: keys and image numbers with the top bit set, near 2^32, probabilities near 0 and 1,
-/// masks longer than any vector width; about p of the elements are dropped, independently of
-/// each other.
+/// each number of bits per element (8: multiples of 1/256; 16: of 2^-16; 32), element counts
+/// that do not fill the last hash, masks longer than any vector width; about p of the elements
+/// are dropped, independently of each other.
 #[test]
 fn dropout_masks_are_the_hash_on_every_backend() {
     fn hash(mut x: u32) -> u32 {
@@ -142,13 +143,21 @@ fn dropout_masks_are_the_hash_on_every_backend() {
         x ^ (x >> 16)
     }
     let cases = [
-        ([3, 4, 5, 6], 7u64, 0xDEAD_BEEFu32, 0.3),
-        ([2, 3, 7, 9], (1 << 32) - 3, u32::MAX, 0.999_999),
-        ([4, 1, 1, 13], 0, 0x8000_0000, 1e-9),
-        ([1, 8, 33, 35], 1 << 31, 12_345, 0.5),
+        ([3, 4, 5, 6], 7u64, 0xDEAD_BEEFu32, 0.3, 32),
+        ([2, 3, 7, 9], (1 << 32) - 3, u32::MAX, 0.999_999, 32),
+        ([4, 1, 1, 13], 0, 0x8000_0000, 1e-9, 32),
+        ([1, 8, 33, 35], 1 << 31, 12_345, 0.5, 8),
+        ([2, 1, 3, 7], 5, 0xFFFF_FFFE, 0.25, 8),
+        ([2, 3, 1, 3], 1, 77, 255.0 / 256.0, 8),
+        ([3, 1, 5, 5], 9, 0x7FFF_FFFF, 1.0 / 256.0, 8),
+        ([2, 1, 3, 5], 2, 4_242, 12_345.0 / 65_536.0, 16),
+        ([2, 1, 1, 7], 3, 0x8000_0001, 65_535.0 / 65_536.0, 16),
     ];
-    for (dims, first, key, p) in cases {
+    for (dims, first, key, p, bits) in cases {
+        assert_eq!(dropout::bits_per_element(p), bits, "{p}");
         let n = (dims[1] * dims[2] * dims[3]) as u32;
+        let per_hash = 32 / bits;
+        let threshold = (p * 2f64.powi(bits as i32)) as u64;
         // Several masks at once, each its key's.
         let keys = [key, key ^ 0x5555_5555, 0];
         let expected: Vec<bool> = keys
@@ -157,8 +166,9 @@ fn dropout_masks_are_the_hash_on_every_backend() {
                 (0..dims[0] as u32).flat_map(move |i| {
                     let image = hash((first as u32).wrapping_add(i) ^ key);
                     (0..n).map(move |e| {
-                        u64::from(hash(e.wrapping_mul(0x61C8_8647).wrapping_add(image)))
-                            < (p * 4_294_967_296.0) as u64
+                        let h = hash((e / per_hash).wrapping_mul(0x61C8_8647).wrapping_add(image));
+                        let part = u64::from(h) >> (bits * (e % per_hash)) & ((1u64 << bits) - 1);
+                        part < threshold
                     })
                 })
             })
@@ -170,28 +180,35 @@ fn dropout_masks_are_the_hash_on_every_backend() {
             assert_eq!(masks, expected, "{device:?} {dims:?} {first} {key} {p}");
         }
     }
-    // The fraction and the independence of neighbours, over a large mask.
+    // The fraction, and the independence of neighbours (within a hash and across hashes) and of
+    // images, over large masks of each number of bits per element.
     let device = Device::flex();
-    let big: Vec<bool> = dropout::dropout_masks([4, 16, 32, 32], 0, &[1], 0.5, &device)
-        .into_data()
-        .convert::<bool>()
-        .try_into_vec()
-        .unwrap();
-    let fraction = big.iter().filter(|&&d| d).count() as f64 / big.len() as f64;
-    assert!((fraction - 0.5).abs() < 0.01, "{fraction}");
-    let both = big.windows(2).filter(|w| w[0] && w[1]).count() as f64 / big.len() as f64;
-    assert!(
-        (both - 0.25).abs() < 0.01,
-        "neighbours dropped together: {both}"
-    );
-    let per_image = big.len() / 4;
-    let same = (0..per_image)
-        .filter(|&e| big[e] == big[per_image + e])
-        .count() as f64;
-    assert!(
-        (same / per_image as f64 - 0.5).abs() < 0.02,
-        "images agree: {same}"
-    );
+    for p in [0.5, 0.25, 19_661.0 / 65_536.0, 0.3] {
+        let big: Vec<bool> = dropout::dropout_masks([4, 16, 32, 32], 0, &[1], p, &device)
+            .into_data()
+            .convert::<bool>()
+            .try_into_vec()
+            .unwrap();
+        let fraction = big.iter().filter(|&&d| d).count() as f64 / big.len() as f64;
+        assert!((fraction - p).abs() < 0.01, "{p}: {fraction}");
+        for lag in 1..=4 {
+            let both = big.windows(lag + 1).filter(|w| w[0] && w[lag]).count() as f64;
+            let both = both / big.len() as f64;
+            assert!(
+                (both - p * p).abs() < 0.01,
+                "{p}: neighbours {lag} apart dropped together: {both}"
+            );
+        }
+        let per_image = big.len() / 4;
+        let same = (0..per_image)
+            .filter(|&e| big[e] == big[per_image + e])
+            .count() as f64;
+        let expected = p * p + (1.0 - p) * (1.0 - p);
+        assert!(
+            (same / per_image as f64 - expected).abs() < 0.02,
+            "{p}: images agree: {same}"
+        );
+    }
 }
 
 /// The masks made together, a few hashes per size, are each layer's own, on every backend: the
@@ -223,7 +240,7 @@ fn masks_made_together_are_each_layers_own() {
             let (alone, one) = run(dropout::Dropout::one_at_a_time(0.5, draws));
             let (together, all) = run(dropout::Dropout::new(0.5, draws, r));
             let mut few = dropout::Dropout::new(0.5, draws, r);
-            few.at_once = 2 * 2 * 6 * 9 * 7; // two masks of the largest size
+            few.at_once = 2 * 2 * 12 * 9 * 7 / 4; // two masks of the largest size
             let (grouped, some) = run(few);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&together), bits(&alone), "{device:?} r={r}");
