@@ -13,7 +13,8 @@
 #   leave RESERVE seconds (default 240) for the profiles and the determinism checks.
 # Rows: gated 5x5 c30 (experiments/quickstart.toml as a gated model) at batch 64, 256, 1024 in f32
 # and 64 in bf16; PixelCNN++ with the CIFAR-10 settings (experiments/cifar10-pixelcnnpp.toml on
-# synthetic 32x32 RGB images) at batch 16 with dropout 0.5 and 0, at 64 in f32 and bf16.
+# synthetic 32x32 RGB images) at batch 16 with dropout 0.5 and 0, at 64 in f32 and bf16, and 16 with
+# cuDNN's benchmarking on both sides (runtime.cudnn_benchmark, the twin's --cudnn-benchmark).
 # Determinism: a 20-step PixelCNN++ run (experiments/smoke/pixelcnnpp-synthetic-rgb.toml) twice on
 # the GPU with runtime.deterministic = true (the metrics and the checkpoint's bytes must be equal),
 # then twice with the default (false: libtorch's defaults, as the twins). Between the two, the
@@ -32,9 +33,10 @@ steps=${STEPS:-12}
 rounds=${ROUNDS:-2}
 # Seconds the rows leave for the profiles and the determinism checks after them.
 reserve=${RESERVE:-240}
-# Rows as "batch precision" and "batch dropout precision", one per word group (';'-separated).
+# Rows as "batch precision" and "batch dropout precision [benchmark]", one per word group
+# (';'-separated).
 IFS=';' read -r -a gated_rows <<< "${GATED_ROWS:-64 f32;256 f32;1024 f32;64 bf16}"
-IFS=';' read -r -a pp_rows <<< "${PP_ROWS:-16 0.5 f32;16 0.0 f32;64 0.5 f32;64 0.5 bf16}"
+IFS=';' read -r -a pp_rows <<< "${PP_ROWS:-16 0.5 f32;16 0.0 f32;64 0.5 f32;64 0.5 bf16;16 0.5 f32 benchmark}"
 mkdir -p "$out"
 deadline=$((SECONDS + budget))
 exec > >(tee "$out/gpu.txt") 2>&1
@@ -75,11 +77,14 @@ for r in $(seq "$rounds"); do
   section "round $r of $rounds: PixelCNN++ CIFAR-10 settings (53.6M parameters), 32x32 RGB, EMA 0.9995"
   for row in "${pp_rows[@]}"; do
     set -- $row
-    time_left $((90 + reserve)) "pixelcnn++ b$1 dropout $2 $3" || continue
-    echo "--- pixelcnn++ b$1 dropout $2 $3"
+    time_left $((90 + reserve)) "pixelcnn++ b$1 dropout $2 $3 ${4:-}" || continue
+    echo "--- pixelcnn++ b$1 dropout $2 $3 ${4:-}"
+    bench_pixel=(); bench_twin=()
+    [ "${4:-}" = benchmark ] && bench_pixel=(--set runtime.cudnn_benchmark=true) && bench_twin=(--cudnn-benchmark)
     echo "pixel: $(pixel_row "${cifar[@]}" --set train.batch_size="$1" --set model.pixelcnnpp.dropout="$2" \
-      --set runtime.precision="$3")"
-    echo "twin:  $("${twin_pp[@]}" --batch "$1" --dropout "$2" --precision "$3" 2>&1 | grep -E '^\| |^step phases' | paste -sd' ')"
+      --set runtime.precision="$3" "${bench_pixel[@]}")"
+    echo "twin:  $("${twin_pp[@]}" --batch "$1" --dropout "$2" --precision "$3" "${bench_twin[@]}" 2>&1 |
+      grep -E '^\| |^step phases' | paste -sd' ')"
   done
 done
 

@@ -225,6 +225,8 @@ def main():
     p.add_argument("--ema", type=float, default=0.0,
                    help="Polyak averaging of the weights with this decay after every step, as "
                         "pixel's train.ema (0: off)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True, as pixel's runtime.cudnn_benchmark")
     p.add_argument("--sync", action="store_true",
                    help="wait for the GPU at each phase boundary, so that the phases are the GPU's")
     p.add_argument("--profile", metavar="TRACE.json",
@@ -234,6 +236,7 @@ def main():
     a = p.parse_args()
     torch.manual_seed(1)
     torch.set_num_threads(a.threads)
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
     dev = torch.device(a.device)
     net = PixelCnnPp(a.colours, a.filters, a.resnets, a.mixtures, dropout=a.dropout).to(dev)
     params = sum(t.numel() for t in net.parameters())

@@ -157,6 +157,8 @@ def main():
                    help="bf16: torch.autocast (f32 weights, Adam state and loss)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: the first GPU (each timed step ends with .item(), which waits for it)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True, as pixel's runtime.cudnn_benchmark")
     p.add_argument("--sync", action="store_true",
                    help="wait for the GPU at each phase boundary, so that the phases are the GPU's")
     p.add_argument("--profile", metavar="TRACE.json",
@@ -165,6 +167,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(1)
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
     model = (Simple if a.variant == "simple" else Gated)(a.colours, a.layers, a.kernel, a.channels)
     model = model.to(a.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -49,6 +49,8 @@ pub struct DeviceChoice {
     /// libtorch's deterministic algorithms (`runtime.deterministic`); the CPU backends are
     /// deterministic either way.
     pub deterministic: bool,
+    /// cuDNN's benchmarking (`runtime.cudnn_benchmark`; never with `deterministic`).
+    pub cudnn_benchmark: bool,
 }
 
 /// Where the tensors live.
@@ -169,7 +171,7 @@ pub fn open(choice: &DeviceChoice, seed: u64, place: Place) -> Result<Opened, St
         }
     }
     let (device, description) = match backend {
-        BackendKind::Libtorch => libtorch(target, place.threads, choice.deterministic)?,
+        BackendKind::Libtorch => libtorch(target, place.threads, choice)?,
         _ => {
             if let Some(n) = place.threads {
                 // The global pool flex computes on; only the first configuration takes effect.
@@ -181,6 +183,12 @@ pub fn open(choice: &DeviceChoice, seed: u64, place: Place) -> Result<Opened, St
         }
     };
     device.seed(crate::rng::derive(seed, crate::rng::Purpose::Backend, 0, 0));
+    if choice.cudnn_benchmark && cuda_index(&description).is_none() {
+        // device "auto" on a machine without a GPU: the switch is set and has nothing to time.
+        tracing::warn!(
+            "runtime.cudnn_benchmark = true does nothing here: the run is on {description}"
+        );
+    }
     let gpu = cuda_index(&description).and_then(gpu_name);
     Ok(Opened {
         device,
@@ -357,7 +365,7 @@ mod native {
     unsafe extern "C" {
         pub fn pixel_cuda_peak_allocated(device: i8) -> i64;
         pub fn pixel_cuda_reset_peak(device: i8) -> i32;
-        pub fn pixel_set_deterministic(on: bool) -> i32;
+        pub fn pixel_set_algorithms(deterministic: bool, benchmark: bool) -> i32;
         pub fn pixel_profiler_start(cuda: bool, error: *mut c_char, error_len: usize) -> i32;
         pub fn pixel_profiler_stop(path: *const c_char, error: *mut c_char, len: usize) -> i32;
         pub fn pixel_range_begin(name: *const c_char) -> *mut c_void;
@@ -412,8 +420,9 @@ pub const CUBLAS_WORKSPACE: (&str, &str) = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8"
 fn libtorch(
     target: Target,
     threads: Option<usize>,
-    deterministic: bool,
+    choice: &DeviceChoice,
 ) -> Result<(Device, String), String> {
+    let (deterministic, benchmark) = (choice.deterministic, choice.cudnn_benchmark);
     if let Some(n) = threads {
         tch::set_num_threads(n as i32);
     }
@@ -423,12 +432,12 @@ fn libtorch(
         unsafe { std::env::set_var(CUBLAS_WORKSPACE.0, CUBLAS_WORKSPACE.1) };
     }
     // SAFETY: a plain C function of src/native/torch_extras.cpp that catches every exception.
-    let taken = unsafe { native::pixel_set_deterministic(deterministic) };
+    let taken = unsafe { native::pixel_set_algorithms(deterministic, benchmark) };
     if taken != 1 {
         return Err(format!(
-            "runtime.deterministic = {deterministic}: libtorch did not take its deterministic \
-             switches (answer {taken}); expected a libtorch with at::Context's \
-             setDeterministicAlgorithms"
+            "runtime.deterministic = {deterministic}, runtime.cudnn_benchmark = {benchmark}: \
+             libtorch did not take these switches (answer {taken}); expected a libtorch with \
+             at::Context's setDeterministicAlgorithms and setBenchmarkCuDNN"
         ));
     }
     Ok(match target {
@@ -438,7 +447,7 @@ fn libtorch(
 }
 
 #[cfg(not(feature = "tch"))]
-fn libtorch(_: Target, _: Option<usize>, _: bool) -> Result<(Device, String), String> {
+fn libtorch(_: Target, _: Option<usize>, _: &DeviceChoice) -> Result<(Device, String), String> {
     unreachable!("the plan rejects the libtorch backend when it is not compiled in")
 }
 
@@ -500,6 +509,7 @@ mod tests {
             target: Target::Cuda(cuda_devices()),
             precision: Precision::F32,
             deterministic: false,
+            cudnn_benchmark: false,
         };
         let Err(err) = open(&choice, 1, Place::default()) else {
             panic!("opened a CUDA device past the last one")
@@ -535,6 +545,7 @@ mod tests {
             target,
             precision: Precision::F32,
             deterministic: false,
+            cudnn_benchmark: false,
         };
         let auto = choice(BackendKind::Auto, Target::Auto);
         let pick = |c: &DeviceChoice, tch, cuda| {

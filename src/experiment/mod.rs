@@ -285,6 +285,11 @@ pub struct RuntimeSection {
     /// (`CUBLAS_WORKSPACE_CONFIG=:4096:8` unless set), so that a CUDA run repeats to the bit, at
     /// some cost in speed. The CPU backends repeat to the bit either way. Default: false.
     pub deterministic: bool,
+    /// libtorch on CUDA only: cuDNN times its convolution algorithms on the first batch of each
+    /// shape and keeps the fastest (PyTorch's `torch.backends.cudnn.benchmark = True`): faster
+    /// steps where shapes stay fixed, at the cost of slower first steps, and runs that do not
+    /// repeat to the bit. Not with `deterministic`. Default: false.
+    pub cudnn_benchmark: bool,
 }
 
 impl Default for RuntimeSection {
@@ -295,6 +300,7 @@ impl Default for RuntimeSection {
             precision: Precision::F32,
             allow_large: false,
             deterministic: false,
+            cudnn_benchmark: false,
         }
     }
 }

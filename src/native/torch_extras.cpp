@@ -26,17 +26,19 @@
 
 extern "C" {
 
-// Deterministic algorithms everywhere (an operation without one is an error, not a warning),
-// deterministic cuDNN algorithms and no cuDNN benchmarking; or libtorch's defaults. Reads the
-// switches back: 1 when all three are as asked, 0 when not, -1 on an exception.
-int pixel_set_deterministic(bool on) {
+// Deterministic algorithms everywhere (an operation without one is an error, not a warning) and
+// deterministic cuDNN algorithms, or libtorch's defaults; cuDNN's benchmarking on or off (never
+// on with the first). Reads the switches back: 1 when all three are as asked, 0 when not, -1 on
+// an exception.
+int pixel_set_algorithms(bool deterministic, bool benchmark) {
   try {
     auto& context = at::globalContext();
-    context.setDeterministicAlgorithms(on, /*warn_only=*/false);
-    context.setDeterministicCuDNN(on);
-    context.setBenchmarkCuDNN(false);
-    return context.deterministicAlgorithms() == on && context.deterministicCuDNN() == on &&
-        !context.benchmarkCuDNN();
+    context.setDeterministicAlgorithms(deterministic, /*warn_only=*/false);
+    context.setDeterministicCuDNN(deterministic);
+    context.setBenchmarkCuDNN(benchmark && !deterministic);
+    return context.deterministicAlgorithms() == deterministic &&
+        context.deterministicCuDNN() == deterministic &&
+        context.benchmarkCuDNN() == (benchmark && !deterministic);
   } catch (...) {
     return -1;
   }

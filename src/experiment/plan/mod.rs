@@ -63,6 +63,7 @@ impl Plan {
                 target,
                 precision: experiment.runtime.precision,
                 deterministic: experiment.runtime.deterministic,
+                cudnn_benchmark: experiment.runtime.cudnn_benchmark,
             },
             experiment,
             overrides,

@@ -111,5 +111,19 @@ pub(super) fn target(ctx: &Checker, e: &Experiment) -> Result<Target> {
             device::rebuild_hint(BackendKind::Libtorch)
         ),
     )?;
+    if r.cudnn_benchmark {
+        ctx.require(
+            !flex_only && target != Target::Cpu,
+            "runtime.cudnn_benchmark",
+            true,
+            "false where the run cannot be on CUDA (cuDNN is libtorch's on CUDA only)",
+        )?;
+        ctx.require(
+            !r.deterministic,
+            "runtime.cudnn_benchmark",
+            true,
+            "false with runtime.deterministic = true (algorithms picked by timing do not repeat)",
+        )?;
+    }
     Ok(target)
 }

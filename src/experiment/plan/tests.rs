@@ -242,3 +242,24 @@ fn backend_not_compiled_in_says_how_to_rebuild() {
     let msg = err(e);
     assert!(msg.contains("--features tch"), "{msg}");
 }
+
+/// cuDNN's benchmarking is refused where the run cannot be on CUDA (flex, or device "cpu") and
+/// beside `runtime.deterministic`; libtorch with device "auto" or "cuda" plans it.
+#[test]
+fn cudnn_benchmark_only_where_cudnn_can_run_and_not_with_determinism() {
+    let mut e = synthetic();
+    e.runtime.cudnn_benchmark = true;
+    let msg = err(e.clone());
+    assert!(msg.contains("`runtime.cudnn_benchmark` = true"), "{msg}");
+    assert!(msg.contains("cannot be on CUDA"), "{msg}");
+    if cfg!(feature = "tch") {
+        e.runtime.backend = crate::experiment::BackendKind::Libtorch;
+        assert!(plan(e.clone()).is_ok());
+        e.runtime.device = "cpu".into();
+        assert!(err(e.clone()).contains("cannot be on CUDA"));
+        e.runtime.device = "auto".into();
+        e.runtime.deterministic = true;
+        let msg = err(e);
+        assert!(msg.contains("with runtime.deterministic = true"), "{msg}");
+    }
+}
