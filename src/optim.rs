@@ -5,7 +5,9 @@
 //! PixelCNN++, each a kernel launch on a GPU). The arithmetic is `burn::optim::Adam`'s, operation
 //! for operation, so the weights are bit for bit those Burn's optimizer gives on the same backend
 //! (a test holds it to that), and the state is saved in Burn's optimizer file format: checkpoints
-//! written by either load in the other.
+//! written by either load in the other. On libtorch, a step after the first writes the moments
+//! and the weights in place (`native::adam_in_place`, the same operations), where Burn's
+//! operations would allocate about eight buffers the size of all weights.
 
 use crate::model::Model;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -119,6 +121,16 @@ pub fn flatten(model: &Model, layout: &Layout) -> Tensor<1> {
         "a layout follows its model's visiting order"
     );
     Tensor::cat(visit.parts, 0)
+}
+
+/// The sum of the squares of `values` in f64, `[1]`: Burn's `cast(F64).square().sum()`, on
+/// libtorch squared in place in the f64 copy (`native::square_sum_f64`, the same bits).
+pub fn square_sum(values: Tensor<1>) -> Tensor<1> {
+    if crate::model::native::runs_fused(&values.device()) {
+        crate::model::native::square_sum_f64(values)
+    } else {
+        values.cast(FloatDType::F64).square().sum()
+    }
 }
 
 /// `t` in f32 (a no-op when it is).
@@ -235,6 +247,10 @@ impl Optimizer {
     /// model and their new values.
     pub fn step(&mut self, lr: f64, model: Model, grads: Flat) -> (Model, Flat) {
         let weights = flatten(&model, &grads.layout);
+        if self.steps_in_place(&grads) {
+            let new = self.adam_in_place(lr, weights, grads);
+            return (unflatten(model, &new), new);
+        }
         let delta = match self.rule {
             Rule::Sgd => grads.values.mul_scalar(lr),
             Rule::Adam {
@@ -250,6 +266,58 @@ impl Optimizer {
             layout: grads.layout,
         };
         (unflatten(model, &new), new)
+    }
+
+    /// Whether a step of Adam after the first while every parameter has a gradient (the common
+    /// case) on libtorch, which [`Optimizer::adam_in_place`] takes.
+    fn steps_in_place(&self, grads: &Flat) -> bool {
+        matches!(self.rule, Rule::Adam { .. })
+            && self.groups.len() == 1
+            && self.groups[0].layout == grads.layout
+            && crate::model::native::runs_fused(&grads.values.device())
+    }
+
+    /// Such a step in place (`native::adam_in_place`, the same bits as [`adam_math`]): the new
+    /// weights.
+    fn adam_in_place(&mut self, lr: f64, weights: Tensor<1>, grads: Flat) -> Flat {
+        let Rule::Adam {
+            beta_1,
+            beta_2,
+            epsilon,
+        } = self.rule
+        else {
+            unreachable!("steps_in_place is for Adam")
+        };
+        let moments = self.groups.pop().expect("one group");
+        let time = moments.time + 1;
+        let [bias_correction2_sqrt, combined_factor] = corrections(time, beta_1, beta_2);
+        // As Burn's scalars: f32 constants widened to f64, the learning rate as given.
+        let scalars = [
+            f64::from(beta_1),
+            f64::from(1.0 - beta_1),
+            f64::from(beta_2),
+            f64::from(1.0 - beta_2),
+            f64::from(combined_factor),
+            f64::from(epsilon * bias_correction2_sqrt),
+            lr,
+        ];
+        let (values, first, second) = crate::model::native::adam_in_place(
+            weights,
+            grads.values,
+            moments.first,
+            moments.second,
+            scalars,
+        );
+        self.groups.push(Moments {
+            layout: moments.layout,
+            time,
+            first,
+            second,
+        });
+        Flat {
+            values,
+            layout: grads.layout,
+        }
     }
 
     /// Adam's update (before the learning rate) for `grads`, with the moments brought forward.
@@ -463,9 +531,7 @@ fn adam_math(
             g.square().mul_scalar(1.0 - beta_2),
         ),
     };
-    let t = time as i32;
-    let bias_correction2_sqrt = (1.0 - beta_2.powi(t)).sqrt();
-    let combined_factor = bias_correction2_sqrt / (1.0 - beta_1.powi(t));
+    let [bias_correction2_sqrt, combined_factor] = corrections(time, beta_1, beta_2);
     let update = first.clone().mul_scalar(combined_factor).div(
         second
             .clone()
@@ -473,6 +539,17 @@ fn adam_math(
             .add_scalar(epsilon * bias_correction2_sqrt),
     );
     (update, (time, first, second))
+}
+
+/// Adam's bias corrections at step `time` (from 1), as Burn computes them: the root of the
+/// second's, and the factor of the first moment that combines both.
+fn corrections(time: usize, beta_1: f32, beta_2: f32) -> [f32; 2] {
+    let t = time as i32;
+    let bias_correction2_sqrt = (1.0 - beta_2.powi(t)).sqrt();
+    [
+        bias_correction2_sqrt,
+        bias_correction2_sqrt / (1.0 - beta_1.powi(t)),
+    ]
 }
 
 /// Each float parameter's shape, by id.
@@ -589,6 +666,73 @@ mod tests {
                     burn = burn_adam().load(&a).unwrap();
                 }
             }
+        }
+    }
+
+    /// The square sum is Burn's `cast(F64).square().sum()` to the bit on every backend, at the
+    /// extremes too: overflowing f32 squares, subnormals, infinities and NaN.
+    #[test]
+    fn square_sum_is_burns_on_every_backend() {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+        let random: Vec<f32> = (0..(1 << 17) + 3)
+            .map(|_| rand::RngExt::random_range(&mut rng, -3.0f32..3.0))
+            .collect();
+        let cases: Vec<Vec<f32>> = vec![
+            random.clone(),
+            vec![f32::MAX, -f32::MAX, 1e-45, -1e-40, 0.0, -0.0],
+            vec![1.0, f32::INFINITY, 2.0],
+            vec![1.0, f32::NAN],
+            vec![3.0],
+        ];
+        for device in crate::device::test_devices() {
+            for values in &cases {
+                let x = Tensor::<1>::from_data(
+                    TensorData::new(values.clone(), [values.len()]),
+                    &device,
+                );
+                let ours = f64_of(square_sum(x.clone()));
+                let burns = f64_of(x.cast(FloatDType::F64).square().sum());
+                assert_eq!(
+                    ours.to_bits(),
+                    burns.to_bits(),
+                    "{device:?}, {} values",
+                    values.len()
+                );
+            }
+        }
+    }
+
+    fn f64_of(t: Tensor<1>) -> f64 {
+        t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap()[0]
+    }
+
+    /// A step writes in place only what nothing else holds: an optimizer kept from before the
+    /// step (a clone, as a checkpoint being written holds one) takes the same step alike, and the
+    /// model the step started from keeps its weights.
+    #[test]
+    fn a_step_leaves_what_others_hold_as_it_was() {
+        for device in crate::device::test_devices() {
+            let (start, grads_of) = gated(&device);
+            let mut flat = adam();
+            let (one, _) = flat.step(
+                0.01,
+                start.clone(),
+                Flat::gradients(&start, grads_of(&start)),
+            );
+            let kept = flat.clone();
+            let before = bits(&one);
+            let (a, _) = flat.step(0.01, one.clone(), Flat::gradients(&one, grads_of(&one)));
+            let (b, _) =
+                kept.clone()
+                    .step(0.01, one.clone(), Flat::gradients(&one, grads_of(&one)));
+            assert_eq!(bits(&a), bits(&b), "{device:?}");
+            assert_eq!(bits(&one), before, "{device:?}");
+            assert_ne!(bits(&a), before, "{device:?}: the step moved the weights");
+            // And the kept optimizer's second step is still the first's twin.
+            let (c, _) =
+                kept.clone()
+                    .step(0.01, one.clone(), Flat::gradients(&one, grads_of(&one)));
+            assert_eq!(bits(&c), bits(&b), "{device:?}");
         }
     }
 

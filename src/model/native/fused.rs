@@ -193,3 +193,33 @@ pub fn dropout_masks(
         threshold,
     ))
 }
+
+/// A step of Adam in place, where [`runs_fused`] (see [`NativeBackward::adam_in_place`]).
+pub fn adam_in_place(
+    weights: Tensor<1>,
+    grads: Tensor<1>,
+    first: Tensor<1>,
+    second: Tensor<1>,
+    scalars: [f64; 7],
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let (w, m, v) = <Dispatch as NativeBackward>::adam_in_place(
+        weights.into_dispatch(),
+        grads.into_dispatch(),
+        first.into_dispatch(),
+        second.into_dispatch(),
+        scalars,
+    );
+    (
+        Tensor::from_dispatch(w),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
+}
+
+/// The sum of the squares of `x` in f64, where [`runs_fused`] (see
+/// [`NativeBackward::square_sum_f64`]).
+pub fn square_sum_f64(x: Tensor<1>) -> Tensor<1> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::square_sum_f64(
+        x.into_dispatch(),
+    ))
+}

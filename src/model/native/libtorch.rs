@@ -2,8 +2,8 @@
 //! of libtorch in Burn's backward pass.
 
 use super::torch_ops::{
-    LAYER_INPUTS, concat_elu, conv, dropout_masks, gate, head, head_inputs, layer, layer_inputs,
-    logistic_nll, nll, pad, resnet, strided, transposed,
+    LAYER_INPUTS, adam_in_place, concat_elu, conv, dropout_masks, gate, head, head_inputs, layer,
+    layer_inputs, logistic_nll, nll, pad, resnet, square_sum_f64, strided, transposed,
 };
 use super::{Autodiff, Backward, CheckpointStrategy, Checkpointer, Gradients, Ops, OpsKind};
 use super::{
@@ -69,6 +69,20 @@ impl NativeBackward for LibTorch {
         let _guard = tch::no_grad_guard();
         let nll = logistic_nll(&params.tensor, &targets.tensor, components, min_log_scale);
         TchTensor::new(nll)
+    }
+
+    fn square_sum_f64(x: TchTensor) -> TchTensor {
+        TchTensor::new(square_sum_f64(&x.tensor))
+    }
+
+    fn adam_in_place(
+        weights: TchTensor,
+        grads: TchTensor,
+        first: TchTensor,
+        second: TchTensor,
+        scalars: [f64; 7],
+    ) -> (TchTensor, TchTensor, TchTensor) {
+        adam_in_place(weights, grads, first, second, scalars)
     }
 
     fn dropout_masks(

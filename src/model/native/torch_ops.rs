@@ -4,6 +4,7 @@
 
 use super::{HeadConvs, LayerConvs, LayerShape, Link, Maybe, ResnetShape};
 use burn::backend::Backend;
+use burn::backend::libtorch::TchTensor;
 use burn::backend::tensor::FloatTensor;
 
 /// The gated resnet on libtorch tensors: `t` holds x, conv1's weight and bias, conv2's, then
@@ -382,4 +383,62 @@ fn hash32(mut x: tch::Tensor) -> tch::Tensor {
         }
     }
     x
+}
+
+/// `NativeBackward::adam_in_place`: the optimiser's Adam (`optim.rs`) after its first step, each operation
+/// the libtorch kernel Burn's would run (Burn's square is a product with itself), written into
+/// buffers nothing else holds: the weights, the moments (copied first where shared), a scratch
+/// buffer, and the gradients' own once they are spent (a second scratch where they are shared).
+pub(super) fn adam_in_place(
+    weights: TchTensor,
+    grads: TchTensor,
+    first: TchTensor,
+    second: TchTensor,
+    [b1, c1, b2, c2, factor, epsilon, lr]: [f64; 7],
+) -> (TchTensor, TchTensor, TchTensor) {
+    let own = |t: TchTensor| {
+        if t.can_mut() {
+            t
+        } else {
+            TchTensor::new(t.tensor.copy())
+        }
+    };
+    let (mut w, mut m, mut v) = (own(weights), own(first), own(second));
+    let g = &grads.tensor;
+    // first * beta_1 + g * (1 - beta_1)
+    let mut scratch = g.f_mul_scalar(c1).unwrap();
+    let _ = m.tensor.f_mul_scalar_(b1).unwrap();
+    let _ = m.tensor.f_add_(&scratch).unwrap();
+    // second * beta_2 + (g g) (1 - beta_2)
+    let _ = g.f_mul_out(&scratch, g).unwrap();
+    let _ = scratch.f_mul_scalar_(c2).unwrap();
+    let _ = v.tensor.f_mul_scalar_(b2).unwrap();
+    let _ = v.tensor.f_add_(&scratch).unwrap();
+    // (first * factor) / (sqrt(second) + epsilon') * lr, taken from the weights
+    scratch.copy_(&m.tensor);
+    let _ = scratch.f_mul_scalar_(factor).unwrap();
+    let mut root = if grads.can_mut() {
+        let _ = v.tensor.f_sqrt_out(&grads.tensor).unwrap();
+        grads.tensor
+    } else {
+        v.tensor.sqrt()
+    };
+    let _ = root.f_add_scalar_(epsilon).unwrap();
+    let _ = scratch.f_div_(&root).unwrap();
+    let _ = scratch.f_mul_scalar_(lr).unwrap();
+    let _ = w.tensor.f_sub_(&scratch).unwrap();
+    (w, m, v)
+}
+
+/// `NativeBackward::square_sum_f64`: Burn's cast (`to_kind`), product with itself and sum
+/// (`sum(kind)` viewed as `[1]`), the product written over the f64 copy.
+pub(super) fn square_sum_f64(x: &tch::Tensor) -> tch::Tensor {
+    let mut wide = if x.kind() == tch::Kind::Double {
+        x.copy()
+    } else {
+        x.to_kind(tch::Kind::Double)
+    };
+    let same = wide.shallow_clone();
+    let _ = wide.f_mul_(&same).unwrap();
+    wide.sum(tch::Kind::Double).view(1)
 }

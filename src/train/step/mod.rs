@@ -449,7 +449,7 @@ fn gather(
         },
         layout: grads.layout,
     };
-    let square_sum = grads.values.clone().cast(FloatDType::F64).square().sum();
+    let square_sum = crate::optim::square_sum(grads.values.clone());
     Gathered {
         grads,
         square_sum,
