@@ -271,17 +271,6 @@ pub trait NativeBackward: Backend {
         unreachable!("dropout_masks runs on libtorch only (`runs_fused` says where)")
     }
 
-    /// A step of Adam after the first, the optimiser's arithmetic (`optim.rs`) operation for operation (the
-    /// same bits), in place: the moments brought forward and the weights moved in their own
-    /// buffers where nothing else holds them (otherwise in copies), with one or two scratch
-    /// buffers where Burn's operations make about eight of the weights' size (each a fresh
-    /// allocation on the CPU, whose pages fault in). `scalars`: beta_1, 1 - beta_1, beta_2,
-    /// 1 - beta_2, the combined bias correction, epsilon times the second correction's root,
-    /// the learning rate. It exists on libtorch only ([`runs_fused`]).
-    ///
-    /// # Shapes
-    /// - weights, grads, first, second: `[n]`, f32
-    /// - returns: the weights, the first and the second moment, `[n]`
     /// The sum of the squares of `x` in f64, as Burn's `cast(F64).square().sum()` (the same
     /// bits), squared in place in its f64 copy instead of into a second one of twice the
     /// weights' size. It exists on libtorch only ([`runs_fused`]).
@@ -294,6 +283,17 @@ pub trait NativeBackward: Backend {
         unreachable!("square_sum_f64 runs on libtorch only (`runs_fused` says where)")
     }
 
+    /// A step of Adam after the first, the optimiser's arithmetic (`optim.rs`) operation for
+    /// operation (the same bits), in place: the moments brought forward and the weights moved
+    /// in their own buffers where nothing else holds them (otherwise in copies), with one or two
+    /// scratch buffers where Burn's operations make about eight of the weights' size (each a
+    /// fresh allocation on the CPU, whose pages fault in). `scalars`: beta_1, 1 - beta_1, beta_2,
+    /// 1 - beta_2, the combined bias correction, epsilon times the second correction's root,
+    /// the learning rate. It exists on libtorch only ([`runs_fused`]).
+    ///
+    /// # Shapes
+    /// - weights, grads, first, second: `[n]`, f32
+    /// - returns: the weights, the first and the second moment, `[n]`
     fn adam_in_place(
         weights: FloatTensor<Self>,
         grads: FloatTensor<Self>,

@@ -385,10 +385,11 @@ fn hash32(mut x: tch::Tensor) -> tch::Tensor {
     x
 }
 
-/// `NativeBackward::adam_in_place`: the optimiser's Adam (`optim.rs`) after its first step, each operation
-/// the libtorch kernel Burn's would run (Burn's square is a product with itself), written into
-/// buffers nothing else holds: the weights, the moments (copied first where shared), a scratch
-/// buffer, and the gradients' own once they are spent (a second scratch where they are shared).
+/// `NativeBackward::adam_in_place`: the optimiser's Adam (`optim.rs`) after its first step, each
+/// operation the libtorch kernel Burn's would run (Burn's square is a product with itself),
+/// written into buffers nothing else holds: the weights, the moments (copied first where
+/// shared), a scratch buffer, and the gradients' own once they are spent (a second scratch where
+/// they are shared).
 pub(super) fn adam_in_place(
     weights: TchTensor,
     grads: TchTensor,

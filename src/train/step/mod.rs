@@ -512,7 +512,7 @@ fn norm_of_each(model: &Model, grads: &Flat) -> GradientNorm {
         .map(|&n| {
             let part = grads.values.clone().narrow(0, offset, n);
             offset += n;
-            part.cast(FloatDType::F64).square().sum()
+            crate::optim::square_sum(part)
         })
         .collect();
     let sums: Vec<f64> = Tensor::cat(sums, 0)
