@@ -9,9 +9,10 @@
 //! the weights.
 //!
 //! The average is kept flat, over the parameters the optimizer moves, in one buffer beside the
-//! optimizer's, and updated in three tensor operations per step; the model that evaluation and
-//! checkpoints read is made from it when asked. A parameter the optimizer has never moved keeps
-//! its starting value in the average, which is what the recursion gives for a constant.
+//! optimizer's, and updated in three tensor operations per step (on libtorch in place); the model
+//! that evaluation and checkpoints read is made from it when asked. A parameter the optimizer has
+//! never moved keeps its starting value in the average, which is what the recursion gives for a
+//! constant.
 
 use crate::model::Model;
 use crate::optim::{Flat, Layout, flatten, unflatten};
@@ -59,6 +60,9 @@ impl Ema {
     /// Moves the average towards the weights after global step `t` (1 for the first): `weights`
     /// are the values the optimizer gave the parameters it moved, `model` holds them all.
     pub fn update(&mut self, weights: &Flat, model: &Model, t: usize) {
+        // The model made from the average holds views of it: dropped first, so that the average
+        // is written in place.
+        self.model = OnceCell::new();
         let (average, current) = match self.average.take() {
             // Every step in practice: the optimizer moves the same parameters each time.
             Some(average) if average.layout == weights.layout => (average, weights.values.clone()),
@@ -84,10 +88,61 @@ impl Ema {
         let d = self.decay;
         let t = t.max(1) as i32;
         let decay = d * (1.0 - d.powi(t - 1)) / (1.0 - d.powi(t));
+        let values = if crate::model::native::runs_fused(&current.device()) {
+            crate::model::native::ema_in_place(average.values, current, decay)
+        } else {
+            average.values * decay + current * (1.0 - decay)
+        };
         self.average = Some(Flat {
-            values: average.values * decay + current * (1.0 - decay),
+            values,
             layout: average.layout,
         });
-        self.model = OnceCell::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Tensor, TensorData};
+
+    /// Where two tensors' bits first differ (None: nowhere).
+    fn differ(a: &Tensor<1>, b: &Tensor<1>) -> Option<usize> {
+        let [a, b] = [a, b].map(|t| t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap());
+        assert_eq!(a.len(), b.len());
+        (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits())
+    }
+
+    /// On libtorch the average is brought forward in place (piece by piece on the CPU, where
+    /// more than two pieces are here) with the bits of Burn's `average * decay + current * (1 -
+    /// decay)`, and a copy of it held elsewhere keeps its values.
+    #[test]
+    fn the_average_in_place_is_burns_formula() {
+        for device in crate::device::test_devices() {
+            if !crate::model::native::runs_fused(&device) {
+                continue;
+            }
+            let n = 2 * crate::model::native::CPU_PIECE + 3;
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
+            let mut values = || -> Tensor<1> {
+                let v: Vec<f32> = (0..n)
+                    .map(|_| rand::RngExt::random_range(&mut rng, -2.0f32..2.0))
+                    .collect();
+                Tensor::from_data(TensorData::new(v, [n]), &device)
+            };
+            let (average, current) = (values(), values());
+            let before = average.clone() * 1.0;
+            for decay in [0.0, 0.9995, 0.3] {
+                let burns = average.clone() * decay + current.clone() * (1.0 - decay);
+                let shared =
+                    crate::model::native::ema_in_place(average.clone(), current.clone(), decay);
+                let own = crate::model::native::ema_in_place(
+                    average.clone() * 1.0,
+                    current.clone(),
+                    decay,
+                );
+                assert_eq!(differ(&shared, &burns), None, "{decay}");
+                assert_eq!(differ(&own, &burns), None, "{decay}");
+            }
+            assert_eq!(differ(&average, &before), None, "the held average changed");
+        }
     }
 }

@@ -201,6 +201,7 @@ pub fn adam_in_place(
     first: Tensor<1>,
     second: Tensor<1>,
     scalars: [f64; 7],
+    overwrite: bool,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
     let (w, m, v) = <Dispatch as NativeBackward>::adam_in_place(
         weights.into_dispatch(),
@@ -208,6 +209,7 @@ pub fn adam_in_place(
         first.into_dispatch(),
         second.into_dispatch(),
         scalars,
+        overwrite,
     );
     (
         Tensor::from_dispatch(w),
@@ -216,10 +218,81 @@ pub fn adam_in_place(
     )
 }
 
+/// The weights' average brought forward in place, where [`runs_fused`] (see
+/// [`NativeBackward::ema_in_place`]).
+pub fn ema_in_place(average: Tensor<1>, current: Tensor<1>, decay: f64) -> Tensor<1> {
+    Tensor::from_dispatch(<Dispatch as NativeBackward>::ema_in_place(
+        average.into_dispatch(),
+        current.into_dispatch(),
+        decay,
+    ))
+}
+
 /// The sum of the squares of `x` in f64, where [`runs_fused`] (see
 /// [`NativeBackward::square_sum_f64`]).
 pub fn square_sum_f64(x: Tensor<1>) -> Tensor<1> {
     Tensor::from_dispatch(<Dispatch as NativeBackward>::square_sum_f64(
         x.into_dispatch(),
     ))
+}
+
+/// Where [`runs_fused`]: whether `parts` are, in order, views of `whole` that cover it end to end
+/// (contiguous, f32, each counted among the holders of `whole`'s buffer). False elsewhere.
+pub fn views_of(whole: &Tensor<1>, parts: &[Tensor<1>]) -> bool {
+    #[cfg(feature = "tch")]
+    {
+        let Some(whole) = torch(whole) else {
+            return false;
+        };
+        let parts: Option<Vec<_>> = parts.iter().map(torch).collect();
+        parts.is_some_and(|parts| {
+            super::libtorch::views_of(&whole, &parts.iter().collect::<Vec<_>>())
+        })
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = (whole, parts);
+        false
+    }
+}
+
+/// Where [`runs_fused`]: how many Burn tensors hold `t`'s buffer besides `t` (a view of it is
+/// one). None elsewhere.
+pub fn other_holders(t: &Tensor<1>) -> Option<usize> {
+    #[cfg(feature = "tch")]
+    {
+        // Less the clone that `torch` looks through.
+        torch(t).map(|t| super::libtorch::other_holders(&t) - 1)
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = t;
+        None
+    }
+}
+
+/// Where [`runs_fused`]: the address of `t`'s first value (a test's way of telling buffers
+/// apart). None elsewhere.
+#[cfg(test)]
+pub fn address(t: &Tensor<1>) -> Option<usize> {
+    #[cfg(feature = "tch")]
+    {
+        torch(t).map(|t| t.tensor.data_ptr() as usize)
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = t;
+        None
+    }
+}
+
+/// The libtorch tensor of a float tensor without autodiff, a clone (one more holder of its
+/// buffer while it lives).
+#[cfg(feature = "tch")]
+fn torch(t: &Tensor<1>) -> Option<burn::backend::libtorch::TchTensor> {
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    match t.clone().into_dispatch().kind {
+        DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(t),
+        _ => None,
+    }
 }

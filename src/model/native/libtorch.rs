@@ -2,8 +2,9 @@
 //! of libtorch in Burn's backward pass.
 
 use super::torch_ops::{
-    LAYER_INPUTS, adam_in_place, concat_elu, conv, dropout_masks, gate, head, head_inputs, layer,
-    layer_inputs, logistic_nll, nll, pad, resnet, square_sum_f64, strided, transposed,
+    LAYER_INPUTS, adam_in_place, concat_elu, conv, dropout_masks, ema_in_place, gate, head,
+    head_inputs, layer, layer_inputs, logistic_nll, nll, pad, resnet, square_sum_f64, strided,
+    transposed,
 };
 use super::{Autodiff, Backward, CheckpointStrategy, Checkpointer, Gradients, Ops, OpsKind};
 use super::{
@@ -81,8 +82,13 @@ impl NativeBackward for LibTorch {
         first: TchTensor,
         second: TchTensor,
         scalars: [f64; 7],
+        overwrite: bool,
     ) -> (TchTensor, TchTensor, TchTensor) {
-        adam_in_place(weights, grads, first, second, scalars)
+        adam_in_place(weights, grads, first, second, scalars, overwrite)
+    }
+
+    fn ema_in_place(average: TchTensor, current: TchTensor, decay: f64) -> TchTensor {
+        ema_in_place(average, &current, decay)
     }
 
     fn dropout_masks(
@@ -453,4 +459,29 @@ impl<C: CheckpointStrategy> NativeBackward for Autodiff<LibTorch, C> {
             _ => panic!("a gated resnet's aux is Maybe::Aux or None, its shift Some or None"),
         }
     }
+}
+
+/// Whether `parts` are, in order, contiguous f32 views of `whole` (itself contiguous f32) that
+/// cover it end to end, each counted among the holders of `whole`'s buffer.
+pub(super) fn views_of(whole: &TchTensor, parts: &[&TchTensor]) -> bool {
+    let float = |t: &tch::Tensor| t.kind() == tch::Kind::Float && t.is_contiguous();
+    if !float(&whole.tensor) {
+        return false;
+    }
+    let start = whole.tensor.data_ptr() as usize;
+    let mut at = start;
+    for part in parts {
+        let shared = std::sync::Arc::ptr_eq(part.storage.buffer_ref(), whole.storage.buffer_ref());
+        if !shared || !float(&part.tensor) || part.tensor.data_ptr() as usize != at {
+            return false;
+        }
+        at += part.tensor.numel() * std::mem::size_of::<f32>();
+    }
+    at == start + whole.tensor.numel() * std::mem::size_of::<f32>()
+}
+
+/// How many Burn tensors hold `t`'s whole buffer besides `t`: Burn's own count, by which it
+/// writes in place only into a buffer that one tensor holds.
+pub(super) fn other_holders(t: &TchTensor) -> usize {
+    std::sync::Arc::strong_count(t.storage.buffer_ref()) - 1
 }

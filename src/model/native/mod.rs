@@ -283,13 +283,15 @@ pub trait NativeBackward: Backend {
         unreachable!("square_sum_f64 runs on libtorch only (`runs_fused` says where)")
     }
 
-    /// A step of Adam after the first, the optimiser's arithmetic (`optim.rs`) operation for
+    /// A step of Adam after the first, the optimiser's arithmetic (`optim/`) operation for
     /// operation (the same bits), in place: the moments brought forward and the weights moved
     /// in their own buffers where nothing else holds them (otherwise in copies), with one or two
     /// scratch buffers where Burn's operations make about eight of the weights' size (each a
     /// fresh allocation on the CPU, whose pages fault in). `scalars`: beta_1, 1 - beta_1, beta_2,
     /// 1 - beta_2, the combined bias correction, epsilon times the second correction's root,
-    /// the learning rate. It exists on libtorch only ([`runs_fused`]).
+    /// the learning rate. `overwrite`: the weights are written in place although other tensors
+    /// hold their buffer (the caller knows them to be the model's parameters, views of it that
+    /// the step replaces). It exists on libtorch only ([`runs_fused`]).
     ///
     /// # Shapes
     /// - weights, grads, first, second: `[n]`, f32
@@ -300,9 +302,27 @@ pub trait NativeBackward: Backend {
         first: FloatTensor<Self>,
         second: FloatTensor<Self>,
         scalars: [f64; 7],
+        overwrite: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let _ = (weights, grads, first, second, scalars);
+        let _ = (weights, grads, first, second, scalars, overwrite);
         unreachable!("adam_in_place runs on libtorch only (`runs_fused` says where)")
+    }
+
+    /// The weights' exponential moving average brought forward, `average * decay + current * (1 -
+    /// decay)` as Burn's operations compute it (the same bits), written into the average's buffer
+    /// (a copy where something else holds it) instead of two fresh ones of the weights' size. It
+    /// exists on libtorch only ([`runs_fused`]).
+    ///
+    /// # Shapes
+    /// - average, current: `[n]`, f32
+    /// - returns: `[n]`
+    fn ema_in_place(
+        average: FloatTensor<Self>,
+        current: FloatTensor<Self>,
+        decay: f64,
+    ) -> FloatTensor<Self> {
+        let _ = (average, current, decay);
+        unreachable!("ema_in_place runs on libtorch only (`runs_fused` says where)")
     }
 
     /// The summed negative log-likelihood of `targets` under a softmax over dimension 2.
@@ -616,15 +636,25 @@ pub fn categorical_nll(logits: Tensor<5>, targets: Tensor<4, Int>) -> Tensor<1> 
     ))
 }
 
+/// Values per piece of the update's passes over all weights on libtorch's CPU (the gradients'
+/// square sum, Adam and the average in place): 4 MiB of f32, so that each temporary comes from
+/// the heap that `main` keeps (glibc maps anything above 32 MiB afresh, and every page of it
+/// faults in again) and a piece's buffers stay in cache between its operations. On a GPU, one
+/// piece: each would cost a kernel launch per operation.
+pub const CPU_PIECE: usize = 1 << 20;
+
 mod fused;
 #[cfg(feature = "tch")]
 mod libtorch;
 #[cfg(feature = "tch")]
 mod torch_ops;
 
+#[cfg(test)]
+pub use fused::address;
 pub use fused::{
     GatedLayerInputs, HeadConvs, LayerConvs, LayerShape, Link, Masked, adam_in_place,
-    dropout_masks, gated_head, gated_layer, logistic_nll, runs_fused, square_sum_f64,
+    dropout_masks, ema_in_place, gated_head, gated_layer, logistic_nll, other_holders, runs_fused,
+    square_sum_f64, views_of,
 };
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! `libtorch.rs` records in libtorch's autograd graph or runs without it), and the order in which
 //! the fused operations take their inputs.
 
-use super::{HeadConvs, LayerConvs, LayerShape, Link, Maybe, ResnetShape};
+use super::{CPU_PIECE, HeadConvs, LayerConvs, LayerShape, Link, Maybe, ResnetShape};
 use burn::backend::Backend;
 use burn::backend::libtorch::TchTensor;
 use burn::backend::tensor::FloatTensor;
@@ -385,61 +385,124 @@ fn hash32(mut x: tch::Tensor) -> tch::Tensor {
     x
 }
 
-/// `NativeBackward::adam_in_place`: the optimiser's Adam (`optim.rs`) after its first step, each
-/// operation the libtorch kernel Burn's would run (Burn's square is a product with itself),
-/// written into buffers nothing else holds: the weights, the moments (copied first where
-/// shared), a scratch buffer, and the gradients' own once they are spent (a second scratch where
-/// they are shared).
+/// The `(start, length)` pieces of a pass over `t`'s `[n]` values (see [`CPU_PIECE`]).
+fn pieces(t: &tch::Tensor) -> Vec<(i64, i64)> {
+    let n = t.numel() as i64;
+    let piece = if t.device() == tch::Device::Cpu {
+        CPU_PIECE as i64
+    } else {
+        n.max(1)
+    };
+    (0..n)
+        .step_by(piece as usize)
+        .map(|start| (start, piece.min(n - start)))
+        .collect()
+}
+
+/// `t` where nothing else holds its buffer, else a copy.
+fn own(t: TchTensor) -> TchTensor {
+    if t.can_mut() {
+        t
+    } else {
+        TchTensor::new(t.tensor.copy())
+    }
+}
+
+/// `NativeBackward::adam_in_place`: the optimiser's Adam (`optim/`) after its first step, each
+/// operation the libtorch kernel Burn's would run (Burn's square is a product with itself), piece
+/// by piece (each value's arithmetic is the same), written into buffers nothing else holds: the
+/// weights (with `overwrite`, their own buffer, which the model's parameters view), the moments
+/// (copied first where shared), a scratch buffer of a piece's size, and the gradients' own once
+/// they are spent (a second scratch where they are shared).
 pub(super) fn adam_in_place(
     weights: TchTensor,
     grads: TchTensor,
     first: TchTensor,
     second: TchTensor,
-    [b1, c1, b2, c2, factor, epsilon, lr]: [f64; 7],
+    scalars: [f64; 7],
+    overwrite: bool,
 ) -> (TchTensor, TchTensor, TchTensor) {
-    let own = |t: TchTensor| {
-        if t.can_mut() {
-            t
-        } else {
-            TchTensor::new(t.tensor.copy())
-        }
-    };
-    let (mut w, mut m, mut v) = (own(weights), own(first), own(second));
-    let g = &grads.tensor;
+    let w = if overwrite { weights } else { own(weights) };
+    let (m, v) = (own(first), own(second));
+    let spent = grads.can_mut();
+    for (start, len) in pieces(&w.tensor) {
+        let [mut w, mut m, mut v, mut g] =
+            [&w, &m, &v, &grads].map(|t| t.tensor.narrow(0, start, len));
+        adam_piece([&mut w, &mut m, &mut v, &mut g], spent, scalars);
+    }
+    (w, m, v)
+}
+
+/// One piece of [`adam_in_place`]; `spent`: the gradients' buffer may take the second moment's
+/// root.
+fn adam_piece(
+    [w, m, v, g]: [&mut tch::Tensor; 4],
+    spent: bool,
+    [b1, c1, b2, c2, factor, epsilon, lr]: [f64; 7],
+) {
     // first * beta_1 + g * (1 - beta_1)
     let mut scratch = g.f_mul_scalar(c1).unwrap();
-    let _ = m.tensor.f_mul_scalar_(b1).unwrap();
-    let _ = m.tensor.f_add_(&scratch).unwrap();
+    let _ = m.f_mul_scalar_(b1).unwrap();
+    let _ = m.f_add_(&scratch).unwrap();
     // second * beta_2 + (g g) (1 - beta_2)
     let _ = g.f_mul_out(&scratch, g).unwrap();
     let _ = scratch.f_mul_scalar_(c2).unwrap();
-    let _ = v.tensor.f_mul_scalar_(b2).unwrap();
-    let _ = v.tensor.f_add_(&scratch).unwrap();
+    let _ = v.f_mul_scalar_(b2).unwrap();
+    let _ = v.f_add_(&scratch).unwrap();
     // (first * factor) / (sqrt(second) + epsilon') * lr, taken from the weights
-    scratch.copy_(&m.tensor);
+    scratch.copy_(m);
     let _ = scratch.f_mul_scalar_(factor).unwrap();
-    let mut root = if grads.can_mut() {
-        let _ = v.tensor.f_sqrt_out(&grads.tensor).unwrap();
-        grads.tensor
+    let mut root = if spent {
+        let _ = v.f_sqrt_out(g).unwrap();
+        g.shallow_clone()
     } else {
-        v.tensor.sqrt()
+        v.sqrt()
     };
     let _ = root.f_add_scalar_(epsilon).unwrap();
     let _ = scratch.f_div_(&root).unwrap();
     let _ = scratch.f_mul_scalar_(lr).unwrap();
-    let _ = w.tensor.f_sub_(&scratch).unwrap();
-    (w, m, v)
+    let _ = w.f_sub_(&scratch).unwrap();
+}
+
+/// `NativeBackward::ema_in_place`: `average * decay + current * (1 - decay)` as Burn's operations
+/// compute it (a product each, then their sum), piece by piece into the average's buffer (a copy
+/// where it is shared), with a temporary of a piece's size.
+pub(super) fn ema_in_place(average: TchTensor, current: &TchTensor, decay: f64) -> TchTensor {
+    let average = own(average);
+    for (start, len) in pieces(&average.tensor) {
+        let mut a = average.tensor.narrow(0, start, len);
+        let term = current
+            .tensor
+            .narrow(0, start, len)
+            .f_mul_scalar(1.0 - decay)
+            .unwrap();
+        let _ = a.f_mul_scalar_(decay).unwrap();
+        let _ = a.f_add_(&term).unwrap();
+    }
+    average
 }
 
 /// `NativeBackward::square_sum_f64`: Burn's cast (`to_kind`), product with itself and sum
-/// (`sum(kind)` viewed as `[1]`), the product written over the f64 copy.
+/// (`sum(kind)` viewed as `[1]`), the product written over the f64 copy; on the CPU piece by
+/// piece (see [`CPU_PIECE`]), the pieces' sums then summed in f64.
 pub(super) fn square_sum_f64(x: &tch::Tensor) -> tch::Tensor {
-    let mut wide = if x.kind() == tch::Kind::Double {
-        x.copy()
-    } else {
-        x.to_kind(tch::Kind::Double)
-    };
-    let same = wide.shallow_clone();
-    let _ = wide.f_mul_(&same).unwrap();
-    wide.sum(tch::Kind::Double).view(1)
+    let sums: Vec<tch::Tensor> = pieces(x)
+        .into_iter()
+        .map(|(start, len)| {
+            let piece = x.narrow(0, start, len);
+            let mut wide = if x.kind() == tch::Kind::Double {
+                piece.copy()
+            } else {
+                piece.to_kind(tch::Kind::Double)
+            };
+            let same = wide.shallow_clone();
+            let _ = wide.f_mul_(&same).unwrap();
+            wide.sum(tch::Kind::Double).view(1)
+        })
+        .collect();
+    match sums.len() {
+        0 => tch::Tensor::zeros([1], (tch::Kind::Double, x.device())),
+        1 => sums.into_iter().next().expect("one"),
+        _ => tch::Tensor::cat(&sums, 0).sum(tch::Kind::Double).view(1),
+    }
 }

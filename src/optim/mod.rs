@@ -5,9 +5,10 @@
 //! PixelCNN++, each a kernel launch on a GPU). The arithmetic is `burn::optim::Adam`'s, operation
 //! for operation, so the weights are bit for bit those Burn's optimizer gives on the same backend
 //! (a test holds it to that), and the state is saved in Burn's optimizer file format: checkpoints
-//! written by either load in the other. On libtorch, a step after the first writes the moments
-//! and the weights in place (`native::adam_in_place`, the same operations), where Burn's
-//! operations would allocate about eight buffers the size of all weights.
+//! written by either load in the other. On libtorch, the model's parameters are views of one
+//! flat buffer of weights that the optimizer keeps, and a step after the first writes the
+//! moments and that buffer in place (`native::adam_in_place`, the same operations; on the CPU in
+//! pieces), where Burn's operations would allocate about eight buffers the size of all weights.
 
 use crate::model::Model;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -97,6 +98,17 @@ impl Flat {
 
 /// The weights of the parameters of `layout` (which must follow `model`'s visiting order), flat.
 pub fn flatten(model: &Model, layout: &Layout) -> Tensor<1> {
+    concat(parameter_values(model, layout))
+}
+
+/// `parts` end to end in f32.
+fn concat(parts: Vec<Tensor<1>>) -> Tensor<1> {
+    Tensor::cat(parts.into_iter().map(f32_flat).collect(), 0)
+}
+
+/// The values of the parameters of `layout` (which must follow `model`'s visiting order), each
+/// viewed as `[n]` in its own dtype, without autodiff.
+fn parameter_values(model: &Model, layout: &Layout) -> Vec<Tensor<1>> {
     struct Visit<'a> {
         ids: std::iter::Peekable<std::slice::Iter<'a, ParamId>>,
         parts: Vec<Tensor<1>>,
@@ -107,7 +119,7 @@ pub fn flatten(model: &Model, layout: &Layout) -> Tensor<1> {
                 self.ids.next();
                 let value = param.val().inner();
                 let n = value.shape().num_elements();
-                self.parts.push(f32_flat(value.reshape([n])));
+                self.parts.push(value.reshape([n]));
             }
         }
     }
@@ -120,7 +132,7 @@ pub fn flatten(model: &Model, layout: &Layout) -> Tensor<1> {
         visit.ids.next().is_none(),
         "a layout follows its model's visiting order"
     );
-    Tensor::cat(visit.parts, 0)
+    visit.parts
 }
 
 /// The sum of the squares of `values` in f64, `[1]`: Burn's `cast(F64).square().sum()`, on
@@ -219,6 +231,11 @@ pub struct Optimizer {
     /// parameter that misses one falls behind the others' step count (as in Burn, which counts
     /// per parameter) and gets a group of its own.
     groups: Vec<Moments>,
+    /// On libtorch, the last step's flat weights, whose views the model's parameters are: the
+    /// next step reads them there instead of copying the parameters together, and writes them
+    /// in place where nothing but the model's parameters holds them (step after step at the same
+    /// address, as a CUDA graph needs). Not part of the saved state: the model's weights are.
+    weights: Option<Tensor<1>>,
 }
 
 /// Adam with beta = (0.9, 0.999) and PyTorch's epsilon of 1e-8 (Burn's default is 1e-5).
@@ -240,17 +257,43 @@ impl Optimizer {
         Optimizer {
             rule,
             groups: Vec::new(),
+            weights: None,
         }
     }
 
     /// Moves the parameters of `grads.layout` by one step of learning rate `lr`; returns the
     /// model and their new values.
     pub fn step(&mut self, lr: f64, model: Model, grads: Flat) -> (Model, Flat) {
-        let weights = flatten(&model, &grads.layout);
-        if self.steps_in_place(&grads) {
-            let new = self.adam_in_place(lr, weights, grads);
-            return (unflatten(model, &new), new);
+        let (weights, overwrite) = self.weights_of(&model, &grads.layout);
+        let new = if self.steps_in_place(&grads) {
+            self.adam_in_place(lr, weights, overwrite, grads)
+        } else {
+            self.step_by_burn(lr, weights, grads)
+        };
+        if crate::model::native::runs_fused(&new.values.device()) {
+            self.weights = Some(new.values.clone());
         }
+        (unflatten(model, &new), new)
+    }
+
+    /// The flat weights of `layout`, and whether a step may write them in place: the last step's
+    /// where the model's parameters are still views of them end to end (in place where they are
+    /// all that holds them besides), else a copy of the parameters.
+    fn weights_of(&mut self, model: &Model, layout: &Layout) -> (Tensor<1>, bool) {
+        let parts = parameter_values(model, layout);
+        if let Some(whole) = self.weights.take()
+            && crate::model::native::views_of(&whole, &parts)
+        {
+            drop(parts);
+            let holders = crate::model::native::other_holders(&whole);
+            return (whole, holders == Some(layout.ids.len()));
+        }
+        (concat(parts), false)
+    }
+
+    /// A step with Burn's tensor operations: SGD, Adam's first step, and Adam where a parameter
+    /// missed a step or off libtorch.
+    fn step_by_burn(&mut self, lr: f64, weights: Tensor<1>, grads: Flat) -> Flat {
         let delta = match self.rule {
             Rule::Sgd => grads.values.mul_scalar(lr),
             Rule::Adam {
@@ -261,11 +304,10 @@ impl Optimizer {
                 .adam_update(&grads, [beta_1, beta_2, epsilon])
                 .mul_scalar(lr),
         };
-        let new = Flat {
+        Flat {
             values: weights - delta,
             layout: grads.layout,
-        };
-        (unflatten(model, &new), new)
+        }
     }
 
     /// Whether a step of Adam after the first while every parameter has a gradient (the common
@@ -279,7 +321,7 @@ impl Optimizer {
 
     /// Such a step in place (`native::adam_in_place`, the same bits as [`adam_math`]): the new
     /// weights.
-    fn adam_in_place(&mut self, lr: f64, weights: Tensor<1>, grads: Flat) -> Flat {
+    fn adam_in_place(&mut self, lr: f64, weights: Tensor<1>, overwrite: bool, grads: Flat) -> Flat {
         let Rule::Adam {
             beta_1,
             beta_2,
@@ -307,6 +349,7 @@ impl Optimizer {
             moments.first,
             moments.second,
             scalars,
+            overwrite,
         );
         self.groups.push(Moments {
             layout: moments.layout,
@@ -580,196 +623,4 @@ fn flat_values(t: &Tensor<1>) -> Vec<f32> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{Context, GatedConfig, ModelConfig};
-    use burn::optim::{AdamConfig, ModuleOptimizer};
-    use burn::tensor::Device;
-
-    /// A small class-conditional gated PixelCNN on `device` (autodiff), and a function giving the
-    /// gradients of a fixed loss of its outputs.
-    fn gated(device: &Device) -> (Model, impl Fn(&Model) -> GradientsParams) {
-        let device = device.clone().autodiff();
-        let model = gated_model(2, 6, &device);
-        let pixels: Vec<f32> = (0..2 * 3 * 4 * 4)
-            .map(|i| ((i * 37) % 256) as f32)
-            .collect();
-        let x = Tensor::<4>::from_data(TensorData::new(pixels, [2, 3, 4, 4]), &device);
-        let context = Context::from_labels(&[0, 2], &device);
-        let grads = move |model: &Model| {
-            let v = model.forward(x.clone(), &context).values();
-            let loss = (v.clone() * v).mean();
-            GradientsParams::from_grads(loss.backward(), model)
-        };
-        (model, grads)
-    }
-
-    fn gated_model(layers: usize, channels: usize, device: &Device) -> Model {
-        ModelConfig::Gated(GatedConfig {
-            classes: Some(3),
-            ..GatedConfig::plain(3, layers, 3, channels)
-        })
-        .init(1, device)
-    }
-
-    fn bits(model: &Model) -> Vec<u32> {
-        let layout = Layout::of(model);
-        let values: Vec<f32> = flatten(model, &layout)
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec()
-            .unwrap();
-        values.into_iter().map(f32::to_bits).collect()
-    }
-
-    fn burn_adam() -> ModuleOptimizer {
-        AdamConfig::new()
-            .with_beta_1(0.9)
-            .with_beta_2(0.999)
-            .with_epsilon(1e-8)
-            .init()
-    }
-
-    /// Step for step, the flat Adam gives bit for bit the weights of Burn's Adam (configured the
-    /// same), on every backend: while every parameter has a gradient, when one misses a step
-    /// (its step count falls behind the others'), and across a save and load in either
-    /// direction, where each reads the other's file.
-    #[test]
-    fn flat_adam_is_burns_adam_bit_for_bit() {
-        for device in crate::device::test_devices() {
-            let (start, grads_of) = gated(&device);
-            let (mut ours, mut theirs) = (start.clone(), start.clone());
-            let mut flat = adam();
-            let mut burn = burn_adam();
-            let first_id = Layout::of(&start).ids[0];
-            // Burn's loaded state reads its file lazily: the folder outlives the loop.
-            let dir = tempfile::tempdir().unwrap();
-            for step in 1..=5 {
-                let lr = 0.01 / step as f64;
-                let mut g_ours = grads_of(&ours);
-                let mut g_theirs = grads_of(&theirs);
-                if step == 3 {
-                    // The first parameter misses this step.
-                    g_ours.remove::<4>(first_id).expect("a gradient to drop");
-                    g_theirs.remove::<4>(first_id).expect("a gradient to drop");
-                }
-                (ours, _) = flat.step(lr, ours, Flat::gradients(&start, g_ours));
-                theirs = burn.step(lr, theirs, g_theirs);
-                assert_eq!(bits(&ours), bits(&theirs), "{device:?}, step {step}");
-                assert_ne!(bits(&ours), bits(&start), "the step moved the weights");
-                if step == 4 {
-                    let (a, b) = (dir.path().join("ours.bpk"), dir.path().join("burn.bpk"));
-                    flat.save(&ours, &a).unwrap();
-                    burn.save(&b).unwrap();
-                    // Each reads the other's file, and goes on as if nothing happened.
-                    flat = adam().load(&ours, &b).unwrap();
-                    burn = burn_adam().load(&a).unwrap();
-                }
-            }
-        }
-    }
-
-    /// The square sum is Burn's `cast(F64).square().sum()` to the bit on every backend, at the
-    /// extremes too: overflowing f32 squares, subnormals, infinities and NaN.
-    #[test]
-    fn square_sum_is_burns_on_every_backend() {
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
-        let random: Vec<f32> = (0..(1 << 17) + 3)
-            .map(|_| rand::RngExt::random_range(&mut rng, -3.0f32..3.0))
-            .collect();
-        let cases: Vec<Vec<f32>> = vec![
-            random,
-            vec![f32::MAX, -f32::MAX, 1e-45, -1e-40, 0.0, -0.0],
-            vec![1.0, f32::INFINITY, 2.0],
-            vec![1.0, f32::NAN],
-            vec![3.0],
-        ];
-        for device in crate::device::test_devices() {
-            for values in &cases {
-                let x = Tensor::<1>::from_data(
-                    TensorData::new(values.clone(), [values.len()]),
-                    &device,
-                );
-                let ours = f64_of(square_sum(x.clone()));
-                let burns = f64_of(x.cast(FloatDType::F64).square().sum());
-                assert_eq!(
-                    ours.to_bits(),
-                    burns.to_bits(),
-                    "{device:?}, {} values",
-                    values.len()
-                );
-            }
-        }
-    }
-
-    fn f64_of(t: Tensor<1>) -> f64 {
-        t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap()[0]
-    }
-
-    /// A step writes in place only what nothing else holds: an optimizer kept from before the
-    /// step (a clone, as a checkpoint being written holds one) takes the same step alike, and the
-    /// model the step started from keeps its weights.
-    #[test]
-    fn a_step_leaves_what_others_hold_as_it_was() {
-        for device in crate::device::test_devices() {
-            let (start, grads_of) = gated(&device);
-            let step = |optimizer: &mut Optimizer, model: &Model| {
-                let grads = Flat::gradients(model, grads_of(model));
-                optimizer.step(0.01, model.clone(), grads).0
-            };
-            let mut flat = adam();
-            let one = step(&mut flat, &start);
-            let kept = flat.clone();
-            let before = bits(&one);
-            let a = step(&mut flat, &one);
-            let b = step(&mut kept.clone(), &one);
-            assert_eq!(bits(&a), bits(&b), "{device:?}");
-            assert_eq!(bits(&one), before, "{device:?}");
-            assert_ne!(bits(&a), before, "{device:?}: the step moved the weights");
-            // And the kept optimizer's second step is still the first's twin.
-            let c = step(&mut kept.clone(), &one);
-            assert_eq!(bits(&c), bits(&b), "{device:?}");
-        }
-    }
-
-    /// The weights after a step keep their autodiff and `require_grad`: the next step trains
-    /// them (a model without them would have no gradients).
-    #[test]
-    fn stepped_weights_still_train() {
-        let device = Device::flex();
-        let (model, grads_of) = gated(&device);
-        let mut flat = adam();
-        let first = Flat::gradients(&model, grads_of(&model));
-        let layout = first.layout.clone();
-        assert!(!layout.ids.is_empty());
-        let (model, new) = flat.step(0.01, model, first);
-        assert_eq!(new.layout, layout);
-        let again = Flat::gradients(&model, grads_of(&model));
-        assert_eq!(again.layout, layout, "the same parameters have gradients");
-    }
-
-    /// A state file whose moments do not fit the model is refused, naming what is wrong.
-    #[test]
-    fn a_state_for_another_model_is_refused() {
-        let device = Device::flex();
-        let (model, grads_of) = gated(&device);
-        let mut flat = adam();
-        let (model, _) = flat.step(
-            0.01,
-            model.clone(),
-            Flat::gradients(&model, grads_of(&model)),
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("optimizer.bpk");
-        flat.save(&model, &path).unwrap();
-        // Parameters are numbered in visiting order: a wider model has other sizes under the
-        // same numbers, a shallower one other sizes and fewer numbers.
-        for other in [gated_model(2, 9, &device), gated_model(1, 6, &device)] {
-            let err = adam().load(&other, &path).err().expect("another model");
-            assert!(
-                err.contains("no moment_1 of") || err.contains("which the model does not have"),
-                "{err}"
-            );
-        }
-    }
-}
+mod tests;

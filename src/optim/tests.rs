@@ -1,0 +1,317 @@
+use super::*;
+use crate::model::{Context, GatedConfig, ModelConfig};
+use burn::optim::{AdamConfig, ModuleOptimizer};
+use burn::tensor::Device;
+
+/// A small class-conditional gated PixelCNN on `device` (autodiff), and a function giving the
+/// gradients of a fixed loss of its outputs.
+fn gated(device: &Device) -> (Model, impl Fn(&Model) -> GradientsParams) {
+    let device = device.clone().autodiff();
+    let model = gated_model(2, 6, &device);
+    let pixels: Vec<f32> = (0..2 * 3 * 4 * 4)
+        .map(|i| ((i * 37) % 256) as f32)
+        .collect();
+    let x = Tensor::<4>::from_data(TensorData::new(pixels, [2, 3, 4, 4]), &device);
+    let context = Context::from_labels(&[0, 2], &device);
+    let grads = move |model: &Model| {
+        let v = model.forward(x.clone(), &context).values();
+        let loss = (v.clone() * v).mean();
+        GradientsParams::from_grads(loss.backward(), model)
+    };
+    (model, grads)
+}
+
+fn gated_model(layers: usize, channels: usize, device: &Device) -> Model {
+    ModelConfig::Gated(GatedConfig {
+        classes: Some(3),
+        ..GatedConfig::plain(3, layers, 3, channels)
+    })
+    .init(1, device)
+}
+
+fn bits(model: &Model) -> Vec<u32> {
+    let layout = Layout::of(model);
+    let values: Vec<f32> = flatten(model, &layout)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec()
+        .unwrap();
+    values.into_iter().map(f32::to_bits).collect()
+}
+
+fn burn_adam() -> ModuleOptimizer {
+    AdamConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .init()
+}
+
+/// Step for step, the flat Adam gives bit for bit the weights of Burn's Adam (configured the
+/// same), on every backend: while every parameter has a gradient, when one misses a step
+/// (its step count falls behind the others'), and across a save and load in either
+/// direction, where each reads the other's file.
+#[test]
+fn flat_adam_is_burns_adam_bit_for_bit() {
+    for device in crate::device::test_devices() {
+        let (start, grads_of) = gated(&device);
+        let (mut ours, mut theirs) = (start.clone(), start.clone());
+        let mut flat = adam();
+        let mut burn = burn_adam();
+        let first_id = Layout::of(&start).ids[0];
+        // Burn's loaded state reads its file lazily: the folder outlives the loop.
+        let dir = tempfile::tempdir().unwrap();
+        for step in 1..=5 {
+            let lr = 0.01 / step as f64;
+            let mut g_ours = grads_of(&ours);
+            let mut g_theirs = grads_of(&theirs);
+            if step == 3 {
+                // The first parameter misses this step.
+                g_ours.remove::<4>(first_id).expect("a gradient to drop");
+                g_theirs.remove::<4>(first_id).expect("a gradient to drop");
+            }
+            (ours, _) = flat.step(lr, ours, Flat::gradients(&start, g_ours));
+            theirs = burn.step(lr, theirs, g_theirs);
+            assert_eq!(bits(&ours), bits(&theirs), "{device:?}, step {step}");
+            assert_ne!(bits(&ours), bits(&start), "the step moved the weights");
+            if step == 4 {
+                let (a, b) = (dir.path().join("ours.bpk"), dir.path().join("burn.bpk"));
+                flat.save(&ours, &a).unwrap();
+                burn.save(&b).unwrap();
+                // Each reads the other's file, and goes on as if nothing happened.
+                flat = adam().load(&ours, &b).unwrap();
+                burn = burn_adam().load(&a).unwrap();
+            }
+        }
+    }
+}
+
+/// The square sum is Burn's `cast(F64).square().sum()` to the bit on every backend, at the
+/// extremes too: overflowing f32 squares, subnormals, infinities and NaN.
+#[test]
+fn square_sum_is_burns_on_every_backend() {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+    let random: Vec<f32> = (0..(1 << 17) + 3)
+        .map(|_| rand::RngExt::random_range(&mut rng, -3.0f32..3.0))
+        .collect();
+    let cases: Vec<Vec<f32>> = vec![
+        random,
+        vec![f32::MAX, -f32::MAX, 1e-45, -1e-40, 0.0, -0.0],
+        vec![1.0, f32::INFINITY, 2.0],
+        vec![1.0, f32::NAN],
+        vec![3.0],
+    ];
+    for device in crate::device::test_devices() {
+        for values in &cases {
+            let x =
+                Tensor::<1>::from_data(TensorData::new(values.clone(), [values.len()]), &device);
+            let ours = f64_of(square_sum(x.clone()));
+            let burns = f64_of(x.cast(FloatDType::F64).square().sum());
+            assert!(values.len() <= crate::model::native::CPU_PIECE);
+            assert_eq!(
+                ours.to_bits(),
+                burns.to_bits(),
+                "{device:?}, {} values",
+                values.len()
+            );
+        }
+    }
+}
+
+/// Beyond one of libtorch's CPU pieces, the square sum is each piece's, as Burn's, summed in f64
+/// (one sum over all everywhere else), which may differ from one sum in the last bits.
+#[test]
+fn square_sums_of_pieces_are_summed() {
+    for device in crate::device::test_devices() {
+        let x = long_values(9, &device);
+        let ours = f64_of(square_sum(x.clone()));
+        let burns = |x: Tensor<1>| x.cast(FloatDType::F64).square().sum();
+        // The test devices are CPUs.
+        let expected = if crate::model::native::runs_fused(&device) {
+            let piece = crate::model::native::CPU_PIECE;
+            let n = x.dims()[0];
+            let sums = (0..n)
+                .step_by(piece)
+                .map(|start| burns(x.clone().narrow(0, start, piece.min(n - start))))
+                .collect();
+            f64_of(Tensor::cat(sums, 0).sum())
+        } else {
+            f64_of(burns(x))
+        };
+        assert_eq!(ours.to_bits(), expected.to_bits(), "{device:?}");
+    }
+}
+
+fn f64_of(t: Tensor<1>) -> f64 {
+    t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap()[0]
+}
+
+/// A step writes in place only what nothing else holds: an optimizer kept from before the
+/// step (a clone, as a checkpoint being written holds one) takes the same step alike, and the
+/// model the step started from keeps its weights.
+#[test]
+fn a_step_leaves_what_others_hold_as_it_was() {
+    for device in crate::device::test_devices() {
+        let (start, grads_of) = gated(&device);
+        let step = |optimizer: &mut Optimizer, model: &Model| {
+            let grads = Flat::gradients(model, grads_of(model));
+            optimizer.step(0.01, model.clone(), grads).0
+        };
+        let mut flat = adam();
+        let one = step(&mut flat, &start);
+        let kept = flat.clone();
+        let before = bits(&one);
+        let a = step(&mut flat, &one);
+        let b = step(&mut kept.clone(), &one);
+        assert_eq!(bits(&a), bits(&b), "{device:?}");
+        assert_eq!(bits(&one), before, "{device:?}");
+        assert_ne!(bits(&a), before, "{device:?}: the step moved the weights");
+        // And the kept optimizer's second step is still the first's twin.
+        let c = step(&mut kept.clone(), &one);
+        assert_eq!(bits(&c), bits(&b), "{device:?}");
+    }
+}
+
+/// The weights after a step keep their autodiff and `require_grad`: the next step trains
+/// them (a model without them would have no gradients).
+#[test]
+fn stepped_weights_still_train() {
+    let device = Device::flex();
+    let (model, grads_of) = gated(&device);
+    let mut flat = adam();
+    let first = Flat::gradients(&model, grads_of(&model));
+    let layout = first.layout.clone();
+    assert!(!layout.ids.is_empty());
+    let (model, new) = flat.step(0.01, model, first);
+    assert_eq!(new.layout, layout);
+    let again = Flat::gradients(&model, grads_of(&model));
+    assert_eq!(again.layout, layout, "the same parameters have gradients");
+}
+
+/// A state file whose moments do not fit the model is refused, naming what is wrong.
+#[test]
+fn a_state_for_another_model_is_refused() {
+    let device = Device::flex();
+    let (model, grads_of) = gated(&device);
+    let mut flat = adam();
+    let (model, _) = flat.step(
+        0.01,
+        model.clone(),
+        Flat::gradients(&model, grads_of(&model)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("optimizer.bpk");
+    flat.save(&model, &path).unwrap();
+    // Parameters are numbered in visiting order: a wider model has other sizes under the
+    // same numbers, a shallower one other sizes and fewer numbers.
+    for other in [gated_model(2, 9, &device), gated_model(1, 6, &device)] {
+        let err = adam().load(&other, &path).err().expect("another model");
+        assert!(
+            err.contains("no moment_1 of") || err.contains("which the model does not have"),
+            "{err}"
+        );
+    }
+}
+
+/// On libtorch, a step after the first writes the weights where they are: the model's
+/// parameters stay views of one buffer, at one address step after step (what a CUDA graph's
+/// replay needs), with the bits of the steps that copy them (see
+/// `flat_adam_is_burns_adam_bit_for_bit`).
+#[test]
+fn the_weights_stay_where_they_are() {
+    for device in crate::device::test_devices() {
+        if !crate::model::native::runs_fused(&device) {
+            continue;
+        }
+        let (mut model, grads_of) = gated(&device);
+        let mut flat = adam();
+        let mut at = Vec::new();
+        for _ in 0..4 {
+            let grads = Flat::gradients(&model, grads_of(&model));
+            let layout = grads.layout.clone();
+            (model, _) = flat.step(0.01, model, grads);
+            let weights = flat.weights.as_ref().expect("kept on libtorch");
+            let parts = parameter_values(&model, &layout);
+            assert!(crate::model::native::views_of(weights, &parts));
+            drop(parts);
+            // Besides the optimizer, only the model's parameters hold them.
+            assert_eq!(
+                crate::model::native::other_holders(weights),
+                Some(layout.ids.len())
+            );
+            at.push(crate::model::native::address(weights).unwrap());
+        }
+        // The first step (Burn's operations) makes the buffer; the others write into it.
+        assert!(at[1..].iter().all(|&a| a == at[1]), "{at:x?}");
+    }
+}
+
+/// Values for the passes over all weights: more than two of libtorch's CPU pieces, so that
+/// piece boundaries fall inside them, at a seed.
+fn long_values(seed: u64, device: &Device) -> Tensor<1> {
+    let n = 2 * crate::model::native::CPU_PIECE + 3;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let values: Vec<f32> = (0..n)
+        .map(|_| rand::RngExt::random_range(&mut rng, -1.0f32..1.0))
+        .collect();
+    Tensor::from_data(TensorData::new(values, [n]), device)
+}
+
+/// Where two tensors' bits first differ (None: nowhere).
+fn differ(a: &Tensor<1>, b: &Tensor<1>) -> Option<usize> {
+    let [a, b] = [a, b].map(|t| t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap());
+    assert_eq!(a.len(), b.len());
+    (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits())
+}
+
+/// Adam in place, piece by piece on the CPU, gives the bits of Burn's operations over the whole,
+/// with weights, moments and gradients shared or not.
+#[test]
+fn adam_in_pieces_is_adam_whole() {
+    for device in crate::device::test_devices() {
+        if !crate::model::native::runs_fused(&device) {
+            continue;
+        }
+        let [w, g, m] = [1, 2, 3].map(|seed| long_values(seed, &device));
+        let v = long_values(4, &device).abs();
+        let layout = Layout {
+            ids: vec![ParamId::new()],
+            sizes: vec![w.dims()[0]],
+        };
+        let state = |time| Optimizer {
+            groups: vec![Moments {
+                layout: layout.clone(),
+                time,
+                first: m.clone(),
+                second: v.clone(),
+            }],
+            ..adam()
+        };
+        let grads = Flat {
+            values: g.clone(),
+            layout: layout.clone(),
+        };
+        for time in [1, 1000] {
+            let whole = state(time).step_by_burn(0.003, w.clone(), grads.clone());
+            let (mut a, mut b) = (state(time), state(time));
+            // Everything shared (the gradients' buffer takes no root), then nothing.
+            let shared = a.adam_in_place(0.003, w.clone(), false, grads.clone());
+            let unshared = Flat {
+                values: g.clone() * 1.0,
+                layout: layout.clone(),
+            };
+            let own = b.adam_in_place(0.003, w.clone() * 1.0, false, unshared);
+            assert_eq!(differ(&shared.values, &whole.values), None, "{time}");
+            assert_eq!(differ(&own.values, &whole.values), None, "{time}");
+            for (x, y) in [(&a, &b), (&b, &a)] {
+                let [p, q] = [x, y].map(|o| &o.groups[0]);
+                assert_eq!(differ(&p.first, &q.first), None);
+                assert_eq!(differ(&p.second, &q.second), None);
+            }
+        }
+        // What was shared is as it was.
+        for (seed, held) in [(1, &w), (2, &g), (3, &m)] {
+            assert_eq!(differ(held, &long_values(seed, &device)), None, "{seed}");
+        }
+    }
+}
