@@ -622,5 +622,14 @@ fn flat_values(t: &Tensor<1>) -> Vec<f32> {
         .expect("f32 moments")
 }
 
+/// Where two tensors' values first differ in their bits (None: nowhere): a test's comparison of
+/// long buffers, which says where instead of printing them whole.
+#[cfg(test)]
+pub(crate) fn first_difference(a: &Tensor<1>, b: &Tensor<1>) -> Option<usize> {
+    let [a, b] = [a, b].map(|t| t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap());
+    assert_eq!(a.len(), b.len());
+    (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits())
+}
+
 #[cfg(test)]
 mod tests;

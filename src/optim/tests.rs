@@ -257,13 +257,6 @@ fn long_values(seed: u64, device: &Device) -> Tensor<1> {
     Tensor::from_data(TensorData::new(values, [n]), device)
 }
 
-/// Where two tensors' bits first differ (None: nowhere).
-fn differ(a: &Tensor<1>, b: &Tensor<1>) -> Option<usize> {
-    let [a, b] = [a, b].map(|t| t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap());
-    assert_eq!(a.len(), b.len());
-    (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits())
-}
-
 /// Adam in place, piece by piece on the CPU, gives the bits of Burn's operations over the whole,
 /// with weights, moments and gradients shared or not.
 #[test]
@@ -301,17 +294,25 @@ fn adam_in_pieces_is_adam_whole() {
                 layout: layout.clone(),
             };
             let own = b.adam_in_place(0.003, w.clone() * 1.0, false, unshared);
-            assert_eq!(differ(&shared.values, &whole.values), None, "{time}");
-            assert_eq!(differ(&own.values, &whole.values), None, "{time}");
+            assert_eq!(
+                first_difference(&shared.values, &whole.values),
+                None,
+                "{time}"
+            );
+            assert_eq!(first_difference(&own.values, &whole.values), None, "{time}");
             for (x, y) in [(&a, &b), (&b, &a)] {
                 let [p, q] = [x, y].map(|o| &o.groups[0]);
-                assert_eq!(differ(&p.first, &q.first), None);
-                assert_eq!(differ(&p.second, &q.second), None);
+                assert_eq!(first_difference(&p.first, &q.first), None);
+                assert_eq!(first_difference(&p.second, &q.second), None);
             }
         }
         // What was shared is as it was.
         for (seed, held) in [(1, &w), (2, &g), (3, &m)] {
-            assert_eq!(differ(held, &long_values(seed, &device)), None, "{seed}");
+            assert_eq!(
+                first_difference(held, &long_values(seed, &device)),
+                None,
+                "{seed}"
+            );
         }
     }
 }

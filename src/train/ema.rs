@@ -102,14 +102,8 @@ impl Ema {
 
 #[cfg(test)]
 mod tests {
+    use crate::optim::first_difference;
     use burn::tensor::{Tensor, TensorData};
-
-    /// Where two tensors' bits first differ (None: nowhere).
-    fn differ(a: &Tensor<1>, b: &Tensor<1>) -> Option<usize> {
-        let [a, b] = [a, b].map(|t| t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap());
-        assert_eq!(a.len(), b.len());
-        (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits())
-    }
 
     /// On libtorch the average is brought forward in place (piece by piece on the CPU, where
     /// more than two pieces are here) with the bits of Burn's `average * decay + current * (1 -
@@ -139,10 +133,14 @@ mod tests {
                     current.clone(),
                     decay,
                 );
-                assert_eq!(differ(&shared, &burns), None, "{decay}");
-                assert_eq!(differ(&own, &burns), None, "{decay}");
+                assert_eq!(first_difference(&shared, &burns), None, "{decay}");
+                assert_eq!(first_difference(&own, &burns), None, "{decay}");
             }
-            assert_eq!(differ(&average, &before), None, "the held average changed");
+            assert_eq!(
+                first_difference(&average, &before),
+                None,
+                "the held average changed"
+            );
         }
     }
 }
