@@ -276,6 +276,19 @@ impl Optimizer {
         (unflatten(model, &new), new)
     }
 
+    /// Whether the next step of Adam would write `model`'s weights in place: what a step reads
+    /// to decide, without taking it (tests of the training loop ask).
+    #[cfg(test)]
+    pub(crate) fn writes_in_place(&self, model: &Model) -> bool {
+        let (Some(weights), [group]) = (&self.weights, &self.groups[..]) else {
+            return false;
+        };
+        let parts = parameter_values(model, &group.layout);
+        let views = crate::model::native::views_of(weights, &parts);
+        drop(parts);
+        views && crate::model::native::other_holders(weights) == Some(group.layout.ids.len())
+    }
+
     /// The flat weights of `layout`, and whether a step may write them in place: the last step's
     /// where the model's parameters are still views of them end to end (in place where they are
     /// all that holds them besides), else a copy of the parameters.

@@ -120,8 +120,13 @@ fn flat_parameters(model: &Model) -> Vec<f32> {
     c.0
 }
 
-/// `n` grey 6x6 training images and a small simple PixelCNN for them, on the autodiff device.
+/// `n` grey 6x6 training images and a small simple PixelCNN for them, on flex with autodiff.
 fn tiny_simple(n: usize) -> (Images, Model, Device) {
+    tiny_simple_on(n, Device::flex())
+}
+
+/// [`tiny_simple`] on `device` (with autodiff).
+fn tiny_simple_on(n: usize, device: Device) -> (Images, Model, Device) {
     let spec = synthetic::Spec {
         size: 6,
         colours: 1,
@@ -135,9 +140,32 @@ fn tiny_simple(n: usize) -> (Images, Model, Device) {
         channels: 4,
         likelihood: crate::model::Likelihood::Categorical,
     });
-    let device = Device::flex().autodiff();
+    let device = device.autodiff();
     let model = cfg.init(1, &device);
     (data, model, device)
+}
+
+/// On libtorch, nothing in a training step (the norm, the update, the average, the reads) keeps
+/// the weights beyond it: after an epoch of Adam steps with an average, the next step would
+/// still write the weights in place rather than copy them.
+#[test]
+fn training_steps_leave_the_weights_to_be_written_in_place() {
+    for device in crate::device::test_devices() {
+        if !crate::model::native::runs_fused(&device) {
+            continue;
+        }
+        let (data, model, device) = tiny_simple_on(8, device);
+        let state = TrainState {
+            ema: Some(Ema::new(0.9, &model)),
+            model,
+            optimizer: crate::optim::adam(),
+            loss_scale: None,
+        };
+        let order: Vec<usize> = (0..8).collect();
+        let (state, _, _) =
+            train_epoch(state, epoch(&data, &order, plain(2), &device), |_| {}).unwrap();
+        assert!(state.optimizer.writes_in_place(&state.model));
+    }
 }
 
 /// The reported gradient norm is the size of the step plain SGD takes: |w1 - w0| = lr |g|.
