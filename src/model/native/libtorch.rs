@@ -115,7 +115,7 @@ impl NativeBackward for LibTorch {
         b2: TchTensor,
         aux: Maybe<Self>,
         shift: Maybe<Self>,
-        dropped: MaybeBool<Self>,
+        kept: MaybeBool<Self>,
         shape: ResnetShape,
     ) -> TchTensor {
         let mut inputs = vec![x, w1, b1, w2, b2];
@@ -132,13 +132,13 @@ impl NativeBackward for LibTorch {
         if let Maybe::Some(s) = shift {
             inputs.push(s);
         }
-        let dropped = match dropped {
+        let kept = match kept {
             MaybeBool::Some(d) => Some(d.tensor),
             MaybeBool::None => None,
         };
         let refs: Vec<&tch::Tensor> = inputs.iter().map(|t| &t.tensor).collect();
         let _guard = tch::no_grad_guard();
-        TchTensor::new(resnet(&refs, has_aux, has_shift, dropped.as_ref(), shape))
+        TchTensor::new(resnet(&refs, has_aux, has_shift, kept.as_ref(), shape))
     }
 }
 
@@ -416,17 +416,16 @@ impl<C: CheckpointStrategy> NativeBackward for Autodiff<LibTorch, C> {
         b2: FloatTensor<Self>,
         aux: Maybe<Self>,
         shift: Maybe<Self>,
-        dropped: MaybeBool<Self>,
+        kept: MaybeBool<Self>,
         shape: ResnetShape,
     ) -> FloatTensor<Self> {
         let has_aux = matches!(aux, Maybe::Aux { .. });
         let has_shift = matches!(shift, Maybe::Some(_));
-        let dropped = match dropped {
+        let kept = match kept {
             MaybeBool::Some(d) => Some(d.tensor),
             MaybeBool::None => None,
         };
-        let forward =
-            move |t: &[&tch::Tensor]| resnet(t, has_aux, has_shift, dropped.as_ref(), shape);
+        let forward = move |t: &[&tch::Tensor]| resnet(t, has_aux, has_shift, kept.as_ref(), shape);
         let convs = [x, w1, b1, w2, b2];
         match (aux, shift) {
             (Maybe::None, Maybe::None) => record::<C, 5>(convs, forward),

@@ -130,7 +130,7 @@ pub trait NativeBackward: Backend {
     /// `c2 = conv2(pad(drop(concat_elu(c1)))) [+ shift]` and
     /// `c1 = conv1(concat_elu(pad(x))) [+ nin(concat_elu(aux))]` (concat_elu keeps padded zeros
     /// zero: the same as padding after it), every `pad` by
-    /// `shape.padding`, `drop` zeroing where `dropped` is true and scaling the rest by
+    /// `shape.padding`, `drop` zeroing where `kept` is false and scaling the rest by
     /// `shape.keep`, `nin` a 1x1 convolution. On libtorch the whole block is one node of
     /// libtorch's autograd graph; elsewhere it is the operations above one by one.
     ///
@@ -138,7 +138,7 @@ pub trait NativeBackward: Backend {
     /// - x: `[batch, f, h, w]`
     /// - w1: `[f, 2f, kh, kw]`, b1: `[f]`, w2: `[2f, 2f, kh, kw]`, b2: `[2f]`
     /// - aux: input `[batch, a, h, w]`, weight `[f, 2a]`, bias `[f]`
-    /// - shift: `[batch, 2f, 1, 1]`; dropped: `[batch, 2f, h, w]`
+    /// - shift: `[batch, 2f, 1, 1]`; kept: `[batch, 2f, h, w]`
     /// - returns: `[batch, f, h, w]`
     #[allow(clippy::too_many_arguments)]
     fn gated_resnet(
@@ -149,7 +149,7 @@ pub trait NativeBackward: Backend {
         b2: FloatTensor<Self>,
         #[extension_type] aux: Maybe<Self>,
         #[extension_type] shift: Maybe<Self>,
-        #[extension_type] dropped: MaybeBool<Self>,
+        #[extension_type] kept: MaybeBool<Self>,
         shape: ResnetShape,
     ) -> FloatTensor<Self> {
         // Padded before concat_elu, which keeps zeros zero: the padded tensor is then concat_elu's
@@ -165,8 +165,9 @@ pub trait NativeBackward: Backend {
             c1 = Self::float_add(c1, nin::<Self>(Self::concat_elu(input), weight, bias));
         }
         let mut c1 = Self::concat_elu(c1);
-        if let MaybeBool::Some(dropped) = dropped {
+        if let MaybeBool::Some(kept) = kept {
             let dtype = c1.dtype();
+            let dropped = Self::bool_not(kept);
             let zeroed = Self::float_mask_fill(c1, dropped, Scalar::new(0.0, &dtype));
             c1 = Self::float_mul_scalar(zeroed, Scalar::new(shape.keep, &dtype));
         }
@@ -253,7 +254,8 @@ pub trait NativeBackward: Backend {
     /// integer operations: for key `k` of `keys`, image `i` (`images[i]`, the image's place in
     /// the global batch) and element `e` of `elements`, with `w = 32 / bits` elements per hash,
     /// whether bits `bits * (e mod w)` on of `hash32(((e / w) * 0x61C88647 + hash32(image ^ k))
-    /// mod 2^32)` (`bits` of them) are below `threshold`. It exists on libtorch only
+    /// mod 2^32)` (`bits` of them) are at least `threshold`: the elements dropout keeps. It
+    /// exists on libtorch only
     /// ([`runs_fused`]), in 32-bit integers whose products and sums wrap, their bytes read in place
     /// (the same bits at a fraction of the memory traffic, a test checks).
     ///
@@ -596,7 +598,7 @@ pub fn gated_resnet(
     [(w1, b1), (w2, b2)]: ResnetConvs,
     aux: Option<ResnetAux>,
     shift: Option<Tensor<4>>,
-    dropped: Option<Tensor<4, Bool>>,
+    kept: Option<Tensor<4, Bool>>,
     shape: ResnetShape,
 ) -> Tensor<4> {
     let aux = match aux {
@@ -608,7 +610,7 @@ pub fn gated_resnet(
         None => Maybe::None,
     };
     let shift = shift.map_or(Maybe::None, |s| Maybe::Some(s.into_dispatch()));
-    let dropped = dropped.map_or(MaybeBool::None, |d| MaybeBool::Some(d.into_dispatch()));
+    let kept = kept.map_or(MaybeBool::None, |k| MaybeBool::Some(k.into_dispatch()));
     Tensor::from_dispatch(<Dispatch as NativeBackward>::gated_resnet(
         x.into_dispatch(),
         w1.into_dispatch(),
@@ -617,7 +619,7 @@ pub fn gated_resnet(
         b2.into_dispatch(),
         aux,
         shift,
-        dropped,
+        kept,
         shape,
     ))
 }

@@ -230,7 +230,7 @@ fn gated_resnet_matches_burns_operations() {
                      [(w1, b1), (w2, b2)]: ResnetConvs,
                      aux: Option<ResnetAux>,
                      shift: Option<Tensor<4>>,
-                     dropped: Option<Tensor<4, Bool>>,
+                     kept: Option<Tensor<4, Bool>>,
                      keep: f64| {
         let ce = |t: Tensor<4>| elu(Tensor::cat(vec![t.clone(), t.neg()], 1), 1.0);
         let pad = |t: Tensor<4>| t.pad((1, 1, 1, 0), PadMode::Constant(0.0));
@@ -241,8 +241,8 @@ fn gated_resnet_matches_burns_operations() {
             c1 = c1 + conv2d(ce(input), weight, Some(bias), options());
         }
         let mut c1 = ce(c1);
-        if let Some(d) = dropped {
-            c1 = c1.mask_fill(d, 0.0) * keep;
+        if let Some(k) = kept {
+            c1 = c1.mask_fill(k.bool_not(), 0.0) * keep;
         }
         let mut c2 = conv2d(pad(c1), w2, Some(b2), options());
         if let Some(s) = shift {
@@ -300,12 +300,12 @@ fn gated_resnet_matches_burns_operations() {
                     )
                 });
                 let shift = with_shift.then(|| p[7].clone().reshape([b, 2 * f, 1, 1]));
-                let dropped = with_dropout.then(|| mask.clone());
+                let kept = with_dropout.then(|| mask.clone());
                 let out = if ours {
                     let shape = ResnetShape { padding, keep: 2.0 };
-                    gated_resnet(x4, convs, aux, shift, dropped, shape)
+                    gated_resnet(x4, convs, aux, shift, kept, shape)
                 } else {
-                    reference(x4, convs, aux, shift, dropped, 2.0)
+                    reference(x4, convs, aux, shift, kept, 2.0)
                 };
                 let grads = (out.clone() * weights.clone()).sum().backward();
                 let mut all = vec![out.into_data(), x.grad(&grads).unwrap().into_data()];

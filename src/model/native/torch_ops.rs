@@ -14,7 +14,7 @@ pub(super) fn resnet(
     t: &[&tch::Tensor],
     aux: bool,
     shift: bool,
-    dropped: Option<&tch::Tensor>,
+    kept: Option<&tch::Tensor>,
     shape: ResnetShape,
 ) -> tch::Tensor {
     let (x, w1, b1, w2, b2) = (t[0], t[1], t[2], t[3], t[4]);
@@ -28,12 +28,12 @@ pub(super) fn resnet(
         rest = &rest[3..];
     }
     let mut c1 = concat_elu(&c1);
-    if let Some(d) = dropped {
+    if let Some(kept) = kept {
         // A product with the kept elements' mask and 1 / (1 - p) (the graph saves that mask
         // alone, in bytes), which libtorch's CPU kernels run 3x faster than masked_fill: ATen's
-        // dropout backward, `(x * keep) * scale` (one rounding, as two products), one kernel on
+        // dropout backward, `(x * kept) * scale` (one rounding, as two products), one kernel on
         // CUDA where the products and the mask's conversion were three.
-        c1 = tch::Tensor::native_dropout_backward(&c1, &d.logical_not(), shape.keep);
+        c1 = tch::Tensor::native_dropout_backward(&c1, kept, shape.keep);
     }
     let mut c2 = conv(&[&pad(&c1, shape.padding), w2, b2]);
     if shift {
@@ -354,17 +354,17 @@ pub(super) fn dropout_masks(
         8 => hashed
             .view_dtype(Kind::Uint8)
             .narrow(2, 0, elements as i64)
-            .lt(threshold),
+            .ge(threshold),
         16 => {
             let mut halves = hashed.view_dtype(Kind::Int16);
             let _ = halves.bitwise_xor_(i64::from(i16::MIN));
             halves
                 .narrow(2, 0, elements as i64)
-                .lt(threshold + i64::from(i16::MIN))
+                .ge(threshold + i64::from(i16::MIN))
         }
         _ => {
             let _ = hashed.bitwise_xor_(i64::from(i32::MIN));
-            hashed.lt(threshold + i64::from(i32::MIN))
+            hashed.ge(threshold + i64::from(i32::MIN))
         }
     }
 }

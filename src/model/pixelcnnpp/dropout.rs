@@ -67,8 +67,8 @@ impl Dropout {
         }
     }
 
-    /// The mask of the elements that dropout zeroes, with probability `p` each, and the factor
-    /// 1 / (1 - p) of the others (no mask for p = 0). Each mask has its own key: the step's
+    /// The mask of the elements that dropout keeps (it zeroes each with probability `p`), and
+    /// their factor 1 / (1 - p) (no mask for p = 0). Each mask has its own key: the step's
     /// stream (`rng::derive`) at the mask's place in the network. The first mask asked for at a
     /// size brings those of the later layers of that size (if they have the same dims).
     pub fn mask(&mut self, dims: [usize; 4], device: &Device) -> (Option<Tensor<4, Bool>>, f64) {
@@ -158,7 +158,8 @@ pub(super) fn bits_per_element(p: f64) -> u32 {
 /// layer key in `keys`. With `bits` = [`bits_per_element`]`(p)` and `w = 32 / bits` elements per
 /// hash, element `e` of image `i` is dropped under key `k` when bits `bits * (e mod w)` on of
 /// `hash32(((e / w) * 0x61C88647 + hash32(image ^ k)) mod 2^32)`, as a number below `2^bits`, are
-/// below `p * 2^bits`. Made on `device` from `arange`s and the keys; on libtorch by the same hash
+/// below `p * 2^bits`; the masks say which elements are kept (the others), what the product
+/// takes. Made on `device` from `arange`s and the keys; on libtorch by the same hash
 /// in 32-bit integers whose bytes are read in place (`native::dropout_masks`, the same bits).
 ///
 /// # Shapes
@@ -202,5 +203,5 @@ pub(super) fn dropout_masks(
             .reshape([m, b, hashes * per_hash])
             .narrow(2, 0, n)
     };
-    parts.lower_elem(threshold).reshape([m, b, c, h, w])
+    parts.greater_equal_elem(threshold).reshape([m, b, c, h, w])
 }

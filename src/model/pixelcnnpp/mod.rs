@@ -282,7 +282,7 @@ impl GatedResnet {
             ),
             _ => None,
         };
-        let (dropped, keep) = match dropout.as_mut() {
+        let (kept, keep) = match dropout.as_mut() {
             Some(d) => d.mask([b, 2 * f, h, w], &x.device()),
             None => (None, 1.0),
         };
@@ -296,7 +296,7 @@ impl GatedResnet {
             [cast(&self.conv1), cast(&self.conv2)],
             aux,
             shift,
-            dropped,
+            kept,
             shape,
         )
     }

@@ -132,7 +132,7 @@ fn dropout_only_in_training_and_seeded() {
 /// values: keys and image numbers with the top bit set, near 2^32, probabilities near 0 and 1,
 /// each number of bits per element (8: multiples of 1/256; 16: of 2^-16; 32), element counts
 /// that do not fill the last hash, masks longer than any vector width; about p of the elements
-/// are dropped, independently of each other.
+/// are dropped (the masks say which are kept), independently of each other.
 #[test]
 fn dropout_masks_are_the_hash_on_every_backend() {
     fn hash(mut x: u32) -> u32 {
@@ -168,7 +168,7 @@ fn dropout_masks_are_the_hash_on_every_backend() {
                     (0..n).map(move |e| {
                         let h = hash((e / per_hash).wrapping_mul(0x61C8_8647).wrapping_add(image));
                         let part = u64::from(h) >> (bits * (e % per_hash)) & ((1u64 << bits) - 1);
-                        part < threshold
+                        part >= threshold
                     })
                 })
             })
@@ -189,10 +189,10 @@ fn dropout_masks_are_the_hash_on_every_backend() {
             .convert::<bool>()
             .try_into_vec()
             .unwrap();
-        let fraction = big.iter().filter(|&&d| d).count() as f64 / big.len() as f64;
+        let fraction = big.iter().filter(|&&kept| !kept).count() as f64 / big.len() as f64;
         assert!((fraction - p).abs() < 0.01, "{p}: {fraction}");
         for lag in 1..=4 {
-            let both = big.windows(lag + 1).filter(|w| w[0] && w[lag]).count() as f64;
+            let both = big.windows(lag + 1).filter(|w| !w[0] && !w[lag]).count() as f64;
             let both = both / big.len() as f64;
             assert!(
                 (both - p * p).abs() < 0.01,

@@ -11,13 +11,14 @@
 //! with the step's update dropped: the state is not returned. In f16, whose overflowing steps
 //! are skipped and the run goes on, and over several ranks, the read comes before the update.
 
+use super::Ema;
 use super::loss_scale::{self, GradientNorm};
 use super::{Batch, TrainState};
 use crate::cluster::World;
 use crate::data::Images;
 use crate::loss::nll_nats;
 use crate::model::{Model, vae};
-use crate::optim::{Flat, Layout, f32_flat};
+use crate::optim::{Flat, Layout, Optimizer, f32_flat};
 use crate::rng::Purpose;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
@@ -231,28 +232,23 @@ pub(super) fn take(
         // Update first, read after: an error drops the state, so the update need not wait.
         let grads = grads.expect("a world of one takes the whole batch");
         let gathered = gather(&model, grads, totals, stop(), 1.0);
-        let grads = clipped(
-            gathered.grads.clone(),
-            &gathered.square_sum,
-            step.clip_grad_norm,
-        );
-        let (next, weights) = optimizer.step(learning_rate, model, grads);
-        model = next;
-        if let Some(ema) = ema.as_mut() {
-            ema.update(&weights, &model, run_step);
-        }
-        let agreed = gathered.read(&model);
+        let update = Update {
+            learning_rate,
+            clip: step.clip_grad_norm,
+            run_step,
+        };
+        let agreed;
+        (model, agreed) = gathered.update_then_read(model, &mut optimizer, ema.as_mut(), update);
         let loss = agreed.totals.iter().sum();
         let finite = check_finite(loss, &agreed.norm, None, &model, i, step)?;
         (agreed, finite)
     } else {
         // Unscaled (f16) and measured: the norm is what a step's update is made of.
-        let agreed = agree(&model, grads, totals, stop(), 1.0 / scale, world, &inner);
+        let (mut grads, agreed) = agree(&model, grads, totals, stop(), 1.0 / scale, world, &inner);
         let loss = agreed.totals.iter().sum();
         let norm = agreed.norm;
         let finite = check_finite(loss, &norm, loss_scale.as_mut(), &model, i, step)?;
         if finite {
-            let mut grads = agreed.grads.clone();
             if step.clip_grad_norm > 0.0 && norm.norm > step.clip_grad_norm {
                 grads.values = grads.values * (step.clip_grad_norm / norm.norm);
             }
@@ -392,11 +388,9 @@ fn gradient_not_finite(
     }
 }
 
-/// What the ranks agree on after their backward passes.
+/// What the ranks agree on after their backward passes, besides the gradients.
 struct Agreed {
-    /// The gradients of the global batch's loss, times the factor, on every rank the same.
-    grads: Flat,
-    /// Their global L2 norm (not finite when one of them is not).
+    /// The gradients' global L2 norm (not finite when one of them is not).
     norm: GradientNorm,
     /// The summed totals (the batch's nats, and KL nats).
     totals: Vec<f64>,
@@ -405,9 +399,10 @@ struct Agreed {
 }
 
 /// Sums the ranks' gradients (a rank without any passes None), `totals` and stop flags, and
-/// multiplies the gradients by `factor`. A world of one keeps its gradients on the device and
-/// reads only their square sum (in f64) with the totals, in one transfer; several ranks exchange
-/// one host buffer.
+/// multiplies the gradients by `factor`: the gradients of the global batch's loss, on every rank
+/// the same, and what was agreed. A world of one keeps its gradients on the device and reads
+/// only their square sum (in f64) with the totals, in one transfer; several ranks exchange one
+/// host buffer.
 fn agree(
     model: &Model,
     grads: Option<GradientsParams>,
@@ -416,7 +411,7 @@ fn agree(
     factor: f64,
     world: &World,
     device: &Device,
-) -> Agreed {
+) -> (Flat, Agreed) {
     if world.size() > 1 {
         return all_reduce(model, grads, totals, stop, factor, world, device);
     }
@@ -425,7 +420,7 @@ fn agree(
 }
 
 /// A world of one's gradients (times a factor), flat, with their square sum (f64, `[1]`) and the
-/// totals still on the device, until [`Gathered::read`].
+/// totals still on the device, until [`Gathered::read`] (or [`Gathered::update_then_read`]).
 struct Gathered {
     grads: Flat,
     square_sum: Tensor<1>,
@@ -459,35 +454,67 @@ fn gather(
 }
 
 impl Gathered {
-    /// The square sum and the totals in one read of the device (each parameter's square sum in
-    /// a second one when the whole is not finite, to name the first parameter concerned).
-    fn read(self, model: &Model) -> Agreed {
-        let read: Vec<f64> =
-            Tensor::cat(vec![self.square_sum, self.totals.cast(FloatDType::F64)], 0)
-                .into_data()
-                .convert::<f64>()
-                .try_to_vec()
-                .expect("f64 sums");
-        let norm = if read[0].is_finite() {
-            GradientNorm {
-                norm: read[0].sqrt(),
-                first_not_finite: None,
-            }
-        } else {
-            norm_of_each(model, &self.grads)
-        };
-        Agreed {
-            grads: self.grads,
-            norm,
-            totals: read[1..].to_vec(),
-            stop: self.stop,
-        }
+    /// The gradients, and the square sum and the totals in one read of the device (each
+    /// parameter's square sum in a second one when the whole is not finite, to name the first
+    /// parameter concerned).
+    fn read(self, model: &Model) -> (Flat, Agreed) {
+        let (square_sum, totals) = read_sums(self.square_sum, self.totals);
+        let norm = norm_or_first(square_sum, model, &self.grads);
+        let stop = self.stop;
+        (self.grads, Agreed { norm, totals, stop })
     }
+
+    /// One process in f32 or bf16: clipping, the optimizer's step and the EMA's update on the
+    /// device, then one read (the square sum and the totals). The update spends the gradients
+    /// (clipped in place, then Adam's scratch), so a square sum that is not finite names the
+    /// first parameter whose new weights are not finite: an update leaves a weight finite where
+    /// its gradient was (its weights were finite, or the last step would have stopped the run)
+    /// and not where it was not (Adam's `inf / inf`, SGD's `w - lr inf`), and clipping's factor
+    /// is 1 when the norm is not a number, so that one NaN does not spread to every gradient.
+    fn update_then_read(
+        self,
+        model: Model,
+        optimizer: &mut Optimizer,
+        ema: Option<&mut Ema>,
+        update: Update,
+    ) -> (Model, Agreed) {
+        let grads = clipped(self.grads, &self.square_sum, update.clip);
+        let (model, weights) = optimizer.step(update.learning_rate, model, grads);
+        if let Some(ema) = ema {
+            ema.update(&weights, &model, update.run_step);
+        }
+        let (square_sum, totals) = read_sums(self.square_sum, self.totals);
+        let norm = norm_or_first(square_sum, &model, &weights);
+        let stop = self.stop;
+        (model, Agreed { norm, totals, stop })
+    }
+}
+
+/// What [`Gathered::update_then_read`] needs of the step.
+#[derive(Clone, Copy, Debug)]
+struct Update {
+    learning_rate: f64,
+    /// Clipping's norm (0: none).
+    clip: f64,
+    /// The step's number in the run (the EMA's bias correction counts them).
+    run_step: usize,
+}
+
+/// A square sum (f64, `[1]`) and totals in one read of the device.
+fn read_sums(square_sum: Tensor<1>, totals: Tensor<1>) -> (f64, Vec<f64>) {
+    let read: Vec<f64> = Tensor::cat(vec![square_sum, totals.cast(FloatDType::F64)], 0)
+        .into_data()
+        .convert::<f64>()
+        .try_to_vec()
+        .expect("f64 sums");
+    (read[0], read[1..].to_vec())
 }
 
 /// `grads` rescaled to norm `clip` where their norm exceeds it (0: never), on the device: times
 /// `min(1, clip / sqrt(square_sum))`, computed in f64 and then rounded to f32, the factor the host
-/// would give them (times 1 when the norm is below `clip`: the same values).
+/// would give them (times 1 when the norm is below `clip`: the same values). Times 1 also when
+/// the square sum is NaN (a gradient is): the values that are not finite stay so, the others
+/// as they were (an infinite sum gives 0, which keeps them not finite too: `inf * 0` is NaN).
 fn clipped(grads: Flat, square_sum: &Tensor<1>, clip: f64) -> Flat {
     if clip <= 0.0 {
         return grads;
@@ -495,14 +522,29 @@ fn clipped(grads: Flat, square_sum: &Tensor<1>, clip: f64) -> Flat {
     let device = square_sum.device();
     let clip = Tensor::<1>::full([1], clip, (&device, burn::tensor::DType::F64));
     let factor = (clip / square_sum.clone().sqrt()).clamp_max(1.0);
+    let factor = factor.clone().mask_fill(factor.is_nan(), 1.0);
     Flat {
         values: grads.values * factor.cast(FloatDType::F32),
         layout: grads.layout,
     }
 }
 
-/// The norm from each parameter's square sum, to name the first whose gradient is not finite
-/// (only when the whole is not: a read per parameter).
+/// The norm of a square sum, or where it is not finite, the first parameter of `values` (the
+/// gradients, or new weights) that is not: [`norm_of_each`].
+fn norm_or_first(square_sum: f64, model: &Model, values: &Flat) -> GradientNorm {
+    if square_sum.is_finite() {
+        GradientNorm {
+            norm: square_sum.sqrt(),
+            first_not_finite: None,
+        }
+    } else {
+        norm_of_each(model, values)
+    }
+}
+
+/// The norm from each parameter's square sum, to name the first whose gradient (or new weight,
+/// see [`Gathered::update_then_read`]) is not finite: only when the whole is not, in one more
+/// read.
 fn norm_of_each(model: &Model, grads: &Flat) -> GradientNorm {
     let mut offset = 0;
     let sums: Vec<Tensor<1>> = grads
@@ -540,7 +582,7 @@ fn all_reduce(
     factor: f64,
     world: &World,
     device: &Device,
-) -> Agreed {
+) -> (Flat, Agreed) {
     let layout = Layout::of(model);
     let (mut parts, present): (Vec<Tensor<1>>, Vec<f32>) = match grads {
         None => (Vec::new(), vec![0.0; layout.ids.len()]),
@@ -619,15 +661,16 @@ fn all_reduce(
         agreed.sizes.push(n);
     }
     let n = kept.len();
-    Agreed {
-        grads: Flat {
-            values: Tensor::from_data(TensorData::new(kept, [n]), device),
-            layout: agreed,
-        },
+    let grads = Flat {
+        values: Tensor::from_data(TensorData::new(kept, [n]), device),
+        layout: agreed,
+    };
+    let agreed = Agreed {
         norm: GradientNorm::from_square_sums(sums),
         totals,
         stop,
-    }
+    };
+    (grads, agreed)
 }
 
 #[cfg(test)]

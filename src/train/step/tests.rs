@@ -281,6 +281,28 @@ fn clipping_rescales_only_gradients_above_the_norm() {
     assert!((distance(&w[0], &w[1]) - expected).abs() < 1e-3 * expected);
 }
 
+/// On libtorch, clipping scales the flat gradients where they lie (nothing else holds them by
+/// then): no second buffer of all the gradients; their norm is then the clip.
+#[test]
+fn clipping_scales_the_gradients_in_place() {
+    for device in crate::device::test_devices() {
+        if !crate::model::native::runs_fused(&device) {
+            continue;
+        }
+        let (data, model, device) = tiny_simple_on(4, device);
+        let grads = gradients(&model, &data, &device, None);
+        let totals = Tensor::<1>::zeros([1], &device.clone().without_autodiff());
+        let gathered = gather(&model, grads, totals, false, 1.0);
+        let at = crate::model::native::address(&gathered.grads.values);
+        let norm = gathered.square_sum.clone().into_scalar::<f64>().sqrt();
+        let clip = norm / 2.0;
+        let scaled = clipped(gathered.grads, &gathered.square_sum, clip);
+        assert_eq!(crate::model::native::address(&scaled.values), at);
+        let after: f64 = crate::optim::square_sum(scaled.values).into_scalar();
+        assert!((after.sqrt() / clip - 1.0).abs() < 1e-5, "{after} {clip}");
+    }
+}
+
 /// Adam's betas reach the optimizer: with both 0 every step is lr * g / |g| per weight (the
 /// second step too, where the default betas average it with the first).
 #[test]
@@ -354,19 +376,33 @@ fn free_bits_floor_each_latent_dimension() {
     );
 }
 
+/// The gradients of a real backward pass of `model` on `data`'s first four images, with every
+/// gradient value of parameter `at` (a 4-d weight) replaced by `value` where `plant` says.
+fn gradients(
+    model: &Model,
+    data: &Images,
+    device: &Device,
+    plant: Option<(usize, f32)>,
+) -> GradientsParams {
+    let batch = Batch::gather(data, &[0, 1, 2, 3], device);
+    let loss = nll_nats(model.forward(batch.input, &batch.context), batch.target);
+    let mut grads = GradientsParams::from_grads(loss.backward(), model);
+    if let Some((at, value)) = plant {
+        let id = Layout::of(model).ids[at];
+        let g: Tensor<4> = grads.remove(id).expect("a 4-d weight");
+        grads.register(id, g.clone().mask_fill(g.ones_like().bool(), value));
+    }
+    grads
+}
+
 /// The agreement (one process) on a real backward pass of `tiny_simple`'s model, with every
 /// gradient value of parameter `at` (a 4-d weight) replaced by `value`.
 fn agreed_with(at: usize, value: f32) -> (Model, Agreed) {
     let (data, model, device) = tiny_simple(4);
-    let batch = Batch::gather(&data, &[0, 1, 2, 3], &device);
-    let loss = nll_nats(model.forward(batch.input, &batch.context), batch.target);
-    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-    let id = Layout::of(&model).ids[at];
-    let g: Tensor<4> = grads.remove(id).expect("a 4-d weight");
-    grads.register(id, g.clone().mask_fill(g.ones_like().bool(), value));
+    let grads = gradients(&model, &data, &device, Some((at, value)));
     let inner = device.clone().without_autodiff();
     let totals = Tensor::<1>::zeros([1], &inner);
-    let agreed = agree(
+    let (_, agreed) = agree(
         &model,
         Some(grads),
         totals,
@@ -376,6 +412,55 @@ fn agreed_with(at: usize, value: f32) -> (Model, Agreed) {
         &inner,
     );
     (model, agreed)
+}
+
+/// One process in f32 updates before it reads, spending the gradients: a gradient that is not
+/// finite is named from the new weights, the same parameter as from the gradients, with Adam
+/// (its first step by Burn's operations, the next in place on libtorch) and SGD, an average or
+/// not, a NaN or an infinity, clipped or not (a NaN norm would make clipping's factor NaN, and
+/// every weight with it).
+#[test]
+fn a_gradient_that_is_not_finite_is_named_after_the_update() {
+    let bad = 2;
+    for device in crate::device::test_devices() {
+        for (sgd, clip, value) in [
+            (false, 0.0, f32::NAN),
+            (false, 1.0, f32::NAN),
+            (false, 1.0, f32::INFINITY),
+            (false, 0.0, f32::NEG_INFINITY),
+            (true, 1.0, f32::NAN),
+            (true, 0.0, f32::INFINITY),
+        ] {
+            let case = format!("{device:?}, sgd {sgd}, clip {clip}, gradient {value}");
+            let (data, mut model, device) = tiny_simple_on(4, device.clone());
+            let inner = device.clone().without_autodiff();
+            let mut optimizer = if sgd {
+                crate::optim::Optimizer::new(crate::optim::Rule::Sgd)
+            } else {
+                crate::optim::adam()
+            };
+            let mut ema = (!sgd).then(|| Ema::new(0.9, &model));
+            for (run_step, plant) in [(1, None), (2, Some((bad, value)))] {
+                let grads = gradients(&model, &data, &device, plant);
+                let totals = Tensor::<1>::zeros([1], &inner);
+                let update = Update {
+                    learning_rate: 0.01,
+                    clip,
+                    run_step,
+                };
+                let agreed;
+                (model, agreed) = gather(&model, grads, totals, false, 1.0).update_then_read(
+                    model,
+                    &mut optimizer,
+                    ema.as_mut(),
+                    update,
+                );
+                let first = agreed.norm.first_not_finite;
+                assert_eq!(first, plant.map(|(at, _)| at), "{case}");
+                assert_eq!(agreed.norm.is_finite(), plant.is_none(), "{case}");
+            }
+        }
+    }
 }
 
 /// A gradient that is not finite is found where the step's gradients are agreed on, and the
