@@ -236,6 +236,8 @@ pub struct Optimizer {
     /// in place where nothing but the model's parameters holds them (step after step at the same
     /// address, as a CUDA graph needs). Not part of the saved state: the model's weights are.
     weights: Option<Tensor<1>>,
+    /// On libtorch, the in-place step's scalars on the device (written each step).
+    scalars: crate::model::native::DeviceScalars,
 }
 
 /// Adam with beta = (0.9, 0.999) and PyTorch's epsilon of 1e-8 (Burn's default is 1e-5).
@@ -258,6 +260,7 @@ impl Optimizer {
             rule,
             groups: Vec::new(),
             weights: None,
+            scalars: Default::default(),
         }
     }
 
@@ -346,16 +349,18 @@ impl Optimizer {
         let moments = self.groups.pop().expect("one group");
         let time = moments.time + 1;
         let [bias_correction2_sqrt, combined_factor] = corrections(time, beta_1, beta_2);
-        // As Burn's scalars: f32 constants widened to f64, the learning rate as given.
+        // Burn's scalars as ATen takes them into f32 kernels: its f32 constants, and the
+        // learning rate rounded to f32.
         let scalars = [
-            f64::from(beta_1),
-            f64::from(1.0 - beta_1),
-            f64::from(beta_2),
-            f64::from(1.0 - beta_2),
-            f64::from(combined_factor),
-            f64::from(epsilon * bias_correction2_sqrt),
-            lr,
+            beta_1,
+            1.0 - beta_1,
+            beta_2,
+            1.0 - beta_2,
+            combined_factor,
+            epsilon * bias_correction2_sqrt,
+            lr as f32,
         ];
+        let scalars = self.scalars.write(&scalars, &weights.device());
         let (values, first, second) = crate::model::native::adam_in_place(
             weights,
             grads.values,

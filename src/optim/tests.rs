@@ -215,7 +215,7 @@ fn a_state_for_another_model_is_refused() {
 
 /// On libtorch, a step after the first writes the weights where they are: the model's
 /// parameters stay views of one buffer, at one address step after step (what a CUDA graph's
-/// replay needs), with the bits of the steps that copy them (see
+/// replay needs), and so do the scalars of the update, with the bits of the steps that copy them (see
 /// `flat_adam_is_burns_adam_bit_for_bit`).
 #[test]
 fn the_weights_stay_where_they_are() {
@@ -225,7 +225,7 @@ fn the_weights_stay_where_they_are() {
         }
         let (mut model, grads_of) = gated(&device);
         let mut flat = adam();
-        let mut at = Vec::new();
+        let (mut at, mut scalars_at) = (Vec::new(), Vec::new());
         for _ in 0..4 {
             let grads = Flat::gradients(&model, grads_of(&model));
             let layout = grads.layout.clone();
@@ -240,9 +240,14 @@ fn the_weights_stay_where_they_are() {
                 Some(layout.ids.len())
             );
             at.push(crate::model::native::address(weights).unwrap());
+            scalars_at.push(flat.scalars.address());
         }
-        // The first step (Burn's operations) makes the buffer; the others write into it.
+        // The first step (Burn's operations) makes the buffer; the others write into it, with
+        // their scalars read from one buffer of the device too.
         assert!(at[1..].iter().all(|&a| a == at[1]), "{at:x?}");
+        assert_eq!(scalars_at[0], None);
+        assert!(scalars_at[1].is_some());
+        assert!(scalars_at[1..].iter().all(|&a| a == scalars_at[1]));
     }
 }
 

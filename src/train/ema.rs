@@ -15,6 +15,7 @@
 //! constant.
 
 use crate::model::Model;
+use crate::model::native::DeviceScalars;
 use crate::optim::{Flat, Layout, flatten, unflatten};
 use burn::module::Module;
 use std::cell::OnceCell;
@@ -29,6 +30,8 @@ pub struct Ema {
     /// The average it started from, and the shape of the model made from `average`.
     start: Model,
     model: OnceCell<Model>,
+    /// On libtorch, the update's decay and its complement, on the device.
+    scalars: DeviceScalars,
 }
 
 impl Ema {
@@ -44,6 +47,7 @@ impl Ema {
             average: None,
             start: average,
             model: OnceCell::new(),
+            scalars: DeviceScalars::default(),
         }
     }
 
@@ -89,7 +93,8 @@ impl Ema {
         let t = t.max(1) as i32;
         let decay = d * (1.0 - d.powi(t - 1)) / (1.0 - d.powi(t));
         let values = if crate::model::native::runs_fused(&current.device()) {
-            crate::model::native::ema_in_place(average.values, current, decay)
+            let scalars = self.scalars.write(&factors(decay), &current.device());
+            crate::model::native::ema_in_place(average.values, current, scalars)
         } else {
             average.values * decay + current * (1.0 - decay)
         };
@@ -100,14 +105,23 @@ impl Ema {
     }
 }
 
+/// `decay` and `1 - decay` as the f32 factors that ATen makes of Burn's scalars (the second
+/// computed in f64 first, as Burn's caller does).
+fn factors(decay: f64) -> [f32; 2] {
+    [decay as f32, (1.0 - decay) as f32]
+}
+
 #[cfg(test)]
 mod tests {
+    use super::factors;
+    use crate::model::native::DeviceScalars;
     use crate::optim::first_difference;
     use burn::tensor::{Tensor, TensorData};
 
     /// On libtorch the average is brought forward in place (piece by piece on the CPU, where
     /// more than two pieces are here) with the bits of Burn's `average * decay + current * (1 -
-    /// decay)`, and a copy of it held elsewhere keeps its values.
+    /// decay)` (its factors read from one buffer of the device, whatever the decay), and a copy
+    /// of it held elsewhere keeps its values.
     #[test]
     fn the_average_in_place_is_burns_formula() {
         for device in crate::device::test_devices() {
@@ -124,22 +138,27 @@ mod tests {
             };
             let (average, current) = (values(), values());
             let before = average.clone() * 1.0;
-            for decay in [0.0, 0.9995, 0.3] {
+            let mut scalars = DeviceScalars::default();
+            let mut at = Vec::new();
+            for decay in [0.0, 0.9995, 0.3, 1.0 - 1e-9] {
                 let burns = average.clone() * decay + current.clone() * (1.0 - decay);
+                let s = scalars.write(&factors(decay), &device);
                 let shared =
-                    crate::model::native::ema_in_place(average.clone(), current.clone(), decay);
-                let own = crate::model::native::ema_in_place(
-                    average.clone() * 1.0,
-                    current.clone(),
-                    decay,
-                );
+                    crate::model::native::ema_in_place(average.clone(), current.clone(), s.clone());
+                let own =
+                    crate::model::native::ema_in_place(average.clone() * 1.0, current.clone(), s);
                 assert_eq!(first_difference(&shared, &burns), None, "{decay}");
+                at.push(scalars.address().expect("written"));
                 assert_eq!(first_difference(&own, &burns), None, "{decay}");
             }
             assert_eq!(
                 first_difference(&average, &before),
                 None,
                 "the held average changed"
+            );
+            assert!(
+                at.iter().all(|&a| a == at[0]),
+                "one buffer of scalars: {at:x?}"
             );
         }
     }

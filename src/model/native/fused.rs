@@ -6,7 +6,7 @@
 use super::{Maybe, NativeBackward};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, ExtensionType};
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
 /// The four masked convolutions that every gated layer has: weight, bias and mask of each.
 #[derive(ExtensionType, Debug)]
@@ -200,7 +200,7 @@ pub fn adam_in_place(
     grads: Tensor<1>,
     first: Tensor<1>,
     second: Tensor<1>,
-    scalars: [f64; 7],
+    scalars: Tensor<1>,
     overwrite: bool,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
     let (w, m, v) = <Dispatch as NativeBackward>::adam_in_place(
@@ -208,7 +208,7 @@ pub fn adam_in_place(
         grads.into_dispatch(),
         first.into_dispatch(),
         second.into_dispatch(),
-        scalars,
+        scalars.into_dispatch(),
         overwrite,
     );
     (
@@ -220,12 +220,40 @@ pub fn adam_in_place(
 
 /// The weights' average brought forward in place, where [`runs_fused`] (see
 /// [`NativeBackward::ema_in_place`]).
-pub fn ema_in_place(average: Tensor<1>, current: Tensor<1>, decay: f64) -> Tensor<1> {
+pub fn ema_in_place(average: Tensor<1>, current: Tensor<1>, scalars: Tensor<1>) -> Tensor<1> {
     Tensor::from_dispatch(<Dispatch as NativeBackward>::ema_in_place(
         average.into_dispatch(),
         current.into_dispatch(),
-        decay,
+        scalars.into_dispatch(),
     ))
+}
+
+/// Per-step scalars on the device, where [`runs_fused`]: one buffer, written in place each step
+/// ([`NativeBackward::write_scalars`]), whose address does not change while its length and
+/// device stay the same. Clones share the buffer.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceScalars(Option<Tensor<1>>);
+
+impl DeviceScalars {
+    /// The buffer on `device` holding `values` (made the first time).
+    pub fn write(&mut self, values: &[f32], device: &Device) -> Tensor<1> {
+        let buffer = match self.0.take() {
+            Some(b) if b.dims()[0] == values.len() && b.device() == *device => b,
+            _ => Tensor::zeros([values.len()], (device, DType::F32)),
+        };
+        let buffer = Tensor::from_dispatch(<Dispatch as NativeBackward>::write_scalars(
+            buffer.into_dispatch(),
+            values.to_vec(),
+        ));
+        self.0 = Some(buffer.clone());
+        buffer
+    }
+
+    /// The buffer's address (None before the first write).
+    #[cfg(test)]
+    pub fn address(&self) -> Option<usize> {
+        self.0.as_ref().and_then(address)
+    }
 }
 
 /// The sum of the squares of `x` in f64, where [`runs_fused`] (see

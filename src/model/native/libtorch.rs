@@ -4,7 +4,7 @@
 use super::torch_ops::{
     LAYER_INPUTS, adam_in_place, concat_elu, conv, dropout_masks, ema_in_place, gate, head,
     head_inputs, layer, layer_inputs, logistic_nll, nll, pad, resnet, square_sum_f64, strided,
-    transposed,
+    transposed, write_scalars,
 };
 use super::{Autodiff, Backward, CheckpointStrategy, Checkpointer, Gradients, Ops, OpsKind};
 use super::{
@@ -81,14 +81,19 @@ impl NativeBackward for LibTorch {
         grads: TchTensor,
         first: TchTensor,
         second: TchTensor,
-        scalars: [f64; 7],
+        scalars: TchTensor,
         overwrite: bool,
     ) -> (TchTensor, TchTensor, TchTensor) {
-        adam_in_place(weights, grads, first, second, scalars, overwrite)
+        adam_in_place(weights, grads, first, second, &scalars.tensor, overwrite)
     }
 
-    fn ema_in_place(average: TchTensor, current: TchTensor, decay: f64) -> TchTensor {
-        ema_in_place(average, &current, decay)
+    fn ema_in_place(average: TchTensor, current: TchTensor, scalars: TchTensor) -> TchTensor {
+        ema_in_place(average, &current, &scalars.tensor)
+    }
+
+    fn write_scalars(buffer: TchTensor, values: Vec<f32>) -> TchTensor {
+        write_scalars(&buffer.tensor, &values);
+        buffer
     }
 
     fn dropout_masks(

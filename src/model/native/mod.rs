@@ -289,21 +289,24 @@ pub trait NativeBackward: Backend {
     /// operation (the same bits), in place: the moments brought forward and the weights moved
     /// in their own buffers where nothing else holds them (otherwise in copies), with one or two
     /// scratch buffers where Burn's operations make about eight of the weights' size (each a
-    /// fresh allocation on the CPU, whose pages fault in). `scalars`: beta_1, 1 - beta_1, beta_2,
-    /// 1 - beta_2, the combined bias correction, epsilon times the second correction's root,
-    /// the learning rate. `overwrite`: the weights are written in place although other tensors
+    /// fresh allocation on the CPU, whose pages fault in). `scalars`, on the device (see
+    /// [`NativeBackward::write_scalars`]): beta_1, 1 - beta_1, beta_2, 1 - beta_2, the combined
+    /// bias correction, epsilon times the second correction's root, the learning rate, each the
+    /// f32 that ATen would make of Burn's scalar argument (a product or sum with a 0-dim f32
+    /// tensor is the one with that scalar). `overwrite`: the weights are written in place although other tensors
     /// hold their buffer (the caller knows them to be the model's parameters, views of it that
     /// the step replaces). It exists on libtorch only ([`runs_fused`]).
     ///
     /// # Shapes
     /// - weights, grads, first, second: `[n]`, f32
+    /// - scalars: `[7]`, f32
     /// - returns: the weights, the first and the second moment, `[n]`
     fn adam_in_place(
         weights: FloatTensor<Self>,
         grads: FloatTensor<Self>,
         first: FloatTensor<Self>,
         second: FloatTensor<Self>,
-        scalars: [f64; 7],
+        scalars: FloatTensor<Self>,
         overwrite: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let _ = (weights, grads, first, second, scalars, overwrite);
@@ -312,19 +315,35 @@ pub trait NativeBackward: Backend {
 
     /// The weights' exponential moving average brought forward, `average * decay + current * (1 -
     /// decay)` as Burn's operations compute it (the same bits), written into the average's buffer
-    /// (a copy where something else holds it) instead of two fresh ones of the weights' size. It
-    /// exists on libtorch only ([`runs_fused`]).
+    /// (a copy where something else holds it) instead of two fresh ones of the weights' size.
+    /// `scalars`, on the device: `decay` and `1 - decay` as f32 (see
+    /// [`NativeBackward::adam_in_place`]). It exists on libtorch only ([`runs_fused`]).
     ///
     /// # Shapes
     /// - average, current: `[n]`, f32
+    /// - scalars: `[2]`, f32
     /// - returns: `[n]`
     fn ema_in_place(
         average: FloatTensor<Self>,
         current: FloatTensor<Self>,
-        decay: f64,
+        scalars: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let _ = (average, current, decay);
+        let _ = (average, current, scalars);
         unreachable!("ema_in_place runs on libtorch only (`runs_fused` says where)")
+    }
+
+    /// `values` written into `buffer` where it lies, by a copy that does not wait for the device
+    /// (on CUDA staged from the host's memory as it returns): the per-step scalars of the update
+    /// at one address step after step, which the kernels read (a CUDA graph's replay can change
+    /// no kernel argument; it reads what such a buffer holds). It exists on libtorch only
+    /// ([`runs_fused`]).
+    ///
+    /// # Shapes
+    /// - buffer: `[values.len()]`, f32
+    /// - returns: `buffer`
+    fn write_scalars(buffer: FloatTensor<Self>, values: Vec<f32>) -> FloatTensor<Self> {
+        let _ = (buffer, values);
+        unreachable!("write_scalars runs on libtorch only (`runs_fused` says where)")
     }
 
     /// The summed negative log-likelihood of `targets` under a softmax over dimension 2.
@@ -654,9 +673,9 @@ mod torch_ops;
 #[cfg(test)]
 pub use fused::address;
 pub use fused::{
-    GatedLayerInputs, HeadConvs, LayerConvs, LayerShape, Link, Masked, adam_in_place,
-    dropout_masks, ema_in_place, gated_head, gated_layer, logistic_nll, other_holders, runs_fused,
-    square_sum_f64, views_of,
+    DeviceScalars, GatedLayerInputs, HeadConvs, LayerConvs, LayerShape, Link, Masked,
+    adam_in_place, dropout_masks, ema_in_place, gated_head, gated_layer, logistic_nll,
+    other_holders, runs_fused, square_sum_f64, views_of,
 };
 
 #[cfg(test)]

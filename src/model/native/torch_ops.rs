@@ -421,67 +421,78 @@ pub(super) fn adam_in_place(
     grads: TchTensor,
     first: TchTensor,
     second: TchTensor,
-    scalars: [f64; 7],
+    scalars: &tch::Tensor,
     overwrite: bool,
 ) -> (TchTensor, TchTensor, TchTensor) {
     let w = if overwrite { weights } else { own(weights) };
     let (m, v) = (own(first), own(second));
     let spent = grads.can_mut();
+    let scalars: [tch::Tensor; 7] = std::array::from_fn(|i| scalars.get(i as i64));
     for (start, len) in pieces(&w.tensor) {
         let [mut w, mut m, mut v, mut g] =
             [&w, &m, &v, &grads].map(|t| t.tensor.narrow(0, start, len));
-        adam_piece([&mut w, &mut m, &mut v, &mut g], spent, scalars);
+        adam_piece([&mut w, &mut m, &mut v, &mut g], spent, &scalars);
     }
     (w, m, v)
 }
 
 /// One piece of [`adam_in_place`]; `spent`: the gradients' buffer may take the second moment's
-/// root.
+/// root. The scalars are 0-dim f32 tensors on the device.
 fn adam_piece(
     [w, m, v, g]: [&mut tch::Tensor; 4],
     spent: bool,
-    [b1, c1, b2, c2, factor, epsilon, lr]: [f64; 7],
+    [b1, c1, b2, c2, factor, epsilon, lr]: &[tch::Tensor; 7],
 ) {
     // first * beta_1 + g * (1 - beta_1)
-    let mut scratch = g.f_mul_scalar(c1).unwrap();
-    let _ = m.f_mul_scalar_(b1).unwrap();
+    let mut scratch = g.f_mul(c1).unwrap();
+    let _ = m.f_mul_(b1).unwrap();
     let _ = m.f_add_(&scratch).unwrap();
     // second * beta_2 + (g g) (1 - beta_2)
     let _ = g.f_mul_out(&scratch, g).unwrap();
-    let _ = scratch.f_mul_scalar_(c2).unwrap();
-    let _ = v.f_mul_scalar_(b2).unwrap();
+    let _ = scratch.f_mul_(c2).unwrap();
+    let _ = v.f_mul_(b2).unwrap();
     let _ = v.f_add_(&scratch).unwrap();
     // (first * factor) / (sqrt(second) + epsilon') * lr, taken from the weights
     scratch.copy_(m);
-    let _ = scratch.f_mul_scalar_(factor).unwrap();
+    let _ = scratch.f_mul_(factor).unwrap();
     let mut root = if spent {
         let _ = v.f_sqrt_out(g).unwrap();
         g.shallow_clone()
     } else {
         v.sqrt()
     };
-    let _ = root.f_add_scalar_(epsilon).unwrap();
+    let _ = root.f_add_(epsilon).unwrap();
     let _ = scratch.f_div_(&root).unwrap();
-    let _ = scratch.f_mul_scalar_(lr).unwrap();
+    let _ = scratch.f_mul_(lr).unwrap();
     let _ = w.f_sub_(&scratch).unwrap();
 }
 
 /// `NativeBackward::ema_in_place`: `average * decay + current * (1 - decay)` as Burn's operations
 /// compute it (a product each, then their sum), piece by piece into the average's buffer (a copy
 /// where it is shared), with a temporary of a piece's size.
-pub(super) fn ema_in_place(average: TchTensor, current: &TchTensor, decay: f64) -> TchTensor {
+pub(super) fn ema_in_place(
+    average: TchTensor,
+    current: &TchTensor,
+    scalars: &tch::Tensor,
+) -> TchTensor {
     let average = own(average);
+    let [decay, rest] = [0, 1].map(|i| scalars.get(i));
     for (start, len) in pieces(&average.tensor) {
         let mut a = average.tensor.narrow(0, start, len);
-        let term = current
-            .tensor
-            .narrow(0, start, len)
-            .f_mul_scalar(1.0 - decay)
-            .unwrap();
-        let _ = a.f_mul_scalar_(decay).unwrap();
+        let term = current.tensor.narrow(0, start, len).f_mul(&rest).unwrap();
+        let _ = a.f_mul_(&decay).unwrap();
         let _ = a.f_add_(&term).unwrap();
     }
     average
+}
+
+/// `NativeBackward::write_scalars`: staged on the device without waiting for it (a copy from
+/// pageable memory that CUDA buffers as it returns), then copied into `buffer` in stream order.
+pub(super) fn write_scalars(buffer: &tch::Tensor, values: &[f32]) {
+    let staged =
+        tch::Tensor::from_slice(values).to_device_(buffer.device(), tch::Kind::Float, true, false);
+    let mut buffer = buffer.shallow_clone();
+    buffer.copy_(&staged);
 }
 
 /// `NativeBackward::square_sum_f64`: Burn's cast (`to_kind`), product with itself and sum
