@@ -215,8 +215,8 @@ fn a_state_for_another_model_is_refused() {
 
 /// On libtorch, a step after the first writes the weights where they are: the model's
 /// parameters stay views of one buffer, at one address step after step (what a CUDA graph's
-/// replay needs), and so do the scalars of the update, with the bits of the steps that copy them (see
-/// `flat_adam_is_burns_adam_bit_for_bit`).
+/// replay needs), and the update reads its scalars from one buffer too; the bits are those of
+/// the steps that copy them (see `flat_adam_is_burns_adam_bit_for_bit`).
 #[test]
 fn the_weights_stay_where_they_are() {
     for device in crate::device::test_devices() {

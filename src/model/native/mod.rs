@@ -293,9 +293,10 @@ pub trait NativeBackward: Backend {
     /// [`NativeBackward::write_scalars`]): beta_1, 1 - beta_1, beta_2, 1 - beta_2, the combined
     /// bias correction, epsilon times the second correction's root, the learning rate, each the
     /// f32 that ATen would make of Burn's scalar argument (a product or sum with a 0-dim f32
-    /// tensor is the one with that scalar). `overwrite`: the weights are written in place although other tensors
-    /// hold their buffer (the caller knows them to be the model's parameters, views of it that
-    /// the step replaces). It exists on libtorch only ([`runs_fused`]).
+    /// tensor is the one with that scalar). `overwrite`: the weights are written in place
+    /// although other tensors hold their buffer (the caller knows them to be the model's
+    /// parameters, views of it that the step replaces). It exists on libtorch only
+    /// ([`runs_fused`]).
     ///
     /// # Shapes
     /// - weights, grads, first, second: `[n]`, f32
