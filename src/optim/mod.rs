@@ -67,7 +67,17 @@ pub struct Flat {
 
 impl Flat {
     /// The gradients of `model`'s parameters that have one, flat in visiting order.
-    pub fn gradients(model: &Model, mut grads: GradientsParams) -> Flat {
+    pub fn gradients(model: &Model, grads: GradientsParams) -> Flat {
+        Flat::gradients_into(model, grads, None)
+    }
+
+    /// [`Flat::gradients`], written into `buffer` where [`runs_fused`](crate::model::native::runs_fused)
+    /// and it has their size and nothing else holds it (the same values; else a new buffer).
+    fn gradients_into(
+        model: &Model,
+        mut grads: GradientsParams,
+        buffer: Option<Tensor<1>>,
+    ) -> Flat {
         struct Visit<'a> {
             grads: &'a mut GradientsParams,
             parts: Vec<Tensor<1>>,
@@ -89,8 +99,22 @@ impl Flat {
             layout: Layout::default(),
         };
         model.visit(&mut visit);
+        let n = visit.layout.values();
+        let values = match buffer {
+            Some(b)
+                if b.dims()[0] == n
+                    && crate::model::native::other_holders(&b) == Some(0)
+                    && visit
+                        .parts
+                        .first()
+                        .is_some_and(|p| p.device() == b.device()) =>
+            {
+                crate::model::native::cat_into(b, visit.parts)
+            }
+            _ => Tensor::cat(visit.parts, 0),
+        };
         Flat {
-            values: Tensor::cat(visit.parts, 0),
+            values,
             layout: visit.layout,
         }
     }
@@ -238,6 +262,9 @@ pub struct Optimizer {
     weights: Option<Tensor<1>>,
     /// On libtorch, the in-place step's scalars on the device (written each step).
     scalars: crate::model::native::DeviceScalars,
+    /// On libtorch, the flat gradients that the last step spent (where nothing else held them):
+    /// [`Optimizer::flat_gradients`] writes the next step's there.
+    gradients: Option<Tensor<1>>,
 }
 
 /// Adam with beta = (0.9, 0.999) and PyTorch's epsilon of 1e-8 (Burn's default is 1e-5).
@@ -261,7 +288,14 @@ impl Optimizer {
             groups: Vec::new(),
             weights: None,
             scalars: Default::default(),
+            gradients: None,
         }
+    }
+
+    /// [`Flat::gradients`] in the buffer of the gradients the last step spent, where there is
+    /// one (libtorch): one address step after step, and no fresh buffer of all weights.
+    pub fn flat_gradients(&mut self, model: &Model, grads: GradientsParams) -> Flat {
+        Flat::gradients_into(model, grads, self.gradients.take())
     }
 
     /// Moves the parameters of `grads.layout` by one step of learning rate `lr`; returns the
@@ -361,7 +395,7 @@ impl Optimizer {
             lr as f32,
         ];
         let scalars = self.scalars.write(&scalars, &weights.device());
-        let (values, first, second) = crate::model::native::adam_in_place(
+        let (values, first, second, spent) = crate::model::native::adam_in_place(
             weights,
             grads.values,
             moments.first,
@@ -369,6 +403,8 @@ impl Optimizer {
             scalars,
             overwrite,
         );
+        // Kept for the next step's gradients where nothing else holds them.
+        self.gradients = Some(spent).filter(|g| crate::model::native::other_holders(g) == Some(0));
         self.groups.push(Moments {
             layout: moments.layout,
             time,

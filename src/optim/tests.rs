@@ -146,6 +146,23 @@ fn f64_of(t: Tensor<1>) -> f64 {
     t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap()[0]
 }
 
+/// Gradients written into the buffer the last step spent give the same steps, bit for bit, as
+/// gradients in a fresh buffer each step.
+#[test]
+fn reused_gradient_buffers_give_the_same_steps() {
+    for device in crate::device::test_devices() {
+        let (start, grads_of) = gated(&device);
+        let (mut reused, mut fresh) = (adam(), adam());
+        let (mut a, mut b) = (start.clone(), start);
+        for _ in 0..4 {
+            let grads = reused.flat_gradients(&a, grads_of(&a));
+            (a, _) = reused.step(0.01, a, grads);
+            (b, _) = fresh.step(0.01, b.clone(), Flat::gradients(&b, grads_of(&b)));
+            assert_eq!(bits(&a), bits(&b), "{device:?}");
+        }
+    }
+}
+
 /// A step writes in place only what nothing else holds: an optimizer kept from before the
 /// step (a clone, as a checkpoint being written holds one) takes the same step alike, and the
 /// model the step started from keeps its weights.
@@ -225,9 +242,10 @@ fn the_weights_stay_where_they_are() {
         }
         let (mut model, grads_of) = gated(&device);
         let mut flat = adam();
-        let (mut at, mut scalars_at) = (Vec::new(), Vec::new());
-        for _ in 0..4 {
-            let grads = Flat::gradients(&model, grads_of(&model));
+        let (mut at, mut scalars_at, mut grads_at) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let grads = flat.flat_gradients(&model, grads_of(&model));
+            grads_at.push(crate::model::native::address(&grads.values).unwrap());
             let layout = grads.layout.clone();
             (model, _) = flat.step(0.01, model, grads);
             let weights = flat.weights.as_ref().expect("kept on libtorch");
@@ -248,6 +266,11 @@ fn the_weights_stay_where_they_are() {
         assert_eq!(scalars_at[0], None);
         assert!(scalars_at[1].is_some());
         assert!(scalars_at[1..].iter().all(|&a| a == scalars_at[1]));
+        // The gradients of a step after the second land in the buffer the one before spent.
+        assert!(
+            grads_at[2..].iter().all(|&a| a == grads_at[1]),
+            "{grads_at:x?}"
+        );
     }
 }
 

@@ -202,8 +202,8 @@ pub fn adam_in_place(
     second: Tensor<1>,
     scalars: Tensor<1>,
     overwrite: bool,
-) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
-    let (w, m, v) = <Dispatch as NativeBackward>::adam_in_place(
+) -> (Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>) {
+    let (w, m, v, g) = <Dispatch as NativeBackward>::adam_in_place(
         weights.into_dispatch(),
         grads.into_dispatch(),
         first.into_dispatch(),
@@ -215,6 +215,7 @@ pub fn adam_in_place(
         Tensor::from_dispatch(w),
         Tensor::from_dispatch(m),
         Tensor::from_dispatch(v),
+        Tensor::from_dispatch(g),
     )
 }
 
@@ -254,6 +255,23 @@ impl DeviceScalars {
     pub fn address(&self) -> Option<usize> {
         self.0.as_ref().and_then(address)
     }
+}
+
+/// `parts` (f32, `[n_i]`) end to end, written into `buffer` (f32, `[sum n_i]`) where it lies
+/// (libtorch's `cat` with `out`) where [`runs_fused`]: a buffer that lives across steps instead
+/// of a fresh one each time. Elsewhere a new tensor.
+pub fn cat_into(buffer: Tensor<1>, parts: Vec<Tensor<1>>) -> Tensor<1> {
+    #[cfg(feature = "tch")]
+    if let (Some(out), Some(inputs)) = (
+        torch(&buffer),
+        parts.iter().map(torch).collect::<Option<Vec<_>>>(),
+    ) {
+        let inputs: Vec<&tch::Tensor> = inputs.iter().map(|t| &t.tensor).collect();
+        let _ = tch::Tensor::cat_out(&out.tensor, &inputs, 0);
+        return buffer;
+    }
+    let _ = buffer;
+    Tensor::cat(parts, 0)
 }
 
 /// The sum of the squares of `x` in f64, where [`runs_fused`] (see

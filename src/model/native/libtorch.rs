@@ -83,7 +83,7 @@ impl NativeBackward for LibTorch {
         second: TchTensor,
         scalars: TchTensor,
         overwrite: bool,
-    ) -> (TchTensor, TchTensor, TchTensor) {
+    ) -> (TchTensor, TchTensor, TchTensor, TchTensor) {
         adam_in_place(weights, grads, first, second, &scalars.tensor, overwrite)
     }
 

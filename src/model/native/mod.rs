@@ -301,7 +301,9 @@ pub trait NativeBackward: Backend {
     /// # Shapes
     /// - weights, grads, first, second: `[n]`, f32
     /// - scalars: `[7]`, f32
-    /// - returns: the weights, the first and the second moment, `[n]`
+    /// - returns: the weights, the first and the second moment, and the gradients' buffer (its
+    ///   values spent), `[n]`
+    #[allow(clippy::type_complexity)]
     fn adam_in_place(
         weights: FloatTensor<Self>,
         grads: FloatTensor<Self>,
@@ -309,7 +311,12 @@ pub trait NativeBackward: Backend {
         second: FloatTensor<Self>,
         scalars: FloatTensor<Self>,
         overwrite: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
         let _ = (weights, grads, first, second, scalars, overwrite);
         unreachable!("adam_in_place runs on libtorch only (`runs_fused` says where)")
     }
@@ -675,7 +682,7 @@ mod torch_ops;
 pub use fused::address;
 pub use fused::{
     DeviceScalars, GatedLayerInputs, HeadConvs, LayerConvs, LayerShape, Link, Masked,
-    adam_in_place, dropout_masks, ema_in_place, gated_head, gated_layer, logistic_nll,
+    adam_in_place, cat_into, dropout_masks, ema_in_place, gated_head, gated_layer, logistic_nll,
     other_holders, runs_fused, square_sum_f64, views_of,
 };
 

@@ -423,7 +423,7 @@ pub(super) fn adam_in_place(
     second: TchTensor,
     scalars: &tch::Tensor,
     overwrite: bool,
-) -> (TchTensor, TchTensor, TchTensor) {
+) -> (TchTensor, TchTensor, TchTensor, TchTensor) {
     let w = if overwrite { weights } else { own(weights) };
     let (m, v) = (own(first), own(second));
     let spent = grads.can_mut();
@@ -433,7 +433,7 @@ pub(super) fn adam_in_place(
             [&w, &m, &v, &grads].map(|t| t.tensor.narrow(0, start, len));
         adam_piece([&mut w, &mut m, &mut v, &mut g], spent, &scalars);
     }
-    (w, m, v)
+    (w, m, v, grads)
 }
 
 /// One piece of [`adam_in_place`]; `spent`: the gradients' buffer may take the second moment's

@@ -231,7 +231,8 @@ pub(super) fn take(
     let (agreed, finite) = if world.size() == 1 && loss_scale.is_none() {
         // Update first, read after: an error drops the state, so the update need not wait.
         let grads = grads.expect("a world of one takes the whole batch");
-        let gathered = gather(&model, grads, totals, stop(), 1.0);
+        let grads = optimizer.flat_gradients(&model, grads);
+        let gathered = gather(grads, totals, stop(), 1.0);
         let update = Update {
             learning_rate,
             clip: step.clip_grad_norm,
@@ -416,7 +417,7 @@ fn agree(
         return all_reduce(model, grads, totals, stop, factor, world, device);
     }
     let grads = grads.expect("a world of one takes the whole batch");
-    gather(model, grads, totals, stop, factor).read(model)
+    gather(Flat::gradients(model, grads), totals, stop, factor).read(model)
 }
 
 /// A world of one's gradients (times a factor), flat, with their square sum (f64, `[1]`) and the
@@ -428,14 +429,7 @@ struct Gathered {
     stop: bool,
 }
 
-fn gather(
-    model: &Model,
-    grads: GradientsParams,
-    totals: Tensor<1>,
-    stop: bool,
-    factor: f64,
-) -> Gathered {
-    let grads = Flat::gradients(model, grads);
+fn gather(grads: Flat, totals: Tensor<1>, stop: bool, factor: f64) -> Gathered {
     let grads = Flat {
         values: if factor == 1.0 {
             grads.values

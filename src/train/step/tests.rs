@@ -292,7 +292,7 @@ fn clipping_scales_the_gradients_in_place() {
         let (data, model, device) = tiny_simple_on(4, device);
         let grads = gradients(&model, &data, &device, None);
         let totals = Tensor::<1>::zeros([1], &device.clone().without_autodiff());
-        let gathered = gather(&model, grads, totals, false, 1.0);
+        let gathered = gather(Flat::gradients(&model, grads), totals, false, 1.0);
         let at = crate::model::native::address(&gathered.grads.values);
         let norm = gathered.square_sum.clone().into_scalar::<f64>().sqrt();
         let clip = norm / 2.0;
@@ -449,12 +449,8 @@ fn a_gradient_that_is_not_finite_is_named_after_the_update() {
                     run_step,
                 };
                 let agreed;
-                (model, agreed) = gather(&model, grads, totals, false, 1.0).update_then_read(
-                    model,
-                    &mut optimizer,
-                    ema.as_mut(),
-                    update,
-                );
+                (model, agreed) = gather(Flat::gradients(&model, grads), totals, false, 1.0)
+                    .update_then_read(model, &mut optimizer, ema.as_mut(), update);
                 let first = agreed.norm.first_not_finite;
                 assert_eq!(first, plant.map(|(at, _)| at), "{case}");
                 assert_eq!(agreed.norm.is_finite(), plant.is_none(), "{case}");
