@@ -298,6 +298,18 @@ impl Optimizer {
         Flat::gradients_into(model, grads, self.gradients.take())
     }
 
+    /// Lets go of the buffer the last step's gradients leave, where the next step's are not
+    /// made by [`Optimizer::flat_gradients`].
+    pub fn release_gradients(&mut self) {
+        self.gradients = None;
+    }
+
+    /// Whether the optimizer holds the buffer of the last step's gradients.
+    #[cfg(test)]
+    pub(crate) fn holds_gradients(&self) -> bool {
+        self.gradients.is_some()
+    }
+
     /// Moves the parameters of `grads.layout` by one step of learning rate `lr`; returns the
     /// model and their new values.
     pub fn step(&mut self, lr: f64, model: Model, grads: Flat) -> (Model, Flat) {

@@ -255,6 +255,9 @@ pub(super) fn take(
             }
             let (next, weights) = optimizer.step(learning_rate, model, grads);
             model = next;
+            // These gradients are made afresh each step (from the ranks' sum, or scaled): the
+            // buffer they leave would be held to no use.
+            optimizer.release_gradients();
             if let Some(ema) = ema.as_mut() {
                 ema.update(&weights, &model, run_step);
             }

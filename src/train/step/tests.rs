@@ -147,7 +147,8 @@ fn tiny_simple_on(n: usize, device: Device) -> (Images, Model, Device) {
 
 /// On libtorch, nothing in a training step (the norm, the update, the average, the reads) keeps
 /// the weights beyond it: after an epoch of Adam steps with an average, the next step would
-/// still write the weights in place rather than copy them.
+/// still write the weights in place rather than copy them, and the gradients into the buffer the
+/// last step spent (held for one process in f32, not in f16).
 #[test]
 fn training_steps_leave_the_weights_to_be_written_in_place() {
     for device in crate::device::test_devices() {
@@ -165,6 +166,25 @@ fn training_steps_leave_the_weights_to_be_written_in_place() {
         let (state, _, _) =
             train_epoch(state, epoch(&data, &order, plain(2), &device), |_| {}).unwrap();
         assert!(state.optimizer.writes_in_place(&state.model));
+        // The next step's gradients go where the last step's were...
+        assert!(state.optimizer.holds_gradients());
+        // ...but not in f16, whose gradients are made afresh: nothing is held for them.
+        let f16 = TrainState {
+            model: state.model.with_precision(Precision::F16),
+            optimizer: crate::optim::adam(),
+            loss_scale: Some(LossScale {
+                scale: 1.0,
+                ..LossScale::default()
+            }),
+            ema: None,
+        };
+        let mut skipped = 0;
+        let (state, _, _) = train_epoch(f16, epoch(&data, &order, plain(2), &device), |r| {
+            skipped += usize::from(r.skipped)
+        })
+        .unwrap();
+        assert_eq!(skipped, 0);
+        assert!(!state.optimizer.holds_gradients());
     }
 }
 
