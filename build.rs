@@ -92,6 +92,9 @@ fn compile_torch_extras() {
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        // As libtorch is built: some of its classes (at::RecordFunction) have members only
+        // without NDEBUG, so code compiled without it reads them at the wrong places.
+        .define("NDEBUG", None)
         .file("src/native/torch_extras.cpp");
     // An older or newer libtorch whose allocator or profiler interface differs: build without
     // what does not compile, and say so (`pixel bench` then says it on CUDA and when asked to

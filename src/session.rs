@@ -108,6 +108,7 @@ impl Session {
             model,
             optimizer: plan.optimizer(),
             loss_scale: (plan.device.precision == Precision::F16).then(LossScale::default),
+            inputs: Default::default(),
         };
         let (state, position, checkpoint) = match weights {
             Weights::Initial => (fresh, Position::default(), None),
@@ -130,6 +131,7 @@ impl Session {
                         optimizer,
                         loss_scale: position.loss_scale.or(fresh.loss_scale),
                         ema,
+                        inputs: Default::default(),
                     };
                     (state, position, Some(ckpt))
                 }

@@ -351,7 +351,14 @@ impl Model {
             }
             Net::PixelCnnPp(m) => {
                 let label = m.classes().map(|n| {
-                    let one_hot: Tensor<2> = context.labels.clone().one_hot(n).float();
+                    // On the device: Burn's `one_hot` reads the labels back to the host first.
+                    let classes = Tensor::<1, Int>::arange(0..n as i64, &context.labels.device());
+                    let one_hot: Tensor<2> = context
+                        .labels
+                        .clone()
+                        .reshape([b, 1])
+                        .equal(classes.reshape([1, n]))
+                        .float();
                     match self.compute {
                         Some(dtype) => one_hot.cast(dtype),
                         None => one_hot,

@@ -7,12 +7,16 @@
 // - a backward pass from a given output gradient (tch's starts from a scalar only);
 // - libtorch's profiler (Kineto, what torch.profiler runs): operators on the host, kernels and
 //   copies on the GPU, saved as a Chrome trace (where it does not compile, build.rs defines
-//   PIXEL_NO_PROFILER: none).
+//   PIXEL_NO_PROFILER: none);
+// - a trace of the operators a stretch of code runs, with their tensors' storages and their
+//   other arguments, to check on any device that a step could be replayed as a CUDA graph
+//   (`src/model/native/replay.rs`; none without the profiler either).
 #include <ATen/Context.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 
@@ -22,6 +26,15 @@
 #ifndef PIXEL_NO_PROFILER
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
+
+#include <c10/core/Allocator.h>
+#include <c10/util/ThreadLocalDebugInfo.h>
+
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_set>
+#include <vector>
 #endif
 
 extern "C" {
@@ -171,6 +184,207 @@ void pixel_range_end(void* range) {
     delete r;
   }
 }
+
+// The operator trace: one line per operator called at the top level (not those an operator calls
+// in turn), `name.overload<TAB>inputs<TAB>outputs`, each argument a token: a tensor as
+// `T<storage address>@<offset>:<dtype>:<sizes>:<strides>` (`U` undefined; a number an operator
+// wrapped into a tensor as `W<dtype>#<hash of its bytes>`), its bytes' hash
+// appended as `#<hash>` where it is the first read of a CPU tensor that `aten::zeros` made in the
+// trace (how tch uploads host data: zeros, then a memcpy that no operator sees), a list as
+// `[ ... ]`, a float in hexadecimal, anything else as libtorch prints it.
+namespace {
+std::mutex trace_mutex;
+std::string* trace_text = nullptr;
+std::unordered_set<const void*>* trace_fresh = nullptr;
+at::CallbackHandle trace_handle = 0;
+thread_local int trace_depth = 0;
+// The lines of the operators under way on this thread, outermost first.
+thread_local std::vector<std::string> trace_pending;
+
+uint64_t fnv1a(const unsigned char* bytes, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; ++i) {
+    h = (h ^ bytes[i]) * 1099511628211ull;
+  }
+  return h;
+}
+
+void trace_value(std::ostream& out, const c10::IValue& v, bool input) {
+  if (v.isTensor()) {
+    const at::Tensor& t = v.toTensor();
+    if (!t.defined()) {
+      out << " U";
+      return;
+    }
+    const void* base = t.has_storage() ? t.storage().data() : nullptr;
+    if (t.unsafeGetTensorImpl()->is_wrapped_number() && base != nullptr) {
+      // A number that an operator wrapped to pass on (what a CUDA kernel takes as an argument):
+      // its value, not its place.
+      out << " W" << t.scalar_type() << "#" << std::hex
+          << fnv1a(static_cast<const unsigned char*>(base), t.storage().nbytes()) << std::dec;
+      return;
+    }
+    out << " T" << reinterpret_cast<uintptr_t>(base) << "@" << t.storage_offset() << ":"
+        << t.scalar_type() << ":";
+    for (auto d : t.sizes()) out << d << "x";
+    out << ":";
+    for (auto d : t.strides()) out << d << "x";
+    if (input && base != nullptr && trace_fresh->erase(base) == 1 && t.device().is_cpu()) {
+      out << "#" << std::hex
+          << fnv1a(static_cast<const unsigned char*>(base), t.storage().nbytes()) << std::dec;
+    }
+  } else if (v.isList()) {
+    out << " [";
+    for (const auto& e : v.toListRef()) trace_value(out, e, input);
+    out << " ]";
+  } else if (v.isDouble()) {
+    out << " " << std::hexfloat << v.toDouble() << std::defaultfloat;
+  } else if (v.isNone()) {
+    out << " None";
+  } else {
+    std::ostringstream s;
+    s << v;
+    std::string text = s.str();
+    for (auto& c : text) {
+      if (c == ' ' || c == '\t' || c == '\n') c = '_';
+    }
+    out << " " << text;
+  }
+}
+
+// Ranges that are not operators (the autograd engine's `evaluate_function`) are looked
+// through. An operator called by another is written with its depth before its name (`1 aten::mm`):
+// a buffer it makes is made inside the trace, though its caller does not return it.
+std::unique_ptr<at::ObserverContext> trace_enter(const at::RecordFunction& fn) {
+  if (!fn.operator_name()) {
+    return nullptr;
+  }
+  std::ostringstream line;
+  if (trace_depth > 0) {
+    line << trace_depth << " ";
+  }
+  ++trace_depth;
+  line << fn.name();
+  if (auto op = fn.operator_name(); op && !op->overload_name.empty()) {
+    line << "." << op->overload_name;
+  }
+  line << "\t";
+  {
+    std::lock_guard<std::mutex> lock(trace_mutex);
+    if (trace_text != nullptr) {
+      for (const auto& v : fn.inputs()) trace_value(line, v, true);
+    }
+  }
+  line << "\t";
+  trace_pending.push_back(line.str());
+  return nullptr;
+}
+
+// Lines are written whole at an operator's end; one that calls others is written after them.
+void trace_leave(const at::RecordFunction& fn, at::ObserverContext*) {
+  if (!fn.operator_name()) {
+    return;
+  }
+  --trace_depth;
+  if (trace_pending.empty()) {
+    return;  // begun before the trace
+  }
+  std::ostringstream line;
+  line << trace_pending.back();
+  trace_pending.pop_back();
+  for (const auto& v : fn.outputs()) trace_value(line, v, false);
+  std::lock_guard<std::mutex> lock(trace_mutex);
+  if (trace_text == nullptr) {
+    return;
+  }
+  *trace_text += line.str();
+  *trace_text += "\n";
+  if (trace_depth == 0 && std::strcmp(fn.name(), "aten::zeros") == 0) {
+    for (const auto& v : fn.outputs()) {
+      if (v.isTensor() && v.toTensor().defined() && v.toTensor().has_storage()) {
+        trace_fresh->insert(v.toTensor().storage().data());
+      }
+    }
+  }
+}
+// The allocator's reports, in the trace as `+ <address> <bytes>` and `- <address>`: which
+// buffers were made inside it, and when they were let go (so that an address used again names
+// a new buffer).
+struct TraceMemory : public c10::MemoryReportingInfoBase {
+  bool memoryProfilingEnabled() const override { return true; }
+  void reportMemoryUsage(void* ptr, int64_t bytes, size_t, size_t, c10::Device) override {
+    std::ostringstream line;
+    if (bytes >= 0) {
+      line << "+ " << reinterpret_cast<uintptr_t>(ptr) << " " << bytes << "\n";
+    } else {
+      line << "- " << reinterpret_cast<uintptr_t>(ptr) << "\n";
+    }
+    std::lock_guard<std::mutex> lock(trace_mutex);
+    if (trace_text != nullptr) {
+      *trace_text += line.str();
+    }
+  }
+};
+}  // namespace
+
+// Starts the operator trace of the calling thread (and of the threads it hands work to, which
+// inherit its callbacks: the autograd engine's). 0 on success, -1 when one runs already or it
+// fails, with the message in `error`.
+int pixel_trace_start(char* error, size_t error_len) {
+  try {
+    std::lock_guard<std::mutex> lock(trace_mutex);
+    if (trace_text != nullptr) {
+      message("an operator trace runs already", error, error_len);
+      return -1;
+    }
+    trace_text = new std::string();
+    trace_fresh = new std::unordered_set<const void*>();
+    c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE,
+                                     std::make_shared<TraceMemory>());
+    trace_handle = at::addThreadLocalCallback(at::RecordFunctionCallback(trace_enter, trace_leave)
+                                                  .needsInputs(true)
+                                                  .needsOutputs(true)
+                                                  .scopes({at::RecordScope::FUNCTION}));
+    return 0;
+  } catch (const std::exception& e) {
+    message(e.what(), error, error_len);
+    return -1;
+  }
+}
+
+// Stops the trace and returns its text (to free with pixel_trace_free), null when none runs.
+char* pixel_trace_stop() {
+  try {
+    at::removeCallback(trace_handle);
+    c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
+    std::lock_guard<std::mutex> lock(trace_mutex);
+    if (trace_text == nullptr) {
+      return nullptr;
+    }
+    char* text = strdup(trace_text->c_str());
+    delete trace_text;
+    delete trace_fresh;
+    trace_text = nullptr;
+    trace_fresh = nullptr;
+    return text;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+void pixel_trace_free(char* text) { free(text); }
+
+// Writes `# name` into the operator trace where one runs (a place in the code that the trace
+// can be cut at); nothing otherwise.
+void pixel_trace_mark(const char* name) {
+  try {
+    std::lock_guard<std::mutex> lock(trace_mutex);
+    if (trace_text != nullptr) {
+      *trace_text += std::string("# ") + name + "\n";
+    }
+  } catch (...) {
+  }
+}
 #else
 int pixel_profiler_start(bool, char* error, size_t error_len) {
   message("this build has no profiler: src/native/torch_extras.cpp's profiler did not compile "
@@ -184,5 +398,12 @@ int pixel_profiler_stop(const char*, char* error, size_t error_len) {
 }
 void* pixel_range_begin(const char*) { return nullptr; }
 void pixel_range_end(void*) {}
+int pixel_trace_start(char* error, size_t error_len) {
+  message("this build has no operator trace (no profiler)", error, error_len);
+  return -1;
+}
+char* pixel_trace_stop() { return nullptr; }
+void pixel_trace_free(char*) {}
+void pixel_trace_mark(const char*) {}
 #endif
 }

@@ -13,7 +13,7 @@
 use crate::model::Model;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -261,7 +261,7 @@ pub struct Optimizer {
     /// address, as a CUDA graph needs). Not part of the saved state: the model's weights are.
     weights: Option<Tensor<1>>,
     /// On libtorch, the in-place step's scalars on the device (written each step).
-    scalars: crate::model::native::DeviceScalars,
+    scalars: crate::model::native::DeviceBuffer,
     /// On libtorch, the flat gradients that the last step spent (where nothing else held them):
     /// [`Optimizer::flat_gradients`] writes the next step's there.
     gradients: Option<Tensor<1>>,
@@ -302,6 +302,25 @@ impl Optimizer {
     /// made by [`Optimizer::flat_gradients`].
     pub fn release_gradients(&mut self) {
         self.gradients = None;
+    }
+
+    /// Writes the scalars of the next step of learning rate `lr` into their buffer on `device`
+    /// now, where that step will be taken in place (Adam after its first step, on libtorch),
+    /// so that the step itself takes nothing from the host.
+    pub fn stage(&mut self, lr: f64, device: &Device) {
+        if let (
+            Rule::Adam {
+                beta_1,
+                beta_2,
+                epsilon,
+            },
+            [moments],
+        ) = (self.rule, &self.groups[..])
+            && crate::model::native::runs_fused(device)
+        {
+            let scalars = adam_scalars(moments.time + 1, lr, beta_1, beta_2, epsilon);
+            self.scalars.write(&scalars, device);
+        }
     }
 
     /// Whether the optimizer holds the buffer of the last step's gradients.
@@ -394,19 +413,8 @@ impl Optimizer {
         };
         let moments = self.groups.pop().expect("one group");
         let time = moments.time + 1;
-        let [bias_correction2_sqrt, combined_factor] = corrections(time, beta_1, beta_2);
-        // Burn's scalars as ATen takes them into f32 kernels: its f32 constants, and the
-        // learning rate rounded to f32.
-        let scalars = [
-            beta_1,
-            1.0 - beta_1,
-            beta_2,
-            1.0 - beta_2,
-            combined_factor,
-            epsilon * bias_correction2_sqrt,
-            lr as f32,
-        ];
-        let scalars = self.scalars.write(&scalars, &weights.device());
+        let scalars = adam_scalars(time, lr, beta_1, beta_2, epsilon);
+        let scalars = self.scalars.holding(&scalars, &weights.device());
         let (values, first, second, spent) = crate::model::native::adam_in_place(
             weights,
             grads.values,
@@ -652,6 +660,21 @@ fn adam_math(
 
 /// Adam's bias corrections at step `time` (from 1), as Burn computes them: the root of the
 /// second's, and the factor of the first moment that combines both.
+/// The scalars of Adam's step `time` in place (`native::adam_in_place`), as ATen takes Burn's
+/// into f32 kernels: its f32 constants, and the learning rate rounded to f32.
+fn adam_scalars(time: usize, lr: f64, beta_1: f32, beta_2: f32, epsilon: f32) -> [f32; 7] {
+    let [bias_correction2_sqrt, combined_factor] = corrections(time, beta_1, beta_2);
+    [
+        beta_1,
+        1.0 - beta_1,
+        beta_2,
+        1.0 - beta_2,
+        combined_factor,
+        epsilon * bias_correction2_sqrt,
+        lr as f32,
+    ]
+}
+
 fn corrections(time: usize, beta_1: f32, beta_2: f32) -> [f32; 2] {
     let t = time as i32;
     let bias_correction2_sqrt = (1.0 - beta_2.powi(t)).sqrt();

@@ -15,9 +15,10 @@
 //! constant.
 
 use crate::model::Model;
-use crate::model::native::DeviceScalars;
+use crate::model::native::DeviceBuffer;
 use crate::optim::{Flat, Layout, flatten, unflatten};
 use burn::module::Module;
+use burn::tensor::Device;
 use std::cell::OnceCell;
 
 /// The averaged weights: a model on the inference device, like the trained one.
@@ -31,7 +32,7 @@ pub struct Ema {
     start: Model,
     model: OnceCell<Model>,
     /// On libtorch, the update's decay and its complement, on the device.
-    scalars: DeviceScalars,
+    scalars: DeviceBuffer,
 }
 
 impl Ema {
@@ -47,7 +48,7 @@ impl Ema {
             average: None,
             start: average,
             model: OnceCell::new(),
-            scalars: DeviceScalars::default(),
+            scalars: DeviceBuffer::default(),
         }
     }
 
@@ -58,6 +59,21 @@ impl Ema {
             Some(average) => self
                 .model
                 .get_or_init(|| unflatten(self.start.clone(), average)),
+        }
+    }
+
+    /// The bias-corrected decay of the update after global step `t` (1 for the first).
+    fn decay_at(&self, t: usize) -> f64 {
+        let d = self.decay;
+        let t = t.max(1) as i32;
+        d * (1.0 - d.powi(t - 1)) / (1.0 - d.powi(t))
+    }
+
+    /// Writes the factors of the update after step `t` into their buffer on `device` now, on
+    /// libtorch, so that the update itself takes nothing from the host.
+    pub fn stage(&mut self, t: usize, device: &Device) {
+        if crate::model::native::runs_fused(device) {
+            self.scalars.write(&factors(self.decay_at(t)), device);
         }
     }
 
@@ -89,11 +105,9 @@ impl Ema {
                 (Flat { values, layout }, current)
             }
         };
-        let d = self.decay;
-        let t = t.max(1) as i32;
-        let decay = d * (1.0 - d.powi(t - 1)) / (1.0 - d.powi(t));
+        let decay = self.decay_at(t);
         let values = if crate::model::native::runs_fused(&current.device()) {
-            let scalars = self.scalars.write(&factors(decay), &current.device());
+            let scalars = self.scalars.holding(&factors(decay), &current.device());
             crate::model::native::ema_in_place(average.values, current, scalars)
         } else {
             average.values * decay + current * (1.0 - decay)
@@ -114,7 +128,7 @@ fn factors(decay: f64) -> [f32; 2] {
 #[cfg(test)]
 mod tests {
     use super::factors;
-    use crate::model::native::DeviceScalars;
+    use crate::model::native::DeviceBuffer;
     use crate::optim::first_difference;
     use burn::tensor::{Tensor, TensorData};
 
@@ -138,7 +152,7 @@ mod tests {
             };
             let (average, current) = (values(), values());
             let before = average.clone() * 1.0;
-            let mut scalars = DeviceScalars::default();
+            let mut scalars = DeviceBuffer::default();
             let mut at = Vec::new();
             for decay in [0.0, 0.9995, 0.3, 1.0 - 1e-9] {
                 let burns = average.clone() * decay + current.clone() * (1.0 - decay);

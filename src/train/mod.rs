@@ -120,27 +120,70 @@ impl Batch {
     /// the device): the bytes and the labels as one f32 buffer, cut and cast on the device. The
     /// targets are the bytes' values exactly (integers up to 2^24 are exact in f32).
     pub fn gather(images: &Images, indices: &[usize], device: &Device) -> Batch {
+        Batch::upload(images, indices, device, &mut Default::default()).batch()
+    }
+
+    /// The upload of [`Batch::gather`], written into `buffer` where
+    /// [`crate::model::native::runs_fused`]: one address for every batch of the same size, which
+    /// the step's work on the device then reads ([`Uploaded::batch`]).
+    pub fn upload(
+        images: &Images,
+        indices: &[usize],
+        device: &Device,
+        buffer: &mut crate::model::native::DeviceBuffer,
+    ) -> Uploaded {
         let (pixels, labels) = images.gather(indices);
         let shape = [indices.len(), images.colours, images.height, images.width];
         let (n, k) = (pixels.len(), labels.len());
-        let bytes = pixels
+        let bytes: Vec<f32> = pixels
             .iter()
             .chain(&labels)
             .map(|&b| f32::from(b))
             .collect();
-        let all = Tensor::<1>::from_data(TensorData::new(bytes, [n + k]), device);
+        let all = if crate::model::native::runs_fused(device) && !bytes.is_empty() {
+            let inner = device.clone().without_autodiff();
+            let all = buffer.write(&bytes, &inner);
+            if inner == *device {
+                all
+            } else {
+                Tensor::from_inner(all)
+            }
+        } else {
+            Tensor::<1>::from_data(TensorData::new(bytes, [n + k]), device)
+        };
+        Uploaded {
+            all,
+            shape,
+            labels: k,
+        }
+    }
+}
+
+/// A batch's bytes and labels on the device, as one f32 buffer ([`Batch::upload`]).
+pub struct Uploaded {
+    all: Tensor<1>,
+    shape: [usize; 4],
+    labels: usize,
+}
+
+impl Uploaded {
+    /// The batch: the buffer cut and cast on the device.
+    pub fn batch(self) -> Batch {
+        let Uploaded { all, shape, labels } = self;
+        let n = all.dims()[0] - labels;
         if n == 0 {
+            let device = all.device();
             return Batch {
                 input: all.clone().reshape(shape),
                 target: all.int().reshape(shape),
-                context: Context::from_labels(&[], device),
+                context: Context::from_labels(&[], &device),
             };
         }
         let input = all.clone().narrow(0, 0, n).reshape(shape);
         Batch {
             target: input.clone().int(),
             input,
-            context: Context::with_labels(all.narrow(0, n, k).int()),
+            context: Context::with_labels(all.narrow(0, n, labels).int()),
         }
     }
 }
@@ -182,6 +225,9 @@ pub struct TrainState {
     pub loss_scale: Option<LossScale>,
     /// Polyak averaging of the weights (`train.ema`), updated after every step taken.
     pub ema: Option<Ema>,
+    /// On libtorch, the buffer each step's batch is written into, at one address step after
+    /// step (what a CUDA graph's replay reads). Not saved: made by the first step.
+    pub inputs: crate::model::native::DeviceBuffer,
 }
 
 impl TrainState {

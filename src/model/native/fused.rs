@@ -229,31 +229,42 @@ pub fn ema_in_place(average: Tensor<1>, current: Tensor<1>, scalars: Tensor<1>) 
     ))
 }
 
-/// Per-step scalars on the device, where [`runs_fused`]: one buffer, written in place each step
-/// ([`NativeBackward::write_scalars`]), whose address does not change while its length and
-/// device stay the same. Clones share the buffer.
+/// Values from the host on the device, where [`runs_fused`]: one buffer, written in place each
+/// step ([`NativeBackward::write_scalars`]), whose address does not change while its length and
+/// device stay the same: a step's scalars (learning rate, Adam's corrections, the average's
+/// decay), its batch. Clones share the buffer.
 #[derive(Clone, Debug, Default)]
-pub struct DeviceScalars(Option<Tensor<1>>);
+pub struct DeviceBuffer(Option<(Tensor<1>, Vec<f32>)>);
 
-impl DeviceScalars {
-    /// The buffer on `device` holding `values` (made the first time).
+impl DeviceBuffer {
+    /// The buffer on `device` holding `values` (made the first time), written now.
     pub fn write(&mut self, values: &[f32], device: &Device) -> Tensor<1> {
         let buffer = match self.0.take() {
-            Some(b) if b.dims()[0] == values.len() && b.device() == *device => b,
+            Some((b, _)) if b.dims()[0] == values.len() && b.device() == *device => b,
             _ => Tensor::zeros([values.len()], (device, DType::F32)),
         };
         let buffer = Tensor::from_dispatch(<Dispatch as NativeBackward>::write_scalars(
             buffer.into_dispatch(),
             values.to_vec(),
         ));
-        self.0 = Some(buffer.clone());
+        self.0 = Some((buffer.clone(), values.to_vec()));
         buffer
+    }
+
+    /// The buffer holding `values`: as it is where the last write (one staged before the step's
+    /// work on the device) wrote these very values, else written now. Only for buffers that
+    /// nothing writes but [`DeviceBuffer::write`].
+    pub fn holding(&mut self, values: &[f32], device: &Device) -> Tensor<1> {
+        match &self.0 {
+            Some((b, held)) if held == values && b.device() == *device => b.clone(),
+            _ => self.write(values, device),
+        }
     }
 
     /// The buffer's address (None before the first write).
     #[cfg(test)]
     pub fn address(&self) -> Option<usize> {
-        self.0.as_ref().and_then(address)
+        self.0.as_ref().and_then(|(b, _)| address(b))
     }
 }
 

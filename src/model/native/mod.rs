@@ -672,18 +672,36 @@ pub fn categorical_nll(logits: Tensor<5>, targets: Tensor<4, Int>) -> Tensor<1> 
 /// piece: each would cost a kernel launch per operation.
 pub const CPU_PIECE: usize = 1 << 20;
 
+/// Writes `# name` into the operator trace of [`replay`] where one runs: a place in the code a
+/// trace is cut at (where a CUDA graph's capture would begin or end). Nothing otherwise.
+pub fn trace_mark(name: &std::ffi::CStr) {
+    #[cfg(feature = "tch")]
+    {
+        unsafe extern "C" {
+            fn pixel_trace_mark(name: *const std::ffi::c_char);
+        }
+        // SAFETY: a C function of src/native/torch_extras.cpp that catches every exception and
+        // reads the terminated name during the call.
+        unsafe { pixel_trace_mark(name.as_ptr()) };
+    }
+    #[cfg(not(feature = "tch"))]
+    let _ = name;
+}
+
 mod fused;
 #[cfg(feature = "tch")]
 mod libtorch;
+#[cfg(all(test, feature = "tch"))]
+pub mod replay;
 #[cfg(feature = "tch")]
 mod torch_ops;
 
 #[cfg(test)]
 pub use fused::address;
 pub use fused::{
-    DeviceScalars, GatedLayerInputs, HeadConvs, LayerConvs, LayerShape, Link, Masked,
-    adam_in_place, cat_into, dropout_masks, ema_in_place, gated_head, gated_layer, logistic_nll,
-    other_holders, runs_fused, square_sum_f64, views_of,
+    DeviceBuffer, GatedLayerInputs, HeadConvs, LayerConvs, LayerShape, Link, Masked, adam_in_place,
+    cat_into, dropout_masks, ema_in_place, gated_head, gated_layer, logistic_nll, other_holders,
+    runs_fused, square_sum_f64, views_of,
 };
 
 #[cfg(test)]

@@ -161,6 +161,7 @@ pub(super) fn take(
         mut optimizer,
         mut loss_scale,
         mut ema,
+        mut inputs,
     } = state;
     let StepAt {
         images,
@@ -197,7 +198,15 @@ pub(super) fn take(
             Tensor::zeros([1 + usize::from(latent.is_some())], &inner),
         )
     } else {
-        let mut batch = Batch::gather(images, local, device);
+        let uploaded = Batch::upload(images, local, device, &mut inputs);
+        optimizer.stage(step.learning_rate_at(run_step), &inner);
+        if let Some(ema) = ema.as_mut() {
+            ema.stage(run_step, &inner);
+        }
+        // What a CUDA graph of the step would capture begins here: all it takes from the host
+        // is in buffers that live across steps.
+        crate::model::native::trace_mark(c"step: device");
+        let mut batch = uploaded.batch();
         batch.context.dropout = Some(step.dropout(run_step, share.start));
         // The noise of the whole global batch from the step's stream, of which this rank takes
         // its images' part: the same draws as one process makes for them.
@@ -279,6 +288,7 @@ pub(super) fn take(
         optimizer,
         loss_scale,
         ema,
+        inputs,
     };
     let taken = Taken {
         nats,
@@ -480,6 +490,7 @@ impl Gathered {
         if let Some(ema) = ema {
             ema.update(&weights, &model, update.run_step);
         }
+        crate::model::native::trace_mark(c"step: read");
         let (square_sum, totals) = read_sums(self.square_sum, self.totals);
         let norm = norm_or_first(square_sum, &model, &weights);
         let stop = self.stop;

@@ -74,6 +74,7 @@ fn bf16_and_f16_steps_track_f32() {
             },
             loss_scale: (precision == Precision::F16).then(LossScale::default),
             ema: None,
+            inputs: Default::default(),
         };
         for _ in 0..3 {
             let (next, stats, _) =
@@ -161,6 +162,7 @@ fn training_steps_leave_the_weights_to_be_written_in_place() {
             model,
             optimizer: crate::optim::adam(),
             loss_scale: None,
+            inputs: Default::default(),
         };
         let order: Vec<usize> = (0..8).collect();
         let (state, _, _) =
@@ -177,6 +179,7 @@ fn training_steps_leave_the_weights_to_be_written_in_place() {
                 ..LossScale::default()
             }),
             ema: None,
+            inputs: Default::default(),
         };
         let mut skipped = 0;
         let (state, _, _) = train_epoch(f16, epoch(&data, &order, plain(2), &device), |r| {
@@ -199,6 +202,7 @@ fn reported_gradient_norm_is_the_sgd_step_over_the_learning_rate() {
         optimizer: crate::optim::Optimizer::new(crate::optim::Rule::Sgd),
         loss_scale: None,
         ema: None,
+        inputs: Default::default(),
     };
     let order: Vec<usize> = (0..8).collect();
     let mut norms = Vec::new();
@@ -236,6 +240,7 @@ fn steps_of(
         model,
         optimizer,
         loss_scale: None,
+        inputs: Default::default(),
     };
     let order: Vec<usize> = (0..8).collect();
     let mut weights = vec![flat_parameters(&state.model)];
@@ -538,6 +543,7 @@ fn f16_stops_after_too_many_skipped_steps_in_a_row() {
             ..LossScale::default()
         }),
         ema: None,
+        inputs: Default::default(),
     };
     let step = Step {
         max_skipped_steps: 1,
@@ -580,6 +586,7 @@ fn overflowing_f16_step_is_skipped() {
         optimizer: crate::optim::adam(),
         loss_scale,
         ema: None,
+        inputs: Default::default(),
     };
     let (
         TrainState {
@@ -619,6 +626,7 @@ fn a_loss_that_is_not_finite_stops_the_run() {
         model,
         optimizer: crate::optim::adam(),
         loss_scale: None,
+        inputs: Default::default(),
     };
     let step = Step {
         clip_grad_norm: 1.0,
@@ -631,4 +639,86 @@ fn a_loss_that_is_not_finite_stops_the_run() {
         .expect("a NaN weight gives a NaN loss");
     assert_eq!(err, "step 1: the training loss became NaN");
     assert_eq!(reports, 0);
+}
+
+/// The device's part of a step on libtorch could be captured once as a CUDA graph and replayed:
+/// two consecutive steps (after the first, which makes the buffers that live across steps) call
+/// the same operators with the same scalars on the same buffers, and take nothing from the host
+/// (`model::native::replay`). Checked on the CPU with different images each step, Adam,
+/// clipping and the average, for the simple model, the class-conditional gated model (grey,
+/// and RGB with a logistic mixture) and PixelCNN++ (RGB, classes).
+#[cfg(feature = "tch")]
+#[test]
+fn a_step_on_libtorch_could_be_replayed() {
+    use crate::model::native::replay;
+    use crate::model::{Likelihood, PixelCnnPpConfig, SimpleConfig};
+    #[allow(deprecated)]
+    let device = Device::libtorch().autodiff();
+    let gated = |colours, likelihood| {
+        ModelConfig::Gated(GatedConfig {
+            classes: Some(10),
+            likelihood,
+            ..GatedConfig::plain(colours, 3, 3, 6)
+        })
+    };
+    let mixture = Likelihood::LogisticMixture { components: 2 };
+    let configs = [
+        ModelConfig::Simple(SimpleConfig {
+            colours: 1,
+            layers: 2,
+            kernel: 3,
+            channels: 4,
+            likelihood: Likelihood::Categorical,
+        }),
+        gated(1, Likelihood::Categorical),
+        gated(3, mixture),
+        ModelConfig::PixelCnnPp(PixelCnnPpConfig {
+            colours: 3,
+            filters: 4,
+            resnets: 1,
+            likelihood: mixture,
+            classes: Some(10),
+            dropout: 0.0,
+        }),
+    ];
+    for cfg in configs {
+        let spec = synthetic::Spec {
+            size: 6,
+            colours: cfg.colours(),
+            train_images: 16,
+        };
+        let data = synthetic::generate(&spec, 1).train;
+        let model = cfg.init(1, &device);
+        let mut state = TrainState {
+            ema: Some(Ema::new(0.9, &model)),
+            model,
+            optimizer: crate::optim::adam(),
+            loss_scale: None,
+            inputs: Default::default(),
+        };
+        let step = Step {
+            clip_grad_norm: 0.5,
+            ..plain(4)
+        };
+        let order: Vec<usize> = (0..16).collect();
+        let mut traces = Vec::new();
+        for i in 0..4 {
+            let at = StepAt {
+                images: &data,
+                indices: &order[4 * i..4 * i + 4],
+                i,
+                run_step: i + 1,
+            };
+            let world = World::single();
+            let (lines, taken) =
+                replay::trace(|| take(state, at, &step, &|| false, &world, &device));
+            state = taken.unwrap().0;
+            let lines = replay::between(&lines, "step: device", "step: read");
+            traces.push(replay::canonical(&lines));
+        }
+        assert!(traces[3].len() > 50, "{cfg:?}: {:#?}", traces[3]);
+        if let Some(d) = replay::differences(&traces[2], &traces[3]) {
+            panic!("{cfg:?}:\n{d}");
+        }
+    }
 }

@@ -1,0 +1,185 @@
+//! Whether a stretch of libtorch work could be captured once as a CUDA graph and replayed in
+//! place of running it again, checked on any device, the CPU included.
+//!
+//! A CUDA graph replays the kernels it captured with the arguments they had: the same buffers,
+//! the same scalars. Replaying step n's capture at step n + 1 does step n + 1's work when step
+//! n + 1 would call the same operators, with the same scalar arguments, on the same buffers from
+//! outside the stretch (weights, moments, inputs written before it), and on buffers made inside
+//! it in the same pattern (the graph's pool gives them the same places again); and when no data
+//! comes from the host inside it (tch uploads by `aten::zeros` and a memcpy that no operator
+//! sees: its bytes, which a graph would keep, are hashed at their first read). [`trace`] records
+//! the operators (`src/native/torch_extras.cpp`), [`canonical`] names the buffers made inside by
+//! where they were made, and two steps' canonical traces must be equal. What this does not see:
+//! a read of the device by the host (a capture fails on it, loudly), and work outside libtorch's
+//! operators.
+
+use std::ffi::{CStr, c_char};
+
+unsafe extern "C" {
+    fn pixel_trace_start(error: *mut c_char, error_len: usize) -> i32;
+    fn pixel_trace_stop() -> *mut c_char;
+    fn pixel_trace_free(text: *mut c_char);
+}
+
+/// The top-level libtorch operators `f` calls on this thread (and those libtorch's autograd
+/// engine runs for it), one line each (see torch_extras.cpp), and what it returns. One trace at a
+/// time in the process: a second waits.
+pub fn trace<T>(f: impl FnOnce() -> T) -> (Vec<String>, T) {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut error = [0 as c_char; 1024];
+    // SAFETY: C functions of torch_extras.cpp that catch every exception; the text returned is
+    // terminated, copied and freed by its own function.
+    let started = unsafe { pixel_trace_start(error.as_mut_ptr(), error.len()) };
+    if started != 0 {
+        // SAFETY: terminated by the function.
+        let message = unsafe { CStr::from_ptr(error.as_ptr()) };
+        panic!("no operator trace: {}", message.to_string_lossy());
+    }
+    let out = f();
+    let text = unsafe { pixel_trace_stop() };
+    assert!(!text.is_null(), "the operator trace was lost");
+    let lines = unsafe { CStr::from_ptr(text) }
+        .to_string_lossy()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    unsafe { pixel_trace_free(text) };
+    (lines, out)
+}
+
+/// The lines of `lines` after the mark `from` ([`super::trace_mark`]) and before the next mark
+/// `to`.
+pub fn between(lines: &[String], from: &str, to: &str) -> Vec<String> {
+    let (from, to) = (format!("# {from}"), format!("# {to}"));
+    let start = lines
+        .iter()
+        .position(|l| *l == from)
+        .unwrap_or_else(|| panic!("no mark {from:?} in the trace"));
+    let end = lines[start..]
+        .iter()
+        .position(|l| *l == to)
+        .unwrap_or_else(|| panic!("no mark {to:?} after {from:?} in the trace"));
+    lines[start + 1..start + end].to_vec()
+}
+
+/// `lines` with each tensor's storage named by when it was made: `a<k>` for the k-th buffer
+/// the allocator made inside the trace (from its `+` line to its `-` line), `x<address>` for one
+/// from outside, `null` for none. Offsets, dtypes, sizes, strides and hashes stay; the
+/// allocator's lines become `alloc <bytes>` and `free a<k>`.
+pub fn canonical(lines: &[String]) -> Vec<String> {
+    let mut names: std::collections::HashMap<String, String> = Default::default();
+    let mut made = 0;
+    let name = |names: &std::collections::HashMap<String, String>, address: &str| match names
+        .get(address)
+    {
+        Some(n) => n.clone(),
+        None if address == "0" => "null".into(),
+        None => format!("x{address}"),
+    };
+    let mut out = Vec::with_capacity(lines.len());
+    for line in lines {
+        if let Some(rest) = line.strip_prefix("+ ") {
+            let (address, bytes) = rest.split_once(' ').unwrap_or((rest, "?"));
+            names.insert(address.to_string(), format!("a{made}"));
+            made += 1;
+            out.push(format!("alloc {bytes}"));
+        } else if let Some(address) = line.strip_prefix("- ") {
+            out.push(format!("free {}", name(&names, address)));
+            names.remove(address);
+        } else if line.starts_with("# ") {
+            out.push(line.clone());
+        } else {
+            let fields: Vec<String> = line
+                .split('\t')
+                .map(|field| {
+                    field
+                        .split_whitespace()
+                        .map(|token| match storage(token) {
+                            Some((address, rest)) => format!("T{}{rest}", name(&names, address)),
+                            None => token.to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            out.push(fields.join("\t"));
+        }
+    }
+    out
+}
+
+/// A tensor token's storage address and the rest (`@offset:...`).
+fn storage(token: &str) -> Option<(&str, &str)> {
+    let body = token.strip_prefix('T')?;
+    let at = body.find('@')?;
+    Some((&body[..at], &body[at..]))
+}
+
+/// Where two canonical traces differ: None when a replay of the first would do the second's
+/// work, else the first differences, line by line.
+pub fn differences(first: &[String], second: &[String]) -> Option<String> {
+    let mut out = Vec::new();
+    if first.len() != second.len() {
+        out.push(format!("{} operators, then {}", first.len(), second.len()));
+    }
+    for (k, (a, b)) in first.iter().zip(second).enumerate() {
+        if a != b {
+            out.push(format!("operator {k}:\n  {a}\n  {b}"));
+        }
+        if out.len() >= 6 {
+            break;
+        }
+    }
+    (!out.is_empty()).then(|| out.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind, Tensor};
+
+    fn halves() -> Tensor {
+        Tensor::full([64], 0.5, (Kind::Float, Device::Cpu))
+    }
+
+    /// Work on buffers that live across the traces, in place, with the same scalars: a replay
+    /// would do it. Made inside, a temporary is named by where it was made, wherever the
+    /// allocator puts it.
+    #[test]
+    fn in_place_work_on_the_same_buffers_replays() {
+        let w = Tensor::ones([64], (Kind::Float, Device::Cpu));
+        let g = halves();
+        let step = || {
+            let (lines, ()) = trace(|| {
+                let t = &g * 2.0; // a temporary
+                let mut w = w.shallow_clone();
+                let _ = w.f_sub_(&t).unwrap();
+            });
+            canonical(&lines)
+        };
+        let (a, b) = (step(), step());
+        assert!(a.iter().any(|l| l.starts_with("aten::sub_")), "{a:#?}");
+        assert_eq!(differences(&a, &b), None);
+    }
+
+    /// What a replay would not do again: data from the host (an upload, its bytes hashed), a
+    /// scalar that changes, a buffer from outside that moved.
+    #[test]
+    fn uploads_scalars_and_moved_buffers_differ() {
+        let g = halves();
+        let upload = |v: f32| canonical(&trace(|| Tensor::from_slice(&[v; 64]) + &g).0);
+        assert_eq!(differences(&upload(1.0), &upload(1.0)), None);
+        let d = differences(&upload(1.0), &upload(2.0)).expect("uploads differ");
+        assert!(d.contains('#'), "{d}");
+        let scaled = |s: f64| canonical(&trace(|| &g * s).0);
+        assert_eq!(differences(&scaled(3.0), &scaled(3.0)), None);
+        assert!(differences(&scaled(3.0), &scaled(4.0)).is_some());
+        let moved = halves();
+        let read = |t: &Tensor| canonical(&trace(|| t * 3.0).0);
+        assert!(differences(&read(&g), &read(&moved)).is_some());
+        assert_eq!(differences(&read(&g), &read(&g)), None);
+    }
+}
