@@ -58,6 +58,7 @@ fn train(model: &str, colours: usize, epochs: usize) -> Vec<(f64, f64)> {
         optimizer: plan.optimizer(),
         loss_scale: None,
         ema: None,
+        inputs: Default::default(),
     };
     let mut steps = Vec::new();
     for epoch in 1..=epochs {

@@ -364,7 +364,7 @@ impl Model {
                         None => one_hot,
                     }
                 });
-                m.forward(cast(x), label.as_ref(), context.dropout)
+                m.forward(cast(x), label.as_ref(), context.dropout.clone())
             }
         };
         let prediction = match self.likelihood {
@@ -383,6 +383,14 @@ impl Model {
     /// The float type the convolutions compute in.
     fn compute_dtype(&self) -> DType {
         self.compute.map_or(DType::F32, DType::from)
+    }
+
+    /// How many dropout masks a training step's forward pass draws (None without dropout).
+    pub fn dropout_masks(&self) -> Option<usize> {
+        match &self.net {
+            Net::PixelCnnPp(m) => m.dropout_masks(),
+            _ => None,
+        }
     }
 
     /// PixelVAE: the shape of one image's latent, `[channels, h', w']`.

@@ -28,6 +28,7 @@
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <c10/core/Allocator.h>
+#include <algorithm>
 #include <c10/util/ThreadLocalDebugInfo.h>
 
 #include <mutex>
@@ -185,13 +186,13 @@ void pixel_range_end(void* range) {
   }
 }
 
-// The operator trace: one line per operator called at the top level (not those an operator calls
-// in turn), `name.overload<TAB>inputs<TAB>outputs`, each argument a token: a tensor as
-// `T<storage address>@<offset>:<dtype>:<sizes>:<strides>` (`U` undefined; a number an operator
-// wrapped into a tensor as `W<dtype>#<hash of its bytes>`), its bytes' hash
-// appended as `#<hash>` where it is the first read of a CPU tensor that `aten::zeros` made in the
-// trace (how tch uploads host data: zeros, then a memcpy that no operator sees), a list as
-// `[ ... ]`, a float in hexadecimal, anything else as libtorch prints it.
+// The operator trace: one line per operator, `name.overload<TAB>inputs<TAB>outputs` (an
+// operator that another calls with its depth first: `1 aten::mm`), each argument a token: a
+// tensor as `T<storage address>@<offset>:<dtype>:<sizes>:<strides>` (`U` undefined; a number an
+// operator wrapped into a tensor as `W<dtype>#<hash of its bytes>`), a list as `[ ... ]`, a float
+// in hexadecimal, anything else as libtorch prints it. Data from the host: tch uploads by
+// `aten::zeros` and a memcpy that no operator sees, so the first read of a CPU tensor that
+// `aten::zeros` made in the trace and that is not all zeros appends `#up<hash of its bytes>`.
 namespace {
 std::mutex trace_mutex;
 std::string* trace_text = nullptr;
@@ -230,8 +231,11 @@ void trace_value(std::ostream& out, const c10::IValue& v, bool input) {
     out << ":";
     for (auto d : t.strides()) out << d << "x";
     if (input && base != nullptr && trace_fresh->erase(base) == 1 && t.device().is_cpu()) {
-      out << "#" << std::hex
-          << fnv1a(static_cast<const unsigned char*>(base), t.storage().nbytes()) << std::dec;
+      const auto* bytes = static_cast<const unsigned char*>(base);
+      size_t n = t.storage().nbytes();
+      if (std::any_of(bytes, bytes + n, [](unsigned char b) { return b != 0; })) {
+        out << "#up" << std::hex << fnv1a(bytes, n) << std::dec;
+      }
     }
   } else if (v.isList()) {
     out << " [";

@@ -141,13 +141,7 @@ impl Batch {
             .map(|&b| f32::from(b))
             .collect();
         let all = if crate::model::native::runs_fused(device) && !bytes.is_empty() {
-            let inner = device.clone().without_autodiff();
-            let all = buffer.write(&bytes, &inner);
-            if inner == *device {
-                all
-            } else {
-                Tensor::from_inner(all)
-            }
+            buffer.write_on(&bytes, device)
         } else {
             Tensor::<1>::from_data(TensorData::new(bytes, [n + k]), device)
         };
@@ -225,9 +219,18 @@ pub struct TrainState {
     pub loss_scale: Option<LossScale>,
     /// Polyak averaging of the weights (`train.ema`), updated after every step taken.
     pub ema: Option<Ema>,
-    /// On libtorch, the buffer each step's batch is written into, at one address step after
-    /// step (what a CUDA graph's replay reads). Not saved: made by the first step.
-    pub inputs: crate::model::native::DeviceBuffer,
+    /// On libtorch, the buffers a step's data from the host is written into. Not saved.
+    pub inputs: StepInputs,
+}
+
+/// The buffers, on libtorch, that each step's batch, dropout keys and PixelVAE noise are written
+/// into before its work on the device, at one address step after step (what a CUDA graph's
+/// replay would read); made by the first step.
+#[derive(Clone, Debug, Default)]
+pub struct StepInputs {
+    pub batch: crate::model::native::DeviceBuffer,
+    pub dropout_keys: crate::model::native::DeviceBuffer,
+    pub noise: crate::model::native::DeviceBuffer,
 }
 
 impl TrainState {

@@ -180,14 +180,14 @@ pub fn logistic_nll(
 /// [`runs_fused`] (see [`NativeBackward::dropout_masks`]).
 pub fn dropout_masks(
     images: Tensor<1, Int>,
-    keys: Vec<u32>,
+    keys: Tensor<1>,
     elements: usize,
     bits: u32,
     threshold: i64,
 ) -> Tensor<3, Bool> {
     Tensor::from_dispatch(<Dispatch as NativeBackward>::dropout_masks(
         images.into_dispatch(),
-        keys,
+        keys.into_dispatch(),
         elements,
         bits,
         threshold,
@@ -249,6 +249,18 @@ impl DeviceBuffer {
         ));
         self.0 = Some((buffer.clone(), values.to_vec()));
         buffer
+    }
+
+    /// [`DeviceBuffer::write`] on `device`'s backend without autodiff, the tensor returned on
+    /// `device` (untracked where it has autodiff).
+    pub fn write_on(&mut self, values: &[f32], device: &Device) -> Tensor<1> {
+        let inner = device.clone().without_autodiff();
+        let buffer = self.write(values, &inner);
+        if inner == *device {
+            buffer
+        } else {
+            Tensor::from_inner(buffer)
+        }
     }
 
     /// The buffer holding `values`: as it is where the last write (one staged before the step's

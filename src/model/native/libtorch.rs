@@ -98,14 +98,14 @@ impl NativeBackward for LibTorch {
 
     fn dropout_masks(
         images: TchTensor,
-        keys: Vec<u32>,
+        keys: TchTensor,
         elements: usize,
         bits: u32,
         threshold: i64,
     ) -> TchTensor {
         TchTensor::new(dropout_masks(
             &images.tensor,
-            &keys,
+            &keys.tensor,
             elements,
             bits,
             threshold,
@@ -399,14 +399,14 @@ impl<C: CheckpointStrategy> NativeBackward for Autodiff<LibTorch, C> {
 
     fn dropout_masks(
         images: IntTensor<Self>,
-        keys: Vec<u32>,
+        keys: FloatTensor<Self>,
         elements: usize,
         bits: u32,
         threshold: i64,
     ) -> BoolTensor<Self> {
         TchTensor::new(dropout_masks(
             &images.tensor,
-            &keys,
+            &keys.into_primitive().tensor,
             elements,
             bits,
             threshold,

@@ -251,7 +251,7 @@ pub trait NativeBackward: Backend {
     }
 
     /// PixelCNN++'s dropout masks, what `model::pixelcnnpp`'s `dropout_masks` defines in 64-bit
-    /// integer operations: for key `k` of `keys`, image `i` (`images[i]`, the image's place in
+    /// integer operations: for key `k` of `keys` (f32 whose bits are the u32 keys, on the device), image `i` (`images[i]`, the image's place in
     /// the global batch) and element `e` of `elements`, with `w = 32 / bits` elements per hash,
     /// whether bits `bits * (e mod w)` on of `hash32(((e / w) * 0x61C88647 + hash32(image ^ k))
     /// mod 2^32)` (`bits` of them) are at least `threshold`: the elements dropout keeps. It
@@ -260,11 +260,11 @@ pub trait NativeBackward: Backend {
     /// (the same bits at a fraction of the memory traffic, a test checks).
     ///
     /// # Shapes
-    /// - images: `[batch]`
+    /// - images: `[batch]`, keys: `[keys]`
     /// - returns: `[keys, batch, elements]`
     fn dropout_masks(
         images: IntTensor<Self>,
-        keys: Vec<u32>,
+        keys: FloatTensor<Self>,
         elements: usize,
         bits: u32,
         threshold: i64,

@@ -118,6 +118,16 @@ fn storage(token: &str) -> Option<(&str, &str)> {
     Some((&body[..at], &body[at..]))
 }
 
+/// The lines of a trace that take data from the host (`#up`: an upload), which a CUDA graph's
+/// capture cannot hold (it would keep the bytes of its capture, where it takes them at all).
+pub fn uploads(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.contains("#up"))
+        .cloned()
+        .collect()
+}
+
 /// Where two canonical traces differ: None when a replay of the first would do the second's
 /// work, else the first differences, line by line.
 pub fn differences(first: &[String], second: &[String]) -> Option<String> {
@@ -173,7 +183,13 @@ mod tests {
         let upload = |v: f32| canonical(&trace(|| Tensor::from_slice(&[v; 64]) + &g).0);
         assert_eq!(differences(&upload(1.0), &upload(1.0)), None);
         let d = differences(&upload(1.0), &upload(2.0)).expect("uploads differ");
-        assert!(d.contains('#'), "{d}");
+        assert!(d.contains("#up"), "{d}");
+        // The same data each time replays, but it is an upload all the same.
+        assert_eq!(uploads(&upload(1.0)).len(), 1);
+        assert_eq!(
+            uploads(&canonical(&trace(|| &g + 1.0).0)),
+            Vec::<String>::new()
+        );
         let scaled = |s: f64| canonical(&trace(|| &g * s).0);
         assert_eq!(differences(&scaled(3.0), &scaled(3.0)), None);
         assert!(differences(&scaled(3.0), &scaled(4.0)).is_some());

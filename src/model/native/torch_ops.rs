@@ -321,12 +321,11 @@ pub(super) fn transposed(t: &[&tch::Tensor]) -> tch::Tensor {
 /// sign bit flipped on both sides. In place where it can, and the hashes' bytes (8 bits per
 /// element) or halves (16) are compared where they lie, viewed as `uint8` or `int16`: bits
 /// `8s..8s + 8` of an i32 are its byte `s` on a little-endian machine (every GPU, and the CPUs
-/// this builds for: big-endian builds are refused). The keys reach the device in one small copy
-/// that does not wait for it (`non_blocking`: from pageable memory CUDA stages the bytes before
-/// returning).
+/// this builds for: big-endian builds are refused). The keys are f32 on the device whose bits
+/// are read as i32 where they lie.
 pub(super) fn dropout_masks(
     images: &tch::Tensor,
-    keys: &[u32],
+    keys: &tch::Tensor,
     elements: usize,
     bits: u32,
     threshold: i64,
@@ -336,14 +335,11 @@ pub(super) fn dropout_masks(
         elements < 1 << 31,
         "{elements} elements per image: at most 2^31 - 1"
     );
-    let (batch, masks) = (images.size()[0], keys.len() as i64);
+    let (batch, masks) = (images.size()[0], keys.size()[0]);
     let per_hash = i64::from(32 / bits);
     let hashes = elements.div_ceil(per_hash as usize) as i64;
-    // Bit patterns as i32 (`as` wraps, as libtorch's casts from i64 do).
-    let bits_of: Vec<i32> = keys.iter().map(|&k| k as i32).collect();
-    let keys = tch::Tensor::from_slice(&bits_of)
-        .to_device_(images.device(), Kind::Int, true, false)
-        .reshape([masks, 1]);
+    // The keys' bits as i32, read in place.
+    let keys = keys.contiguous().view_dtype(Kind::Int).reshape([masks, 1]);
     let images = images.to_kind(Kind::Int).reshape([1, batch]);
     let keys = hash32(images.bitwise_xor_tensor(&keys)).reshape([masks, batch, 1]);
     let counters = tch::Tensor::arange(hashes, (Kind::Int, keys.device()))

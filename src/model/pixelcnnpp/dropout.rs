@@ -11,11 +11,28 @@ use std::collections::HashMap;
 /// network, the element), computed on the device. The masks of an image do not depend on how the
 /// global batch is cut into batches (or over ranks), nor on the backend, and a resumed run draws
 /// them again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct DropoutDraws {
     pub seed: u64,
     pub step: u64,
     pub first: u64,
+    /// On libtorch, the keys of the step's masks ([`DropoutDraws::keys`]) already on the device,
+    /// written there before the step's work (f32 whose bits are the keys'); None: uploaded as
+    /// the masks are made.
+    pub staged: Option<Tensor<1>>,
+}
+
+impl DropoutDraws {
+    /// The keys of the first `masks` masks, by place in the network: the step's stream
+    /// (`rng::derive`) at each place.
+    pub fn keys(&self, masks: usize) -> Vec<u32> {
+        (0..masks as u64).map(|l| self.key(l)).collect()
+    }
+
+    /// The key of the mask at place `layer`.
+    fn key(&self, layer: u64) -> u32 {
+        crate::rng::derive(self.seed, crate::rng::Purpose::Dropout, self.step, layer) as u32
+    }
 }
 
 /// At most this many hashes at once (on libtorch two 32-bit buffers of this length, 256 MiB; at
@@ -98,8 +115,9 @@ impl Dropout {
             {
                 self.hashes += 1;
             }
-            let keys: Vec<u32> = group.iter().map(|&l| self.key(l)).collect();
-            let masks = dropout_masks(dims, self.draws.first, &keys, self.p, device);
+            let keys: Vec<u32> = group.iter().map(|&l| self.draws.key(l)).collect();
+            let staged = self.draws.staged.as_ref().map(|all| places(all, group));
+            let masks = dropout_masks(dims, self.draws.first, &keys, staged, self.p, device);
             for (k, &l) in group.iter().enumerate() {
                 let mask = masks.clone().narrow(0, k, 1).reshape(dims);
                 self.ready.insert(l, mask);
@@ -107,11 +125,26 @@ impl Dropout {
         }
         (self.ready.remove(&layer), keep)
     }
+}
 
-    /// The key of the mask at place `layer`.
-    fn key(&self, layer: u64) -> u32 {
-        let d = self.draws;
-        crate::rng::derive(d.seed, crate::rng::Purpose::Dropout, d.step, layer) as u32
+/// The values of `all` at `places` (in a few runs of consecutive places: narrowed and joined on
+/// the device).
+fn places(all: &Tensor<1>, places: &[u64]) -> Tensor<1> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &p in places {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == p as usize => *len += 1,
+            _ => runs.push((p as usize, 1)),
+        }
+    }
+    let parts: Vec<Tensor<1>> = runs
+        .into_iter()
+        .map(|(start, len)| all.clone().narrow(0, start, len))
+        .collect();
+    if parts.len() == 1 {
+        parts.into_iter().next().expect("one run")
+    } else {
+        Tensor::cat(parts, 0)
     }
 }
 
@@ -160,7 +193,8 @@ pub(super) fn bits_per_element(p: f64) -> u32 {
 /// `hash32(((e / w) * 0x61C88647 + hash32(image ^ k)) mod 2^32)`, as a number below `2^bits`, are
 /// below `p * 2^bits`; the masks say which elements are kept (the others), what the product
 /// takes. Made on `device` from `arange`s and the keys; on libtorch by the same hash
-/// in 32-bit integers whose bytes are read in place (`native::dropout_masks`, the same bits).
+/// in 32-bit integers whose bytes are read in place (`native::dropout_masks`, the same bits),
+/// from `staged` where the keys are on the device already (f32 whose bits are `keys`).
 ///
 /// # Shapes
 /// - returns: `[keys, b, c, h, w]`
@@ -168,6 +202,7 @@ pub(super) fn dropout_masks(
     dims: [usize; 4],
     first: u64,
     keys: &[u32],
+    staged: Option<Tensor<1>>,
     p: f64,
     device: &Device,
 ) -> Tensor<5, Bool> {
@@ -181,7 +216,11 @@ pub(super) fn dropout_masks(
         (device, DType::I64),
     );
     if crate::model::native::runs_fused(device) {
-        return crate::model::native::dropout_masks(images, keys.to_vec(), n, bits, threshold)
+        let keys = staged.unwrap_or_else(|| {
+            let bits: Vec<f32> = keys.iter().map(|&k| f32::from_bits(k)).collect();
+            Tensor::from_data(TensorData::new(bits, [m]), device)
+        });
+        return crate::model::native::dropout_masks(images, keys, n, bits, threshold)
             .reshape([m, b, c, h, w]);
     }
     let per_hash = (32 / bits) as usize;

@@ -472,6 +472,16 @@ impl PixelCnnPpConfig {
 }
 
 impl PixelCnnPp {
+    /// How many dropout masks a training step's forward pass draws (None without dropout).
+    pub fn dropout_masks(&self) -> Option<usize> {
+        (self.dropout > 0.0).then(|| {
+            dropout::layers_by_size(self.resnets as u64)
+                .iter()
+                .map(Vec::len)
+                .sum()
+        })
+    }
+
     /// The number of classes of a class-conditional network.
     pub fn classes(&self) -> Option<usize> {
         self.classes

@@ -113,6 +113,7 @@ fn dropout_only_in_training_and_seeded() {
             seed: 1,
             step,
             first,
+            staged: None,
         })
     };
     let eval = values(net.forward(x.clone(), None, None));
@@ -174,7 +175,7 @@ fn dropout_masks_are_the_hash_on_every_backend() {
             })
             .collect();
         for device in crate::device::test_devices() {
-            let masks = dropout::dropout_masks(dims, first, &keys, p, &device);
+            let masks = dropout::dropout_masks(dims, first, &keys, None, p, &device);
             assert_eq!(masks.dims()[..2], [3, dims[0]]);
             let masks: Vec<bool> = masks.into_data().convert::<bool>().try_into_vec().unwrap();
             assert_eq!(masks, expected, "{device:?} {dims:?} {first} {key} {p}");
@@ -184,7 +185,7 @@ fn dropout_masks_are_the_hash_on_every_backend() {
     // images, over large masks of each number of bits per element.
     let device = Device::flex();
     for p in [0.5, 0.25, 19_661.0 / 65_536.0, 0.3] {
-        let big: Vec<bool> = dropout::dropout_masks([4, 16, 32, 32], 0, &[1], p, &device)
+        let big: Vec<bool> = dropout::dropout_masks([4, 16, 32, 32], 0, &[1], None, p, &device)
             .into_data()
             .convert::<bool>()
             .try_into_vec()
@@ -221,6 +222,7 @@ fn masks_made_together_are_each_layers_own() {
         seed: 11,
         step: 3,
         first: 5,
+        staged: None,
     };
     for device in crate::device::test_devices() {
         for r in [1, 2] {
@@ -237,14 +239,36 @@ fn masks_made_together_are_each_layers_own() {
                 let out: Vec<f32> = out.into_data().convert::<f32>().try_into_vec().unwrap();
                 (out, dropout.unwrap())
             };
-            let (alone, one) = run(dropout::Dropout::one_at_a_time(0.5, draws));
-            let (together, all) = run(dropout::Dropout::new(0.5, draws, r));
-            let mut few = dropout::Dropout::new(0.5, draws, r);
+            let (alone, one) = run(dropout::Dropout::one_at_a_time(0.5, draws.clone()));
+            let (together, all) = run(dropout::Dropout::new(0.5, draws.clone(), r));
+            let mut few = dropout::Dropout::new(0.5, draws.clone(), r);
             few.at_once = 2 * 2 * 12 * 9 * 7 / 4; // two masks of the largest size
             let (grouped, some) = run(few);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&together), bits(&alone), "{device:?} r={r}");
             assert_eq!(bits(&grouped), bits(&alone), "{device:?} r={r}");
+            if crate::model::native::runs_fused(&device) {
+                // The keys already on the device (as a training step writes them), cut into
+                // groups that span the two runs of a size's places: the same masks.
+                let keys: Vec<f32> = draws
+                    .keys(12 * r + 4)
+                    .into_iter()
+                    .map(f32::from_bits)
+                    .collect();
+                let staged = DropoutDraws {
+                    staged: Some(Tensor::from_data(
+                        TensorData::new(keys, [12 * r + 4]),
+                        &device,
+                    )),
+                    ..draws.clone()
+                };
+                let mut few = dropout::Dropout::new(0.5, staged.clone(), r);
+                few.at_once = 3 * 2 * 12 * 9 * 7 / 4; // three masks: [0, 1, 12] when r = 1
+                let (from_device, _) = run(few);
+                assert_eq!(bits(&from_device), bits(&alone), "{device:?} r={r}");
+                let (from_device, _) = run(dropout::Dropout::new(0.5, staged, r));
+                assert_eq!(bits(&from_device), bits(&alone), "{device:?} r={r}");
+            }
             assert_eq!(one.hashes, 12 * r + 4);
             assert_eq!(all.hashes, 3, "one hash per size");
             assert!(
@@ -285,6 +309,7 @@ fn dropout_masks_do_not_depend_on_the_batch_split() {
             seed: 3,
             step: 7,
             first,
+            staged: None,
         })
     };
     let values =

@@ -56,6 +56,7 @@ impl Step {
             seed: self.seed,
             step: n as u64,
             first: first as u64,
+            staged: None,
         }
     }
 
@@ -198,25 +199,39 @@ pub(super) fn take(
             Tensor::zeros([1 + usize::from(latent.is_some())], &inner),
         )
     } else {
-        let uploaded = Batch::upload(images, local, device, &mut inputs);
+        // What the step takes from the host, written into buffers that live across steps: the
+        // batch, the dropout masks' keys, the update's scalars.
+        let uploaded = Batch::upload(images, local, device, &mut inputs.batch);
+        let mut draws = step.dropout(run_step, share.start);
+        if let Some(masks) = model.dropout_masks()
+            && crate::model::native::runs_fused(&inner)
+        {
+            let keys: Vec<f32> = draws.keys(masks).into_iter().map(f32::from_bits).collect();
+            draws.staged = Some(inputs.dropout_keys.write_on(&keys, device));
+        }
+        // The noise of the whole global batch from the step's stream, of which this rank takes
+        // its images' part: the same draws as one process makes for them.
+        let noise = latent.map(|[c, h, w]| {
+            let per_image = c * h * w;
+            let mut rng = noise_rng(step.seed, step.epoch, i);
+            let all = vae::standard_normal(&mut rng, indices.len() * per_image);
+            let mine = &all[share.start * per_image..share.end * per_image];
+            if crate::model::native::runs_fused(&inner) {
+                inputs.noise.write_on(mine, device)
+            } else {
+                Tensor::from_data(TensorData::new(mine.to_vec(), [mine.len()]), device)
+            }
+        });
         optimizer.stage(step.learning_rate_at(run_step), &inner);
         if let Some(ema) = ema.as_mut() {
             ema.stage(run_step, &inner);
         }
-        // What a CUDA graph of the step would capture begins here: all it takes from the host
-        // is in buffers that live across steps.
+        // What a CUDA graph of the step would capture begins here.
         crate::model::native::trace_mark(c"step: device");
         let mut batch = uploaded.batch();
-        batch.context.dropout = Some(step.dropout(run_step, share.start));
-        // The noise of the whole global batch from the step's stream, of which this rank takes
-        // its images' part: the same draws as one process makes for them.
-        let mut rng = noise_rng(step.seed, step.epoch, i);
-        let (logits, kl) = model.forward_with_noise(batch.input, &batch.context, |shape, dev| {
-            let [_, c, h, w] = shape;
-            let per_image = c * h * w;
-            let all = vae::standard_normal(&mut rng, indices.len() * per_image);
-            let mine = all[share.start * per_image..share.end * per_image].to_vec();
-            Tensor::from_data(TensorData::new(mine, shape), dev)
+        batch.context.dropout = Some(draws);
+        let (logits, kl) = model.forward_with_noise(batch.input, &batch.context, |shape, _| {
+            noise.expect("a PixelVAE has a latent shape").reshape(shape)
         });
         marks[0] = mark()?;
         let nats = nll_nats(logits, batch.target);
@@ -527,8 +542,8 @@ fn clipped(grads: Flat, square_sum: &Tensor<1>, clip: f64) -> Flat {
     if clip <= 0.0 {
         return grads;
     }
-    let device = square_sum.device();
-    let clip = Tensor::<1>::full([1], clip, (&device, burn::tensor::DType::F64));
+    // `clip` in f64 made on the device (a `full` of f64 is an upload on libtorch).
+    let clip = square_sum.ones_like().mul_scalar(clip);
     let factor = (clip / square_sum.clone().sqrt()).clamp_max(1.0);
     let factor = factor.clone().mask_fill(factor.is_nan(), 1.0);
     Flat {

@@ -646,7 +646,8 @@ fn a_loss_that_is_not_finite_stops_the_run() {
 /// the same operators with the same scalars on the same buffers, and take nothing from the host
 /// (`model::native::replay`). Checked on the CPU with different images each step, Adam,
 /// clipping and the average, for the simple model, the class-conditional gated model (grey,
-/// and RGB with a logistic mixture) and PixelCNN++ (RGB, classes).
+/// and RGB with a logistic mixture), PixelCNN++ (RGB, classes, dropout) and a PixelVAE (its
+/// noise).
 #[cfg(feature = "tch")]
 #[test]
 fn a_step_on_libtorch_could_be_replayed() {
@@ -678,7 +679,18 @@ fn a_step_on_libtorch_could_be_replayed() {
             resnets: 1,
             likelihood: mixture,
             classes: Some(10),
-            dropout: 0.0,
+            dropout: 0.5,
+        }),
+        ModelConfig::Vae(crate::model::VaeConfig {
+            colours: 1,
+            latent_channels: 2,
+            downsample: 1,
+            hidden: 4,
+            conditioning: crate::model::VaeConditioning::Gates,
+            decoder: GatedConfig {
+                spatial_channels: 5,
+                ..GatedConfig::plain(1, 2, 3, 6)
+            },
         }),
     ];
     for cfg in configs {
@@ -717,6 +729,8 @@ fn a_step_on_libtorch_could_be_replayed() {
             traces.push(replay::canonical(&lines));
         }
         assert!(traces[3].len() > 50, "{cfg:?}: {:#?}", traces[3]);
+        let uploads = replay::uploads(&traces[3]);
+        assert!(uploads.is_empty(), "{cfg:?} uploads: {uploads:#?}");
         if let Some(d) = replay::differences(&traces[2], &traces[3]) {
             panic!("{cfg:?}:\n{d}");
         }
