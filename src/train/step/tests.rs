@@ -647,7 +647,7 @@ fn a_loss_that_is_not_finite_stops_the_run() {
 /// (`model::native::replay`). Checked on the CPU with different images each step, Adam,
 /// clipping and the average, for the simple model, the class-conditional gated model (grey,
 /// and RGB with a logistic mixture), PixelCNN++ (RGB, classes, dropout) and a PixelVAE (its
-/// noise).
+/// noise), the RGB ones in bf16 too.
 #[cfg(feature = "tch")]
 #[test]
 fn a_step_on_libtorch_could_be_replayed() {
@@ -693,14 +693,19 @@ fn a_step_on_libtorch_could_be_replayed() {
             },
         }),
     ];
-    for cfg in configs {
+    // Each in f32, and the RGB models in bf16 too.
+    let runs = configs.into_iter().flat_map(|cfg| {
+        let bf16 = (cfg.colours() == 3).then(|| (cfg.clone(), Precision::Bf16));
+        std::iter::once((cfg, Precision::F32)).chain(bf16)
+    });
+    for (cfg, precision) in runs {
         let spec = synthetic::Spec {
             size: 6,
             colours: cfg.colours(),
             train_images: 16,
         };
         let data = synthetic::generate(&spec, 1).train;
-        let model = cfg.init(1, &device);
+        let model = cfg.init(1, &device).with_precision(precision);
         let mut state = TrainState {
             ema: Some(Ema::new(0.9, &model)),
             model,
@@ -730,9 +735,12 @@ fn a_step_on_libtorch_could_be_replayed() {
         }
         assert!(traces[3].len() > 50, "{cfg:?}: {:#?}", traces[3]);
         let uploads = replay::uploads(&traces[3]);
-        assert!(uploads.is_empty(), "{cfg:?} uploads: {uploads:#?}");
+        assert!(
+            uploads.is_empty(),
+            "{cfg:?} {precision:?} uploads: {uploads:#?}"
+        );
         if let Some(d) = replay::differences(&traces[2], &traces[3]) {
-            panic!("{cfg:?}:\n{d}");
+            panic!("{cfg:?} {precision:?}:\n{d}");
         }
     }
 }
