@@ -230,36 +230,39 @@ pub fn ema_in_place(average: Tensor<1>, current: Tensor<1>, scalars: Tensor<1>) 
 }
 
 /// Values from the host on the device, where [`runs_fused`]: one buffer, written in place each
-/// step ([`NativeBackward::write_scalars`]), whose address does not change while its length and
-/// device stay the same: a step's scalars (learning rate, Adam's corrections, the average's
-/// decay), its batch. Clones share the buffer.
+/// step ([`NativeBackward::write_scalars`]), whose address does not change while its device does
+/// not and no more values come than it holds (fewer, as a last partial batch, are written at its
+/// start): a step's scalars (learning rate, Adam's corrections, the average's decay), its batch.
+/// Clones share the buffer.
 #[derive(Clone, Debug, Default)]
 pub struct DeviceBuffer(Option<(Tensor<1>, Vec<f32>)>);
 
 impl DeviceBuffer {
-    /// The buffer on `device` holding `values` (made the first time), written now.
+    /// The buffer on `device` (made the first time, and again where it is too short) holding
+    /// `values` at its start, written now: its first `values.len()` values.
     pub fn write(&mut self, values: &[f32], device: &Device) -> Tensor<1> {
-        let buffer = match self.0.take() {
-            Some((b, _)) if b.dims()[0] == values.len() && b.device() == *device => b,
-            _ => Tensor::zeros([values.len()], (device, DType::F32)),
+        let n = values.len();
+        let whole = match self.0.take() {
+            Some((b, _)) if b.dims()[0] >= n && b.device() == *device => b,
+            _ => Tensor::zeros([n], (device, DType::F32)),
         };
-        let buffer = Tensor::from_dispatch(<Dispatch as NativeBackward>::write_scalars(
-            buffer.into_dispatch(),
+        let part = Tensor::from_dispatch(<Dispatch as NativeBackward>::write_scalars(
+            start(&whole, n).into_dispatch(),
             values.to_vec(),
         ));
-        self.0 = Some((buffer.clone(), values.to_vec()));
-        buffer
+        self.0 = Some((whole, values.to_vec()));
+        part
     }
 
     /// [`DeviceBuffer::write`] on `device`'s backend without autodiff, the tensor returned on
     /// `device` (untracked where it has autodiff).
     pub fn write_on(&mut self, values: &[f32], device: &Device) -> Tensor<1> {
-        let inner = device.clone().without_autodiff();
-        let buffer = self.write(values, &inner);
-        if inner == *device {
-            buffer
-        } else {
+        let buffer = self.write(values, &device.clone().without_autodiff());
+        // (Devices compare equal with and without autodiff.)
+        if device.is_autodiff() {
             Tensor::from_inner(buffer)
+        } else {
+            buffer
         }
     }
 
@@ -268,7 +271,7 @@ impl DeviceBuffer {
     /// nothing writes but [`DeviceBuffer::write`].
     pub fn holding(&mut self, values: &[f32], device: &Device) -> Tensor<1> {
         match &self.0 {
-            Some((b, held)) if held == values && b.device() == *device => b.clone(),
+            Some((b, held)) if held == values && b.device() == *device => start(b, values.len()),
             _ => self.write(values, device),
         }
     }
@@ -277,6 +280,15 @@ impl DeviceBuffer {
     #[cfg(test)]
     pub fn address(&self) -> Option<usize> {
         self.0.as_ref().and_then(|(b, _)| address(b))
+    }
+}
+
+/// The first `n` values of `t` (`t` itself where it has `n`).
+fn start(t: &Tensor<1>, n: usize) -> Tensor<1> {
+    if t.dims()[0] == n {
+        t.clone()
+    } else {
+        t.clone().narrow(0, 0, n)
     }
 }
 

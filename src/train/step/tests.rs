@@ -744,3 +744,79 @@ fn a_step_on_libtorch_could_be_replayed() {
         }
     }
 }
+
+/// On libtorch the batch is written into one buffer step after step, a last partial batch at
+/// its start: the next full batch finds it where it was (a captured step stays valid across
+/// epochs), and the partial step reads exactly its own images (its loss is the one it has with
+/// a buffer of its own).
+#[test]
+fn a_partial_batch_is_written_at_the_start_of_the_batch_buffer() {
+    for device in crate::device::test_devices() {
+        if !crate::model::native::runs_fused(&device) {
+            continue;
+        }
+        let (data, model, device) = tiny_simple_on(10, device);
+        let fresh = |model: Model| TrainState {
+            ema: None,
+            model,
+            optimizer: crate::optim::Optimizer::new(crate::optim::Rule::Sgd),
+            loss_scale: None,
+            inputs: Default::default(),
+        };
+        let mut state = fresh(model.clone());
+        let order: Vec<usize> = (0..10).collect();
+        let world = World::single();
+        let mut addresses = Vec::new();
+        let mut nats = Vec::new();
+        for (i, indices) in [&order[0..4], &order[8..10], &order[4..8]]
+            .into_iter()
+            .enumerate()
+        {
+            let at = StepAt {
+                images: &data,
+                indices,
+                i,
+                run_step: i + 1,
+            };
+            let taken;
+            (state, taken) = take(state, at, &plain(4), &|| false, &world, &device).unwrap();
+            addresses.push(state.inputs.batch.address().unwrap());
+            nats.push(taken.nats);
+        }
+        assert_eq!(addresses, vec![addresses[0]; 3]);
+        // The partial step alone, from the weights it started from (one SGD step on 0..4).
+        let mut alone = fresh(model);
+        let at = StepAt {
+            images: &data,
+            indices: &order[0..4],
+            i: 0,
+            run_step: 1,
+        };
+        alone = take(alone, at, &plain(4), &|| false, &world, &device)
+            .unwrap()
+            .0;
+        alone.inputs = Default::default();
+        let at = StepAt {
+            images: &data,
+            indices: &order[8..10],
+            i: 1,
+            run_step: 2,
+        };
+        let (_, taken) = take(alone, at, &plain(4), &|| false, &world, &device).unwrap();
+        assert_eq!(taken.nats.to_bits(), nats[1].to_bits());
+    }
+}
+
+/// A batch gathered on an autodiff device is on it, its input ready to take a gradient (what the
+/// receptive field asks of it), on every backend, the libtorch buffer included.
+#[test]
+fn a_batch_on_an_autodiff_device_can_take_a_gradient() {
+    for device in crate::device::test_devices() {
+        let (data, _, device) = tiny_simple_on(4, device);
+        let batch = Batch::gather(&data, &[0, 1], &device);
+        assert!(batch.input.is_autodiff(), "{device:?}");
+        let input = batch.input.detach().require_grad();
+        let grads = (input.clone() * 2.0).sum().backward();
+        assert!(input.grad(&grads).is_some(), "{device:?}");
+    }
+}
