@@ -820,3 +820,58 @@ fn a_batch_on_an_autodiff_device_can_take_a_gradient() {
         assert!(input.grad(&grads).is_some(), "{device:?}");
     }
 }
+
+/// A step captured before an epoch's last, partial batch would still do the work of the next
+/// epoch's first full step: the partial step (run eagerly) moves none of the buffers a replay
+/// reads.
+#[cfg(feature = "tch")]
+#[test]
+fn a_replayed_step_stays_valid_across_a_partial_batch() {
+    use crate::model::native::replay;
+    #[allow(deprecated)]
+    let device = Device::libtorch().autodiff();
+    let cfg = ModelConfig::Gated(GatedConfig {
+        classes: Some(10),
+        ..GatedConfig::plain(1, 3, 3, 6)
+    });
+    let spec = synthetic::Spec {
+        size: 6,
+        colours: 1,
+        train_images: 14,
+    };
+    let data = synthetic::generate(&spec, 1).train;
+    let model = cfg.init(1, &device);
+    let mut state = TrainState {
+        ema: Some(Ema::new(0.9, &model)),
+        model,
+        optimizer: crate::optim::adam(),
+        loss_scale: None,
+        inputs: Default::default(),
+    };
+    let step = Step {
+        clip_grad_norm: 0.5,
+        ..plain(4)
+    };
+    let order: Vec<usize> = (0..14).collect();
+    let batches = [0..4, 4..8, 8..12, 12..14, 0..4];
+    let mut traces = Vec::new();
+    for (i, range) in batches.into_iter().enumerate() {
+        let at = StepAt {
+            images: &data,
+            indices: &order[range],
+            i,
+            run_step: i + 1,
+        };
+        let world = World::single();
+        let (lines, taken) = replay::trace(|| take(state, at, &step, &|| false, &world, &device));
+        state = taken.unwrap().0;
+        traces.push(replay::canonical(&replay::between(
+            &lines,
+            "step: device",
+            "step: read",
+        )));
+    }
+    if let Some(d) = replay::differences(&traces[2], &traces[4]) {
+        panic!("{d}");
+    }
+}
