@@ -822,11 +822,11 @@ fn a_batch_on_an_autodiff_device_can_take_a_gradient() {
 }
 
 /// A step captured before an epoch's last, partial batch would still do the work of the next
-/// epoch's first full step: the partial step (run eagerly) moves none of the buffers a replay
-/// reads.
+/// epoch's first full step: neither the partial step (run eagerly) nor what a run does between
+/// epochs (a checkpoint, a test pass with the averaged weights) moves a buffer a replay reads.
 #[cfg(feature = "tch")]
 #[test]
-fn a_replayed_step_stays_valid_across_a_partial_batch() {
+fn a_replayed_step_stays_valid_across_an_epoch_end() {
     use crate::model::native::replay;
     #[allow(deprecated)]
     let device = Device::libtorch().autodiff();
@@ -870,6 +870,26 @@ fn a_replayed_step_stays_valid_across_a_partial_batch() {
             "step: device",
             "step: read",
         )));
+        if i == 3 {
+            // The end of the epoch.
+            let dir = tempfile::tempdir().unwrap();
+            let at = crate::checkpoint::Position {
+                epochs_done: 1,
+                steps_done: 0,
+                partial: PassStats::default(),
+                loss_scale: None,
+            };
+            let ema = state.ema.as_ref().map(Ema::model);
+            let valid = burn::module::Module::valid(&state.model);
+            crate::checkpoint::save(dir.path(), &valid, ema, &state.optimizer, &at, 1).unwrap();
+            let batch = Batch::gather(&data, &order[0..4], &device.clone().without_autodiff());
+            let tested = crate::loss::nll_nats(
+                burn::module::Module::valid(state.eval_model())
+                    .forward(batch.input, &batch.context),
+                batch.target,
+            );
+            assert!(tested.into_scalar::<f32>().is_finite());
+        }
     }
     if let Some(d) = replay::differences(&traces[2], &traces[4]) {
         panic!("{d}");
