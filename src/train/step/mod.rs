@@ -199,8 +199,9 @@ pub(super) fn take(
             Tensor::zeros([1 + usize::from(latent.is_some())], &inner),
         )
     } else {
-        // What the step takes from the host, written into buffers that live across steps: the
-        // batch, the dropout masks' keys, the update's scalars.
+        // What the step takes from the host, written into buffers that live across steps
+        // before its work on the device: the batch, the dropout masks' keys, a PixelVAE's
+        // noise, the update's scalars.
         let uploaded = Batch::upload(images, local, device, &mut inputs.batch);
         let mut draws = step.dropout(run_step, share.start);
         if let Some(masks) = model.dropout_masks()
