@@ -199,6 +199,8 @@ std::string* trace_text = nullptr;
 std::unordered_set<const void*>* trace_fresh = nullptr;
 at::CallbackHandle trace_handle = 0;
 thread_local int trace_depth = 0;
+// Whether this thread started the trace (marks come from it only).
+thread_local bool trace_here = false;
 // The lines of the operators under way on this thread, outermost first.
 thread_local std::vector<std::string> trace_pending;
 
@@ -343,6 +345,7 @@ int pixel_trace_start(char* error, size_t error_len) {
     }
     trace_text = new std::string();
     trace_fresh = new std::unordered_set<const void*>();
+    trace_here = true;
     c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE,
                                      std::make_shared<TraceMemory>());
     trace_handle = at::addThreadLocalCallback(at::RecordFunctionCallback(trace_enter, trace_leave)
@@ -361,6 +364,7 @@ char* pixel_trace_stop() {
   try {
     at::removeCallback(trace_handle);
     c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
+    trace_here = false;
     std::lock_guard<std::mutex> lock(trace_mutex);
     if (trace_text == nullptr) {
       return nullptr;
@@ -378,9 +382,12 @@ char* pixel_trace_stop() {
 
 void pixel_trace_free(char* text) { free(text); }
 
-// Writes `# name` into the operator trace where one runs (a place in the code that the trace
-// can be cut at); nothing otherwise.
+// Writes `# name` into the operator trace where this thread runs one (a place in the code that
+// the trace can be cut at); nothing otherwise.
 void pixel_trace_mark(const char* name) {
+  if (!trace_here) {
+    return;
+  }
   try {
     std::lock_guard<std::mutex> lock(trace_mutex);
     if (trace_text != nullptr) {

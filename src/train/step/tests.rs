@@ -641,6 +641,45 @@ fn a_loss_that_is_not_finite_stops_the_run() {
     assert_eq!(reports, 0);
 }
 
+/// Adam, clipping and the average over `model`: how the replay tests train.
+#[cfg(feature = "tch")]
+fn replay_state(model: Model) -> TrainState {
+    TrainState {
+        ema: Some(Ema::new(0.9, &model)),
+        model,
+        optimizer: crate::optim::adam(),
+        loss_scale: None,
+        inputs: Default::default(),
+    }
+}
+
+/// Step `i` of the run (batches of 4, clipping at 0.5) on `indices`, and the canonical trace of
+/// its work on the device (`model::native::replay`).
+#[cfg(feature = "tch")]
+fn traced_step(
+    state: TrainState,
+    images: &Images,
+    indices: &[usize],
+    i: usize,
+    device: &Device,
+) -> (TrainState, Vec<String>) {
+    use crate::model::native::replay;
+    let step = Step {
+        clip_grad_norm: 0.5,
+        ..plain(4)
+    };
+    let at = StepAt {
+        images,
+        indices,
+        i,
+        run_step: i + 1,
+    };
+    let world = World::single();
+    let (lines, taken) = replay::trace(|| take(state, at, &step, &|| false, &world, device));
+    let lines = replay::between(&lines, "step: device", "step: read");
+    (taken.unwrap().0, replay::canonical(&lines))
+}
+
 /// The device's part of a step on libtorch could be captured once as a CUDA graph and replayed:
 /// two consecutive steps (after the first, which makes the buffers that live across steps) call
 /// the same operators with the same scalars on the same buffers, and take nothing from the host
@@ -706,32 +745,13 @@ fn a_step_on_libtorch_could_be_replayed() {
         };
         let data = synthetic::generate(&spec, 1).train;
         let model = cfg.init(1, &device).with_precision(precision);
-        let mut state = TrainState {
-            ema: Some(Ema::new(0.9, &model)),
-            model,
-            optimizer: crate::optim::adam(),
-            loss_scale: None,
-            inputs: Default::default(),
-        };
-        let step = Step {
-            clip_grad_norm: 0.5,
-            ..plain(4)
-        };
+        let mut state = replay_state(model);
         let order: Vec<usize> = (0..16).collect();
         let mut traces = Vec::new();
         for i in 0..4 {
-            let at = StepAt {
-                images: &data,
-                indices: &order[4 * i..4 * i + 4],
-                i,
-                run_step: i + 1,
-            };
-            let world = World::single();
-            let (lines, taken) =
-                replay::trace(|| take(state, at, &step, &|| false, &world, &device));
-            state = taken.unwrap().0;
-            let lines = replay::between(&lines, "step: device", "step: read");
-            traces.push(replay::canonical(&lines));
+            let trace;
+            (state, trace) = traced_step(state, &data, &order[4 * i..4 * i + 4], i, &device);
+            traces.push(trace);
         }
         assert!(traces[3].len() > 50, "{cfg:?}: {:#?}", traces[3]);
         let uploads = replay::uploads(&traces[3]);
@@ -841,35 +861,14 @@ fn a_replayed_step_stays_valid_across_an_epoch_end() {
     };
     let data = synthetic::generate(&spec, 1).train;
     let model = cfg.init(1, &device);
-    let mut state = TrainState {
-        ema: Some(Ema::new(0.9, &model)),
-        model,
-        optimizer: crate::optim::adam(),
-        loss_scale: None,
-        inputs: Default::default(),
-    };
-    let step = Step {
-        clip_grad_norm: 0.5,
-        ..plain(4)
-    };
+    let mut state = replay_state(model);
     let order: Vec<usize> = (0..14).collect();
     let batches = [0..4, 4..8, 8..12, 12..14, 0..4];
     let mut traces = Vec::new();
     for (i, range) in batches.into_iter().enumerate() {
-        let at = StepAt {
-            images: &data,
-            indices: &order[range],
-            i,
-            run_step: i + 1,
-        };
-        let world = World::single();
-        let (lines, taken) = replay::trace(|| take(state, at, &step, &|| false, &world, &device));
-        state = taken.unwrap().0;
-        traces.push(replay::canonical(&replay::between(
-            &lines,
-            "step: device",
-            "step: read",
-        )));
+        let trace;
+        (state, trace) = traced_step(state, &data, &order[range], i, &device);
+        traces.push(trace);
         if i == 3 {
             // The end of the epoch: what a checkpoint writes (`checkpoint::save`, a layer up).
             let dir = tempfile::tempdir().unwrap();
