@@ -658,8 +658,6 @@ fn adam_math(
     (update, (time, first, second))
 }
 
-/// Adam's bias corrections at step `time` (from 1), as Burn computes them: the root of the
-/// second's, and the factor of the first moment that combines both.
 /// The scalars of Adam's step `time` in place (`native::adam_in_place`), as ATen takes Burn's
 /// into f32 kernels: its f32 constants, and the learning rate rounded to f32.
 fn adam_scalars(time: usize, lr: f64, beta_1: f32, beta_2: f32, epsilon: f32) -> [f32; 7] {
@@ -675,6 +673,8 @@ fn adam_scalars(time: usize, lr: f64, beta_1: f32, beta_2: f32, epsilon: f32) ->
     ]
 }
 
+/// Adam's bias corrections at step `time` (from 1), as Burn computes them: the root of the
+/// second's, and the factor of the first moment that combines both.
 fn corrections(time: usize, beta_1: f32, beta_2: f32) -> [f32; 2] {
     let t = time as i32;
     let bias_correction2_sqrt = (1.0 - beta_2.powi(t)).sqrt();

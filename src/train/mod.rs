@@ -120,17 +120,17 @@ impl Batch {
     /// the device): the bytes and the labels as one f32 buffer, cut and cast on the device. The
     /// targets are the bytes' values exactly (integers up to 2^24 are exact in f32).
     pub fn gather(images: &Images, indices: &[usize], device: &Device) -> Batch {
-        Batch::upload(images, indices, device, &mut Default::default()).batch()
+        Batch::upload(images, indices, device, None).batch()
     }
 
-    /// The upload of [`Batch::gather`], written into `buffer` where
-    /// [`crate::model::native::runs_fused`]: one address for every batch of the same size, which
-    /// the step's work on the device then reads ([`Uploaded::batch`]).
+    /// The upload of [`Batch::gather`], written into `buffer` where one is given and
+    /// [`crate::model::native::runs_fused`]: one address for every batch (a training step's),
+    /// which the step's work on the device then reads ([`Uploaded::batch`]); else a fresh tensor.
     pub fn upload(
         images: &Images,
         indices: &[usize],
         device: &Device,
-        buffer: &mut crate::model::native::DeviceBuffer,
+        buffer: Option<&mut crate::model::native::DeviceBuffer>,
     ) -> Uploaded {
         let (pixels, labels) = images.gather(indices);
         let shape = [indices.len(), images.colours, images.height, images.width];
@@ -140,10 +140,11 @@ impl Batch {
             .chain(&labels)
             .map(|&b| f32::from(b))
             .collect();
-        let all = if crate::model::native::runs_fused(device) && !bytes.is_empty() {
-            buffer.write_on(&bytes, device)
-        } else {
-            Tensor::<1>::from_data(TensorData::new(bytes, [n + k]), device)
+        let all = match buffer {
+            Some(buffer) if crate::model::native::runs_fused(device) && !bytes.is_empty() => {
+                buffer.write_on(&bytes, device)
+            }
+            _ => Tensor::<1>::from_data(TensorData::new(bytes, [n + k]), device),
         };
         Uploaded {
             all,

@@ -202,7 +202,7 @@ pub(super) fn take(
         // What the step takes from the host, written into buffers that live across steps
         // before its work on the device: the batch, the dropout masks' keys, a PixelVAE's
         // noise, the update's scalars.
-        let uploaded = Batch::upload(images, local, device, &mut inputs.batch);
+        let uploaded = Batch::upload(images, local, device, Some(&mut inputs.batch));
         let mut draws = step.dropout(run_step, share.start);
         if let Some(masks) = model.dropout_masks()
             && crate::model::native::runs_fused(&inner)

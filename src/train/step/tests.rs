@@ -828,16 +828,21 @@ fn a_partial_batch_is_written_at_the_start_of_the_batch_buffer() {
 }
 
 /// A batch gathered on an autodiff device is on it, its input ready to take a gradient (what the
-/// receptive field asks of it), on every backend, the libtorch buffer included.
+/// receptive field asks of it), on every backend, written into a step's buffer or not.
 #[test]
 fn a_batch_on_an_autodiff_device_can_take_a_gradient() {
     for device in crate::device::test_devices() {
         let (data, _, device) = tiny_simple_on(4, device);
-        let batch = Batch::gather(&data, &[0, 1], &device);
-        assert!(batch.input.is_autodiff(), "{device:?}");
-        let input = batch.input.detach().require_grad();
-        let grads = (input.clone() * 2.0).sum().backward();
-        assert!(input.grad(&grads).is_some(), "{device:?}");
+        let mut buffer = Default::default();
+        for batch in [
+            Batch::gather(&data, &[0, 1], &device),
+            Batch::upload(&data, &[0, 1], &device, Some(&mut buffer)).batch(),
+        ] {
+            assert!(batch.input.is_autodiff(), "{device:?}");
+            let input = batch.input.detach().require_grad();
+            let grads = (input.clone() * 2.0).sum().backward();
+            assert!(input.grad(&grads).is_some(), "{device:?}");
+        }
     }
 }
 
