@@ -48,6 +48,40 @@ fn main() {
     }
 }
 
+/// The folders of the CUDA runtime's headers (`cuda_runtime_api.h`, and the `crt/` headers it
+/// includes) for a libtorch built with CUDA (`libtorch_cuda.so` beside it): `CUDA_HOME`'s, else
+/// NVIDIA's wheels beside the Python package's libtorch (`LIBTORCH_USE_PYTORCH=1`: the runtime's
+/// `nvidia/cuda_runtime` and nvcc's `nvidia/cuda_nvcc` for CUDA 12, `nvidia/cu13` for 13, whose
+/// `crt/` comes with `nvidia-cuda-crt`), else /usr/local/cuda's. None where a header is missing.
+#[cfg(feature = "tch")]
+fn cuda_include(root: &std::path::Path) -> Option<Vec<std::path::PathBuf>> {
+    use std::path::PathBuf;
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    if !root.join("lib/libtorch_cuda.so").exists() {
+        return None;
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(home) = std::env::var_os("CUDA_HOME") {
+        candidates.push(PathBuf::from(home).join("include"));
+    }
+    if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
+        // torch/ and nvidia/ are siblings in site-packages.
+        let nvidia = root.join("../nvidia");
+        for sub in ["cuda_runtime", "cuda_nvcc", "cu13", "cu12"] {
+            candidates.push(nvidia.join(sub).join("include"));
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    let find = |header: &str| candidates.iter().find(|d| d.join(header).exists()).cloned();
+    let runtime = find("cuda_runtime_api.h")?;
+    let crt = find("crt/host_defines.h")?;
+    Some(if runtime == crt {
+        vec![runtime]
+    } else {
+        vec![runtime, crt]
+    })
+}
+
 /// The same value of `_GLIBCXX_USE_CXX11_ABI` as torch-sys compiles its own C++ with: the Python
 /// package's where it is used, else `LIBTORCH_CXX11_ABI`, else 1.
 #[cfg(feature = "tch")]
@@ -96,35 +130,69 @@ fn compile_torch_extras() {
         // without NDEBUG, so code compiled without it reads them at the wrong places.
         .define("NDEBUG", None)
         .file("src/native/torch_extras.cpp");
+    // CUDA graphs need the CUDA runtime's headers, which a libtorch with CUDA does not ship.
+    let cuda = cuda_include(&root);
+    for include in cuda.iter().flatten() {
+        build.include(include);
+    }
     // An older or newer libtorch whose allocator or profiler interface differs: build without
     // what does not compile, and say so (`pixel bench` then says it on CUDA and when asked to
-    // profile too).
+    // profile too; a run asking for CUDA graphs is refused).
     let mut first_error = None;
-    for missing in [
-        &[][..],
-        &["ALLOCATOR_STATS"],
-        &["PROFILER"],
-        &["ALLOCATOR_STATS", "PROFILER"],
-    ] {
-        let mut attempt = build.clone();
-        for m in missing {
-            attempt.define(&format!("PIXEL_NO_{m}"), None);
-        }
-        match attempt.try_compile("pixel_torch_extras") {
-            Ok(()) => {
-                if let Some(e) = first_error {
-                    let lacks = missing.join(" and ").to_lowercase().replace('_', " ");
-                    println!(
-                        "cargo:warning=no {lacks} in this build: src/native/torch_extras.cpp does \
-                         not compile against {} ({e})",
-                        root.display()
-                    );
-                }
-                println!("cargo:rustc-link-lib=c10");
-                return;
+    let graphs: &[bool] = if cuda.is_some() {
+        &[true, false]
+    } else {
+        &[false]
+    };
+    for &graph in graphs {
+        for missing in [
+            &[][..],
+            &["ALLOCATOR_STATS"],
+            &["PROFILER"],
+            &["ALLOCATOR_STATS", "PROFILER"],
+        ] {
+            let mut attempt = build.clone();
+            for m in missing {
+                attempt.define(&format!("PIXEL_NO_{m}"), None);
             }
-            Err(e) => {
-                first_error.get_or_insert(e);
+            if !graph {
+                attempt.define("PIXEL_NO_CUDA_GRAPH", None);
+            }
+            match attempt.try_compile("pixel_torch_extras") {
+                Ok(()) => {
+                    let mut lacks: Vec<String> = missing
+                        .iter()
+                        .map(|m| m.to_lowercase().replace('_', " "))
+                        .collect();
+                    if !graph {
+                        lacks.push("CUDA graphs".into());
+                    }
+                    if let Some(e) = first_error.filter(|_| !lacks.is_empty()) {
+                        println!(
+                            "cargo:warning=no {} in this build: src/native/torch_extras.cpp does \
+                             not compile against {} ({e})",
+                            lacks.join(" and "),
+                            root.display()
+                        );
+                    } else if !graph && root.join("lib/libtorch_cuda.so").exists() {
+                        println!(
+                            "cargo:warning=no CUDA graphs in this build: no CUDA runtime headers \
+                             (cuda_runtime_api.h and crt/host_defines.h) found for the libtorch \
+                             at {} (set CUDA_HOME, or install NVIDIA's nvcc or crt wheel beside \
+                             its PyTorch, as bench/cuda-headers.sh does)",
+                            root.display()
+                        );
+                    }
+                    println!("cargo:rustc-link-lib=c10");
+                    if graph {
+                        println!("cargo:rustc-link-lib=c10_cuda");
+                        println!("cargo:rustc-link-lib=torch_cuda");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
     }

@@ -301,6 +301,18 @@ fn check_world(plan: &Plan, world: &World) -> Result<()> {
             ),
         });
     }
+    if plan.experiment.runtime.cuda_graph && world.size() > 1 {
+        return Err(Error::Invalid {
+            source_name: plan.name.clone(),
+            key: "runtime.cuda_graph".into(),
+            value: "true".into(),
+            expected: format!(
+                "false on the {} ranks the run was launched on: a CUDA graph replays one \
+                 process's step (the ranks' all-reduce is on the host)",
+                world.size()
+            ),
+        });
+    }
     Ok(())
 }
 

@@ -290,6 +290,13 @@ pub struct RuntimeSection {
     /// steps where shapes stay fixed, at the cost of slower first steps, and runs that do not
     /// repeat to the bit. Not with `deterministic`. Default: false.
     pub cudnn_benchmark: bool,
+    /// libtorch on CUDA, one process, f32 or bf16 only: capture a training step once as a CUDA
+    /// graph (after the first steps, once its buffers have settled) and replay it for each step
+    /// after, so that the host no longer launches each kernel (PyTorch's
+    /// `torch.compile(mode="reduce-overhead")` does the same). The same work as the eager
+    /// step; a step that cannot replay (a last partial batch, a moved buffer) runs eagerly, and
+    /// the log and `pixel bench` count them. Not yet run on a GPU. Default: false.
+    pub cuda_graph: bool,
 }
 
 impl Default for RuntimeSection {
@@ -301,6 +308,7 @@ impl Default for RuntimeSection {
             allow_large: false,
             deterministic: false,
             cudnn_benchmark: false,
+            cuda_graph: false,
         }
     }
 }

@@ -10,7 +10,10 @@
 //   PIXEL_NO_PROFILER: none);
 // - a trace of the operators a stretch of code runs, with their tensors' storages and their
 //   other arguments, to check on any device that a step could be replayed as a CUDA graph
-//   (`src/model/native/replay.rs`; none without the profiler either).
+//   (`src/model/native/replay.rs`; none without the profiler either);
+// - a training step captured once as a CUDA graph and replayed (at::cuda::CUDAGraph, what
+//   torch.cuda.graph runs; `src/model/native/graph.rs`). Needs the CUDA runtime's headers:
+//   where build.rs finds none, or they do not compile, it defines PIXEL_NO_CUDA_GRAPH: none.
 #include <ATen/Context.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/variable.h>
@@ -36,6 +39,13 @@
 #include <string>
 #include <unordered_set>
 #include <vector>
+#endif
+#ifndef PIXEL_NO_CUDA_GRAPH
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <optional>
 #endif
 
 extern "C" {
@@ -416,5 +426,146 @@ int pixel_trace_start(char* error, size_t error_len) {
 char* pixel_trace_stop() { return nullptr; }
 void pixel_trace_free(char*) {}
 void pixel_trace_mark(const char*) {}
+#endif
+
+#ifndef PIXEL_NO_CUDA_GRAPH
+namespace {
+// A CUDA graph of the work queued on one device between pixel_graph_begin and pixel_graph_end,
+// captured on a stream of its own (a capture cannot use the default stream), as
+// torch.cuda.graph does.
+struct Graph {
+  explicit Graph(c10::DeviceIndex device)
+      : device(device), side(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device)) {}
+  c10::DeviceIndex device;
+  c10::cuda::CUDAStream side;
+  // The device's current stream before the capture, made current again after it.
+  std::optional<c10::cuda::CUDAStream> before;
+  at::cuda::CUDAGraph graph;
+};
+
+// The graph's device current while it lives, the one before current again after. (Not
+// c10::cuda::CUDAGuard: its inline implementation calls the CUDA runtime, which we do not link.)
+struct OnDevice {
+  explicit OnDevice(c10::DeviceIndex device) : before(c10::cuda::ExchangeDevice(device)) {}
+  ~OnDevice() {
+    try {
+      c10::cuda::ExchangeDevice(before);
+    } catch (...) {
+    }
+  }
+  c10::DeviceIndex before;
+};
+
+void restore(Graph* g) {
+  if (g->before) {
+    c10::cuda::setCurrentCUDAStream(*g->before);
+    g->before.reset();
+  }
+}
+}  // namespace
+
+// 1: this build captures CUDA graphs.
+int pixel_graph_available() { return 1; }
+
+// A graph to capture on CUDA device `device`, or null with the message in `error`.
+void* pixel_graph_new(int8_t device, char* error, size_t error_len) {
+  try {
+    return new Graph(device);
+  } catch (const std::exception& e) {
+    message(e.what(), error, error_len);
+    return nullptr;
+  }
+}
+
+// Waits for the device, makes the graph's stream current on its device and begins capturing it
+// (a private memory pool for what the capture allocates; `global` mode, so that a call that
+// cannot be captured, such as a wait for the device, fails instead of being run). 0 on success,
+// else -1 with the message in `error` and the stream as it was.
+int pixel_graph_begin(void* graph, char* error, size_t error_len) {
+  auto* g = static_cast<Graph*>(graph);
+  try {
+    OnDevice on(g->device);
+    c10::cuda::device_synchronize();
+    g->before = c10::cuda::getCurrentCUDAStream(g->device);
+    c10::cuda::setCurrentCUDAStream(g->side);
+    g->graph.capture_begin();
+    return 0;
+  } catch (const std::exception& e) {
+    restore(g);
+    message(e.what(), error, error_len);
+    return -1;
+  }
+}
+
+// Ends the capture (the graph is instantiated) and makes the stream before it current again.
+// 0 on success, else -1 with the message in `error` (the stream restored either way).
+int pixel_graph_end(void* graph, char* error, size_t error_len) {
+  auto* g = static_cast<Graph*>(graph);
+  try {
+    OnDevice on(g->device);
+    g->graph.capture_end();
+    restore(g);
+    return 0;
+  } catch (const std::exception& e) {
+    restore(g);
+    message(e.what(), error, error_len);
+    return -1;
+  }
+}
+
+// Launches the captured work on the device's current stream. 0, or -1 with the message.
+int pixel_graph_replay(void* graph, char* error, size_t error_len) {
+  auto* g = static_cast<Graph*>(graph);
+  try {
+    OnDevice on(g->device);
+    g->graph.replay();
+    return 0;
+  } catch (const std::exception& e) {
+    message(e.what(), error, error_len);
+    return -1;
+  }
+}
+
+// Frees the graph (and its memory pool once nothing else holds its blocks); a capture still
+// under way (a step that failed inside it) is ended first, whatever it captured dropped.
+void pixel_graph_free(void* graph) {
+  auto* g = static_cast<Graph*>(graph);
+  if (g == nullptr) {
+    return;
+  }
+  if (g->before) {
+    try {
+      OnDevice on(g->device);
+      g->graph.capture_end();
+    } catch (...) {
+    }
+    restore(g);
+  }
+  try {
+    delete g;
+  } catch (...) {
+  }
+}
+#else
+int pixel_graph_available() { return 0; }
+void* pixel_graph_new(int8_t, char* error, size_t error_len) {
+  message("this build has no CUDA graphs: src/native/torch_extras.cpp was built without the CUDA "
+          "runtime's headers, or they did not compile (see the build's warning)",
+          error, error_len);
+  return nullptr;
+}
+int pixel_graph_begin(void*, char* error, size_t error_len) {
+  message("this build has no CUDA graphs", error, error_len);
+  return -1;
+}
+int pixel_graph_end(void*, char* error, size_t error_len) {
+  message("this build has no CUDA graphs", error, error_len);
+  return -1;
+}
+int pixel_graph_replay(void*, char* error, size_t error_len) {
+  message("this build has no CUDA graphs", error, error_len);
+  return -1;
+}
+void pixel_graph_free(void*) {}
 #endif
 }

@@ -345,8 +345,7 @@ impl Optimizer {
     }
 
     /// Whether the next step of Adam would write `model`'s weights in place: what a step reads
-    /// to decide, without taking it (tests of the training loop ask).
-    #[cfg(test)]
+    /// to decide, without taking it.
     pub(crate) fn writes_in_place(&self, model: &Model) -> bool {
         let (Some(weights), [group]) = (&self.weights, &self.groups[..]) else {
             return false;
@@ -355,6 +354,50 @@ impl Optimizer {
         let views = crate::model::native::views_of(weights, &parts);
         drop(parts);
         views && crate::model::native::other_holders(weights) == Some(group.layout.ids.len())
+    }
+
+    /// What a step captured as a CUDA graph reads and writes of the optimizer's, where the next
+    /// step is Adam's in place into the gradients' buffer the last one spent: the weights, the
+    /// moments, that buffer and the scalars, each buffer's address and other holders (see
+    /// `train::step::graph`). None otherwise (the step makes new buffers).
+    pub(crate) fn graph_buffers(&self, model: &Model) -> Option<Vec<Option<(usize, usize)>>> {
+        let (Some(weights), [moments], Some(gradients)) =
+            (&self.weights, &self.groups[..], &self.gradients)
+        else {
+            return None;
+        };
+        if !matches!(self.rule, Rule::Adam { .. }) || !self.writes_in_place(model) {
+            return None;
+        }
+        let key = |t: &Tensor<1>| {
+            crate::model::native::address(t).zip(crate::model::native::other_holders(t))
+        };
+        let scalars = self.scalars.address().map(|a| (a, 0));
+        Some(vec![
+            key(weights),
+            key(&moments.first),
+            key(&moments.second),
+            key(gradients),
+            scalars,
+        ])
+    }
+
+    /// After a replay of a captured step: what that step did on the host (Adam's step count).
+    pub(crate) fn replayed(&mut self) {
+        for group in &mut self.groups {
+            group.time += 1;
+        }
+    }
+
+    /// On libtorch, the weights the last step left, flat (as [`Optimizer::step`] returns them).
+    pub(crate) fn last_weights(&self) -> Option<Flat> {
+        match (&self.weights, &self.groups[..]) {
+            (Some(values), [moments]) => Some(Flat {
+                values: values.clone(),
+                layout: moments.layout.clone(),
+            }),
+            _ => None,
+        }
     }
 
     /// The flat weights of `layout`, and whether a step may write them in place: the last step's

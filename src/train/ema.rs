@@ -77,6 +77,24 @@ impl Ema {
         }
     }
 
+    /// What a step captured as a CUDA graph reads and writes of the average's: its values'
+    /// buffer (address and other holders, once the model made from it is dropped: an update
+    /// would drop it) and its scalars' (see `train::step::graph`). None before the first update
+    /// (it makes the buffer).
+    pub fn graph_buffers(&mut self) -> Option<Vec<Option<(usize, usize)>>> {
+        self.model = OnceCell::new();
+        let average = self.average.as_ref()?;
+        let values = crate::model::native::address(&average.values)
+            .zip(crate::model::native::other_holders(&average.values));
+        Some(vec![values, self.scalars.address().map(|a| (a, 0))])
+    }
+
+    /// After a replay of a captured step: what its update did on the host (the model made from
+    /// the average is made again when asked).
+    pub fn replayed(&mut self) {
+        self.model = OnceCell::new();
+    }
+
     /// Moves the average towards the weights after global step `t` (1 for the first): `weights`
     /// are the values the optimizer gave the parameters it moved, `model` holds them all.
     pub fn update(&mut self, weights: &Flat, model: &Model, t: usize) {

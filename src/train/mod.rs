@@ -15,7 +15,7 @@ pub use evaluate::{
 pub use loss_scale::LossScale;
 pub use parallel::{evaluate_sharded, weights_checksum};
 use step::StepAt;
-pub use step::{Step, StepPhases, StepReport};
+pub use step::{GraphCounts, Step, StepGraph, StepPhases, StepReport};
 
 use crate::cluster::World;
 use crate::data::Images;
@@ -232,6 +232,9 @@ pub struct StepInputs {
     pub batch: crate::model::native::DeviceBuffer,
     pub dropout_keys: crate::model::native::DeviceBuffer,
     pub noise: crate::model::native::DeviceBuffer,
+    /// With `runtime.cuda_graph`, the step captured as a CUDA graph, which replays read these
+    /// buffers.
+    pub graph: StepGraph,
 }
 
 impl TrainState {

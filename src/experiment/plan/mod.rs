@@ -86,6 +86,7 @@ impl Plan {
             free_bits: e.model.vae.free_bits,
             max_skipped_steps: e.train.max_skipped_steps,
             sync_phases: false,
+            cuda_graph: e.runtime.cuda_graph,
         }
     }
 

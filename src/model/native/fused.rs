@@ -98,6 +98,25 @@ pub fn runs_fused(device: &Device) -> bool {
     }
 }
 
+/// The index of `device` where it is libtorch's CUDA device; None elsewhere.
+pub fn cuda_index(device: &Device) -> Option<usize> {
+    #[cfg(feature = "tch")]
+    {
+        let device = device.clone().without_autodiff();
+        match device.as_dispatch() {
+            burn::backend::DispatchDevice::LibTorch(
+                burn::backend::libtorch::LibTorchDevice::Cuda(i),
+            ) => Some(*i),
+            _ => None,
+        }
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
 /// A gated layer as one operation, where [`runs_fused`] (see
 /// [`NativeBackward::gated_layer`]).
 pub fn gated_layer(state: Tensor<4>, inputs: GatedLayerInputs) -> Tensor<4> {
@@ -276,8 +295,7 @@ impl DeviceBuffer {
         }
     }
 
-    /// The buffer's address (None before the first write).
-    #[cfg(test)]
+    /// The buffer's address (None before the first write, and off libtorch).
     pub fn address(&self) -> Option<usize> {
         self.0.as_ref().and_then(|(b, _)| address(b))
     }
@@ -352,9 +370,8 @@ pub fn other_holders(t: &Tensor<1>) -> Option<usize> {
     }
 }
 
-/// Where [`runs_fused`]: the address of `t`'s first value (a test's way of telling buffers
-/// apart). None elsewhere.
-#[cfg(test)]
+/// Where [`runs_fused`]: the address of `t`'s first value (how a CUDA graph's step and tests
+/// tell buffers apart). None elsewhere.
 pub fn address(t: &Tensor<1>) -> Option<usize> {
     #[cfg(feature = "tch")]
     {

@@ -689,6 +689,7 @@ pub fn trace_mark(name: &std::ffi::CStr) {
 }
 
 mod fused;
+pub mod graph;
 #[cfg(feature = "tch")]
 mod libtorch;
 #[cfg(all(test, feature = "tch"))]
@@ -696,12 +697,10 @@ pub mod replay;
 #[cfg(feature = "tch")]
 mod torch_ops;
 
-#[cfg(test)]
-pub use fused::address;
 pub use fused::{
     DeviceBuffer, GatedLayerInputs, HeadConvs, LayerConvs, LayerShape, Link, Masked, adam_in_place,
-    cat_into, dropout_masks, ema_in_place, gated_head, gated_layer, logistic_nll, other_holders,
-    runs_fused, square_sum_f64, views_of,
+    address, cat_into, cuda_index, dropout_masks, ema_in_place, gated_head, gated_layer,
+    logistic_nll, other_holders, runs_fused, square_sum_f64, views_of,
 };
 
 #[cfg(test)]

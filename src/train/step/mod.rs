@@ -11,6 +11,8 @@
 //! with the step's update dropped: the state is not returned. In f16, whose overflowing steps
 //! are skipped and the run goes on, and over several ranks, the read comes before the update.
 
+mod graph;
+
 use super::Ema;
 use super::loss_scale::{self, GradientNorm};
 use super::{Batch, TrainState};
@@ -22,6 +24,7 @@ use crate::optim::{Flat, Layout, Optimizer, f32_flat};
 use crate::rng::Purpose;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+pub use graph::{GraphCounts, StepGraph};
 use rand::rngs::StdRng;
 use std::time::Instant;
 
@@ -46,6 +49,9 @@ pub struct Step {
     /// Wait for the device at each phase boundary (`pixel bench --sync`), so that
     /// [`StepPhases`] are the device's time rather than the host's.
     pub sync_phases: bool,
+    /// Capture the step of one process in f32 or bf16 on libtorch CUDA once as a CUDA graph and
+    /// replay it (`runtime.cuda_graph`; see [`graph`]). Ignored elsewhere (the plan refuses it).
+    pub cuda_graph: bool,
 }
 
 impl Step {
@@ -148,7 +154,8 @@ pub(super) struct Taken {
 /// Takes step `at` of the run on this rank's share of its global batch, agrees with the other
 /// ranks, and updates the state as they all do. `stop` is asked once, before the agreement.
 /// Errors name the step: a loss that is not finite; gradients that are not finite in f32 and
-/// bf16, or in f16 more than `step.max_skipped_steps` times in a row.
+/// bf16, or in f16 more than `step.max_skipped_steps` times in a row; a CUDA graph that could not
+/// be captured or replayed.
 pub(super) fn take(
     state: TrainState,
     at: StepAt,
@@ -170,105 +177,133 @@ pub(super) fn take(
         i,
         run_step,
     } = at;
-    let started = Instant::now();
+    let at = StepAt {
+        images,
+        indices,
+        i,
+        run_step,
+    };
+    let mut clock = Clock::new(step.sync_phases, device, i);
     let scale = loss_scale.as_ref().map_or(1.0, |ls| ls.scale);
     let share = world.share(indices.len());
     let local = &indices[share.clone()];
-    let global_dims = (indices.len() * images.dims()) as f64;
     let latent = model.latent_shape(images.height, images.width);
     let kl_weight = latent.map(|_| step.kl_weight(run_step));
     let inner = device.clone().without_autodiff();
-    // Seconds at the end of the forward pass, the loss and the backward pass.
-    let mut marks = [0.0f64; 3];
-    let mark = || -> Result<f64, String> {
-        if step.sync_phases {
-            device
-                .sync()
-                .map_err(|e| format!("step {}: the device failed: {e:?}", i + 1))?;
-        }
-        Ok(started.elapsed().as_secs_f64())
+    let learning_rate = step.learning_rate_at(run_step);
+    let work = Work {
+        step,
+        world,
+        global_images: indices.len(),
+        global_dims: (indices.len() * images.dims()) as f64,
+        kl_weight,
+        scale: loss_scale.as_ref().map(|_| scale),
     };
-    let (grads, totals) = if local.is_empty() {
-        // A rank without images this step (a global batch smaller than the world) adds zeros,
-        // to the free bits' sums too.
-        if let (Some([c, h, w]), true) = (latent, step.free_bits > 0.0) {
-            sum_over_ranks(Tensor::<4>::zeros([1, c, h, w], &inner), world);
-        }
-        (
-            None,
-            Tensor::zeros([1 + usize::from(latent.is_some())], &inner),
-        )
-    } else {
-        // What the step takes from the host, written into buffers that live across steps
-        // before its work on the device: the batch, the dropout masks' keys, a PixelVAE's
-        // noise, the update's scalars.
-        let uploaded = Batch::upload(images, local, device, Some(&mut inputs.batch));
-        let mut draws = step.dropout(run_step, share.start);
-        if let Some(masks) = model.dropout_masks()
-            && crate::model::native::runs_fused(&inner)
-        {
-            let keys: Vec<f32> = draws.keys(masks).into_iter().map(f32::from_bits).collect();
-            draws.staged = Some(inputs.dropout_keys.write_on(&keys, device));
-        }
-        // The noise of the whole global batch from the step's stream, of which this rank takes
-        // its images' part: the same draws as one process makes for them.
-        let noise = latent.map(|[c, h, w]| {
-            let per_image = c * h * w;
-            let mut rng = noise_rng(step.seed, step.epoch, i);
-            let all = vae::standard_normal(&mut rng, indices.len() * per_image);
-            let mine = &all[share.start * per_image..share.end * per_image];
-            if crate::model::native::runs_fused(&inner) {
-                inputs.noise.write_on(mine, device)
-            } else {
-                Tensor::from_data(TensorData::new(mine.to_vec(), [mine.len()]), device)
-            }
-        });
-        optimizer.stage(step.learning_rate_at(run_step), &inner);
+    let (agreed, finite) = if world.size() == 1 && loss_scale.is_none() {
+        // Update first, read after: an error drops the state, so the update need not wait.
+        let staged = stage(&mut inputs, &at, share.clone(), step, &model, device);
+        optimizer.stage(learning_rate, &inner);
         if let Some(ema) = ema.as_mut() {
             ema.stage(run_step, &inner);
         }
-        // What a CUDA graph of the step would capture begins here.
-        crate::model::native::trace_mark(c"step: device");
-        let mut batch = uploaded.batch();
-        batch.context.dropout = Some(draws);
-        let (logits, kl) = model.forward_with_noise(batch.input, &batch.context, |shape, _| {
-            noise.expect("a PixelVAE has a latent shape").reshape(shape)
-        });
-        marks[0] = mark()?;
-        let nats = nll_nats(logits, batch.target);
-        // The batch's nats (and KL), read with the gradients' norm after the backward pass.
-        let mut totals = vec![nats.clone().inner().cast(FloatDType::F32)];
-        let mut loss = nats;
-        if let (Some(kl), Some(weight)) = (kl, kl_weight) {
-            totals.push(kl.clone().sum().inner().cast(FloatDType::F32));
-            loss = loss + kl_penalty(kl, step.free_bits, indices.len(), world) * weight;
-        }
-        let mut loss = loss / global_dims;
-        if loss_scale.is_some() {
-            loss = loss * scale;
-        }
-        marks[1] = mark()?;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        marks[2] = mark()?;
-        (Some(grads), Tensor::cat(totals, 0))
-    };
-    let learning_rate = step.learning_rate_at(run_step);
-    let (agreed, finite) = if world.size() == 1 && loss_scale.is_none() {
-        // Update first, read after: an error drops the state, so the update need not wait.
-        let grads = grads.expect("a world of one takes the whole batch");
-        let grads = optimizer.flat_gradients(&model, grads);
-        let gathered = gather(grads, totals, stop(), 1.0);
         let update = Update {
             learning_rate,
             clip: step.clip_grad_norm,
             run_step,
         };
-        let agreed;
-        (model, agreed) = gathered.update_then_read(model, &mut optimizer, ema.as_mut(), update);
+        let plan = match (step.cuda_graph, crate::model::native::cuda_index(device)) {
+            (true, Some(_)) => {
+                let numbers = numbers(&work, local.len());
+                let signature = signature(numbers, &model, &optimizer, ema.as_mut(), &inputs);
+                inputs.graph.plan(signature, run_step)
+            }
+            _ => graph::Plan::Eager,
+        };
+        let pending = match plan {
+            graph::Plan::Eager => {
+                let pending;
+                (model, pending) = one_process(
+                    &work,
+                    model,
+                    &mut optimizer,
+                    ema.as_mut(),
+                    staged,
+                    update,
+                    stop(),
+                    &mut clock,
+                );
+                pending
+            }
+            graph::Plan::Capture => {
+                let index = crate::model::native::cuda_index(device).expect("planned on CUDA");
+                inputs.graph.begin(index).map_err(|e| graph_error(i, &e))?;
+                // Nothing may wait for the device while capturing.
+                clock.sync = false;
+                let captured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    one_process(
+                        &work,
+                        model,
+                        &mut optimizer,
+                        ema.as_mut(),
+                        staged,
+                        update,
+                        stop(),
+                        &mut clock,
+                    )
+                }));
+                let pending;
+                (model, pending) = captured.map_err(|panic| {
+                    inputs.graph.abandon();
+                    graph_error(i, &panic_message(&panic))
+                })?;
+                inputs
+                    .graph
+                    .end(run_step, pending.square_sum.clone(), pending.totals.clone())
+                    .map_err(|e| graph_error(i, &e))?;
+                pending
+            }
+            graph::Plan::Replay => {
+                drop(staged);
+                // What the captured step did on the host besides its work on the device.
+                optimizer.replayed();
+                if let Some(ema) = ema.as_mut() {
+                    ema.replayed();
+                }
+                let (square_sum, totals) = inputs.graph.replay().map_err(|e| graph_error(i, &e))?;
+                clock.replayed();
+                Pending {
+                    square_sum,
+                    totals,
+                    weights: optimizer.last_weights(),
+                    stop: stop(),
+                }
+            }
+        };
+        let agreed = pending.read(&model);
         let loss = agreed.totals.iter().sum();
         let finite = check_finite(loss, &agreed.norm, None, &model, i, step)?;
         (agreed, finite)
     } else {
+        let (grads, totals) = if local.is_empty() {
+            // A rank without images this step (a global batch smaller than the world) adds
+            // zeros, to the free bits' sums too.
+            if let (Some([c, h, w]), true) = (latent, step.free_bits > 0.0) {
+                sum_over_ranks(Tensor::<4>::zeros([1, c, h, w], &inner), world);
+            }
+            (
+                None,
+                Tensor::zeros([1 + usize::from(latent.is_some())], &inner),
+            )
+        } else {
+            let staged = stage(&mut inputs, &at, share.clone(), step, &model, device);
+            optimizer.stage(learning_rate, &inner);
+            if let Some(ema) = ema.as_mut() {
+                ema.stage(run_step, &inner);
+            }
+            crate::model::native::trace_mark(c"step: device");
+            let (grads, totals) = forward_backward(&work, &model, staged, &mut clock);
+            (Some(grads), totals)
+        };
         // Unscaled (f16) and measured: the norm is what a step's update is made of.
         let (mut grads, agreed) = agree(&model, grads, totals, stop(), 1.0 / scale, world, &inner);
         let loss = agreed.totals.iter().sum();
@@ -292,13 +327,7 @@ pub(super) fn take(
     let nats = agreed.totals[0];
     let kl_nats = latent.map(|_| agreed.totals[1]);
     let norm = agreed.norm;
-    let end = mark()?;
-    let phases = (world.size() == 1).then(|| StepPhases {
-        forward: marks[0],
-        loss: marks[1] - marks[0],
-        backward: marks[2] - marks[1],
-        update: end - marks[2],
-    });
+    let phases = clock.phases()?.filter(|_| world.size() == 1);
     let state = TrainState {
         model,
         optimizer,
@@ -317,6 +346,242 @@ pub(super) fn take(
         phases,
     };
     Ok((state, taken))
+}
+
+/// What every part of a step needs to know of it.
+struct Work<'a> {
+    step: &'a Step,
+    world: &'a World,
+    /// The global batch's images and sub-pixels (the loss is their mean).
+    global_images: usize,
+    global_dims: f64,
+    kl_weight: Option<f64>,
+    /// f16: the loss scale.
+    scale: Option<f64>,
+}
+
+/// What a step took from the host, written into buffers that live across steps before its work
+/// on the device (on libtorch; elsewhere uploaded).
+struct Staged {
+    uploaded: super::Uploaded,
+    draws: crate::model::DropoutDraws,
+    noise: Option<Tensor<1>>,
+}
+
+/// Writes what step `at` takes from the host for this rank's part of its global batch (`share`):
+/// its images, the dropout masks' keys and a PixelVAE's noise. (The update's scalars are the
+/// optimizer's and the average's to stage.)
+fn stage(
+    inputs: &mut super::StepInputs,
+    at: &StepAt,
+    share: std::ops::Range<usize>,
+    step: &Step,
+    model: &Model,
+    device: &Device,
+) -> Staged {
+    let inner = device.clone().without_autodiff();
+    let images = at.images;
+    let uploaded = Batch::upload(
+        images,
+        &at.indices[share.clone()],
+        device,
+        Some(&mut inputs.batch),
+    );
+    let mut draws = step.dropout(at.run_step, share.start);
+    if let Some(masks) = model.dropout_masks()
+        && crate::model::native::runs_fused(&inner)
+    {
+        let keys: Vec<f32> = draws.keys(masks).into_iter().map(f32::from_bits).collect();
+        draws.staged = Some(inputs.dropout_keys.write_on(&keys, device));
+    }
+    // The noise of the whole global batch from the step's stream, of which this rank takes its
+    // images' part: the same draws as one process makes for them.
+    let noise = model
+        .latent_shape(images.height, images.width)
+        .map(|[c, h, w]| {
+            let per_image = c * h * w;
+            let mut rng = noise_rng(step.seed, step.epoch, at.i);
+            let all = vae::standard_normal(&mut rng, at.indices.len() * per_image);
+            let mine = &all[share.start * per_image..share.end * per_image];
+            if crate::model::native::runs_fused(&inner) {
+                inputs.noise.write_on(mine, device)
+            } else {
+                Tensor::from_data(TensorData::new(mine.to_vec(), [mine.len()]), device)
+            }
+        });
+    Staged {
+        uploaded,
+        draws,
+        noise,
+    }
+}
+
+/// The forward pass, the loss and the backward pass of this rank's images: the gradients, and
+/// the totals still on the device (the images' nats, and a PixelVAE's KL nats).
+fn forward_backward(
+    work: &Work,
+    model: &Model,
+    staged: Staged,
+    clock: &mut Clock,
+) -> (GradientsParams, Tensor<1>) {
+    let Staged {
+        uploaded,
+        draws,
+        noise,
+    } = staged;
+    let mut batch = uploaded.batch();
+    batch.context.dropout = Some(draws);
+    let (logits, kl) = model.forward_with_noise(batch.input, &batch.context, |shape, _| {
+        noise.expect("a PixelVAE has a latent shape").reshape(shape)
+    });
+    clock.mark(0);
+    let nats = nll_nats(logits, batch.target);
+    // The batch's nats (and KL), read with the gradients' norm after the backward pass.
+    let mut totals = vec![nats.clone().inner().cast(FloatDType::F32)];
+    let mut loss = nats;
+    if let (Some(kl), Some(weight)) = (kl, work.kl_weight) {
+        totals.push(kl.clone().sum().inner().cast(FloatDType::F32));
+        loss = loss + kl_penalty(kl, work.step.free_bits, work.global_images, work.world) * weight;
+    }
+    let mut loss = loss / work.global_dims;
+    if let Some(scale) = work.scale {
+        loss = loss * scale;
+    }
+    clock.mark(1);
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    clock.mark(2);
+    (grads, Tensor::cat(totals, 0))
+}
+
+/// One process in f32 or bf16, all of it on the device (what a CUDA graph captures): the
+/// forward and backward passes, clipping, the optimizer's step and the average's update. The
+/// model and what is left to read.
+#[allow(clippy::too_many_arguments)]
+fn one_process(
+    work: &Work,
+    model: Model,
+    optimizer: &mut Optimizer,
+    ema: Option<&mut Ema>,
+    staged: Staged,
+    update: Update,
+    stop: bool,
+    clock: &mut Clock,
+) -> (Model, Pending) {
+    // What a CUDA graph of the step captures begins here.
+    crate::model::native::trace_mark(c"step: device");
+    let (grads, totals) = forward_backward(work, &model, staged, clock);
+    let grads = optimizer.flat_gradients(&model, grads);
+    gather(grads, totals, stop, 1.0).update(model, optimizer, ema, update)
+}
+
+/// The wall clock of a step and its phases' ends, waiting for the device at each where asked
+/// (`pixel bench --sync`; never while a CUDA graph is captured).
+struct Clock<'a> {
+    started: Instant,
+    sync: bool,
+    device: &'a Device,
+    i: usize,
+    /// Seconds at the end of the forward pass, the loss and the backward pass.
+    marks: [f64; 3],
+    /// A replayed step has no phases.
+    whole: bool,
+    failed: Option<String>,
+}
+
+impl<'a> Clock<'a> {
+    fn new(sync: bool, device: &'a Device, i: usize) -> Clock<'a> {
+        Clock {
+            started: Instant::now(),
+            sync,
+            device,
+            i,
+            marks: [0.0; 3],
+            whole: false,
+            failed: None,
+        }
+    }
+
+    fn now(&mut self) -> f64 {
+        if self.sync
+            && self.failed.is_none()
+            && let Err(e) = self.device.sync()
+        {
+            self.failed = Some(format!("step {}: the device failed: {e:?}", self.i + 1));
+        }
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn mark(&mut self, k: usize) {
+        self.marks[k] = self.now();
+    }
+
+    fn replayed(&mut self) {
+        self.whole = true;
+    }
+
+    /// The phases (None for a replayed step: one launch), or the device's failure.
+    fn phases(mut self) -> Result<Option<StepPhases>, String> {
+        let end = self.now();
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let m = self.marks;
+        Ok((!self.whole).then(|| StepPhases {
+            forward: m[0],
+            loss: m[1] - m[0],
+            backward: m[2] - m[1],
+            update: end - m[2],
+        }))
+    }
+}
+
+/// What a CUDA graph's step depends on that could change (see [`graph`]), where the step can be
+/// captured: Adam in place, the average made. None where it cannot yet. `numbers`: what its
+/// kernels take from the host as arguments ([`numbers`]).
+fn signature(
+    numbers: Vec<u64>,
+    model: &Model,
+    optimizer: &Optimizer,
+    ema: Option<&mut Ema>,
+    inputs: &super::StepInputs,
+) -> Option<graph::Signature> {
+    let mut buffers = optimizer.graph_buffers(model)?;
+    if let Some(ema) = ema {
+        buffers.extend(ema.graph_buffers()?);
+    }
+    buffers.extend(
+        [&inputs.batch, &inputs.dropout_keys, &inputs.noise].map(|b| b.address().map(|a| (a, 0))),
+    );
+    Some(graph::Signature { numbers, buffers })
+}
+
+/// The numbers a step of `images` images passes its kernels as arguments: the loss is divided
+/// by the batch's sub-pixels, and times the KL weight; clipping's norm and the free bits.
+fn numbers(work: &Work, images: usize) -> Vec<u64> {
+    vec![
+        images as u64,
+        work.kl_weight.unwrap_or(0.0).to_bits(),
+        work.step.clip_grad_norm.to_bits(),
+        work.step.free_bits.to_bits(),
+    ]
+}
+
+/// The error of step `i` whose CUDA graph failed.
+fn graph_error(i: usize, message: &str) -> String {
+    format!(
+        "step {}: {message} (runtime.cuda_graph = true; set it to false to train without one)",
+        i + 1
+    )
+}
+
+/// The message of a panic caught while capturing.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    format!("capturing the step as a CUDA graph failed: {text}")
 }
 
 /// Whether step `i`'s gradients are finite, so that it can be taken. A loss that is not finite
@@ -450,7 +715,7 @@ fn agree(
 }
 
 /// A world of one's gradients (times a factor), flat, with their square sum (f64, `[1]`) and the
-/// totals still on the device, until [`Gathered::read`] (or [`Gathered::update_then_read`]).
+/// totals still on the device, until [`Gathered::read`] (or [`Gathered::update`]).
 struct Gathered {
     grads: Flat,
     square_sum: Tensor<1>,
@@ -488,33 +753,67 @@ impl Gathered {
     }
 
     /// One process in f32 or bf16: clipping, the optimizer's step and the EMA's update on the
-    /// device, then one read (the square sum and the totals). The update spends the gradients
-    /// (clipped in place, then Adam's scratch), so a square sum that is not finite names the
-    /// first parameter whose new weights are not finite: an update leaves a weight finite where
-    /// its gradient was (its weights were finite, or the last step would have stopped the run)
-    /// and not where it was not (Adam's `inf / inf`, SGD's `w - lr inf`), and clipping's factor
-    /// is 1 when the norm is not a number, so that one NaN does not spread to every gradient.
-    fn update_then_read(
+    /// device; the square sum and the totals are left to [`Pending::read`]. The update spends
+    /// the gradients (clipped in place, then Adam's scratch), so a square sum that is not finite
+    /// names the first parameter whose new weights are not finite: an update leaves a weight
+    /// finite where its gradient was (its weights were finite, or the last step would have
+    /// stopped the run) and not where it was not (Adam's `inf / inf`, SGD's `w - lr inf`), and
+    /// clipping's factor is 1 when the norm is not a number, so that one NaN does not spread to
+    /// every gradient.
+    fn update(
         self,
         model: Model,
         optimizer: &mut Optimizer,
         ema: Option<&mut Ema>,
         update: Update,
-    ) -> (Model, Agreed) {
+    ) -> (Model, Pending) {
         let grads = clipped(self.grads, &self.square_sum, update.clip);
         let (model, weights) = optimizer.step(update.learning_rate, model, grads);
         if let Some(ema) = ema {
             ema.update(&weights, &model, update.run_step);
         }
+        // What a CUDA graph of the step captures ends here.
         crate::model::native::trace_mark(c"step: read");
-        let (square_sum, totals) = read_sums(self.square_sum, self.totals);
-        let norm = norm_or_first(square_sum, &model, &weights);
-        let stop = self.stop;
-        (model, Agreed { norm, totals, stop })
+        let pending = Pending {
+            square_sum: self.square_sum,
+            totals: self.totals,
+            weights: Some(weights),
+            stop: self.stop,
+        };
+        (model, pending)
     }
 }
 
-/// What [`Gathered::update_then_read`] needs of the step.
+/// A step of one process after its update: the square sum of its gradients and its totals, still
+/// on the device, and the new weights they name a parameter from where the sum is not finite.
+struct Pending {
+    square_sum: Tensor<1>,
+    totals: Tensor<1>,
+    weights: Option<Flat>,
+    stop: bool,
+}
+
+impl Pending {
+    /// The square sum and the totals in one read of the device (the new weights' square sums
+    /// in a second one when the sum is not finite, to name the first parameter concerned).
+    fn read(self, model: &Model) -> Agreed {
+        let (square_sum, totals) = read_sums(self.square_sum, self.totals);
+        let norm = match &self.weights {
+            Some(weights) => norm_or_first(square_sum, model, weights),
+            None => GradientNorm {
+                norm: square_sum.sqrt(),
+                first_not_finite: None,
+            },
+        };
+        Agreed {
+            norm,
+            totals,
+            stop: self.stop,
+        }
+    }
+}
+
+/// What [`Gathered::update`] needs of the step.
 #[derive(Clone, Copy, Debug)]
 struct Update {
     learning_rate: f64,
@@ -567,7 +866,7 @@ fn norm_or_first(square_sum: f64, model: &Model, values: &Flat) -> GradientNorm 
 }
 
 /// The norm from each parameter's square sum, to name the first whose gradient (or new weight,
-/// see [`Gathered::update_then_read`]) is not finite: only when the whole is not, in one more
+/// see [`Gathered::update`]) is not finite: only when the whole is not, in one more
 /// read.
 fn norm_of_each(model: &Model, grads: &Flat) -> GradientNorm {
     let mut offset = 0;

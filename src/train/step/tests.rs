@@ -21,6 +21,7 @@ fn plain(batch_size: usize) -> Step {
         free_bits: 0.0,
         max_skipped_steps: 25,
         sync_phases: false,
+        cuda_graph: false,
     }
 }
 
@@ -473,9 +474,10 @@ fn a_gradient_that_is_not_finite_is_named_after_the_update() {
                     clip,
                     run_step,
                 };
-                let agreed;
-                (model, agreed) = gather(Flat::gradients(&model, grads), totals, false, 1.0)
-                    .update_then_read(model, &mut optimizer, ema.as_mut(), update);
+                let pending;
+                (model, pending) = gather(Flat::gradients(&model, grads), totals, false, 1.0)
+                    .update(model, &mut optimizer, ema.as_mut(), update);
+                let agreed = pending.read(&model);
                 let first = agreed.norm.first_not_finite;
                 assert_eq!(first, plant.map(|(at, _)| at), "{case}");
                 assert_eq!(agreed.norm.is_finite(), plant.is_none(), "{case}");
@@ -748,11 +750,22 @@ fn a_step_on_libtorch_could_be_replayed() {
         let mut state = replay_state(model);
         let order: Vec<usize> = (0..16).collect();
         let mut traces = Vec::new();
+        let mut signatures = Vec::new();
         for i in 0..4 {
+            signatures.push(signature_of(&mut state));
             let trace;
             (state, trace) = traced_step(state, &data, &order[4 * i..4 * i + 4], i, &device);
             traces.push(trace);
         }
+        // What the CUDA graph's driver reads from the same steps: the first two cannot be
+        // captured (they make Adam's moments and the gradients' buffer), the next two have one
+        // signature, so that the fourth would be captured and the ones after replay it.
+        assert!(
+            signatures[0].is_none() && signatures[1].is_none(),
+            "{cfg:?}"
+        );
+        assert!(signatures[2].is_some(), "{cfg:?}");
+        assert_eq!(signatures[2], signatures[3], "{cfg:?} {precision:?}");
         assert!(traces[3].len() > 50, "{cfg:?}: {:#?}", traces[3]);
         let uploads = replay::uploads(&traces[3]);
         assert!(
@@ -870,7 +883,9 @@ fn a_replayed_step_stays_valid_across_an_epoch_end() {
     let order: Vec<usize> = (0..14).collect();
     let batches = [0..4, 4..8, 8..12, 12..14, 0..4];
     let mut traces = Vec::new();
+    let mut signatures = Vec::new();
     for (i, range) in batches.into_iter().enumerate() {
+        signatures.push(signature_of(&mut state));
         let trace;
         (state, trace) = traced_step(state, &data, &order[range], i, &device);
         traces.push(trace);
@@ -903,4 +918,22 @@ fn a_replayed_step_stays_valid_across_an_epoch_end() {
     if let Some(d) = replay::differences(&traces[2], &traces[4]) {
         panic!("{d}");
     }
+    // The graph's driver sees the same buffers on either side (the partial batch only differs
+    // in its number of images, so it runs eagerly beside the graph, which it keeps).
+    assert!(signatures[2].is_some());
+    assert_eq!(signatures[2], signatures[4]);
+    assert_eq!(signatures[2], signatures[3]);
+}
+
+/// The signature the CUDA graph's driver would compute for the next step of `state` (its
+/// buffers; the step's numbers are left out).
+#[cfg(feature = "tch")]
+fn signature_of(state: &mut TrainState) -> Option<graph::Signature> {
+    signature(
+        Vec::new(),
+        &state.model,
+        &state.optimizer,
+        state.ema.as_mut(),
+        &state.inputs,
+    )
 }

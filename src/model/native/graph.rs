@@ -1,0 +1,190 @@
+//! A CUDA graph: the work libtorch queues on one device between [`CudaGraph::begin`] and
+//! [`CudaGraph::end`], recorded once and launched again by [`CudaGraph::replay`] with one call
+//! instead of a call per kernel (`at::cuda::CUDAGraph` in `src/native/torch_extras.cpp`, what
+//! `torch.cuda.graph` runs; tch has no binding). A replay reads and writes the buffers the
+//! capture did, at their addresses: whatever it should see new is written into them first, and
+//! what it makes is read from the tensors the capture left.
+//!
+//! The work is captured, not run: a replay after [`CudaGraph::end`] runs it the first time.
+//! Between begin and end nothing may wait for the device (a read of a tensor on the host, a copy
+//! from the host's pageable memory): libtorch's call fails then, and the capture with it.
+
+use std::ffi::{c_char, c_void};
+use sys::*;
+
+#[cfg(feature = "tch")]
+mod sys {
+    use std::ffi::{c_char, c_void};
+    unsafe extern "C" {
+        pub fn pixel_graph_available() -> i32;
+        pub fn pixel_graph_new(device: i8, error: *mut c_char, error_len: usize) -> *mut c_void;
+        pub fn pixel_graph_begin(graph: *mut c_void, error: *mut c_char, len: usize) -> i32;
+        pub fn pixel_graph_end(graph: *mut c_void, error: *mut c_char, len: usize) -> i32;
+        pub fn pixel_graph_replay(graph: *mut c_void, error: *mut c_char, len: usize) -> i32;
+        pub fn pixel_graph_free(graph: *mut c_void);
+    }
+}
+
+/// Without libtorch: no graphs, and a graph asked for says why.
+#[cfg(not(feature = "tch"))]
+#[allow(clippy::missing_safety_doc)]
+mod sys {
+    use std::ffi::{c_char, c_void};
+    pub unsafe fn pixel_graph_available() -> i32 {
+        0
+    }
+    pub unsafe fn pixel_graph_new(_: i8, error: *mut c_char, len: usize) -> *mut c_void {
+        let message = b"CUDA graphs are libtorch's: this build has no libtorch (--features tch)";
+        let n = message.len().min(len - 1);
+        // SAFETY: the caller's buffer holds `len` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(message.as_ptr().cast(), error, n);
+            *error.add(n) = 0;
+        }
+        std::ptr::null_mut()
+    }
+    pub unsafe fn pixel_graph_begin(_: *mut c_void, _: *mut c_char, _: usize) -> i32 {
+        unreachable!("no graph is made without libtorch")
+    }
+    pub unsafe fn pixel_graph_end(_: *mut c_void, _: *mut c_char, _: usize) -> i32 {
+        unreachable!("no graph is made without libtorch")
+    }
+    pub unsafe fn pixel_graph_replay(_: *mut c_void, _: *mut c_char, _: usize) -> i32 {
+        unreachable!("no graph is made without libtorch")
+    }
+    pub unsafe fn pixel_graph_free(_: *mut c_void) {}
+}
+
+/// Whether libtorch sees a CUDA device.
+pub fn cuda_available() -> bool {
+    #[cfg(feature = "tch")]
+    return tch::Cuda::is_available();
+    #[cfg(not(feature = "tch"))]
+    false
+}
+
+/// Whether this build captures CUDA graphs (`build.rs` found the CUDA runtime's headers for a
+/// libtorch with CUDA, and the code compiled against them).
+pub fn available() -> bool {
+    // SAFETY: a C function of src/native/torch_extras.cpp without arguments.
+    unsafe { pixel_graph_available() == 1 }
+}
+
+/// One graph on one CUDA device, freed on drop (a capture still under way is ended first).
+pub struct CudaGraph {
+    graph: *mut c_void,
+    /// Between a successful begin and its end.
+    capturing: bool,
+}
+
+// A graph is used by one thread at a time (the training loop's); libtorch's CUDAGraph has no
+// thread affinity.
+unsafe impl Send for CudaGraph {}
+
+/// Calls `f` with an error buffer and turns its -1 into the message written there.
+fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), String> {
+    let mut error = [0 as c_char; 2048];
+    if f(error.as_mut_ptr(), error.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the C functions terminate the message they write.
+    let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+    Err(format!("{what}: {}", message.to_string_lossy()))
+}
+
+impl CudaGraph {
+    /// A graph to capture on CUDA device `index`.
+    pub fn new(index: usize) -> Result<CudaGraph, String> {
+        let device = i8::try_from(index).map_err(|_| format!("no CUDA device {index}"))?;
+        let mut graph = std::ptr::null_mut();
+        call("a CUDA graph could not be made", |error, len| {
+            // SAFETY: writes a terminated message on failure and returns null then.
+            graph = unsafe { pixel_graph_new(device, error, len) };
+            if graph.is_null() { -1 } else { 0 }
+        })?;
+        Ok(CudaGraph {
+            graph,
+            capturing: false,
+        })
+    }
+
+    /// Waits for the device, then captures what this thread queues on it until [`Self::end`].
+    pub fn begin(&mut self) -> Result<(), String> {
+        // SAFETY: a live graph; the function catches every exception.
+        call("the CUDA graph's capture could not begin", |e, n| unsafe {
+            pixel_graph_begin(self.graph, e, n)
+        })?;
+        self.capturing = true;
+        Ok(())
+    }
+
+    /// Ends the capture: the graph is ready to replay.
+    pub fn end(&mut self) -> Result<(), String> {
+        self.capturing = false;
+        // SAFETY: as above.
+        call("the CUDA graph's capture failed", |e, n| unsafe {
+            pixel_graph_end(self.graph, e, n)
+        })
+    }
+
+    /// Queues the captured work on the device's current stream.
+    pub fn replay(&mut self) -> Result<(), String> {
+        // SAFETY: as above.
+        call("the CUDA graph's replay failed", |e, n| unsafe {
+            pixel_graph_replay(self.graph, e, n)
+        })
+    }
+}
+
+impl CudaGraph {
+    /// A graph that holds nothing, never to begin or replay: for tests of what holds graphs.
+    #[cfg(test)]
+    pub fn detached() -> CudaGraph {
+        CudaGraph {
+            graph: std::ptr::null_mut(),
+            capturing: false,
+        }
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        if self.graph.is_null() {
+            return;
+        }
+        // SAFETY: the graph was made by pixel_graph_new and is freed once; the function ends a
+        // capture under way and catches every exception.
+        unsafe { pixel_graph_free(self.graph) };
+    }
+}
+
+impl std::fmt::Debug for CudaGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaGraph")
+            .field("capturing", &self.capturing)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a CUDA device a graph cannot be made, and says why, in a build with graphs as in
+    /// one without.
+    #[test]
+    fn a_graph_without_a_gpu_is_refused_with_a_reason() {
+        if cuda_available() {
+            return;
+        }
+        let error = CudaGraph::new(0).expect_err("no CUDA device here");
+        assert!(
+            error.starts_with("a CUDA graph could not be made: "),
+            "{error}"
+        );
+        assert!(
+            error.len() > "a CUDA graph could not be made: ".len() + 10,
+            "{error}"
+        );
+    }
+}
