@@ -28,6 +28,9 @@ export VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 LIBTORCH_BY
 export CARGO_TARGET_DIR=target/torch-$version
 torch_lib=$(python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The CUDA headers its wheel lacks, for CUDA graphs (runtime.cuda_graph); a test checks they compiled in.
+PYTHON=python bash bench/cuda-headers.sh
+export PIXEL_EXPECT_CUDA_GRAPHS=1
 cargo build --release --features tch
 # The libtorch tests (causality, units, native operations' values and gradients) on this libtorch.
 cargo test --release --features tch --lib

@@ -14,10 +14,13 @@
 # Rows: gated 5x5 c30 (experiments/quickstart.toml as a gated model) at batch 64, 256, 1024 in f32
 # and 64 in bf16; PixelCNN++ with the CIFAR-10 settings (experiments/cifar10-pixelcnnpp.toml on
 # synthetic 32x32 RGB images) at batch 16 with dropout 0.5 and 0, at 64 in f32 and bf16, and 16 with
-# cuDNN's benchmarking on both sides (runtime.cudnn_benchmark, the twin's --cudnn-benchmark).
+# cuDNN's benchmarking on both sides (runtime.cudnn_benchmark, the twin's --cudnn-benchmark). Rows
+# marked `graph` run pixel's step as a CUDA graph (runtime.cuda_graph; the twin stays eager: its
+# time is the row above's).
 # Determinism: a 20-step PixelCNN++ run (experiments/smoke/pixelcnnpp-synthetic-rgb.toml) twice on
 # the GPU with runtime.deterministic = true (the metrics and the checkpoint's bytes must be equal),
-# then twice with the default (false: libtorch's defaults, as the twins). Between the two, the
+# and a third time as a CUDA graph (the same bytes again: a replay runs the captured kernels), then
+# twice with the default (false: libtorch's defaults, as the twins). Between the two, the
 # phases synchronised at each boundary and a profile of 3 steps of gated b64 and PixelCNN++ b16,
 # each side's (profile_summary.py: kernels, GPU time and busy share, host waits per step).
 # Output in OUT (default gpu-out/): gpu.txt, everything printed.
@@ -33,10 +36,10 @@ steps=${STEPS:-12}
 rounds=${ROUNDS:-2}
 # Seconds the rows leave for the profiles and the determinism checks after them.
 reserve=${RESERVE:-240}
-# Rows as "batch precision" and "batch dropout precision [benchmark]", one per word group
-# (';'-separated).
-IFS=';' read -r -a gated_rows <<< "${GATED_ROWS:-64 f32;256 f32;1024 f32;64 bf16}"
-IFS=';' read -r -a pp_rows <<< "${PP_ROWS:-16 0.5 f32;16 0.0 f32;64 0.5 f32;64 0.5 bf16;16 0.5 f32 benchmark}"
+# Rows as "batch precision [graph]" and "batch dropout precision [benchmark|graph]", one per word
+# group (';'-separated).
+IFS=';' read -r -a gated_rows <<< "${GATED_ROWS:-64 f32;64 f32 graph;256 f32;1024 f32;64 bf16}"
+IFS=';' read -r -a pp_rows <<< "${PP_ROWS:-16 0.5 f32;16 0.5 f32 graph;16 0.0 f32;64 0.5 f32;64 0.5 bf16;16 0.5 f32 benchmark}"
 mkdir -p "$out"
 deadline=$((SECONDS + budget))
 exec > >(tee "$out/gpu.txt") 2>&1
@@ -68,8 +71,14 @@ for r in $(seq "$rounds"); do
   section "round $r of $rounds: gated 5x5 c30, 28x28 grey"
   for row in "${gated_rows[@]}"; do
     set -- $row
-    time_left $((40 + reserve)) "gated b$1 $2" || continue
-    echo "--- gated b$1 $2"
+    time_left $((40 + reserve)) "gated b$1 $2 ${3:-}" || continue
+    echo "--- gated b$1 $2 ${3:-}"
+    if [ "${3:-}" = graph ]; then
+      echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size="$1" --set runtime.precision="$2" \
+        --set runtime.cuda_graph=true)"
+      echo "twin:  (eager: the row above)"
+      continue
+    fi
     echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size="$1" --set runtime.precision="$2")"
     echo "twin:  $(python3 bench/pytorch_reference.py --variant gated --batch "$1" --steps "$steps" \
       --device "$device" --precision "$2" --threads 4 2>&1 | grep -E '^\| |^step phases' | paste -sd' ')"
@@ -81,8 +90,10 @@ for r in $(seq "$rounds"); do
     echo "--- pixelcnn++ b$1 dropout $2 $3 ${4:-}"
     bench_pixel=(); bench_twin=()
     [ "${4:-}" = benchmark ] && bench_pixel=(--set runtime.cudnn_benchmark=true) && bench_twin=(--cudnn-benchmark)
+    [ "${4:-}" = graph ] && bench_pixel=(--set runtime.cuda_graph=true)
     echo "pixel: $(pixel_row "${cifar[@]}" --set train.batch_size="$1" --set model.pixelcnnpp.dropout="$2" \
       --set runtime.precision="$3" "${bench_pixel[@]}")"
+    if [ "${4:-}" = graph ]; then echo "twin:  (eager: the row above)"; continue; fi
     echo "twin:  $("${twin_pp[@]}" --batch "$1" --dropout "$2" --precision "$3" "${bench_twin[@]}" 2>&1 |
       grep -E '^\| |^step phases' | paste -sd' ')"
   done
@@ -110,14 +121,27 @@ sums() { (cd "$1/pixelcnnpp-synthetic-rgb/checkpoints" && find . -type f -name '
 for det in true false; do
   section "determinism: the same 20-step PixelCNN++ run twice on the GPU, runtime.deterministic = $det"
   time_left 60 "determinism ($det)" || continue
-  for i in 1 2; do
+  runs="1 2"
+  [ "$det" = true ] && [ "$device" != cpu ] && runs="1 2 graph"
+  for i in $runs; do
     rm -rf "$out/det-$det-$i"
-    "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml --results "$out/det-$det-$i" \
+    graph=false; [ "$i" = graph ] && graph=true
+    RUST_LOG=info "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml --results "$out/det-$det-$i" \
       --set runtime.backend=libtorch --set runtime.device="$device" --set train.epochs=1 \
       --set data.synthetic_images=320 --set train.batch_size=16 --set runtime.deterministic=$det \
+      --set runtime.cuda_graph=$graph \
       > "$out/det-$det-$i.log" 2>&1 || echo "run $i failed: $(tail -3 "$out/det-$det-$i.log")"
     cut -d, -f2,3,13- "$out/det-$det-$i/pixelcnnpp-synthetic-rgb/metrics.csv" > "$out/det-$det-$i.csv"
   done
+  if [ "$runs" = "1 2 graph" ]; then
+    grep -h "cuda_graph" "$out/det-$det-graph.log" | tail -2
+    if cmp -s "$out/det-$det-1.csv" "$out/det-$det-graph.csv" &&
+       [ "$(sums "$out/det-$det-1")" = "$(sums "$out/det-$det-graph")" ]; then
+      echo "as a CUDA graph: the same metrics and checkpoint bytes as eager"
+    else
+      echo "as a CUDA graph: DIFFERENT from eager:"; diff "$out/det-$det-1.csv" "$out/det-$det-graph.csv"
+    fi
+  fi
   cat "$out/det-$det-1.csv"
   if cmp -s "$out/det-$det-1.csv" "$out/det-$det-2.csv" &&
      [ "$(sums "$out/det-$det-1")" = "$(sums "$out/det-$det-2")" ]; then

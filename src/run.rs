@@ -436,6 +436,24 @@ impl Epochs<'_> {
             images_per_second = format!("{:.1}", row.train_images_per_second),
             "epoch done"
         );
+        if self.plan.experiment.runtime.cuda_graph {
+            let c = state.inputs.graph.counts();
+            tracing::info!(
+                epoch,
+                captured = c.captured,
+                replayed = c.replayed,
+                eager = c.eager,
+                "runtime.cuda_graph: steps so far"
+            );
+            if c.replayed == 0 {
+                tracing::warn!(
+                    epoch,
+                    "runtime.cuda_graph: no step has replayed a CUDA graph yet (every step ran \
+                     eagerly: its buffers never settled, or the epoch was shorter than the four \
+                     steps a capture waits for)"
+                );
+            }
+        }
         if let Some(warning) = train::collapse_warning(
             row.test_kl_bits_per_dim,
             row.kl_weight,

@@ -93,6 +93,16 @@ impl Session {
             message,
         })?;
         tracing::info!(device = %opened.description, "{}", opened.reason);
+        if plan.experiment.runtime.cuda_graph && !opened.description.starts_with("libtorch:cuda") {
+            return Err(Error::Usage {
+                flag: "runtime.cuda_graph = true".into(),
+                message: format!(
+                    "the run is on {} ({}); expected a CUDA device: a CUDA graph runs on one \
+                     (set runtime.device = \"cuda\", or runtime.cuda_graph = false)",
+                    opened.description, opened.reason
+                ),
+            });
+        }
         check_splits(&plan, &splits)?;
 
         let training = !matches!(weights, Weights::Trained(_));

@@ -50,6 +50,10 @@ pub struct Report {
     /// MiB, as the twins' `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`;
     /// with several ranks the largest. None off CUDA.
     pub peak_gpu_mib: Option<f64>,
+    /// With `runtime.cuda_graph`: the steps (warm-up included) captured as a CUDA graph,
+    /// replayed from it and run eagerly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_graph: Option<train::GraphCounts>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -104,6 +108,13 @@ pub fn bench(experiment: &Path, sets: &[Override], options: &Options, world: &Wo
             p.forward, p.loss, p.backward, p.update
         );
     }
+    if let Some(c) = &report.cuda_graph {
+        println!(
+            "CUDA graph: {} step(s) captured, {} replayed, {} eager (warm-up included; a \
+             replayed step has no phases)",
+            c.captured, c.replayed, c.eager
+        );
+    }
     println!(
         "{}",
         serde_json::to_string(&report).expect("a report serialises")
@@ -117,7 +128,8 @@ pub fn bench(experiment: &Path, sets: &[Override], options: &Options, world: &Wo
     Ok(())
 }
 
-/// Runs `steps` timed training steps (after two for warm-up) on the ranks of `world`, then on
+/// Runs `steps` timed training steps (after two for warm-up; with `runtime.cuda_graph` four, the
+/// capture's step included, so that the timed ones replay) on the ranks of `world`, then on
 /// rank 0 as many forward passes, and optionally one sample grid with each sampler.
 pub fn run(plan: Plan, options: &Options, world: &World) -> Result<Report> {
     let steps = options.steps.max(1);
@@ -159,12 +171,14 @@ pub fn run(plan: Plan, options: &Options, world: &World) -> Result<Report> {
             train::train_epoch(state, work, |r| step_phases = r.phases).map_err(Error::Run)?;
         Ok::<_, Error>((next, step_phases))
     };
-    for i in 0..steps + 2 {
+    let cuda_graph = plan.experiment.runtime.cuda_graph;
+    let warm_up = if cuda_graph { 4 } else { 2 };
+    for i in 0..steps + warm_up {
         let start = Instant::now();
         let (before, waited) = (world.collective_seconds(), world.waiting_seconds());
         let (next, step_phases) = one_step(state)?;
         state = next;
-        if i >= 2 {
+        if i >= warm_up {
             times.push(start.elapsed().as_secs_f64());
             phases.extend(step_phases);
             collective += world.collective_seconds() - before;
@@ -176,7 +190,8 @@ pub fn run(plan: Plan, options: &Options, world: &World) -> Result<Report> {
     let waiting_share = waiting / times.iter().sum::<f64>();
     let seconds_per_step = median(times);
     let phase = |f: fn(&StepPhases) -> f64| median(phases.iter().map(f).collect()) * 1e3;
-    let step_phases_ms = (!phases.is_empty()).then(|| StepPhases {
+    // Phases of every timed step or none (replayed steps have none).
+    let step_phases_ms = (phases.len() == steps).then(|| StepPhases {
         forward: phase(|p| p.forward),
         loss: phase(|p| p.loss),
         backward: phase(|p| p.backward),
@@ -255,6 +270,7 @@ pub fn run(plan: Plan, options: &Options, world: &World) -> Result<Report> {
             Vec::new()
         },
         peak_gpu_mib,
+        cuda_graph: cuda_graph.then(|| state.inputs.graph.counts()),
     })
 }
 

@@ -438,8 +438,10 @@ struct Graph {
       : device(device), side(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device)) {}
   c10::DeviceIndex device;
   c10::cuda::CUDAStream side;
-  // The device's current stream before the capture, made current again after it.
+  // The device's current stream before the graph's was made current, made current again after.
   std::optional<c10::cuda::CUDAStream> before;
+  // Between capture_begin and capture_end.
+  bool capturing = false;
   at::cuda::CUDAGraph graph;
 };
 
@@ -486,9 +488,49 @@ int pixel_graph_begin(void* graph, char* error, size_t error_len) {
   try {
     OnDevice on(g->device);
     c10::cuda::device_synchronize();
-    g->before = c10::cuda::getCurrentCUDAStream(g->device);
+    if (!g->before) {
+      g->before = c10::cuda::getCurrentCUDAStream(g->device);
+    }
     c10::cuda::setCurrentCUDAStream(g->side);
+    g->capturing = true;
     g->graph.capture_begin();
+    return 0;
+  } catch (const std::exception& e) {
+    restore(g);
+    message(e.what(), error, error_len);
+    return -1;
+  }
+}
+
+// Waits for the device and makes the graph's stream current on its device, for steps run eagerly
+// on it before the capture (as torch.cuda.graph's warm-up: what libraries set up lazily for a
+// stream, such as cuBLAS's workspace, is then set up outside the capture). 0, or -1 with the
+// message in `error` and the stream as it was.
+int pixel_graph_enter(void* graph, char* error, size_t error_len) {
+  auto* g = static_cast<Graph*>(graph);
+  try {
+    OnDevice on(g->device);
+    c10::cuda::device_synchronize();
+    if (!g->before) {
+      g->before = c10::cuda::getCurrentCUDAStream(g->device);
+    }
+    c10::cuda::setCurrentCUDAStream(g->side);
+    return 0;
+  } catch (const std::exception& e) {
+    restore(g);
+    message(e.what(), error, error_len);
+    return -1;
+  }
+}
+
+// Waits for the device and makes the stream before pixel_graph_enter current again. 0, or -1
+// with the message in `error` (the stream restored either way).
+int pixel_graph_leave(void* graph, char* error, size_t error_len) {
+  auto* g = static_cast<Graph*>(graph);
+  try {
+    OnDevice on(g->device);
+    c10::cuda::device_synchronize();
+    restore(g);
     return 0;
   } catch (const std::exception& e) {
     restore(g);
@@ -503,6 +545,7 @@ int pixel_graph_end(void* graph, char* error, size_t error_len) {
   auto* g = static_cast<Graph*>(graph);
   try {
     OnDevice on(g->device);
+    g->capturing = false;
     g->graph.capture_end();
     restore(g);
     return 0;
@@ -533,13 +576,16 @@ void pixel_graph_free(void* graph) {
   if (g == nullptr) {
     return;
   }
-  if (g->before) {
+  if (g->capturing) {
     try {
       OnDevice on(g->device);
       g->graph.capture_end();
     } catch (...) {
     }
+  }
+  try {
     restore(g);
+  } catch (...) {
   }
   try {
     delete g;
@@ -559,6 +605,14 @@ int pixel_graph_begin(void*, char* error, size_t error_len) {
   return -1;
 }
 int pixel_graph_end(void*, char* error, size_t error_len) {
+  message("this build has no CUDA graphs", error, error_len);
+  return -1;
+}
+int pixel_graph_enter(void*, char* error, size_t error_len) {
+  message("this build has no CUDA graphs", error, error_len);
+  return -1;
+}
+int pixel_graph_leave(void*, char* error, size_t error_len) {
   message("this build has no CUDA graphs", error, error_len);
   return -1;
 }

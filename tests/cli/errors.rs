@@ -226,6 +226,7 @@ fn bad_inputs_each_get_a_clear_error() {
         (format!("{syn}[runtime]\ndevice = \"gpu\"\n"), vec![], vec!["`runtime.device` = \"gpu\""]),
         (format!("{syn}[runtime]\ndevice = \"cuda:x\"\n"), vec![], vec!["`runtime.device` = \"cuda:x\""]),
         (format!("{syn}[runtime]\ndevice = \"cuda\"\n"), vec![], vec!["`runtime.device`", "libtorch"]),
+        (format!("{syn}[runtime]\ncuda_graph = true\n"), vec![], vec!["`runtime.cuda_graph` = true", "CUDA"]),
         (format!("{syn}[model]\nconditional = \"class\"\n"), vec![], vec!["`model.conditional`", "gated"]),
         ("[model]\nlikelihood = \"gaussian\"\n".into(), vec![], vec!["`model.likelihood`", "logistic_mixture"]),
         (format!("{rgb}[model]\nvariant = \"gated\"\nlikelihood = \"logistic_mixture\"\nchannels = 30\n"), vec![], vec!["`model.likelihood`", "pixelcnnpp"]),

@@ -365,6 +365,36 @@ fn libtorch_takes_deterministic_algorithms_and_its_cpu_numbers_do_not_change() {
     assert_eq!(metrics[0], metrics[1]);
 }
 
+/// `runtime.cuda_graph` where libtorch's "auto" device turns out to be the CPU (no GPU here) is
+/// refused when the device is opened, before anything is written: exit 2, naming the key and
+/// the device.
+#[cfg(feature = "tch")]
+#[test]
+fn a_cuda_graph_on_a_device_that_is_not_cuda_is_refused() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    let out = pixel(
+        d,
+        &[
+            "run",
+            "tiny.toml",
+            "--set",
+            "runtime.backend=libtorch",
+            "--set",
+            "runtime.cuda_graph=true",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let message = text(&out);
+    assert!(message.contains("runtime.cuda_graph = true"), "{message}");
+    assert!(message.contains("libtorch:cpu"), "{message}");
+    assert!(!d.join("results").exists());
+}
+
 /// `backend = "auto"` runs on the fastest backend compiled in, and run.json says which and why.
 #[test]
 fn auto_backend_records_what_it_chose() {

@@ -1,7 +1,7 @@
 //! The plan's checks: every key's errors name the file or flag, the key and the value.
 
 use super::*;
-use crate::experiment::{Conditional, DatasetKind};
+use crate::experiment::{Conditional, DatasetKind, Precision};
 use crate::model::{GatedConfig, Likelihood};
 
 fn synthetic() -> Experiment {
@@ -241,6 +241,34 @@ fn backend_not_compiled_in_says_how_to_rebuild() {
     e.runtime.backend = crate::experiment::BackendKind::Libtorch;
     let msg = err(e);
     assert!(msg.contains("--features tch"), "{msg}");
+}
+
+/// A CUDA graph is refused where the run cannot be on CUDA, in f16 (whose loss scaling decides
+/// on the host within a step) and in a build without graphs; libtorch on "auto" or "cuda" plans
+/// it in f32 and bf16.
+#[test]
+fn cuda_graph_only_where_a_graph_can_run() {
+    let mut e = synthetic();
+    e.runtime.cuda_graph = true;
+    let msg = err(e.clone());
+    assert!(msg.contains("`runtime.cuda_graph` = true"), "{msg}");
+    assert!(msg.contains("cannot be on CUDA"), "{msg}");
+    if cfg!(feature = "tch") {
+        e.runtime.backend = crate::experiment::BackendKind::Libtorch;
+        for precision in [Precision::F32, Precision::Bf16] {
+            e.runtime.precision = precision;
+            match crate::model::native::graph::available() {
+                true => assert!(plan(e.clone()).is_ok()),
+                false => assert!(err(e.clone()).contains("no CUDA graphs"), "{precision:?}"),
+            }
+        }
+        e.runtime.precision = Precision::F16;
+        let msg = err(e.clone());
+        assert!(msg.contains("runtime.precision = \"f16\""), "{msg}");
+        e.runtime.precision = Precision::F32;
+        e.runtime.device = "cpu".into();
+        assert!(err(e).contains("cannot be on CUDA"));
+    }
 }
 
 /// cuDNN's benchmarking is refused where the run cannot be on CUDA (flex, or device "cpu") and

@@ -20,6 +20,8 @@ mod sys {
         pub fn pixel_graph_new(device: i8, error: *mut c_char, error_len: usize) -> *mut c_void;
         pub fn pixel_graph_begin(graph: *mut c_void, error: *mut c_char, len: usize) -> i32;
         pub fn pixel_graph_end(graph: *mut c_void, error: *mut c_char, len: usize) -> i32;
+        pub fn pixel_graph_enter(graph: *mut c_void, error: *mut c_char, len: usize) -> i32;
+        pub fn pixel_graph_leave(graph: *mut c_void, error: *mut c_char, len: usize) -> i32;
         pub fn pixel_graph_replay(graph: *mut c_void, error: *mut c_char, len: usize) -> i32;
         pub fn pixel_graph_free(graph: *mut c_void);
     }
@@ -50,6 +52,12 @@ mod sys {
         unreachable!("no graph is made without libtorch")
     }
     pub unsafe fn pixel_graph_replay(_: *mut c_void, _: *mut c_char, _: usize) -> i32 {
+        unreachable!("no graph is made without libtorch")
+    }
+    pub unsafe fn pixel_graph_enter(_: *mut c_void, _: *mut c_char, _: usize) -> i32 {
+        unreachable!("no graph is made without libtorch")
+    }
+    pub unsafe fn pixel_graph_leave(_: *mut c_void, _: *mut c_char, _: usize) -> i32 {
         unreachable!("no graph is made without libtorch")
     }
     pub unsafe fn pixel_graph_free(_: *mut c_void) {}
@@ -108,7 +116,28 @@ impl CudaGraph {
         })
     }
 
-    /// Waits for the device, then captures what this thread queues on it until [`Self::end`].
+    /// Waits for the device and makes the graph's stream current: what this thread queues runs
+    /// there, eagerly, until [`Self::leave`] (the steps before a capture, so that what libraries
+    /// set up for a stream the first time is set up outside it).
+    pub fn enter(&mut self) -> Result<(), String> {
+        // SAFETY: a live graph; the function catches every exception.
+        call(
+            "the CUDA graph's stream could not be made current",
+            |e, n| unsafe { pixel_graph_enter(self.graph, e, n) },
+        )
+    }
+
+    /// Waits for the device and makes the stream before [`Self::enter`] current again.
+    pub fn leave(&mut self) -> Result<(), String> {
+        // SAFETY: as above.
+        call(
+            "the device failed after a step on the CUDA graph's stream",
+            |e, n| unsafe { pixel_graph_leave(self.graph, e, n) },
+        )
+    }
+
+    /// Waits for the device, then captures what this thread queues on it until [`Self::end`]
+    /// (on the graph's stream).
     pub fn begin(&mut self) -> Result<(), String> {
         // SAFETY: a live graph; the function catches every exception.
         call("the CUDA graph's capture could not begin", |e, n| unsafe {
@@ -169,6 +198,20 @@ impl std::fmt::Debug for CudaGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where the CUDA headers were installed for the build (CI runs bench/cuda-headers.sh and
+    /// sets PIXEL_EXPECT_CUDA_GRAPHS=1), the graphs compiled in: a build that silently lost them
+    /// fails here.
+    #[test]
+    fn the_build_has_cuda_graphs_where_expected() {
+        if std::env::var_os("PIXEL_EXPECT_CUDA_GRAPHS").is_some() {
+            assert!(
+                available(),
+                "PIXEL_EXPECT_CUDA_GRAPHS is set and this build has no CUDA graphs (see the \
+                 build's warning)"
+            );
+        }
+    }
 
     /// Without a CUDA device a graph cannot be made, and says why, in a build with graphs as in
     /// one without.

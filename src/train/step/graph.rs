@@ -46,7 +46,10 @@ pub struct GraphCounts {
 /// What to do with this step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Plan {
+    /// Eagerly, on the device's current stream.
     Eager,
+    /// Eagerly on the graph's stream, before a capture (as `torch.cuda.graph`'s warm-up).
+    Warm,
     Capture,
     Replay,
 }
@@ -67,6 +70,8 @@ pub struct StepGraph {
     captured: Option<Captured>,
     /// The last eager step's signature.
     last: Option<Signature>,
+    /// The graph the steps before its capture run on the stream of.
+    warming: Option<CudaGraph>,
     /// A graph begun and not yet ended.
     pending: Option<(CudaGraph, Signature)>,
     counts: GraphCounts,
@@ -121,20 +126,43 @@ impl StepGraph {
                 self.captured = None;
             }
         }
-        let settled = self.captured.is_none() && self.last.as_ref() == Some(&signature);
+        let settled = self.last.as_ref() == Some(&signature);
         self.last = Some(signature);
-        if settled {
-            Plan::Capture
-        } else {
-            self.counts.eager += 1;
-            Plan::Eager
+        match (&self.captured, settled) {
+            (None, true) => Plan::Capture,
+            (None, false) => {
+                self.counts.eager += 1;
+                Plan::Warm
+            }
+            (Some(_), _) => {
+                self.counts.eager += 1;
+                Plan::Eager
+            }
         }
     }
 
-    /// Begins capturing the step planned [`Plan::Capture`] on CUDA device `index`.
+    /// Before a step planned [`Plan::Warm`] on CUDA device `index`: its graph's stream made
+    /// current (the graph made the first time).
+    pub fn warm(&mut self, index: usize) -> Result<(), String> {
+        if self.warming.is_none() {
+            self.warming = Some(CudaGraph::new(index)?);
+        }
+        self.warming.as_mut().expect("made").enter()
+    }
+
+    /// After that step: the stream before it current again.
+    pub fn cool(&mut self) -> Result<(), String> {
+        self.warming.as_mut().expect("warmed").leave()
+    }
+
+    /// Begins capturing the step planned [`Plan::Capture`] on CUDA device `index`, on the stream
+    /// the steps before it ran on.
     pub fn begin(&mut self, index: usize) -> Result<(), String> {
         let signature = self.last.clone().expect("planned to capture");
-        let mut graph = CudaGraph::new(index)?;
+        let mut graph = match self.warming.take() {
+            Some(graph) => graph,
+            None => CudaGraph::new(index)?,
+        };
         graph.begin()?;
         self.pending = Some((graph, signature));
         Ok(())
@@ -197,10 +225,7 @@ mod tests {
             .enumerate()
             .map(|(n, s)| graph.plan(s, n + 1))
             .collect();
-        assert_eq!(
-            plans,
-            [Plan::Eager, Plan::Eager, Plan::Eager, Plan::Capture]
-        );
+        assert_eq!(plans, [Plan::Eager, Plan::Warm, Plan::Warm, Plan::Capture]);
         assert_eq!(
             graph.counts(),
             GraphCounts {
@@ -230,7 +255,7 @@ mod tests {
         assert_eq!(graph.plan(signature(4, 2), 7), Plan::Replay);
         // A buffer moved (or is held elsewhere): eager and dropped; captured again after two
         // agreeing steps.
-        assert_eq!(graph.plan(signature(4, 3), 8), Plan::Eager);
+        assert_eq!(graph.plan(signature(4, 3), 8), Plan::Warm);
         assert!(graph.captured.is_none());
         assert_eq!(graph.plan(signature(4, 3), 9), Plan::Capture);
         assert_eq!(
@@ -243,9 +268,9 @@ mod tests {
         );
         // A step that cannot be captured between two that agree: no capture yet.
         let mut graph = StepGraph::default();
-        assert_eq!(graph.plan(signature(4, 2), 1), Plan::Eager);
+        assert_eq!(graph.plan(signature(4, 2), 1), Plan::Warm);
         assert_eq!(graph.plan(None, 2), Plan::Eager);
-        assert_eq!(graph.plan(signature(4, 2), 3), Plan::Eager);
+        assert_eq!(graph.plan(signature(4, 2), 3), Plan::Warm);
         assert_eq!(graph.plan(signature(4, 2), 4), Plan::Capture);
     }
 }

@@ -219,7 +219,25 @@ pub(super) fn take(
             }
             _ => graph::Plan::Eager,
         };
+        let index = crate::model::native::cuda_index(device);
         let pending = match plan {
+            graph::Plan::Warm => {
+                let index = index.expect("planned on CUDA");
+                inputs.graph.warm(index).map_err(|e| graph_error(i, &e))?;
+                let pending;
+                (model, pending) = one_process(
+                    &work,
+                    model,
+                    &mut optimizer,
+                    ema.as_mut(),
+                    staged,
+                    update,
+                    stop(),
+                    &mut clock,
+                );
+                inputs.graph.cool().map_err(|e| graph_error(i, &e))?;
+                pending
+            }
             graph::Plan::Eager => {
                 let pending;
                 (model, pending) = one_process(
@@ -235,7 +253,7 @@ pub(super) fn take(
                 pending
             }
             graph::Plan::Capture => {
-                let index = crate::model::native::cuda_index(device).expect("planned on CUDA");
+                let index = index.expect("planned on CUDA");
                 inputs.graph.begin(index).map_err(|e| graph_error(i, &e))?;
                 // Nothing may wait for the device while capturing.
                 clock.sync = false;
@@ -260,6 +278,7 @@ pub(super) fn take(
                     .graph
                     .end(run_step, pending.square_sum.clone(), pending.totals.clone())
                     .map_err(|e| graph_error(i, &e))?;
+                clock.no_phases();
                 pending
             }
             graph::Plan::Replay => {
@@ -270,7 +289,7 @@ pub(super) fn take(
                     ema.replayed();
                 }
                 let (square_sum, totals) = inputs.graph.replay().map_err(|e| graph_error(i, &e))?;
-                clock.replayed();
+                clock.no_phases();
                 Pending {
                     square_sum,
                     totals,
@@ -483,7 +502,7 @@ struct Clock<'a> {
     i: usize,
     /// Seconds at the end of the forward pass, the loss and the backward pass.
     marks: [f64; 3],
-    /// A replayed step has no phases.
+    /// A captured or replayed step has no phases.
     whole: bool,
     failed: Option<String>,
 }
@@ -515,11 +534,13 @@ impl<'a> Clock<'a> {
         self.marks[k] = self.now();
     }
 
-    fn replayed(&mut self) {
+    /// A captured or replayed step: its phases are not the device's (a capture queues nothing,
+    /// a replay is one launch).
+    fn no_phases(&mut self) {
         self.whole = true;
     }
 
-    /// The phases (None for a replayed step: one launch), or the device's failure.
+    /// The phases (None for a captured or replayed step), or the device's failure.
     fn phases(mut self) -> Result<Option<StepPhases>, String> {
         let end = self.now();
         if let Some(e) = self.failed {
