@@ -171,18 +171,7 @@ pub(super) fn take(
         mut ema,
         mut inputs,
     } = state;
-    let StepAt {
-        images,
-        indices,
-        i,
-        run_step,
-    } = at;
-    let at = StepAt {
-        images,
-        indices,
-        i,
-        run_step,
-    };
+    let (images, indices, i, run_step) = (at.images, at.indices, at.i, at.run_step);
     let mut clock = Clock::new(step.sync_phases, device, i);
     let scale = loss_scale.as_ref().map_or(1.0, |ls| ls.scale);
     let share = world.share(indices.len());
@@ -220,36 +209,22 @@ pub(super) fn take(
             _ => graph::Plan::Eager,
         };
         let index = crate::model::native::cuda_index(device);
+        // The step's work on the device, run eagerly or captured.
+        let work_on_device = |model, optimizer: &mut Optimizer, ema, clock: &mut Clock| {
+            one_process(&work, model, optimizer, ema, staged, update, stop(), clock)
+        };
         let pending = match plan {
+            graph::Plan::Eager => {
+                let pending;
+                (model, pending) = work_on_device(model, &mut optimizer, ema.as_mut(), &mut clock);
+                pending
+            }
             graph::Plan::Warm => {
                 let index = index.expect("planned on CUDA");
                 inputs.graph.warm(index).map_err(|e| graph_error(i, &e))?;
                 let pending;
-                (model, pending) = one_process(
-                    &work,
-                    model,
-                    &mut optimizer,
-                    ema.as_mut(),
-                    staged,
-                    update,
-                    stop(),
-                    &mut clock,
-                );
+                (model, pending) = work_on_device(model, &mut optimizer, ema.as_mut(), &mut clock);
                 inputs.graph.cool().map_err(|e| graph_error(i, &e))?;
-                pending
-            }
-            graph::Plan::Eager => {
-                let pending;
-                (model, pending) = one_process(
-                    &work,
-                    model,
-                    &mut optimizer,
-                    ema.as_mut(),
-                    staged,
-                    update,
-                    stop(),
-                    &mut clock,
-                );
                 pending
             }
             graph::Plan::Capture => {
@@ -258,16 +233,7 @@ pub(super) fn take(
                 // Nothing may wait for the device while capturing.
                 clock.sync = false;
                 let captured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    one_process(
-                        &work,
-                        model,
-                        &mut optimizer,
-                        ema.as_mut(),
-                        staged,
-                        update,
-                        stop(),
-                        &mut clock,
-                    )
+                    work_on_device(model, &mut optimizer, ema.as_mut(), &mut clock)
                 }));
                 let pending;
                 (model, pending) = captured.map_err(|panic| {
@@ -282,7 +248,7 @@ pub(super) fn take(
                 pending
             }
             graph::Plan::Replay => {
-                drop(staged);
+                drop(work_on_device);
                 // What the captured step did on the host besides its work on the device.
                 optimizer.replayed();
                 if let Some(ema) = ema.as_mut() {
