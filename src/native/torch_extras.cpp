@@ -464,6 +464,31 @@ void restore(Graph* g) {
     g->before.reset();
   }
 }
+
+// Waits for the device and makes the graph's stream current (the one before kept).
+void enter(Graph* g) {
+  c10::cuda::device_synchronize();
+  if (!g->before) {
+    g->before = c10::cuda::getCurrentCUDAStream(g->device);
+  }
+  c10::cuda::setCurrentCUDAStream(g->side);
+}
+
+// Runs `f` on the graph with its device current: 0, or -1 with the exception's message in
+// `error` and the stream before the graph's current again.
+extern "C++" template <typename F>
+int on_graph(void* graph, char* error, size_t error_len, F f) {
+  auto* g = static_cast<Graph*>(graph);
+  try {
+    OnDevice on(g->device);
+    f(g);
+    return 0;
+  } catch (const std::exception& e) {
+    restore(g);
+    message(e.what(), error, error_len);
+    return -1;
+  }
+}
 }  // namespace
 
 // 1: this build captures CUDA graphs.
@@ -481,92 +506,42 @@ void* pixel_graph_new(int8_t device, char* error, size_t error_len) {
 
 // Waits for the device, makes the graph's stream current on its device and begins capturing it
 // (a private memory pool for what the capture allocates; `global` mode, so that a call that
-// cannot be captured, such as a wait for the device, fails instead of being run). 0 on success,
-// else -1 with the message in `error` and the stream as it was.
+// cannot be captured, such as a wait for the device, fails instead of being run).
 int pixel_graph_begin(void* graph, char* error, size_t error_len) {
-  auto* g = static_cast<Graph*>(graph);
-  try {
-    OnDevice on(g->device);
-    c10::cuda::device_synchronize();
-    if (!g->before) {
-      g->before = c10::cuda::getCurrentCUDAStream(g->device);
-    }
-    c10::cuda::setCurrentCUDAStream(g->side);
+  return on_graph(graph, error, error_len, [](Graph* g) {
+    enter(g);
     g->capturing = true;
     g->graph.capture_begin();
-    return 0;
-  } catch (const std::exception& e) {
-    restore(g);
-    message(e.what(), error, error_len);
-    return -1;
-  }
+  });
 }
 
 // Waits for the device and makes the graph's stream current on its device, for steps run eagerly
 // on it before the capture (as torch.cuda.graph's warm-up: what libraries set up lazily for a
-// stream, such as cuBLAS's workspace, is then set up outside the capture). 0, or -1 with the
-// message in `error` and the stream as it was.
+// stream, such as cuBLAS's workspace, is then set up outside the capture).
 int pixel_graph_enter(void* graph, char* error, size_t error_len) {
-  auto* g = static_cast<Graph*>(graph);
-  try {
-    OnDevice on(g->device);
-    c10::cuda::device_synchronize();
-    if (!g->before) {
-      g->before = c10::cuda::getCurrentCUDAStream(g->device);
-    }
-    c10::cuda::setCurrentCUDAStream(g->side);
-    return 0;
-  } catch (const std::exception& e) {
-    restore(g);
-    message(e.what(), error, error_len);
-    return -1;
-  }
+  return on_graph(graph, error, error_len, enter);
 }
 
-// Waits for the device and makes the stream before pixel_graph_enter current again. 0, or -1
-// with the message in `error` (the stream restored either way).
+// Waits for the device and makes the stream before pixel_graph_enter current again.
 int pixel_graph_leave(void* graph, char* error, size_t error_len) {
-  auto* g = static_cast<Graph*>(graph);
-  try {
-    OnDevice on(g->device);
+  return on_graph(graph, error, error_len, [](Graph* g) {
     c10::cuda::device_synchronize();
     restore(g);
-    return 0;
-  } catch (const std::exception& e) {
-    restore(g);
-    message(e.what(), error, error_len);
-    return -1;
-  }
+  });
 }
 
 // Ends the capture (the graph is instantiated) and makes the stream before it current again.
-// 0 on success, else -1 with the message in `error` (the stream restored either way).
 int pixel_graph_end(void* graph, char* error, size_t error_len) {
-  auto* g = static_cast<Graph*>(graph);
-  try {
-    OnDevice on(g->device);
+  return on_graph(graph, error, error_len, [](Graph* g) {
     g->capturing = false;
     g->graph.capture_end();
     restore(g);
-    return 0;
-  } catch (const std::exception& e) {
-    restore(g);
-    message(e.what(), error, error_len);
-    return -1;
-  }
+  });
 }
 
-// Launches the captured work on the device's current stream. 0, or -1 with the message.
+// Launches the captured work on the device's current stream.
 int pixel_graph_replay(void* graph, char* error, size_t error_len) {
-  auto* g = static_cast<Graph*>(graph);
-  try {
-    OnDevice on(g->device);
-    g->graph.replay();
-    return 0;
-  } catch (const std::exception& e) {
-    message(e.what(), error, error_len);
-    return -1;
-  }
+  return on_graph(graph, error, error_len, [](Graph* g) { g->graph.replay(); });
 }
 
 // Frees the graph (and its memory pool once nothing else holds its blocks); a capture still
