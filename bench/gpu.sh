@@ -135,6 +135,15 @@ for det in true false; do
   done
   if [ "$runs" = "1 2 graph" ]; then
     grep -h "cuda_graph" "$out/det-$det-graph.log" | tail -2
+    if grep -q "runtime.cuda_graph = true; set it" "$out/det-$det-graph.log"; then
+      echo "the capture failed: once more with the operators it ran written out (PIXEL_GRAPH_TRACE)"
+      rm -rf "$out/det-graph-trace"
+      PIXEL_GRAPH_TRACE="$out/capture-trace.txt" "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml \
+        --results "$out/det-graph-trace" --set runtime.backend=libtorch --set runtime.device="$device" \
+        --set train.epochs=1 --set data.synthetic_images=320 --set train.batch_size=16 \
+        --set runtime.cuda_graph=true > /dev/null 2>&1
+      grep -v '^[+-] ' "$out/capture-trace.txt" | tail -15
+    fi
     if cmp -s "$out/det-$det-1.csv" "$out/det-$det-graph.csv" &&
        [ "$(sums "$out/det-$det-1")" = "$(sums "$out/det-$det-graph")" ]; then
       echo "as a CUDA graph: the same metrics and checkpoint bytes as eager"

@@ -63,6 +63,50 @@ mod sys {
     pub unsafe fn pixel_graph_free(_: *mut c_void) {}
 }
 
+/// The top-level libtorch operators `f` calls on this thread (and those libtorch's autograd
+/// engine runs for it), one line each with their tensors' storages and their other arguments, and
+/// the allocator's buffers made and freed (`src/native/torch_extras.cpp`; how the tests of
+/// `replay` read them), and what `f` returns; or why there is no trace (a build without the
+/// profiler). One trace at a time in the process: a second waits.
+pub fn operator_trace<T>(f: impl FnOnce() -> T) -> (Result<Vec<String>, String>, T) {
+    #[cfg(feature = "tch")]
+    {
+        use std::ffi::CStr;
+        unsafe extern "C" {
+            fn pixel_trace_start(error: *mut c_char, error_len: usize) -> i32;
+            fn pixel_trace_stop() -> *mut c_char;
+            fn pixel_trace_free(text: *mut c_char);
+        }
+        static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ONE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut error = [0 as c_char; 1024];
+        // SAFETY: C functions of torch_extras.cpp that catch every exception; the text returned
+        // is terminated, copied and freed by its own function.
+        if unsafe { pixel_trace_start(error.as_mut_ptr(), error.len()) } != 0 {
+            // SAFETY: terminated by the function.
+            let message = unsafe { CStr::from_ptr(error.as_ptr()) };
+            let message = format!("no operator trace: {}", message.to_string_lossy());
+            return (Err(message), f());
+        }
+        let out = f();
+        let text = unsafe { pixel_trace_stop() };
+        if text.is_null() {
+            return (Err("the operator trace was lost".into()), out);
+        }
+        let lines = unsafe { CStr::from_ptr(text) }
+            .to_string_lossy()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        unsafe { pixel_trace_free(text) };
+        (Ok(lines), out)
+    }
+    #[cfg(not(feature = "tch"))]
+    (Err("no operator trace without libtorch".into()), f())
+}
+
 /// Whether libtorch sees a CUDA device.
 pub fn cuda_available() -> bool {
     #[cfg(feature = "tch")]

@@ -13,41 +13,12 @@
 //! a read of the device by the host (a capture fails on it, loudly), and work outside libtorch's
 //! operators.
 
-use std::ffi::{CStr, c_char};
-
-unsafe extern "C" {
-    fn pixel_trace_start(error: *mut c_char, error_len: usize) -> i32;
-    fn pixel_trace_stop() -> *mut c_char;
-    fn pixel_trace_free(text: *mut c_char);
-}
-
 /// The top-level libtorch operators `f` calls on this thread (and those libtorch's autograd
 /// engine runs for it), one line each (see torch_extras.cpp), and what it returns. One trace at a
 /// time in the process: a second waits.
 pub fn trace<T>(f: impl FnOnce() -> T) -> (Vec<String>, T) {
-    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = ONE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut error = [0 as c_char; 1024];
-    // SAFETY: C functions of torch_extras.cpp that catch every exception; the text returned is
-    // terminated, copied and freed by its own function.
-    let started = unsafe { pixel_trace_start(error.as_mut_ptr(), error.len()) };
-    if started != 0 {
-        // SAFETY: terminated by the function.
-        let message = unsafe { CStr::from_ptr(error.as_ptr()) };
-        panic!("no operator trace: {}", message.to_string_lossy());
-    }
-    let out = f();
-    let text = unsafe { pixel_trace_stop() };
-    assert!(!text.is_null(), "the operator trace was lost");
-    let lines = unsafe { CStr::from_ptr(text) }
-        .to_string_lossy()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    unsafe { pixel_trace_free(text) };
-    (lines, out)
+    let (lines, out) = super::graph::operator_trace(f);
+    (lines.unwrap_or_else(|e| panic!("{e}")), out)
 }
 
 /// The lines of `lines` after the mark `from` ([`super::trace_mark`]) and before the next mark

@@ -229,21 +229,36 @@ pub(super) fn take(
             }
             graph::Plan::Capture => {
                 let index = index.expect("planned on CUDA");
-                inputs.graph.begin(index).map_err(|e| graph_error(i, &e))?;
                 // Nothing may wait for the device while capturing.
                 clock.sync = false;
-                let captured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    work_on_device(model, &mut optimizer, ema.as_mut(), &mut clock)
-                }));
+                let capture = || -> Result<(Model, Pending), String> {
+                    inputs.graph.begin(index)?;
+                    let captured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        work_on_device(model, &mut optimizer, ema.as_mut(), &mut clock)
+                    }));
+                    let (model, pending) = captured.map_err(|panic| {
+                        inputs.graph.abandon();
+                        panic_message(&panic)
+                    })?;
+                    let (square_sum, totals) = (pending.square_sum.clone(), pending.totals.clone());
+                    inputs.graph.end(run_step, square_sum, totals)?;
+                    Ok((model, pending))
+                };
+                let captured = match std::env::var_os(GRAPH_TRACE) {
+                    None => capture(),
+                    Some(path) => {
+                        let (lines, captured) =
+                            crate::model::native::graph::operator_trace(capture);
+                        let text = lines.map_or_else(|e| e + "\n", |l| l.join("\n") + "\n");
+                        if let Err(e) = std::fs::write(&path, text) {
+                            let path = std::path::Path::new(&path).display();
+                            tracing::warn!("{GRAPH_TRACE}={path} could not be written: {e}");
+                        }
+                        captured
+                    }
+                };
                 let pending;
-                (model, pending) = captured.map_err(|panic| {
-                    inputs.graph.abandon();
-                    graph_error(i, &panic_message(&panic))
-                })?;
-                inputs
-                    .graph
-                    .end(run_step, pending.square_sum.clone(), pending.totals.clone())
-                    .map_err(|e| graph_error(i, &e))?;
+                (model, pending) = captured.map_err(|e| graph_error(i, &e))?;
                 clock.no_phases();
                 pending
             }
@@ -553,10 +568,15 @@ fn numbers(work: &Work, images: usize) -> Vec<u64> {
     ]
 }
 
+/// The environment variable naming a file to write the operators of a CUDA graph's capture to
+/// (whether it succeeds or not): where a capture fails, what it ran up to there.
+pub const GRAPH_TRACE: &str = "PIXEL_GRAPH_TRACE";
+
 /// The error of step `i` whose CUDA graph failed.
 fn graph_error(i: usize, message: &str) -> String {
     format!(
-        "step {}: {message} (runtime.cuda_graph = true; set it to false to train without one)",
+        "step {}: {message} (runtime.cuda_graph = true; set it to false to train without one, \
+         or {GRAPH_TRACE}=FILE to write the operators a capture runs to FILE)",
         i + 1
     )
 }
