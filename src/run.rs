@@ -80,6 +80,7 @@ pub fn execute(plan: Plan, options: &Options, world: &World) -> Result<PathBuf> 
         validation_images: session.splits.validation.as_ref().map_or(0, |v| v.len()),
         world_size: world.size(),
         ranks: ranks(world, &session),
+        cuda_graph: None,
     };
     run_and_record_the_end(session, dir, run, info, world)
 }
@@ -115,6 +116,7 @@ pub fn resume(dir: &Path, world: &World) -> Result<PathBuf> {
     info.resumed.push(results::now());
     info.world_size = world.size();
     info.ranks = ranks(world, &session);
+    info.cuda_graph = None;
     run_and_record_the_end(session, dir.to_path_buf(), run, info, world)
 }
 
@@ -516,6 +518,9 @@ fn record_epoch(
         }
     }
     rec.info.epochs_completed = epoch;
+    if plan.experiment.runtime.cuda_graph {
+        rec.info.cuda_graph = Some(state.inputs.graph.counts());
+    }
     for (rank, sum) in rec.info.ranks.iter_mut().zip(sums) {
         rank.weights_checksum = Some(format!("{sum:016x}"));
     }

@@ -73,6 +73,10 @@ pub struct RunInfo {
     /// the weights (equal on every rank).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ranks: Vec<RankInfo>,
+    /// With `runtime.cuda_graph`: the training steps of its latest start so far that were
+    /// captured as a CUDA graph, replayed from one, and run eagerly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_graph: Option<crate::train::GraphCounts>,
 }
 
 fn one() -> usize {
@@ -419,6 +423,7 @@ mod tests {
             hardware: String::new(),
             validation_images: 0,
             world_size: 1,
+            cuda_graph: None,
             ranks: Vec::new(),
         };
         let json = serde_json::to_string(&info).unwrap();

@@ -191,6 +191,7 @@ mod tests {
             validation_images: 0,
             backend_choice: String::new(),
             world_size: 1,
+            cuda_graph: None,
             ranks: vec![],
         }
     }

@@ -32,7 +32,7 @@ pub struct Signature {
 }
 
 /// How many steps were captured, replayed and taken eagerly with `runtime.cuda_graph`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GraphCounts {
     /// Steps captured (each then run by one replay); more than one when buffers moved.
     pub captured: usize,
