@@ -60,7 +60,8 @@ python3 -c 'import torch; print("pytorch", torch.__version__, "cuda", torch.vers
 # pixel's row and step phases; the twin's the same.
 pixel_row() {
   "$pixel" bench "$@" --steps "$steps" --no-grid --set runtime.backend=libtorch \
-    --set runtime.device="$device" 2>&1 | grep -E '^\| |^step phases' | grep -v -e '^| experiment' -e '^|---' | paste -sd' '
+    --set runtime.device="$device" 2>&1 | grep -E '^\| |^step phases|CUDA graph|cuda_graph' |
+    grep -v -e '^| experiment' -e '^|---' | paste -sd' '
 }
 gated=(experiments/quickstart.toml --set model.variant=gated --set data.validation=0)
 cifar=(experiments/cifar10-pixelcnnpp.toml --set 'data.dataset="synthetic"' --set data.synthetic_size=32
