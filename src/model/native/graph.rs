@@ -123,10 +123,9 @@ pub fn available() -> bool {
 }
 
 /// One graph on one CUDA device, freed on drop (a capture still under way is ended first).
+#[derive(Debug)]
 pub struct CudaGraph {
     graph: *mut c_void,
-    /// Between a successful begin and its end.
-    capturing: bool,
 }
 
 // A graph is used by one thread at a time (the training loop's); libtorch's CUDAGraph has no
@@ -154,10 +153,7 @@ impl CudaGraph {
             graph = unsafe { pixel_graph_new(device, error, len) };
             if graph.is_null() { -1 } else { 0 }
         })?;
-        Ok(CudaGraph {
-            graph,
-            capturing: false,
-        })
+        Ok(CudaGraph { graph })
     }
 
     /// Waits for the device and makes the graph's stream current: what this thread queues runs
@@ -186,14 +182,11 @@ impl CudaGraph {
         // SAFETY: a live graph; the function catches every exception.
         call("the CUDA graph's capture could not begin", |e, n| unsafe {
             pixel_graph_begin(self.graph, e, n)
-        })?;
-        self.capturing = true;
-        Ok(())
+        })
     }
 
     /// Ends the capture: the graph is ready to replay.
     pub fn end(&mut self) -> Result<(), String> {
-        self.capturing = false;
         // SAFETY: as above.
         call("the CUDA graph's capture failed", |e, n| unsafe {
             pixel_graph_end(self.graph, e, n)
@@ -215,7 +208,6 @@ impl CudaGraph {
     pub fn detached() -> CudaGraph {
         CudaGraph {
             graph: std::ptr::null_mut(),
-            capturing: false,
         }
     }
 }
@@ -228,14 +220,6 @@ impl Drop for CudaGraph {
         // SAFETY: the graph was made by pixel_graph_new and is freed once; the function ends a
         // capture under way and catches every exception.
         unsafe { pixel_graph_free(self.graph) };
-    }
-}
-
-impl std::fmt::Debug for CudaGraph {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaGraph")
-            .field("capturing", &self.capturing)
-            .finish()
     }
 }
 

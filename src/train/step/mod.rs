@@ -173,7 +173,6 @@ pub(super) fn take(
     } = state;
     let (images, indices, i, run_step) = (at.images, at.indices, at.i, at.run_step);
     let mut clock = Clock::new(step.sync_phases, device, i);
-    let scale = loss_scale.as_ref().map_or(1.0, |ls| ls.scale);
     let share = world.share(indices.len());
     let local = &indices[share.clone()];
     let latent = model.latent_shape(images.height, images.width);
@@ -186,29 +185,37 @@ pub(super) fn take(
         global_images: indices.len(),
         global_dims: (indices.len() * images.dims()) as f64,
         kl_weight,
-        scale: loss_scale.as_ref().map(|_| scale),
+        scale: loss_scale.as_ref().map(|ls| ls.scale),
+    };
+    // What the step takes from the host, written before its work on the device.
+    let stage_all = |inputs: &mut super::StepInputs,
+                     optimizer: &mut Optimizer,
+                     ema: Option<&mut Ema>,
+                     model: &Model| {
+        let staged = stage(inputs, &at, share.clone(), step, model, device);
+        optimizer.stage(learning_rate, &inner);
+        if let Some(ema) = ema {
+            ema.stage(run_step, &inner);
+        }
+        staged
     };
     let (agreed, finite) = if world.size() == 1 && loss_scale.is_none() {
         // Update first, read after: an error drops the state, so the update need not wait.
-        let staged = stage(&mut inputs, &at, share.clone(), step, &model, device);
-        optimizer.stage(learning_rate, &inner);
-        if let Some(ema) = ema.as_mut() {
-            ema.stage(run_step, &inner);
-        }
+        let staged = stage_all(&mut inputs, &mut optimizer, ema.as_mut(), &model);
         let update = Update {
             learning_rate,
             clip: step.clip_grad_norm,
             run_step,
         };
-        let plan = match (step.cuda_graph, crate::model::native::cuda_index(device)) {
-            (true, Some(_)) => {
+        let index = crate::model::native::cuda_index(device).filter(|_| step.cuda_graph);
+        let plan = match index {
+            Some(_) => {
                 let numbers = numbers(&work, local.len());
                 let signature = signature(numbers, &model, &optimizer, ema.as_mut(), &inputs);
                 inputs.graph.plan(signature, run_step)
             }
-            _ => graph::Plan::Eager,
+            None => graph::Plan::Eager,
         };
-        let index = crate::model::native::cuda_index(device);
         // The step's work on the device, run eagerly or captured.
         let work_on_device = |model, optimizer: &mut Optimizer, ema, clock: &mut Clock| {
             one_process(&work, model, optimizer, ema, staged, update, stop(), clock)
@@ -295,16 +302,13 @@ pub(super) fn take(
                 Tensor::zeros([1 + usize::from(latent.is_some())], &inner),
             )
         } else {
-            let staged = stage(&mut inputs, &at, share.clone(), step, &model, device);
-            optimizer.stage(learning_rate, &inner);
-            if let Some(ema) = ema.as_mut() {
-                ema.stage(run_step, &inner);
-            }
+            let staged = stage_all(&mut inputs, &mut optimizer, ema.as_mut(), &model);
             crate::model::native::trace_mark(c"step: device");
             let (grads, totals) = forward_backward(&work, &model, staged, &mut clock);
             (Some(grads), totals)
         };
         // Unscaled (f16) and measured: the norm is what a step's update is made of.
+        let scale = work.scale.unwrap_or(1.0);
         let (mut grads, agreed) = agree(&model, grads, totals, stop(), 1.0 / scale, world, &inner);
         let loss = agreed.totals.iter().sum();
         let norm = agreed.norm;
