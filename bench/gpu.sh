@@ -16,7 +16,7 @@
 # synthetic 32x32 RGB images) at batch 16 with dropout 0.5 and 0, at 64 in f32 and bf16, and 16 with
 # cuDNN's benchmarking on both sides (runtime.cudnn_benchmark, the twin's --cudnn-benchmark). Rows
 # marked `graph` run pixel's step as a CUDA graph (runtime.cuda_graph; the twin stays eager: its
-# time is the row above's).
+# time is the eager row of the same batch), gated b64 in f16 too (its skips decided on the device).
 # Determinism: a 20-step PixelCNN++ run (experiments/smoke/pixelcnnpp-synthetic-rgb.toml) twice on
 # the GPU with runtime.deterministic = true (the metrics and the checkpoint's bytes must be equal),
 # and a third time as a CUDA graph (the same bytes again: a replay runs the captured kernels), then
@@ -38,7 +38,7 @@ rounds=${ROUNDS:-2}
 reserve=${RESERVE:-240}
 # Rows as "batch precision [graph]" and "batch dropout precision [benchmark|graph]", one per word
 # group (';'-separated).
-IFS=';' read -r -a gated_rows <<< "${GATED_ROWS:-64 f32;64 f32 graph;256 f32;1024 f32;64 bf16}"
+IFS=';' read -r -a gated_rows <<< "${GATED_ROWS:-64 f32;64 f32 graph;256 f32;1024 f32;64 bf16;64 f16 graph}"
 IFS=';' read -r -a pp_rows <<< "${PP_ROWS:-16 0.5 f32;16 0.5 f32 graph;16 0.0 f32;64 0.5 f32;64 0.5 bf16;16 0.5 f32 benchmark}"
 mkdir -p "$out"
 deadline=$((SECONDS + budget))
@@ -77,7 +77,7 @@ for r in $(seq "$rounds"); do
     if [ "${3:-}" = graph ]; then
       echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size="$1" --set runtime.precision="$2" \
         --set runtime.cuda_graph=true)"
-      echo "twin:  (eager: the row above)"
+      echo "twin:  (none: the eager rows of this batch are the comparison)"
       continue
     fi
     echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size="$1" --set runtime.precision="$2")"

@@ -290,7 +290,7 @@ pub struct RuntimeSection {
     /// steps where shapes stay fixed, at the cost of slower first steps, and runs that do not
     /// repeat to the bit. Not with `deterministic`. Default: false.
     pub cudnn_benchmark: bool,
-    /// libtorch on CUDA, one process, f32 or bf16 only: capture a training step once as a CUDA
+    /// libtorch on CUDA, one process: capture a training step once as a CUDA
     /// graph (after the first steps, once its buffers have settled) and replay it for each step
     /// after, so that the host no longer launches each kernel (PyTorch's
     /// `torch.compile(mode="reduce-overhead")` does the same). The same work as the eager

@@ -265,6 +265,10 @@ pub struct Optimizer {
     /// On libtorch, the flat gradients that the last step spent (where nothing else held them):
     /// [`Optimizer::flat_gradients`] writes the next step's there.
     gradients: Option<Tensor<1>>,
+    /// The last step was Adam's in place with the decision to take it left to the device
+    /// ([`Optimizer::step_unless`]): it counted itself taken, which [`Optimizer::settle`]
+    /// undoes where it was not.
+    unsettled: bool,
 }
 
 /// Adam with beta = (0.9, 0.999) and PyTorch's epsilon of 1e-8 (Burn's default is 1e-5).
@@ -289,6 +293,7 @@ impl Optimizer {
             weights: None,
             scalars: Default::default(),
             gradients: None,
+            unsettled: false,
         }
     }
 
@@ -332,9 +337,44 @@ impl Optimizer {
     /// Moves the parameters of `grads.layout` by one step of learning rate `lr`; returns the
     /// model and their new values.
     pub fn step(&mut self, lr: f64, model: Model, grads: Flat) -> (Model, Flat) {
+        self.step_unless(lr, model, grads, None)
+    }
+
+    /// [`Optimizer::step`], taken only where `keep` (`[1]`, on the device) is true: an f16 step
+    /// whose gradients overflowed is not. In place (Adam after its first step, on libtorch) the
+    /// device decides, and the step counts itself taken until [`Optimizer::settle`] says whether
+    /// it was; otherwise `keep` is read here (one wait for the device, where a parameter missed
+    /// a step or on other backends).
+    pub fn step_unless(
+        &mut self,
+        lr: f64,
+        model: Model,
+        grads: Flat,
+        keep: Option<Tensor<1, burn::tensor::Bool>>,
+    ) -> (Model, Flat) {
+        self.unsettled = false;
+        let in_place = self.steps_in_place(&grads);
+        if let Some(keep) = &keep
+            && !in_place
+            && !keep.clone().into_scalar::<bool>()
+        {
+            let (weights, _) = self.weights_of(&model, &grads.layout);
+            if crate::model::native::runs_fused(&weights.device()) {
+                self.weights = Some(weights.clone());
+            }
+            let layout = grads.layout;
+            return (
+                model,
+                Flat {
+                    values: weights,
+                    layout,
+                },
+            );
+        }
         let (weights, overwrite) = self.weights_of(&model, &grads.layout);
-        let new = if self.steps_in_place(&grads) {
-            self.adam_in_place(lr, weights, overwrite, grads)
+        let new = if in_place {
+            self.unsettled = keep.is_some();
+            self.adam_in_place(lr, weights, overwrite, grads, keep)
         } else {
             self.step_by_burn(lr, weights, grads)
         };
@@ -382,11 +422,31 @@ impl Optimizer {
         ])
     }
 
-    /// After a replay of a captured step: what that step did on the host (Adam's step count).
-    pub(crate) fn replayed(&mut self) {
+    /// After a replay of a captured step: what that step did on the host (Adam's step count,
+    /// and whether the device decided to take it: `masked`).
+    pub(crate) fn replayed(&mut self, masked: bool) {
         for group in &mut self.groups {
             group.time += 1;
         }
+        self.unsettled = masked;
+    }
+
+    /// After a step whose decision was the device's ([`Optimizer::step_unless`]): `taken` says
+    /// whether it was taken, as read from the device; a step not taken does not count.
+    pub(crate) fn settle(&mut self, taken: bool) {
+        if std::mem::take(&mut self.unsettled) && !taken {
+            for group in &mut self.groups {
+                group.time -= 1;
+            }
+        }
+    }
+
+    /// Whether the next step could leave the decision to take it to the device
+    /// ([`Optimizer::step_unless`] without a read): Adam with one group of moments on libtorch.
+    pub(crate) fn decides_on_device(&self, device: &Device) -> bool {
+        matches!(self.rule, Rule::Adam { .. })
+            && self.groups.len() == 1
+            && crate::model::native::runs_fused(device)
     }
 
     /// On libtorch, the weights the last step left, flat (as [`Optimizer::step`] returns them).
@@ -445,7 +505,14 @@ impl Optimizer {
 
     /// Such a step in place (`native::adam_in_place`, the same bits as [`adam_math`]): the new
     /// weights.
-    fn adam_in_place(&mut self, lr: f64, weights: Tensor<1>, overwrite: bool, grads: Flat) -> Flat {
+    fn adam_in_place(
+        &mut self,
+        lr: f64,
+        weights: Tensor<1>,
+        overwrite: bool,
+        grads: Flat,
+        keep: Option<Tensor<1, burn::tensor::Bool>>,
+    ) -> Flat {
         let Rule::Adam {
             beta_1,
             beta_2,
@@ -464,6 +531,7 @@ impl Optimizer {
             moments.first,
             moments.second,
             scalars,
+            keep,
             overwrite,
         );
         // Kept for the next step's gradients where nothing else holds them.
@@ -702,17 +770,27 @@ fn adam_math(
 }
 
 /// The scalars of Adam's step `time` in place (`native::adam_in_place`), as ATen takes Burn's
-/// into f32 kernels: its f32 constants, and the learning rate rounded to f32.
-fn adam_scalars(time: usize, lr: f64, beta_1: f32, beta_2: f32, epsilon: f32) -> [f32; 7] {
+/// into f32 kernels: its f32 constants, and the learning rate rounded to f32; then those of a
+/// step that changes nothing, which it takes where the device decides not to take it.
+fn adam_scalars(time: usize, lr: f64, beta_1: f32, beta_2: f32, epsilon: f32) -> [f32; 14] {
     let [bias_correction2_sqrt, combined_factor] = corrections(time, beta_1, beta_2);
+    let epsilon = epsilon * bias_correction2_sqrt;
     [
         beta_1,
         1.0 - beta_1,
         beta_2,
         1.0 - beta_2,
         combined_factor,
-        epsilon * bias_correction2_sqrt,
+        epsilon,
         lr as f32,
+        // Not taken: `m * 1 + g * 0`, `v * 1 + g g * 0`, `w - update * 0`.
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+        combined_factor,
+        epsilon,
+        0.0,
     ]
 }
 

@@ -316,12 +316,12 @@ fn adam_in_pieces_is_adam_whole() {
             let whole = state(time).step_by_burn(0.003, w.clone(), grads.clone());
             let (mut a, mut b) = (state(time), state(time));
             // Everything shared (the gradients' buffer takes no root), then nothing.
-            let shared = a.adam_in_place(0.003, w.clone(), false, grads.clone());
+            let shared = a.adam_in_place(0.003, w.clone(), false, grads.clone(), None);
             let unshared = Flat {
                 values: g.clone() * 1.0,
                 layout: layout.clone(),
             };
-            let own = b.adam_in_place(0.003, w.clone() * 1.0, false, unshared);
+            let own = b.adam_in_place(0.003, w.clone() * 1.0, false, unshared, None);
             assert_eq!(
                 first_difference(&shared.values, &whole.values),
                 None,
@@ -342,5 +342,85 @@ fn adam_in_pieces_is_adam_whole() {
                 "{seed}"
             );
         }
+    }
+}
+
+/// A step whose decision is the device's ([`Optimizer::step_unless`] in place): kept, it is the
+/// plain step to the bit; not kept, with gradients that are not finite (NaN, both infinities,
+/// one in each piece on the CPU), the weights and moments keep their values, and once settled
+/// the step count too, so that the next step is the one it would have been.
+#[test]
+fn a_step_the_device_declines_changes_nothing() {
+    use burn::tensor::Bool;
+    for device in crate::device::test_devices() {
+        if !crate::model::native::runs_fused(&device) {
+            continue;
+        }
+        let model = gated_model(2, 4, &device.clone().autodiff());
+        let layout = Layout::of(&model);
+        let n = layout.values();
+        let values = |seed: u64| {
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+            let v: Vec<f32> = (0..n)
+                .map(|_| rand::RngExt::random_range(&mut rng, -1.0f32..1.0))
+                .collect();
+            Flat {
+                values: Tensor::from_data(TensorData::new(v, [n]), &device),
+                layout: layout.clone(),
+            }
+        };
+        let keep = |k: bool| Some(Tensor::<1, Bool>::from_data(TensorData::from([k]), &device));
+        // Two optimizers one step in (moments made), the same.
+        let start = |opt: &mut Optimizer| {
+            opt.stage(1e-3, &device);
+            opt.step(1e-3, model.clone(), values(1)).0
+        };
+        let (mut plain, mut masked) = (adam(), adam());
+        let (mut a, mut b) = (start(&mut plain), start(&mut masked));
+        // Kept: the plain step's bits.
+        plain.stage(1e-3, &device);
+        masked.stage(1e-3, &device);
+        let x;
+        (a, x) = plain.step(1e-3, a, values(2));
+        let y;
+        (b, y) = masked.step_unless(1e-3, b, values(2), keep(true));
+        masked.settle(true);
+        assert_eq!(first_difference(&x.values, &y.values), None);
+        // Declined, on gradients that are not finite.
+        let before = flatten(&b, &layout);
+        let moments = |o: &Optimizer| (o.groups[0].first.clone(), o.groups[0].second.clone());
+        let (m, v) = moments(&masked);
+        let [m, v] = [m, v].map(|t| t * 1.0); // copies: the step writes in place
+        let mut bad: Vec<f32> = values(3)
+            .values
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap();
+        for (k, at) in [1, n / 2, n - 1].into_iter().enumerate() {
+            bad[at] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][k];
+        }
+        let bad = Flat {
+            values: Tensor::from_data(TensorData::new(bad, [n]), &device),
+            layout: layout.clone(),
+        };
+        masked.stage(1e-3, &device);
+        let declined;
+        (b, declined) = masked.step_unless(1e-3, b, bad, keep(false));
+        masked.settle(false);
+        let same = |p: &Tensor<1>, q: &Tensor<1>| {
+            let [p, q] = [p, q].map(|t| t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap());
+            p == q
+        };
+        assert!(same(&declined.values, &before), "the weights moved");
+        let (m2, v2) = moments(&masked);
+        assert!(same(&m, &m2) && same(&v, &v2), "the moments moved");
+        assert_eq!(masked.groups[0].time, plain.groups[0].time);
+        // The next step is the plain optimizer's next step.
+        plain.stage(1e-3, &device);
+        masked.stage(1e-3, &device);
+        let x = plain.step(1e-3, a, values(4)).1;
+        let y = masked.step_unless(1e-3, b, values(4), keep(true)).1;
+        assert_eq!(first_difference(&x.values, &y.values), None);
     }
 }

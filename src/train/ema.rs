@@ -18,7 +18,7 @@ use crate::model::Model;
 use crate::model::native::DeviceBuffer;
 use crate::optim::{Flat, Layout, flatten, unflatten};
 use burn::module::Module;
-use burn::tensor::Device;
+use burn::tensor::{Bool, Device, Tensor};
 use std::cell::OnceCell;
 
 /// The averaged weights: a model on the inference device, like the trained one.
@@ -96,8 +96,16 @@ impl Ema {
     }
 
     /// Moves the average towards the weights after global step `t` (1 for the first): `weights`
-    /// are the values the optimizer gave the parameters it moved, `model` holds them all.
-    pub fn update(&mut self, weights: &Flat, model: &Model, t: usize) {
+    /// are the values the optimizer gave the parameters it moved, `model` holds them all. With
+    /// `keep` (`[1]`, on the device), only where it is true: decided on libtorch's device, read
+    /// elsewhere (a skipped f16 step; see `Optimizer::step_unless`).
+    pub fn update(
+        &mut self,
+        weights: &Flat,
+        model: &Model,
+        t: usize,
+        keep: Option<Tensor<1, Bool>>,
+    ) {
         // The model made from the average holds views of it: dropped first, so that the average
         // is written in place.
         self.model = OnceCell::new();
@@ -126,7 +134,9 @@ impl Ema {
         let decay = self.decay_at(t);
         let values = if crate::model::native::runs_fused(&current.device()) {
             let scalars = self.scalars.holding(&factors(decay), &current.device());
-            crate::model::native::ema_in_place(average.values, current, scalars)
+            crate::model::native::ema_in_place(average.values, current, scalars, keep)
+        } else if keep.is_some_and(|k| !k.into_scalar::<bool>()) {
+            average.values
         } else {
             average.values * decay + current * (1.0 - decay)
         };
@@ -138,9 +148,10 @@ impl Ema {
 }
 
 /// `decay` and `1 - decay` as the f32 factors that ATen makes of Burn's scalars (the second
-/// computed in f64 first, as Burn's caller does).
-fn factors(decay: f64) -> [f32; 2] {
-    [decay as f32, (1.0 - decay) as f32]
+/// computed in f64 first, as Burn's caller does); then 1 and 0, the factors of an update not
+/// taken (`average * 1 + current * 0`).
+fn factors(decay: f64) -> [f32; 4] {
+    [decay as f32, (1.0 - decay) as f32, 1.0, 0.0]
 }
 
 #[cfg(test)]
@@ -175,10 +186,30 @@ mod tests {
             for decay in [0.0, 0.9995, 0.3, 1.0 - 1e-9] {
                 let burns = average.clone() * decay + current.clone() * (1.0 - decay);
                 let s = scalars.write(&factors(decay), &device);
-                let shared =
-                    crate::model::native::ema_in_place(average.clone(), current.clone(), s.clone());
-                let own =
-                    crate::model::native::ema_in_place(average.clone() * 1.0, current.clone(), s);
+                let shared = crate::model::native::ema_in_place(
+                    average.clone(),
+                    current.clone(),
+                    s.clone(),
+                    None,
+                );
+                let own = crate::model::native::ema_in_place(
+                    average.clone() * 1.0,
+                    current.clone(),
+                    s.clone(),
+                    None,
+                );
+                // Decided on the device: kept, the same bits; declined, the average as it was.
+                for k in [true, false] {
+                    let keep = Tensor::<1, burn::tensor::Bool>::from_data([k], &device);
+                    let masked = crate::model::native::ema_in_place(
+                        average.clone() * 1.0,
+                        current.clone(),
+                        s.clone(),
+                        Some(keep),
+                    );
+                    let expected = if k { &burns } else { &average };
+                    assert_eq!(first_difference(&masked, expected), None, "{decay} {k}");
+                }
                 assert_eq!(first_difference(&shared, &burns), None, "{decay}");
                 at.push(scalars.address().expect("written"));
                 assert_eq!(first_difference(&own, &burns), None, "{decay}");

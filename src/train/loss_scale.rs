@@ -61,9 +61,10 @@ pub(crate) struct GradientNorm {
 }
 
 impl GradientNorm {
-    /// Whether every gradient was finite, so that a step can be taken on them.
+    /// Whether every gradient was finite, so that a step can be taken on them (where one is
+    /// not, it may not be named: the norm says).
     pub fn is_finite(&self) -> bool {
-        self.first_not_finite.is_none()
+        self.norm.is_finite()
     }
 
     /// The norm from each parameter's square sum (`None` for one without a gradient), in visiting

@@ -224,7 +224,8 @@ pub struct TrainState {
     pub inputs: StepInputs,
 }
 
-/// The buffers, on libtorch, that each step's batch, dropout keys and PixelVAE noise are written
+/// The buffers, on libtorch, that each step's batch, dropout keys, PixelVAE noise and f16 loss
+/// scale are written
 /// into before its work on the device, at one address step after step (what a CUDA graph's
 /// replay would read); made by the first step.
 #[derive(Clone, Debug, Default)]
@@ -232,6 +233,8 @@ pub struct StepInputs {
     pub batch: crate::model::native::DeviceBuffer,
     pub dropout_keys: crate::model::native::DeviceBuffer,
     pub noise: crate::model::native::DeviceBuffer,
+    /// f16 where the device decides to skip a step: the loss scale and its inverse.
+    pub loss_scale: crate::model::native::DeviceBuffer,
     /// With `runtime.cuda_graph`, the step captured as a CUDA graph, which replays read these
     /// buffers.
     pub graph: StepGraph,

@@ -2,7 +2,7 @@
 //! and the backend and device a run asks for.
 
 use super::{Checker, MAX_GRID};
-use crate::device::{self, Precision, Target};
+use crate::device::{self, Target};
 use crate::error::Result;
 use crate::experiment::{BackendKind, Experiment};
 
@@ -117,13 +117,6 @@ pub(super) fn target(ctx: &Checker, e: &Experiment) -> Result<Target> {
             "runtime.cuda_graph",
             true,
             "false where the run cannot be on CUDA (a CUDA graph is libtorch's on CUDA only)",
-        )?;
-        ctx.require(
-            r.precision != Precision::F16,
-            "runtime.cuda_graph",
-            true,
-            "false with runtime.precision = \"f16\" (its loss scaling decides on the host \
-             within each step); bf16 needs no loss scale",
         )?;
         ctx.require(
             crate::model::native::graph::available(),

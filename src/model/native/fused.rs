@@ -3,7 +3,7 @@
 //! PixelCNN++'s dropout masks in 32-bit integers. Their arguments, and their `Tensor` entry points
 //! (see `NativeBackward` for what each computes).
 
-use super::{Maybe, NativeBackward};
+use super::{Maybe, MaybeBool, NativeBackward};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, ExtensionType};
 use burn::tensor::{Bool, DType, Device, Int, Tensor};
@@ -220,6 +220,7 @@ pub fn adam_in_place(
     first: Tensor<1>,
     second: Tensor<1>,
     scalars: Tensor<1>,
+    keep: Option<Tensor<1, Bool>>,
     overwrite: bool,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>) {
     let (w, m, v, g) = <Dispatch as NativeBackward>::adam_in_place(
@@ -228,6 +229,7 @@ pub fn adam_in_place(
         first.into_dispatch(),
         second.into_dispatch(),
         scalars.into_dispatch(),
+        keep.map_or(MaybeBool::None, |k| MaybeBool::Some(k.into_dispatch())),
         overwrite,
     );
     (
@@ -240,11 +242,17 @@ pub fn adam_in_place(
 
 /// The weights' average brought forward in place, where [`runs_fused`] (see
 /// [`NativeBackward::ema_in_place`]).
-pub fn ema_in_place(average: Tensor<1>, current: Tensor<1>, scalars: Tensor<1>) -> Tensor<1> {
+pub fn ema_in_place(
+    average: Tensor<1>,
+    current: Tensor<1>,
+    scalars: Tensor<1>,
+    keep: Option<Tensor<1, Bool>>,
+) -> Tensor<1> {
     Tensor::from_dispatch(<Dispatch as NativeBackward>::ema_in_place(
         average.into_dispatch(),
         current.into_dispatch(),
         scalars.into_dispatch(),
+        keep.map_or(MaybeBool::None, |k| MaybeBool::Some(k.into_dispatch())),
     ))
 }
 

@@ -82,13 +82,29 @@ impl NativeBackward for LibTorch {
         first: TchTensor,
         second: TchTensor,
         scalars: TchTensor,
+        keep: MaybeBool<Self>,
         overwrite: bool,
     ) -> (TchTensor, TchTensor, TchTensor, TchTensor) {
-        adam_in_place(weights, grads, first, second, &scalars.tensor, overwrite)
+        let keep = kept(keep);
+        let scalars = &scalars.tensor;
+        adam_in_place(
+            weights,
+            grads,
+            first,
+            second,
+            scalars,
+            keep.as_ref(),
+            overwrite,
+        )
     }
 
-    fn ema_in_place(average: TchTensor, current: TchTensor, scalars: TchTensor) -> TchTensor {
-        ema_in_place(average, &current, &scalars.tensor)
+    fn ema_in_place(
+        average: TchTensor,
+        current: TchTensor,
+        scalars: TchTensor,
+        keep: MaybeBool<Self>,
+    ) -> TchTensor {
+        ema_in_place(average, &current, &scalars.tensor, kept(keep).as_ref())
     }
 
     fn write_scalars(buffer: TchTensor, values: Vec<f32>) -> TchTensor {
@@ -137,13 +153,18 @@ impl NativeBackward for LibTorch {
         if let Maybe::Some(s) = shift {
             inputs.push(s);
         }
-        let kept = match kept {
-            MaybeBool::Some(d) => Some(d.tensor),
-            MaybeBool::None => None,
-        };
+        let kept = self::kept(kept);
         let refs: Vec<&tch::Tensor> = inputs.iter().map(|t| &t.tensor).collect();
         let _guard = tch::no_grad_guard();
         TchTensor::new(resnet(&refs, has_aux, has_shift, kept.as_ref(), shape))
+    }
+}
+
+/// An optional boolean input's libtorch tensor.
+fn kept(b: MaybeBool<LibTorch>) -> Option<tch::Tensor> {
+    match b {
+        MaybeBool::Some(d) => Some(d.tensor),
+        MaybeBool::None => None,
     }
 }
 

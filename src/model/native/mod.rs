@@ -298,9 +298,18 @@ pub trait NativeBackward: Backend {
     /// parameters, views of it that the step replaces). It exists on libtorch only
     /// ([`runs_fused`]).
     ///
+    ///
+    /// `keep`: whether to take the step, decided on the device (an f16 step is skipped where its
+    /// gradients overflow, without the host reading them first). Where given, `scalars` holds
+    /// seven more, those of a step that changes nothing (1, 0, 1, 0, the correction, epsilon', 0),
+    /// which the step takes instead where `keep` is false, after zeroing the gradients that are
+    /// not finite: the weights and moments then keep their values (a zero's sign aside: `w - 0`).
+    /// Where `keep` is true the step is the unmasked one, to the bit.
+    ///
     /// # Shapes
     /// - weights, grads, first, second: `[n]`, f32
-    /// - scalars: `[7]`, f32
+    /// - scalars: `[7]`, or `[14]` with `keep`, f32
+    /// - keep: `[1]`
     /// - returns: the weights, the first and the second moment, and the gradients' buffer (its
     ///   values spent), `[n]`
     #[allow(clippy::type_complexity)]
@@ -310,6 +319,7 @@ pub trait NativeBackward: Backend {
         first: FloatTensor<Self>,
         second: FloatTensor<Self>,
         scalars: FloatTensor<Self>,
+        #[extension_type] keep: MaybeBool<Self>,
         overwrite: bool,
     ) -> (
         FloatTensor<Self>,
@@ -317,7 +327,7 @@ pub trait NativeBackward: Backend {
         FloatTensor<Self>,
         FloatTensor<Self>,
     ) {
-        let _ = (weights, grads, first, second, scalars, overwrite);
+        let _ = (weights, grads, first, second, scalars, keep, overwrite);
         unreachable!("adam_in_place runs on libtorch only (`runs_fused` says where)")
     }
 
@@ -327,16 +337,21 @@ pub trait NativeBackward: Backend {
     /// `scalars`, on the device: `decay` and `1 - decay` as f32 (see
     /// [`NativeBackward::adam_in_place`]). It exists on libtorch only ([`runs_fused`]).
     ///
+    /// `keep` as for [`NativeBackward::adam_in_place`]: where given, `scalars` holds 1 and 0
+    /// besides, taken where it is false (the average keeps its values).
+    ///
     /// # Shapes
     /// - average, current: `[n]`, f32
-    /// - scalars: `[2]`, f32
+    /// - scalars: `[2]`, or `[4]` with `keep`, f32
+    /// - keep: `[1]`
     /// - returns: `[n]`
     fn ema_in_place(
         average: FloatTensor<Self>,
         current: FloatTensor<Self>,
         scalars: FloatTensor<Self>,
+        #[extension_type] keep: MaybeBool<Self>,
     ) -> FloatTensor<Self> {
-        let _ = (average, current, scalars);
+        let _ = (average, current, scalars, keep);
         unreachable!("ema_in_place runs on libtorch only (`runs_fused` says where)")
     }
 

@@ -418,18 +418,36 @@ pub(super) fn adam_in_place(
     first: TchTensor,
     second: TchTensor,
     scalars: &tch::Tensor,
+    keep: Option<&tch::Tensor>,
     overwrite: bool,
 ) -> (TchTensor, TchTensor, TchTensor, TchTensor) {
     let w = if overwrite { weights } else { own(weights) };
     let (m, v) = (own(first), own(second));
     let spent = grads.can_mut();
+    let scalars = kept_scalars(scalars, keep, 7);
     let scalars: [tch::Tensor; 7] = std::array::from_fn(|i| scalars.get(i as i64));
     for (start, len) in pieces(&w.tensor) {
         let [mut w, mut m, mut v, mut g] =
             [&w, &m, &v, &grads].map(|t| t.tensor.narrow(0, start, len));
+        if keep.is_some() {
+            // A skipped step's gradients may be infinite: times 0 they would be NaN.
+            let _ = g.f_nan_to_num_(0.0, 0.0, 0.0).unwrap();
+        }
         adam_piece([&mut w, &mut m, &mut v, &mut g], spent, &scalars);
     }
     (w, m, v, grads)
+}
+
+/// The first `n` of `scalars`, or where `keep` is given (`[1]`, bool), those or the next `n` as
+/// it says: chosen on the device.
+fn kept_scalars(scalars: &tch::Tensor, keep: Option<&tch::Tensor>, n: i64) -> tch::Tensor {
+    match keep {
+        None => scalars.narrow(0, 0, n),
+        Some(keep) => scalars
+            .narrow(0, 0, n)
+            .f_where_self(keep, &scalars.narrow(0, n, n))
+            .unwrap(),
+    }
 }
 
 /// One piece of [`adam_in_place`]; `spent`: the gradients' buffer may take the second moment's
@@ -470,8 +488,10 @@ pub(super) fn ema_in_place(
     average: TchTensor,
     current: &TchTensor,
     scalars: &tch::Tensor,
+    keep: Option<&tch::Tensor>,
 ) -> TchTensor {
     let average = own(average);
+    let scalars = kept_scalars(scalars, keep, 2);
     let [decay, rest] = [0, 1].map(|i| scalars.get(i));
     for (start, len) in pieces(&average.tensor) {
         let mut a = average.tensor.narrow(0, start, len);

@@ -1,5 +1,5 @@
-//! A training step replayed as one CUDA graph (`runtime.cuda_graph`, one process in f32 or bf16
-//! on libtorch CUDA): the step's work on the device, from its forward pass to the update and the
+//! A training step replayed as one CUDA graph (`runtime.cuda_graph`, one process on libtorch
+//! CUDA): the step's work on the device, from its forward pass to the update and the
 //! average, is captured once and then launched with one call per step, so that the host no
 //! longer builds Burn's graph, asks libtorch for each operator and launches each kernel.
 //!
@@ -13,9 +13,10 @@
 //! two steps in a row had the same signature (the buffers have settled), and replayed while the
 //! signature stays the capture's. Any other step runs eagerly: a last partial batch (the graph
 //! is kept for the next epoch), a buffer that moved (the graph is dropped, and captured again
-//! once they settle), a step before the buffers exist. The host does after a replay what the
-//! captured step did besides its work on the device: Adam's step count, the average's model.
-//! The counts are reported ([`GraphCounts`]).
+//! once they settle), a step before the buffers exist, an f16 step that reads the host before
+//! its update. The host does after a replay what the captured step did besides its work on the
+//! device: Adam's step count (less a step the device skipped, in f16), the average's model. The
+//! counts are reported ([`GraphCounts`]).
 
 use crate::model::native::graph::CudaGraph;
 use burn::tensor::Tensor;

@@ -9,7 +9,12 @@
 //! batch's nats together), so that a GPU runs the update right behind the backward pass instead
 //! of waiting for the host's decision. A loss or gradient that is not finite then stops the run
 //! with the step's update dropped: the state is not returned. In f16, whose overflowing steps
-//! are skipped and the run goes on, and over several ranks, the read comes before the update.
+//! are skipped and the run goes on, the device decides: on libtorch the loss scale is staged
+//! in a buffer, and the optimizer's step and the average's update are taken where the
+//! gradients' square sum is finite and changed by nothing where it is not (the host counts
+//! the skip once it reads the sum). The read comes before the update over several ranks, in
+//! f16 off libtorch and before Adam's moments exist, and for the f16 step whose skip would
+//! stop the run (`train.max_skipped_steps`), so that the error can name the parameter.
 
 mod graph;
 
@@ -49,8 +54,8 @@ pub struct Step {
     /// Wait for the device at each phase boundary (`pixel bench --sync`), so that
     /// [`StepPhases`] are the device's time rather than the host's.
     pub sync_phases: bool,
-    /// Capture the step of one process in f32 or bf16 on libtorch CUDA once as a CUDA graph and
-    /// replay it (`runtime.cuda_graph`; see [`graph`]). Ignored elsewhere (the plan refuses it).
+    /// Capture the step of one process on libtorch CUDA once as a CUDA graph and replay it
+    /// (`runtime.cuda_graph`; see [`graph`]). Ignored elsewhere (the plan refuses it).
     pub cuda_graph: bool,
 }
 
@@ -187,25 +192,38 @@ pub(super) fn take(
         kl_weight,
         scale: loss_scale.as_ref().map(|ls| ls.scale),
     };
+    // f16 on libtorch: whether the device decides to skip the step (the loss scale staged, the
+    // update masked), so that one process reads the host after the update as in f32 and bf16.
+    // Not where a skip would stop the run: that step reads first, to name the parameter.
+    let masked = loss_scale.as_ref().is_some_and(|ls| {
+        ls.skipped_in_a_row < step.max_skipped_steps
+            && optimizer.decides_on_device(&inner)
+            && !host_decides()
+    });
     // What the step takes from the host, written before its work on the device.
     let stage_all = |inputs: &mut super::StepInputs,
                      optimizer: &mut Optimizer,
                      ema: Option<&mut Ema>,
                      model: &Model| {
-        let staged = stage(inputs, &at, share.clone(), step, model, device);
+        let mut staged = stage(inputs, &at, share.clone(), step, model, device);
+        if let (true, Some(scale)) = (masked, work.scale) {
+            let values = [scale as f32, (1.0 / scale) as f32];
+            staged.scale = Some(inputs.loss_scale.write_on(&values, device));
+        }
         optimizer.stage(learning_rate, &inner);
         if let Some(ema) = ema {
             ema.stage(run_step, &inner);
         }
         staged
     };
-    let (agreed, finite) = if world.size() == 1 && loss_scale.is_none() {
+    let (agreed, finite) = if world.size() == 1 && (loss_scale.is_none() || masked) {
         // Update first, read after: an error drops the state, so the update need not wait.
         let staged = stage_all(&mut inputs, &mut optimizer, ema.as_mut(), &model);
         let update = Update {
             learning_rate,
             clip: step.clip_grad_norm,
             run_step,
+            masked,
         };
         let index = crate::model::native::cuda_index(device).filter(|_| step.cuda_graph);
         let plan = match index {
@@ -272,7 +290,7 @@ pub(super) fn take(
             graph::Plan::Replay => {
                 drop(work_on_device);
                 // What the captured step did on the host besides its work on the device.
-                optimizer.replayed();
+                optimizer.replayed(masked);
                 if let Some(ema) = ema.as_mut() {
                     ema.replayed();
                 }
@@ -281,16 +299,21 @@ pub(super) fn take(
                 Pending {
                     square_sum,
                     totals,
-                    weights: optimizer.last_weights(),
+                    weights: optimizer.last_weights().filter(|_| !masked),
                     stop: stop(),
                 }
             }
         };
         let agreed = pending.read(&model);
         let loss = agreed.totals.iter().sum();
-        let finite = check_finite(loss, &agreed.norm, None, &model, i, step)?;
+        let finite = check_finite(loss, &agreed.norm, loss_scale.as_mut(), &model, i, step)?;
+        optimizer.settle(finite);
         (agreed, finite)
     } else {
+        if let (true, Some(_)) = (step.cuda_graph, crate::model::native::cuda_index(device)) {
+            // An f16 step that reads first (see the module's documentation) runs eagerly.
+            inputs.graph.plan(None, run_step);
+        }
         let (grads, totals) = if local.is_empty() {
             // A rank without images this step (a global batch smaller than the world) adds
             // zeros, to the free bits' sums too.
@@ -323,7 +346,7 @@ pub(super) fn take(
             // buffer they leave would be held to no use.
             optimizer.release_gradients();
             if let Some(ema) = ema.as_mut() {
-                ema.update(&weights, &model, run_step);
+                ema.update(&weights, &model, run_step, None);
             }
         }
         (agreed, finite)
@@ -364,12 +387,25 @@ struct Work<'a> {
     scale: Option<f64>,
 }
 
+thread_local! {
+    /// Set by tests only: f16 steps read the host before their update, as where the device
+    /// cannot decide, to compare the two.
+    static HOST_DECIDES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a test asked f16 steps to read the host first ([`HOST_DECIDES`]).
+fn host_decides() -> bool {
+    HOST_DECIDES.with(|h| h.get())
+}
+
 /// What a step took from the host, written into buffers that live across steps before its work
 /// on the device (on libtorch; elsewhere uploaded).
 struct Staged {
     uploaded: super::Uploaded,
     draws: crate::model::DropoutDraws,
     noise: Option<Tensor<1>>,
+    /// f16 decided on the device: the loss scale and its inverse (`[2]`).
+    scale: Option<Tensor<1>>,
 }
 
 /// Writes what step `at` takes from the host for this rank's part of its global batch (`share`):
@@ -417,6 +453,7 @@ fn stage(
         uploaded,
         draws,
         noise,
+        scale: None,
     }
 }
 
@@ -432,6 +469,7 @@ fn forward_backward(
         uploaded,
         draws,
         noise,
+        scale,
     } = staged;
     let mut batch = uploaded.batch();
     batch.context.dropout = Some(draws);
@@ -448,7 +486,9 @@ fn forward_backward(
         loss = loss + kl_penalty(kl, work.step.free_bits, work.global_images, work.world) * weight;
     }
     let mut loss = loss / work.global_dims;
-    if let Some(scale) = work.scale {
+    if let Some(staged) = scale {
+        loss = loss * staged.narrow(0, 0, 1);
+    } else if let Some(scale) = work.scale {
         loss = loss * scale;
     }
     clock.mark(1);
@@ -457,9 +497,9 @@ fn forward_backward(
     (grads, Tensor::cat(totals, 0))
 }
 
-/// One process in f32 or bf16, all of it on the device (what a CUDA graph captures): the
-/// forward and backward passes, clipping, the optimizer's step and the average's update. The
-/// model and what is left to read.
+/// One process (in f16 where the device decides its skips), all of it on the device (what a
+/// CUDA graph captures): the forward and backward passes, unscaling, clipping, the optimizer's
+/// step and the average's update. The model and what is left to read.
 #[allow(clippy::too_many_arguments)]
 fn one_process(
     work: &Work,
@@ -473,8 +513,16 @@ fn one_process(
 ) -> (Model, Pending) {
     // What a CUDA graph of the step captures begins here.
     crate::model::native::trace_mark(c"step: device");
+    let unscale = staged
+        .scale
+        .as_ref()
+        .map(|s| s.clone().inner().narrow(0, 1, 1));
     let (grads, totals) = forward_backward(work, &model, staged, clock);
-    let grads = optimizer.flat_gradients(&model, grads);
+    let mut grads = optimizer.flat_gradients(&model, grads);
+    if let Some(unscale) = unscale {
+        // In place: the gradients' buffer is the step's own.
+        grads.values = grads.values * unscale;
+    }
     gather(grads, totals, stop, 1.0).update(model, optimizer, ema, update)
 }
 
@@ -555,9 +603,13 @@ fn signature(
     if let Some(ema) = ema {
         buffers.extend(ema.graph_buffers()?);
     }
-    buffers.extend(
-        [&inputs.batch, &inputs.dropout_keys, &inputs.noise].map(|b| b.address().map(|a| (a, 0))),
-    );
+    let staged = [
+        &inputs.batch,
+        &inputs.dropout_keys,
+        &inputs.noise,
+        &inputs.loss_scale,
+    ];
+    buffers.extend(staged.map(|b| b.address().map(|a| (a, 0))));
     Some(graph::Signature { numbers, buffers })
 }
 
@@ -763,14 +815,15 @@ impl Gathered {
         (self.grads, Agreed { norm, totals, stop })
     }
 
-    /// One process in f32 or bf16: clipping, the optimizer's step and the EMA's update on the
-    /// device; the square sum and the totals are left to [`Pending::read`]. The update spends
-    /// the gradients (clipped in place, then Adam's scratch), so a square sum that is not finite
-    /// names the first parameter whose new weights are not finite: an update leaves a weight
-    /// finite where its gradient was (its weights were finite, or the last step would have
-    /// stopped the run) and not where it was not (Adam's `inf / inf`, SGD's `w - lr inf`), and
-    /// clipping's factor is 1 when the norm is not a number, so that one NaN does not spread to
-    /// every gradient.
+    /// One process (in f16 where the device decides to skip, `update.masked`): clipping, the
+    /// optimizer's step and the EMA's update on the device, taken in f16 only where the square
+    /// sum is finite; the square sum and the totals are left to [`Pending::read`]. The update
+    /// spends the gradients (clipped in place, then Adam's scratch), so a square sum that is
+    /// not finite names (in f32 and bf16) the first parameter whose new weights are not finite:
+    /// an update leaves a weight finite where its gradient was (its weights were finite, or the
+    /// last step would have stopped the run) and not where it was not (Adam's `inf / inf`,
+    /// SGD's `w - lr inf`), and clipping's factor is 1 when the norm is not a number, so that
+    /// one NaN does not spread to every gradient.
     fn update(
         self,
         model: Model,
@@ -779,16 +832,20 @@ impl Gathered {
         update: Update,
     ) -> (Model, Pending) {
         let grads = clipped(self.grads, &self.square_sum, update.clip);
-        let (model, weights) = optimizer.step(update.learning_rate, model, grads);
+        // NaN and infinity are not below infinity.
+        let keep = (update.masked).then(|| self.square_sum.clone().lower_elem(f64::INFINITY));
+        let (model, weights) =
+            optimizer.step_unless(update.learning_rate, model, grads, keep.clone());
         if let Some(ema) = ema {
-            ema.update(&weights, &model, update.run_step);
+            ema.update(&weights, &model, update.run_step, keep);
         }
         // What a CUDA graph of the step captures ends here.
         crate::model::native::trace_mark(c"step: read");
+        // A step not taken leaves the weights finite: they cannot name a parameter.
         let pending = Pending {
             square_sum: self.square_sum,
             totals: self.totals,
-            weights: Some(weights),
+            weights: (!update.masked).then_some(weights),
             stop: self.stop,
         };
         (model, pending)
@@ -832,6 +889,8 @@ struct Update {
     clip: f64,
     /// The step's number in the run (the EMA's bias correction counts them).
     run_step: usize,
+    /// f16: the update is taken where the gradients are finite, as the device decides.
+    masked: bool,
 }
 
 /// A square sum (f64, `[1]`) and totals in one read of the device.
@@ -866,13 +925,12 @@ fn clipped(grads: Flat, square_sum: &Tensor<1>, clip: f64) -> Flat {
 /// The norm of a square sum, or where it is not finite, the first parameter of `values` (the
 /// gradients, or new weights) that is not: [`norm_of_each`].
 fn norm_or_first(square_sum: f64, model: &Model, values: &Flat) -> GradientNorm {
-    if square_sum.is_finite() {
-        GradientNorm {
-            norm: square_sum.sqrt(),
-            first_not_finite: None,
-        }
-    } else {
-        norm_of_each(model, values)
+    GradientNorm {
+        norm: square_sum.sqrt(),
+        first_not_finite: match square_sum.is_finite() {
+            true => None,
+            false => norm_of_each(model, values).first_not_finite,
+        },
     }
 }
 
