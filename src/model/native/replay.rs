@@ -9,9 +9,9 @@
 //! comes from the host inside it (tch uploads by `aten::zeros` and a memcpy that no operator
 //! sees: its bytes, which a graph would keep, are hashed at their first read). [`trace`] records
 //! the operators (`src/native/torch_extras.cpp`), [`canonical`] names the buffers made inside by
-//! where they were made, and two steps' canonical traces must be equal. What this does not see:
-//! a read of the device by the host (a capture fails on it, loudly), and work outside libtorch's
-//! operators.
+//! where they were made, and two steps' canonical traces must be equal. [`host_reads`] finds
+//! where the host waits to read the device (a capture fails on it). What this does not see:
+//! work outside libtorch's operators.
 
 /// The top-level libtorch operators `f` calls on this thread (and those libtorch's autograd
 /// engine runs for it), one line each (see torch_extras.cpp), and what it returns. One trace at a
@@ -99,6 +99,59 @@ pub fn uploads(lines: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The lines of a trace where the host waits for the device to read it, which a CUDA graph's
+/// capture cannot hold (it fails on them): a scalar read (`aten::item`,
+/// `aten::_local_scalar_dense`), an operator whose output's size depends on the values
+/// (`nonzero`, `masked_select`, `unique`, an index by a boolean tensor), an answer given to the
+/// host (`equal`, `is_nonzero`), and tch's read of a tensor into the host's memory
+/// (`Vec::try_from`, which Burn's `into_data` calls), which on the CPU is a top-level
+/// `aten::to` that returns its input itself (Burn's casts skip a `to` to the type a tensor
+/// has). Not seen: a read of a tensor whose type tch converts first (its `to` makes a copy).
+pub fn host_reads(lines: &[String]) -> Vec<String> {
+    const WAITING: [&str; 11] = [
+        "aten::item",
+        "aten::_local_scalar_dense",
+        "aten::nonzero",
+        "aten::nonzero_numpy",
+        "aten::argwhere",
+        "aten::masked_select",
+        "aten::_unique2",
+        "aten::unique_consecutive",
+        "aten::unique_dim",
+        "aten::equal",
+        "aten::is_nonzero",
+    ];
+    lines
+        .iter()
+        .filter(|line| {
+            let mut fields = line.split('\t');
+            let head = fields.next().unwrap_or("");
+            let (nested, name) = match head.split_once(' ') {
+                Some((depth, name)) if depth.parse::<u32>().is_ok() => (true, name),
+                _ => (false, head),
+            };
+            let op = name.split('.').next().unwrap_or(name);
+            let first = |field: Option<&str>| {
+                field.and_then(|f| f.split_whitespace().next().map(str::to_string))
+            };
+            let (input, output) = (first(fields.next()), first(fields.next()));
+            WAITING.contains(&op)
+                || (op == "aten::index" && input_has_bool_index(line))
+                || (!nested && op == "aten::to" && input.is_some() && input == output)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Whether an `aten::index` line's indices hold a boolean tensor.
+fn input_has_bool_index(line: &str) -> bool {
+    let inputs = line.split('\t').nth(1).unwrap_or("");
+    inputs
+        .split_whitespace()
+        .skip(1)
+        .any(|token| storage(token).is_some_and(|(_, rest)| rest.contains(":Bool:")))
+}
+
 /// Where two canonical traces differ: None when a replay of the first would do the second's
 /// work, else the first differences, line by line.
 pub fn differences(first: &[String], second: &[String]) -> Option<String> {
@@ -168,5 +221,26 @@ mod tests {
         let read = |t: &Tensor| canonical(&trace(|| t * 3.0).0);
         assert!(differences(&read(&g), &read(&moved)).is_some());
         assert_eq!(differences(&read(&g), &read(&g)), None);
+    }
+
+    /// The host's reads of the device are found: tch's read into a `Vec` (what Burn's
+    /// `into_data` does), a scalar, an operator sized by the values, a boolean index; a cast, an
+    /// integer index and arithmetic are not reads.
+    #[test]
+    fn reads_by_the_host_are_found() {
+        let g = halves();
+        let found = |f: &dyn Fn()| host_reads(&canonical(&trace(f).0));
+        assert_eq!(found(&|| drop(Vec::<f32>::try_from(&g).unwrap())).len(), 1);
+        assert!(!found(&|| drop(g.double_value(&[3]))).is_empty());
+        assert!(!found(&|| drop(g.nonzero())).is_empty());
+        let mask = g.gt(0.25);
+        assert!(!found(&|| drop(g.index(&[Some(&mask)]))).is_empty());
+        let at = Tensor::from_slice(&[1i64, 3]);
+        assert_eq!(found(&|| drop(g.index(&[Some(&at)]))), Vec::<String>::new());
+        assert_eq!(
+            found(&|| drop(g.to_kind(Kind::Double))),
+            Vec::<String>::new()
+        );
+        assert_eq!(found(&|| drop(&g * 2.0 + 1.0)), Vec::<String>::new());
     }
 }

@@ -157,9 +157,16 @@ pub(super) fn masked_conv(
     mask: &tch::Tensor,
     kind: tch::Kind,
 ) -> tch::Tensor {
-    let weight = (weight * mask).to_kind(kind);
-    let bias = bias.to_kind(kind);
+    let weight = as_kind(weight * mask, kind);
+    let bias = as_kind(bias.shallow_clone(), kind);
     tch::Tensor::conv2d(x, &weight, Some(&bias), [1, 1], [0, 0], [1, 1], 1)
+}
+
+/// `t` as `kind`: itself where it has that type (tch's `to_kind` would dispatch a `to` that
+/// returns it, which is also how a read by the host looks in an operator trace: see
+/// `replay::host_reads`), else a copy.
+fn as_kind(t: tch::Tensor, kind: tch::Kind) -> tch::Tensor {
+    if t.kind() == kind { t } else { t.to_kind(kind) }
 }
 
 /// The gated layer on libtorch tensors `t` (in `layer_inputs`' order) with its `masks`.
@@ -340,7 +347,7 @@ pub(super) fn dropout_masks(
     let hashes = elements.div_ceil(per_hash as usize) as i64;
     // The keys' bits as i32, read in place.
     let keys = keys.contiguous().view_dtype(Kind::Int).reshape([masks, 1]);
-    let images = images.to_kind(Kind::Int).reshape([1, batch]);
+    let images = as_kind(images.shallow_clone(), Kind::Int).reshape([1, batch]);
     let keys = hash32(images.bitwise_xor_tensor(&keys)).reshape([masks, batch, 1]);
     let counters = tch::Tensor::arange(hashes, (Kind::Int, keys.device()))
         .g_mul_scalar_(0x61C8_8647)

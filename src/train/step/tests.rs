@@ -858,6 +858,10 @@ fn a_step_on_libtorch_could_be_replayed() {
             uploads.is_empty(),
             "{cfg:?} {precision:?} uploads: {uploads:#?}"
         );
+        for trace in &traces[2..] {
+            let reads = replay::host_reads(trace);
+            assert!(reads.is_empty(), "{cfg:?} {precision:?} reads: {reads:#?}");
+        }
         if let Some(d) = replay::differences(&traces[2], &traces[3]) {
             panic!("{cfg:?} {precision:?}:\n{d}");
         }
