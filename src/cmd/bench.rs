@@ -54,6 +54,10 @@ pub struct Report {
     /// replayed from it and run eagerly.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cuda_graph: Option<train::GraphCounts>,
+    /// f16: the timed steps skipped because their gradients overflowed (their time is in
+    /// `seconds_per_step`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<usize>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -106,6 +110,13 @@ pub fn bench(experiment: &Path, sets: &[Override], options: &Options, world: &Wo
         println!(
             "step phases (median ms): forward {:.1}, loss {:.1}, backward {:.1}, update {:.1}",
             p.forward, p.loss, p.backward, p.update
+        );
+    }
+    if let Some(n) = report.skipped_steps.filter(|&n| n > 0) {
+        println!(
+            "f16: {n} of {} timed steps skipped (their gradients overflowed; the loss scale \
+             halved each time)",
+            report.steps
         );
     }
     if let Some(c) = &report.cuda_graph {
@@ -166,19 +177,24 @@ pub fn run(plan: Plan, options: &Options, world: &World) -> Result<Report> {
             stop: &|| false,
             world,
         };
-        let mut step_phases = None;
-        let (next, _, _) =
-            train::train_epoch(state, work, |r| step_phases = r.phases).map_err(Error::Run)?;
-        Ok::<_, Error>((next, step_phases))
+        let (mut step_phases, mut skipped) = (None, false);
+        let (next, _, _) = train::train_epoch(state, work, |r| {
+            step_phases = r.phases;
+            skipped = r.skipped;
+        })
+        .map_err(Error::Run)?;
+        Ok::<_, Error>((next, step_phases, skipped))
     };
     let cuda_graph = plan.experiment.runtime.cuda_graph;
     let warm_up = if cuda_graph { 4 } else { 2 };
+    let mut skipped_steps = 0;
     for i in 0..steps + warm_up {
         let start = Instant::now();
         let (before, waited) = (world.collective_seconds(), world.waiting_seconds());
-        let (next, step_phases) = one_step(state)?;
+        let (next, step_phases, skipped) = one_step(state)?;
         state = next;
         if i >= warm_up {
+            skipped_steps += usize::from(skipped);
             times.push(start.elapsed().as_secs_f64());
             phases.extend(step_phases);
             collective += world.collective_seconds() - before;
@@ -271,6 +287,7 @@ pub fn run(plan: Plan, options: &Options, world: &World) -> Result<Report> {
         },
         peak_gpu_mib,
         cuda_graph: cuda_graph.then(|| state.inputs.graph.counts()),
+        skipped_steps: state.loss_scale.is_some().then_some(skipped_steps),
     })
 }
 

@@ -211,6 +211,33 @@ fn bench_reports_every_measure() {
     }
 }
 
+/// In f16 the report counts the timed steps skipped for overflowing gradients (none in f32 and
+/// bf16, which skip none).
+#[test]
+fn bench_counts_skipped_f16_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tiny.toml"), TINY).unwrap();
+    for (precision, counted) in [("f16", true), ("f32", false)] {
+        let set = format!("runtime.precision=\"{precision}\"");
+        let args = [
+            "bench",
+            "tiny.toml",
+            "--steps",
+            "2",
+            "--no-grid",
+            "--set",
+            &set,
+        ];
+        let out = pixel(dir.path(), &args);
+        assert!(out.status.success(), "{precision}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let skipped = json["skipped_steps"].as_u64();
+        assert_eq!(skipped.is_some(), counted, "{precision}: {json}");
+        assert!(skipped.is_none_or(|n| n <= 2), "{json}");
+    }
+}
+
 /// `--sync` waits for the device at each phase boundary and still reports every phase;
 /// `--profile` is libtorch's: on flex it is refused before anything runs (exit code 2, the flag
 /// and the backend named), and so is a trace in a folder that is not there.
