@@ -15,8 +15,9 @@
 # and 64 in bf16; PixelCNN++ with the CIFAR-10 settings (experiments/cifar10-pixelcnnpp.toml on
 # synthetic 32x32 RGB images) at batch 16 with dropout 0.5 and 0, at 64 in f32 and bf16, and 16 with
 # cuDNN's benchmarking on both sides (runtime.cudnn_benchmark, the twin's --cudnn-benchmark). Rows
-# marked `graph` run pixel's step as a CUDA graph (runtime.cuda_graph; the twin stays eager: its
-# time is the eager row of the same batch), gated b64 in f16 too (its skips decided on the device).
+# marked `graph` run pixel's step as a CUDA graph (runtime.cuda_graph), gated b64 in f16 too (its
+# skips decided on the device); the twin of gated b64 f32's is compiled (torch.compile's
+# "reduce-overhead", CUDA graphs too; round 1 only), the others' are the eager rows of their batch.
 # Determinism: a 20-step PixelCNN++ run (experiments/smoke/pixelcnnpp-synthetic-rgb.toml) twice on
 # the GPU with runtime.deterministic = true (the metrics and the checkpoint's bytes must be equal),
 # and a third time as a CUDA graph (the same bytes again: a replay runs the captured kernels), then
@@ -77,7 +78,18 @@ for r in $(seq "$rounds"); do
     if [ "${3:-}" = graph ]; then
       echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size="$1" --set runtime.precision="$2" \
         --set runtime.cuda_graph=true)"
-      echo "twin:  (none: the eager rows of this batch are the comparison)"
+      if [ "$2" = f16 ]; then
+        echo "twin:  (none in f16: the eager rows of this batch are the comparison)"
+      elif [ "$r" = 1 ]; then
+        # The higher anchor: the twin under torch.compile(mode="reduce-overhead"), which replays
+        # its step as CUDA graphs too (round 1 only: compiling takes a minute).
+        python3 bench/pytorch_reference.py --variant gated --batch "$1" --steps "$steps" \
+          --device "$device" --precision "$2" --threads 4 --compile > "$out/compiled.log" 2>&1
+        echo "twin:  $(grep -E '^\| |^step phases' "$out/compiled.log" | paste -sd' ' |
+          grep . || echo "compiled twin failed: $(grep -v '^ ' "$out/compiled.log" | tail -2)")"
+      else
+        echo "twin:  (compiled: round 1)"
+      fi
       continue
     fi
     echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size="$1" --set runtime.precision="$2")"

@@ -5,7 +5,7 @@ so that the speed ratio to PyTorch is measured side by side on one machine with 
         --batch 64 --size 28 --colours 1 --steps 10 --threads 2
 
 Prints the median seconds per training step (forward, 256-way cross-entropy, backward, Adam) and of a
-forward pass without gradients, after two warm-up steps each, then the median time of each phase of a
+forward pass without gradients, after two warm-up steps each (--compile: five), then the median time of each phase of a
 step as `pixel bench` prints them (--sync: the GPU's). Random data: the speed does not depend on the
 pixel values.
 """
@@ -18,6 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import profiling
+
+
+# Warm-up steps with --compile: the first compiles, and on a GPU the next ones record the graphs.
+COMPILE_WARMUP = 5
 
 
 def groups(n, colours):
@@ -159,6 +163,10 @@ def main():
                    help="cuda: the first GPU (each timed step ends with .item(), which waits for it)")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark = True, as pixel's runtime.cudnn_benchmark")
+    p.add_argument("--compile", action="store_true",
+                   help='torch.compile(mode="reduce-overhead") of the model and of Adam\'s step (on a '
+                        "GPU both replay as CUDA graphs): the anchor for pixel's runtime.cuda_graph; "
+                        "%d warm-up steps instead of 2, which compile" % COMPILE_WARMUP)
     p.add_argument("--sync", action="store_true",
                    help="wait for the GPU at each phase boundary, so that the phases are the GPU's")
     p.add_argument("--profile", metavar="TRACE.json",
@@ -171,6 +179,15 @@ def main():
     model = (Simple if a.variant == "simple" else Gated)(a.colours, a.layers, a.kernel, a.channels)
     model = model.to(a.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    update = opt.step
+    if a.compile:
+        # As PyTorch's own recipe: the module, and the optimizer's step as a function of its own
+        # (the learning rate a tensor, so that it is no constant baked into the graph).
+        for g in opt.param_groups:
+            g["lr"] = torch.tensor(g["lr"], device=a.device)
+        model = torch.compile(model, mode="reduce-overhead")
+        update = torch.compile(opt.step, mode="reduce-overhead")
+    warmup = COMPILE_WARMUP if a.compile else 2
     # The same work as pixel's step: a fresh batch of bytes uploaded from the host every step,
     # the loss and the gradients' global norm read on the host (pixel reports both every step).
     batches = [torch.randint(0, 256, (a.batch, a.colours, a.size, a.size), dtype=torch.uint8)
@@ -204,7 +221,7 @@ def main():
         t_backward = time.perf_counter()
         loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
-        opt.step()
+        update()
         sync()
         return [start, t_forward, t_loss, t_backward, time.perf_counter()]
 
@@ -213,25 +230,26 @@ def main():
     x = batches[0].to(a.device).float() / 255
     times = []
     phases = {k: [] for k in ("forward", "loss", "backward", "update")}
-    for i in range(a.steps + 2):
+    for i in range(a.steps + warmup):
         marks = step(i)
-        if i >= 2:
+        if i >= warmup:
             times.append(marks[-1] - marks[0])
             for k, t0, t1 in zip(phases, marks, marks[1:]):
                 phases[k].append((t1 - t0) * 1e3)
     fwd = []
     with torch.no_grad():
-        for i in range(a.steps + 2):
+        for i in range(a.steps + warmup):
             t = time.perf_counter()
             forward(x).sum().item()
-            if i >= 2:
+            if i >= warmup:
                 fwd.append((time.perf_counter() - t) * 1e3)
     s = statistics.median(times)
     peak = (f" {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU peak |"
             if a.device == "cuda" else "")
     if a.profile:  # last, so that the profiler is in no measure above
         profiling.profile(step, a.profile, a.device)
-    print(f"| pytorch {torch.__version__} {a.device} {a.precision} | {a.variant} {a.layers}x{a.kernel} c{a.channels} | "
+    compiled = " compiled" if a.compile else ""
+    print(f"| pytorch {torch.__version__} {a.device} {a.precision}{compiled} | {a.variant} {a.layers}x{a.kernel} c{a.channels} | "
           f"{a.batch} | {s:.4f} s/step | {a.batch / s:.1f} images/s | {statistics.median(fwd):.1f} ms forward |"
           f"{peak}")
     p = {k: statistics.median(v) for k, v in phases.items()}
