@@ -10,7 +10,8 @@
 # PIXEL: a `pixel` built with --features tch against the machine's PyTorch (default target/gpu/pixel,
 #        made by `bash bench/gpu-build.sh VERSION`); LD_LIBRARY_PATH is set here from `import torch`.
 # SECONDS: the budget (default 540); a row that would start past it is skipped, and said. The rows
-#   leave RESERVE seconds (default 240) for the profiles and the determinism checks.
+#   leave RESERVE seconds (default 240) for the profiles and the determinism checks. Each command
+#   is killed after ROW_TIMEOUT seconds (default 150), and its row says so.
 # Rows: gated 5x5 c30 (experiments/quickstart.toml as a gated model) at batch 64, 256, 1024 in f32
 # and 64 in bf16; PixelCNN++ with the CIFAR-10 settings (experiments/cifar10-pixelcnnpp.toml on
 # synthetic 32x32 RGB images) at batch 16 with dropout 0.5 and 0, at 64 in f32 and bf16, and 16 with
@@ -58,12 +59,30 @@ python3 -c 'import torch; print("pytorch", torch.__version__, "cuda", torch.vers
   "cudnn.allow_tf32", torch.backends.cudnn.allow_tf32, "matmul.allow_tf32", torch.backends.cuda.matmul.allow_tf32)'
 "$pixel" --version
 
-# pixel's row and step phases; the twin's the same.
-pixel_row() {
-  "$pixel" bench "$@" --steps "$steps" --no-grid --set runtime.backend=libtorch \
-    --set runtime.device="$device" 2>&1 | grep -E '^\| |^step phases|CUDA graph|cuda_graph' |
-    grep -v -e '^| experiment' -e '^|---' | paste -sd' '
+# Runs a command of a row (under ROW_TIMEOUT seconds, default 150, then killed: a hang costs one
+# row, not the machine's time) and prints its table row and step phases on one line, or why there
+# are none.
+row_timeout=${ROW_TIMEOUT:-150}
+row() {
+  local log rc lines
+  log=$(timeout -k 10 "$row_timeout" "$@" 2>&1); rc=$?
+  lines=$(grep -E '^\| |^step phases|CUDA graph|cuda_graph' <<< "$log" |
+    grep -v -e '^| experiment' -e '^|---' | paste -sd' ')
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    lines="$lines TIMED OUT after $row_timeout s: $(grep -v '^ ' <<< "$log" | tail -2 | paste -sd' ')"
+  elif [ "$rc" != 0 ] && [ -n "$lines" ]; then
+    lines="$lines FAILED (exit $rc)"
+  elif [ "$rc" != 0 ]; then
+    lines="FAILED (exit $rc): $(grep -v '^ ' <<< "$log" | tail -2 | paste -sd' ')"
+  fi
+  echo "$lines"
 }
+# pixel's row and step phases.
+pixel_row() {
+  row "$pixel" bench "$@" --steps "$steps" --no-grid --set runtime.backend=libtorch \
+    --set runtime.device="$device"
+}
+twin_gated=(python3 bench/pytorch_reference.py --variant gated --device "$device" --steps "$steps" --threads 4)
 gated=(experiments/quickstart.toml --set model.variant=gated --set data.validation=0)
 cifar=(experiments/cifar10-pixelcnnpp.toml --set 'data.dataset="synthetic"' --set data.synthetic_size=32
        --set data.synthetic_colours=3 --set data.synthetic_images=1024 --set data.validation=0)
@@ -83,18 +102,14 @@ for r in $(seq "$rounds"); do
       elif [ "$r" = 1 ]; then
         # The higher anchor: the twin under torch.compile(mode="reduce-overhead"), which replays
         # its step as CUDA graphs too (round 1 only: compiling takes a minute).
-        python3 bench/pytorch_reference.py --variant gated --batch "$1" --steps "$steps" \
-          --device "$device" --precision "$2" --threads 4 --compile > "$out/compiled.log" 2>&1
-        echo "twin:  $(grep -E '^\| |^step phases' "$out/compiled.log" | paste -sd' ' |
-          grep . || echo "compiled twin failed: $(grep -v '^ ' "$out/compiled.log" | tail -2)")"
+        echo "twin:  $(row "${twin_gated[@]}" --batch "$1" --precision "$2" --compile)"
       else
         echo "twin:  (compiled: round 1)"
       fi
       continue
     fi
     echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size="$1" --set runtime.precision="$2")"
-    echo "twin:  $(python3 bench/pytorch_reference.py --variant gated --batch "$1" --steps "$steps" \
-      --device "$device" --precision "$2" --threads 4 2>&1 | grep -E '^\| |^step phases' | paste -sd' ')"
+    echo "twin:  $(row "${twin_gated[@]}" --batch "$1" --precision "$2")"
   done
   section "round $r of $rounds: PixelCNN++ CIFAR-10 settings (53.6M parameters), 32x32 RGB, EMA 0.9995"
   for row in "${pp_rows[@]}"; do
@@ -107,26 +122,25 @@ for r in $(seq "$rounds"); do
     echo "pixel: $(pixel_row "${cifar[@]}" --set train.batch_size="$1" --set model.pixelcnnpp.dropout="$2" \
       --set runtime.precision="$3" "${bench_pixel[@]}")"
     if [ "${4:-}" = graph ]; then echo "twin:  (eager: the row above)"; continue; fi
-    echo "twin:  $("${twin_pp[@]}" --batch "$1" --dropout "$2" --precision "$3" "${bench_twin[@]}" 2>&1 |
-      grep -E '^\| |^step phases' | paste -sd' ')"
+    echo "twin:  $(row "${twin_pp[@]}" --batch "$1" --dropout "$2" --precision "$3" "${bench_twin[@]}")"
   done
 done
 
 # Where the time goes: phases synchronised at each boundary (--sync on both sides) and 3 steps
 # under the profiler (--profile), pixel's trace beside the twin's (bench/profile_summary.py).
+summarise() {
+  if [ -f "$1" ] && [ -f "$2" ]; then python3 bench/profile_summary.py "$@"; else echo "no profile to compare"; fi
+}
 section "profiles: gated b64 f32 and PixelCNN++ b16 dropout 0.5 f32, phases synchronised"
 if time_left 130 "gated profile"; then  # and 60 s for each determinism check after
   echo "pixel: $(pixel_row "${gated[@]}" --set train.batch_size=64 --sync --profile "$out/gated-pixel.json")"
-  echo "twin:  $(python3 bench/pytorch_reference.py --variant gated --batch 64 --steps "$steps" \
-    --device "$device" --threads 4 --sync --profile "$out/gated-twin.json" 2>&1 |
-    grep -E '^\| |^step phases' | paste -sd' ')"
-  python3 bench/profile_summary.py "$out/gated-pixel.json" "$out/gated-twin.json" --top 20
+  echo "twin:  $(row "${twin_gated[@]}" --batch 64 --sync --profile "$out/gated-twin.json")"
+  summarise "$out/gated-pixel.json" "$out/gated-twin.json" --top 20
 fi
 if time_left 200 "pixelcnn++ profile"; then
   echo "pixel: $(pixel_row "${cifar[@]}" --set train.batch_size=16 --sync --profile "$out/pp-pixel.json")"
-  echo "twin:  $("${twin_pp[@]}" --batch 16 --dropout 0.5 --sync --profile "$out/pp-twin.json" 2>&1 |
-    grep -E '^\| |^step phases' | paste -sd' ')"
-  python3 bench/profile_summary.py "$out/pp-pixel.json" "$out/pp-twin.json" --top 25
+  echo "twin:  $(row "${twin_pp[@]}" --batch 16 --dropout 0.5 --sync --profile "$out/pp-twin.json")"
+  summarise "$out/pp-pixel.json" "$out/pp-twin.json" --top 25
 fi
 
 # Twice with runtime.deterministic = true (must repeat to the bit), then twice with the default.
@@ -139,7 +153,7 @@ for det in true false; do
   for i in $runs; do
     rm -rf "$out/det-$det-$i"
     graph=false; [ "$i" = graph ] && graph=true
-    RUST_LOG=info "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml --results "$out/det-$det-$i" \
+    RUST_LOG=info timeout -k 10 "$row_timeout" "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml --results "$out/det-$det-$i" \
       --set runtime.backend=libtorch --set runtime.device="$device" --set train.epochs=1 \
       --set data.synthetic_images=320 --set train.batch_size=16 --set runtime.deterministic=$det \
       --set runtime.cuda_graph=$graph \
@@ -151,7 +165,7 @@ for det in true false; do
     if grep -q "runtime.cuda_graph = true; set it" "$out/det-$det-graph.log"; then
       echo "the capture failed: once more with the operators it ran written out (PIXEL_GRAPH_TRACE)"
       rm -rf "$out/det-graph-trace"
-      PIXEL_GRAPH_TRACE="$out/capture-trace.txt" "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml \
+      PIXEL_GRAPH_TRACE="$out/capture-trace.txt" timeout -k 10 "$row_timeout" "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml \
         --results "$out/det-graph-trace" --set runtime.backend=libtorch --set runtime.device="$device" \
         --set train.epochs=1 --set data.synthetic_images=320 --set train.batch_size=16 \
         --set runtime.cuda_graph=true > /dev/null 2>&1
