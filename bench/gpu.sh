@@ -25,7 +25,8 @@
 # twice with the default (false: libtorch's defaults, as the twins). Between the two, the
 # phases synchronised at each boundary and a profile of 3 steps of gated b64 and PixelCNN++ b16,
 # each side's (profile_summary.py: kernels, GPU time and busy share, host waits per step).
-# Output in OUT (default gpu-out/): gpu.txt, everything printed.
+# After the rows, their table for the performance docs (bench/gpu_table.py, which also reads a
+# gpu.txt afterwards). Output in OUT (default gpu-out/): gpu.txt, everything printed.
 # A dry run on a CPU (python3 with torch on PATH):
 #   DEVICE=cpu STEPS=2 ROUNDS=1 GATED_ROWS="8 f32" PP_ROWS="2 0.5 f32" bash bench/gpu.sh target/gpu/pixel 600
 set -uo pipefail
@@ -125,6 +126,10 @@ for r in $(seq "$rounds"); do
     echo "twin:  $(row "${twin_pp[@]}" --batch "$1" --dropout "$2" --precision "$3" "${bench_twin[@]}")"
   done
 done
+
+section "the table of the rows above (bench/gpu_table.py), for the performance docs"
+sleep 1  # tee's copy of the rows reaches gpu.txt
+python3 bench/gpu_table.py "$out/gpu.txt"
 
 # Where the time goes: phases synchronised at each boundary (--sync on both sides) and 3 steps
 # under the profiler (--profile), pixel's trace beside the twin's (bench/profile_summary.py).
