@@ -143,6 +143,57 @@ pub fn host_reads(lines: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The lines of a trace whose CUDA kernels libtorch calls nondeterministic (they add with
+/// atomics in no fixed order), which `runtime.deterministic` makes an error on a GPU
+/// (`torch.use_deterministic_algorithms(True)`'s list): the summed or averaged
+/// `nll_loss2d_forward`, and operators pixel has no use for (padding by reflection or
+/// replication, interpolation, adaptive and 3-d pooling, `index_copy`, `put_`, `histc`, ...)
+/// whose backward passes or kernels are on that list. On the CPU nothing says so: this is how a
+/// test sees it without a GPU.
+pub fn cuda_nondeterministic(lines: &[String]) -> Vec<String> {
+    const ALWAYS: [&str; 25] = [
+        "aten::avg_pool3d_backward",
+        "aten::_adaptive_avg_pool2d_backward",
+        "aten::_adaptive_avg_pool3d_backward",
+        "aten::max_pool3d_with_indices_backward",
+        "aten::adaptive_max_pool2d_backward",
+        "aten::fractional_max_pool2d_backward",
+        "aten::fractional_max_pool3d_backward",
+        "aten::max_unpool2d",
+        "aten::max_unpool3d",
+        "aten::upsample_linear1d_backward",
+        "aten::upsample_bilinear2d_backward",
+        "aten::upsample_bicubic2d_backward",
+        "aten::upsample_trilinear3d_backward",
+        "aten::reflection_pad1d_backward",
+        "aten::reflection_pad2d_backward",
+        "aten::reflection_pad3d_backward",
+        "aten::replication_pad1d_backward",
+        "aten::replication_pad2d_backward",
+        "aten::replication_pad3d_backward",
+        "aten::_ctc_loss_backward",
+        "aten::put_",
+        "aten::histc",
+        "aten::kthvalue",
+        "aten::grid_sampler_2d_backward",
+        "aten::index_copy",
+    ];
+    lines
+        .iter()
+        .filter(|line| {
+            let mut fields = line.split('\t');
+            let head = fields.next().unwrap_or("");
+            let name = head.split_once(' ').map_or(head, |(_, name)| name);
+            let op = name.split('.').next().unwrap_or(name);
+            // nll_loss2d_forward(self, target, weight, reduction, ignore_index): 0 is none.
+            let reduction = fields.next().and_then(|f| f.split_whitespace().nth(3));
+            ALWAYS.contains(&op)
+                || (op == "aten::nll_loss2d_forward" && reduction.is_some_and(|r| r != "0"))
+        })
+        .cloned()
+        .collect()
+}
+
 /// Whether an `aten::index` line's indices hold a boolean tensor.
 fn input_has_bool_index(line: &str) -> bool {
     let inputs = line.split('\t').nth(1).unwrap_or("");
@@ -247,5 +298,29 @@ mod tests {
             Vec::<String>::new()
         );
         assert_eq!(found(&|| drop(&g * 2.0 + 1.0)), Vec::<String>::new());
+    }
+
+    /// The categorical loss summed by libtorch's `nll_loss2d` is found (its CUDA kernel adds
+    /// with atomics, an error with `runtime.deterministic`), per element it is not, and neither
+    /// is pixel's own loss; a reflection pad's backward pass is found.
+    #[test]
+    fn kernels_nondeterministic_on_cuda_are_found() {
+        let logits = Tensor::randn([2, 256, 1, 3, 3], (Kind::Float, tch::Device::Cpu));
+        let targets = Tensor::randint(256, [2, 1, 3, 3], (Kind::Int64, tch::Device::Cpu));
+        let found = |f: &dyn Fn()| cuda_nondeterministic(&canonical(&trace(f).0));
+        let loss = |reduction| {
+            drop(logits.cross_entropy_loss::<Tensor>(&targets, None, reduction, -100, 0.0))
+        };
+        assert_eq!(found(&|| loss(tch::Reduction::Sum)).len(), 1);
+        assert_eq!(found(&|| loss(tch::Reduction::Mean)).len(), 1);
+        assert_eq!(found(&|| loss(tch::Reduction::None)), Vec::<String>::new());
+        let ours = logits.transpose(1, 2).set_requires_grad(true);
+        let nll = || super::super::torch_ops::nll(&ours, &targets);
+        assert_eq!(found(&|| drop(nll())), Vec::<String>::new());
+        assert_eq!(found(&|| nll().backward()), Vec::<String>::new());
+        let x =
+            Tensor::randn([1, 1, 4, 4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let padded = x.reflection_pad2d([1, 1, 1, 1]).sum(Kind::Float);
+        assert_eq!(found(&|| padded.backward()).len(), 1);
     }
 }

@@ -302,11 +302,18 @@ pub(super) fn gate(x: &tch::Tensor) -> tch::Tensor {
 }
 
 pub(super) fn nll(logits: &tch::Tensor, targets: &tch::Tensor) -> tch::Tensor {
-    // [b, c, 256, h, w] -> [b, 256, c, h, w]: the classes in dimension 1.
-    logits
-        .transpose(1, 2)
-        .cross_entropy_loss::<tch::Tensor>(targets, None, tch::Reduction::Sum, -100, 0.0)
-        .reshape([1])
+    // [b, c, 256, h, w] -> [b, 256, c, h, w]: the classes in dimension 1. Per sub-pixel, then
+    // summed: libtorch's CUDA kernel for the summed loss adds with atomics, which
+    // `runtime.deterministic` refuses (`nll_loss2d_forward_out_cuda_template`), where `sum` is a
+    // reduction in a fixed order.
+    let each = logits.transpose(1, 2).cross_entropy_loss::<tch::Tensor>(
+        targets,
+        None,
+        tch::Reduction::None,
+        -100,
+        0.0,
+    );
+    each.sum(each.kind()).reshape([1])
 }
 
 pub(super) fn conv(t: &[&tch::Tensor]) -> tch::Tensor {

@@ -861,6 +861,9 @@ fn a_step_on_libtorch_could_be_replayed() {
         for trace in &traces[2..] {
             let reads = replay::host_reads(trace);
             assert!(reads.is_empty(), "{cfg:?} {precision:?} reads: {reads:#?}");
+            // runtime.deterministic on a GPU refuses these.
+            let atomic = replay::cuda_nondeterministic(trace);
+            assert!(atomic.is_empty(), "{cfg:?} {precision:?}: {atomic:#?}");
         }
         if let Some(d) = replay::differences(&traces[2], &traces[3]) {
             panic!("{cfg:?} {precision:?}:\n{d}");
