@@ -22,7 +22,8 @@
 # Determinism: a 20-step PixelCNN++ run (experiments/smoke/pixelcnnpp-synthetic-rgb.toml) twice on
 # the GPU with runtime.deterministic = true (the metrics and the checkpoint's bytes must be equal),
 # and a third time as a CUDA graph (the same bytes again: a replay runs the captured kernels), then
-# twice with the default (false: libtorch's defaults, as the twins). Between the two, the
+# twice with the default (false: libtorch's defaults, as the twins); then a class-conditional gated
+# run (experiments/smoke/conditional-mnist-sample-crop.toml: the 256-way loss) twice with true. Between the two, the
 # phases synchronised at each boundary and a profile of 3 steps of gated b64 and PixelCNN++ b16,
 # each side's (profile_summary.py: kernels, GPU time and busy share, host waits per step).
 # After the rows, their table for the performance docs (bench/gpu_table.py, which also reads a
@@ -148,48 +149,55 @@ if time_left 200 "pixelcnn++ profile"; then
   summarise "$out/pp-pixel.json" "$out/pp-twin.json" --top 25
 fi
 
-# Twice with runtime.deterministic = true (must repeat to the bit), then twice with the default.
-sums() { (cd "$1/pixelcnnpp-synthetic-rgb/checkpoints" && find . -type f -name '*.bpk' | sort | xargs sha256sum); }
+# Twice with runtime.deterministic = true (must repeat to the bit), then twice with the default;
+# the PixelCNN++ run (logistic mixture, dropout) a third time as a CUDA graph, and a class-
+# conditional gated model (the 256-way loss, the class biases' index_add) with the flag too.
+sums() { (cd "$1"/*/checkpoints && find . -type f -name '*.bpk' | sort | xargs sha256sum); }
+# det_run NAME EXPERIMENT DETERMINISTIC GRAPH [--set ...]: one run into $out/NAME, its metrics'
+# columns in $out/NAME.csv.
+det_run() {
+  local name=$1 experiment=$2 det=$3 graph=$4; shift 4
+  rm -rf "${out:?}/$name"
+  RUST_LOG=info timeout -k 10 "$row_timeout" "$pixel" run "$experiment" --results "$out/$name" \
+    --set runtime.backend=libtorch --set runtime.device="$device" --set runtime.deterministic="$det" \
+    --set runtime.cuda_graph="$graph" "$@" > "$out/$name.log" 2>&1 ||
+    echo "$name failed: $(tail -3 "$out/$name.log")"
+  cut -d, -f2,3,13- "$out/$name"/*/metrics.csv > "$out/$name.csv"
+}
+# same NAME1 NAME2 WHAT: whether two runs wrote the same metrics and checkpoint bytes.
+same() {
+  if cmp -s "$out/$1.csv" "$out/$2.csv" && [ "$(sums "$out/$1")" = "$(sums "$out/$2")" ]; then
+    echo "$3: the same metrics and checkpoint bytes ($(sums "$out/$1" | wc -l) files)"
+  else
+    echo "$3: DIFFERENT:"; diff "$out/$1.csv" "$out/$2.csv"; sums "$out/$1"; sums "$out/$2"
+  fi
+}
+pp=experiments/smoke/pixelcnnpp-synthetic-rgb.toml
+pp_sets=(--set train.epochs=1 --set data.synthetic_images=320 --set train.batch_size=16)
 for det in true false; do
   section "determinism: the same 20-step PixelCNN++ run twice on the GPU, runtime.deterministic = $det"
   time_left 60 "determinism ($det)" || continue
-  runs="1 2"
-  [ "$det" = true ] && [ "$device" != cpu ] && runs="1 2 graph"
-  for i in $runs; do
-    rm -rf "$out/det-$det-$i"
-    graph=false; [ "$i" = graph ] && graph=true
-    RUST_LOG=info timeout -k 10 "$row_timeout" "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml --results "$out/det-$det-$i" \
-      --set runtime.backend=libtorch --set runtime.device="$device" --set train.epochs=1 \
-      --set data.synthetic_images=320 --set train.batch_size=16 --set runtime.deterministic=$det \
-      --set runtime.cuda_graph=$graph \
-      > "$out/det-$det-$i.log" 2>&1 || echo "run $i failed: $(tail -3 "$out/det-$det-$i.log")"
-    cut -d, -f2,3,13- "$out/det-$det-$i/pixelcnnpp-synthetic-rgb/metrics.csv" > "$out/det-$det-$i.csv"
-  done
-  if [ "$runs" = "1 2 graph" ]; then
+  det_run "det-$det-1" "$pp" "$det" false "${pp_sets[@]}"
+  det_run "det-$det-2" "$pp" "$det" false "${pp_sets[@]}"
+  if [ "$det" = true ] && [ "$device" != cpu ]; then
+    det_run "det-$det-graph" "$pp" "$det" true "${pp_sets[@]}"
     grep -h "cuda_graph" "$out/det-$det-graph.log" | tail -2
     if grep -q "runtime.cuda_graph = true; set it" "$out/det-$det-graph.log"; then
       echo "the capture failed: once more with the operators it ran written out (PIXEL_GRAPH_TRACE)"
-      rm -rf "$out/det-graph-trace"
-      PIXEL_GRAPH_TRACE="$out/capture-trace.txt" timeout -k 10 "$row_timeout" "$pixel" run experiments/smoke/pixelcnnpp-synthetic-rgb.toml \
-        --results "$out/det-graph-trace" --set runtime.backend=libtorch --set runtime.device="$device" \
-        --set train.epochs=1 --set data.synthetic_images=320 --set train.batch_size=16 \
-        --set runtime.cuda_graph=true > /dev/null 2>&1
+      PIXEL_GRAPH_TRACE="$out/capture-trace.txt" det_run det-graph-trace "$pp" false true \
+        "${pp_sets[@]}"
       grep -v '^[+-] ' "$out/capture-trace.txt" | tail -15
     fi
-    if cmp -s "$out/det-$det-1.csv" "$out/det-$det-graph.csv" &&
-       [ "$(sums "$out/det-$det-1")" = "$(sums "$out/det-$det-graph")" ]; then
-      echo "as a CUDA graph: the same metrics and checkpoint bytes as eager"
-    else
-      echo "as a CUDA graph: DIFFERENT from eager:"; diff "$out/det-$det-1.csv" "$out/det-$det-graph.csv"
-    fi
+    same "det-$det-1" "det-$det-graph" "as a CUDA graph against eager"
   fi
   cat "$out/det-$det-1.csv"
-  if cmp -s "$out/det-$det-1.csv" "$out/det-$det-2.csv" &&
-     [ "$(sums "$out/det-$det-1")" = "$(sums "$out/det-$det-2")" ]; then
-    echo "deterministic: the same metrics and checkpoint bytes ($(sums "$out/det-$det-1" | wc -l) files)"
-  else
-    echo "NOT deterministic:"; diff "$out/det-$det-1.csv" "$out/det-$det-2.csv"
-    sums "$out/det-$det-1"; sums "$out/det-$det-2"
-  fi
+  same "det-$det-1" "det-$det-2" "the same run twice (runtime.deterministic = $det)"
 done
+section "determinism: a class-conditional gated model (the 256-way loss) twice, runtime.deterministic = true"
+if time_left 30 "determinism (gated)"; then
+  det_run det-gated-1 experiments/smoke/conditional-mnist-sample-crop.toml true false
+  det_run det-gated-2 experiments/smoke/conditional-mnist-sample-crop.toml true false
+  cat "$out/det-gated-1.csv"
+  same det-gated-1 det-gated-2 "the gated run twice (runtime.deterministic = true)"
+fi
 section "done"
