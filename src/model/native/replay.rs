@@ -124,20 +124,14 @@ pub fn host_reads(lines: &[String]) -> Vec<String> {
     lines
         .iter()
         .filter(|line| {
-            let mut fields = line.split('\t');
-            let head = fields.next().unwrap_or("");
-            let (nested, name) = match head.split_once(' ') {
-                Some((depth, name)) if depth.parse::<u32>().is_ok() => (true, name),
-                _ => (false, head),
-            };
-            let op = name.split('.').next().unwrap_or(name);
-            let first = |field: Option<&str>| {
-                field.and_then(|f| f.split_whitespace().next().map(str::to_string))
-            };
-            let (input, output) = (first(fields.next()), first(fields.next()));
-            WAITING.contains(&op)
-                || (op == "aten::index" && input_has_bool_index(line))
-                || (!nested && op == "aten::to" && input.is_some() && input == output)
+            let o = Operator::of(line);
+            let (input, output) = (
+                o.inputs.split_whitespace().next(),
+                o.outputs.split_whitespace().next(),
+            );
+            WAITING.contains(&o.name)
+                || (o.name == "aten::index" && input_has_bool_index(o.inputs))
+                || (!o.nested && o.name == "aten::to" && input.is_some() && input == output)
         })
         .cloned()
         .collect()
@@ -181,22 +175,46 @@ pub fn cuda_nondeterministic(lines: &[String]) -> Vec<String> {
     lines
         .iter()
         .filter(|line| {
-            let mut fields = line.split('\t');
-            let head = fields.next().unwrap_or("");
-            let name = head.split_once(' ').map_or(head, |(_, name)| name);
-            let op = name.split('.').next().unwrap_or(name);
+            let o = Operator::of(line);
             // nll_loss2d_forward(self, target, weight, reduction, ignore_index): 0 is none.
-            let reduction = fields.next().and_then(|f| f.split_whitespace().nth(3));
-            ALWAYS.contains(&op)
-                || (op == "aten::nll_loss2d_forward" && reduction.is_some_and(|r| r != "0"))
+            let reduction = o.inputs.split_whitespace().nth(3);
+            ALWAYS.contains(&o.name)
+                || (o.name == "aten::nll_loss2d_forward" && reduction.is_some_and(|r| r != "0"))
         })
         .cloned()
         .collect()
 }
 
-/// Whether an `aten::index` line's indices hold a boolean tensor.
-fn input_has_bool_index(line: &str) -> bool {
-    let inputs = line.split('\t').nth(1).unwrap_or("");
+/// An operator line of a trace (`[depth ]name.overload<TAB>inputs<TAB>outputs`), read.
+struct Operator<'a> {
+    /// Called by another operator (the line starts with its depth).
+    nested: bool,
+    /// Without its overload: `aten::to`.
+    name: &'a str,
+    inputs: &'a str,
+    outputs: &'a str,
+}
+
+impl<'a> Operator<'a> {
+    fn of(line: &'a str) -> Operator<'a> {
+        let mut fields = line.split('\t');
+        let head = fields.next().unwrap_or("");
+        let (nested, name) = match head.split_once(' ') {
+            Some((depth, name)) if depth.parse::<u32>().is_ok() => (true, name),
+            _ => (false, head),
+        };
+        Operator {
+            nested,
+            name: name.split('.').next().unwrap_or(name),
+            inputs: fields.next().unwrap_or(""),
+            outputs: fields.next().unwrap_or(""),
+        }
+    }
+}
+
+/// Whether an `aten::index` operator's indices (its inputs after the first) hold a boolean
+/// tensor.
+fn input_has_bool_index(inputs: &str) -> bool {
     inputs
         .split_whitespace()
         .skip(1)
