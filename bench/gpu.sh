@@ -81,7 +81,7 @@ row() {
     lines="$lines TIMED OUT after $row_timeout s: $(grep -v '^ ' <<< "$log" | tail -2 | paste -sd' ')"
   elif [ "$rc" != 0 ] && [ -n "$lines" ]; then
     lines="$lines FAILED (exit $rc)"
-  elif [ "$rc" != 0 ]; then
+  elif [ "$rc" != 0 ] || [ -z "$lines" ]; then
     lines="FAILED (exit $rc): $(grep -v '^ ' <<< "$log" | tail -2 | paste -sd' ')"
   fi
   echo "$lines"
